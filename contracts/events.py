@@ -1,0 +1,320 @@
+"""Event payloads, one model per fact. Names are past-tense facts; a breaking change is a new vN.
+
+Each payload class carries its CloudEvents `type` in ``EVENT_TYPE``; the subject on the bus
+is the same string (see ``contracts.subjects``).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field, model_validator
+
+from contracts.types import (
+    ArtifactRef,
+    ColumnKind,
+    ColumnName,
+    Contract,
+    DataFormat,
+    EventId,
+    Metric,
+    ModelFamily,
+    ModelName,
+    ParamValue,
+    SearchStrategy,
+    Sha256,
+    Task,
+    TrialStatus,
+    Uri,
+)
+
+
+class TuningSpec(Contract):
+    """How to search: carried from the arrival event through every step so replay sees the same."""
+
+    trials: int = Field(80, ge=1, le=10_000, description="Number of trial configurations sampled.")
+    strategy: SearchStrategy = Field(
+        SearchStrategy.asha, description="random: every trial at full budget; asha: successive halving."
+    )
+    metric: Metric | None = Field(None, description="Primary metric; default rmse or log_loss by task.")
+    families: list[ModelFamily] = Field(
+        default_factory=lambda: [ModelFamily.xgboost, ModelFamily.random_forest, ModelFamily.linear],
+        min_length=1,
+        description="Model families in the search space.",
+    )
+    max_budget: int = Field(300, ge=1, le=5000, description="Full budget: boosting rounds or trees.")
+    eta: int = Field(3, ge=2, le=10, description="Successive-halving reduction factor.")
+
+
+class DataArrived(Contract):
+    """An upstream system says a dataset is ready. The only event outsiders usually publish."""
+
+    EVENT_TYPE: ClassVar[str] = "cairn.data.arrived.v1"
+
+    uri: Uri = Field(description="Where the data is: file://, s3://, ... or a local path.")
+    target: ColumnName = Field(description="Column to predict.")
+    task: Task | None = Field(None, description="regression or classification; inferred when absent.")
+    format: DataFormat | None = Field(None, description="csv, parquet or jsonl; inferred from the name.")
+    sha256: Sha256 | None = Field(None, description="Expected SHA-256 of the file; verified when given.")
+    model_name: ModelName | None = Field(None, description="Champion scope; default <dataset>-<target>.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed for splits and every trial.")
+    tuning: TuningSpec = Field(default_factory=TuningSpec)
+
+
+class DataRejected(Contract):
+    """The arrived data cannot be used; the reason is written for the person who sent it."""
+
+    EVENT_TYPE: ClassVar[str] = "cairn.data.rejected.v1"
+
+    uri: str
+    reason: str = Field(min_length=1)
+    problems: list[str] = Field(default_factory=list)
+
+
+class ColumnInfo(Contract):
+    name: ColumnName
+    kind: ColumnKind
+    dtype: str = Field(description="Storage dtype in the snapshot.")
+    missing: int = Field(ge=0)
+    distinct: int = Field(ge=0)
+    mean: float | None = None
+    std: float | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+class PipelineContext(Contract):
+    """What every step after ingestion needs to know about the run it belongs to."""
+
+    model_name: ModelName
+    target: ColumnName
+    task: Task
+    seed: int = Field(ge=0, lt=2**32)
+    tuning: TuningSpec
+
+
+class DatasetIngested(Contract):
+    EVENT_TYPE: ClassVar[str] = "cairn.dataset.ingested.v1"
+
+    context: PipelineContext
+    source_uri: str
+    source_sha256: Sha256 = Field(description="SHA-256 of the raw bytes as received.")
+    dataset: ArtifactRef = Field(description="Immutable Parquet snapshot in the artifact store.")
+    rows: int = Field(ge=1)
+    columns: list[ColumnInfo]
+
+
+class SplitSizes(Contract):
+    train: int = Field(ge=1)
+    validation: int = Field(ge=1)
+    test: int = Field(ge=1)
+
+
+class FeaturesBuilt(Contract):
+    EVENT_TYPE: ClassVar[str] = "cairn.features.built.v1"
+
+    context: PipelineContext
+    dataset_sha256: Sha256
+    featureset: ArtifactRef = Field(description="Parquet: encoded features, target and a split column.")
+    transform: ArtifactRef = Field(description="JSON transform spec that turns raw rows into features.")
+    feature_columns: list[ColumnName]
+    splits: SplitSizes
+
+
+class Rung(Contract):
+    rung: int = Field(ge=0)
+    budget: int = Field(ge=1)
+    keep: int = Field(ge=1, description="How many trials run at this rung.")
+
+
+class TuningRequested(Contract):
+    """A study's plan, fixed before any trial runs: replay re-reads the plan, never re-samples it."""
+
+    EVENT_TYPE: ClassVar[str] = "cairn.tuning.requested.v1"
+
+    study_id: str = Field(min_length=1)
+    context: PipelineContext
+    features: FeaturesBuilt
+    metric: Metric
+    strategy: SearchStrategy
+    rungs: list[Rung] = Field(min_length=1)
+    configurations: list[TrialConfig] = Field(min_length=1)
+
+
+class TrialConfig(Contract):
+    trial_id: int = Field(ge=0)
+    family: ModelFamily
+    params: dict[str, ParamValue]
+
+
+class TrialRequested(Contract):
+    EVENT_TYPE: ClassVar[str] = "cairn.trial.requested.v1"
+
+    study_id: str
+    trial_id: int = Field(ge=0)
+    rung: int = Field(ge=0)
+    budget: int = Field(ge=1)
+    family: ModelFamily
+    params: dict[str, ParamValue]
+    metric: Metric
+    task: Task
+    target: ColumnName
+    seed: int = Field(ge=0, lt=2**32)
+    featureset: ArtifactRef
+    model_name: ModelName
+
+
+class TrialCompleted(Contract):
+    EVENT_TYPE: ClassVar[str] = "cairn.trial.completed.v1"
+
+    study_id: str
+    trial_id: int = Field(ge=0)
+    rung: int = Field(ge=0)
+    budget: int = Field(ge=1)
+    family: ModelFamily
+    params: dict[str, ParamValue]
+    status: TrialStatus
+    metric: Metric
+    score: float | None = Field(None, description="Validation score on the primary metric.")
+    duration_s: float = Field(ge=0)
+    mlflow_run_id: str | None = None
+    error: str | None = None
+
+    @model_validator(mode="after")
+    def _score_when_ok(self) -> TrialCompleted:
+        if self.status is TrialStatus.ok and self.score is None:
+            raise ValueError("a trial with status ok must carry a score")
+        return self
+
+
+class TrialsPromoted(Contract):
+    """A successive-halving decision with its evidence, so replay follows it instead of re-deciding."""
+
+    EVENT_TYPE: ClassVar[str] = "cairn.trials.promoted.v1"
+
+    study_id: str
+    from_rung: int = Field(ge=0)
+    to_rung: int = Field(ge=1)
+    budget: int = Field(ge=1)
+    evidence: dict[int, float | None] = Field(description="trial_id -> score seen at from_rung.")
+    evidence_event_ids: list[EventId]
+    promoted: list[int]
+
+
+class LeaderboardEntry(Contract):
+    trial_id: int
+    family: ModelFamily
+    params: dict[str, ParamValue]
+    budget: int
+    rung: int
+    score: float
+
+
+class TuningCompleted(Contract):
+    EVENT_TYPE: ClassVar[str] = "cairn.tuning.completed.v1"
+
+    study_id: str
+    context: PipelineContext
+    features: FeaturesBuilt
+    metric: Metric
+    strategy: SearchStrategy
+    trials_completed: int = Field(ge=0)
+    trials_failed: int = Field(ge=0)
+    leaderboard: list[LeaderboardEntry] = Field(min_length=1, description="Best first.")
+    duration_s: float = Field(ge=0)
+
+
+class ModelTrained(Contract):
+    EVENT_TYPE: ClassVar[str] = "cairn.model.trained.v1"
+
+    context: PipelineContext
+    study_id: str
+    model: ArtifactRef = Field(description="Model bundle (JSON manifest naming the native model file).")
+    family: ModelFamily
+    params: dict[str, ParamValue]
+    budget: int
+    metric: Metric
+    validation_score: float
+    featureset: ArtifactRef
+    transform: ArtifactRef
+    dataset_sha256: Sha256
+    mlflow_run_id: str
+    versions: dict[str, str] = Field(description="Library and code versions that produced the model.")
+
+
+class ChampionSnapshot(Contract):
+    version: int
+    model_sha256: Sha256
+    metrics: dict[str, float]
+
+
+class ModelEvaluated(Contract):
+    EVENT_TYPE: ClassVar[str] = "cairn.model.evaluated.v1"
+
+    context: PipelineContext
+    model: ArtifactRef
+    family: ModelFamily
+    mlflow_run_id: str
+    metric: Metric
+    metrics: dict[str, float] = Field(description="Holdout (test split) metrics.")
+    champion: ChampionSnapshot | None = Field(None, description="The champion it was compared with.")
+    champion_metrics_on_holdout: dict[str, float] | None = None
+    passed: bool
+    reasons: list[str] = Field(min_length=1, description="Why the gate passed or failed.")
+
+
+class ModelDeployed(Contract):
+    EVENT_TYPE: ClassVar[str] = "cairn.model.deployed.v1"
+
+    model_name: ModelName
+    version: int = Field(ge=1)
+    alias: str = "champion"
+    model: ArtifactRef
+    previous_version: int | None = None
+    mlflow_run_id: str
+    metrics: dict[str, float]
+    evidence_event_id: EventId = Field(description="The model-evaluated event that justified promotion.")
+
+
+class DeploymentFailed(Contract):
+    EVENT_TYPE: ClassVar[str] = "cairn.deployment.failed.v1"
+
+    model_name: ModelName
+    model: ArtifactRef | None = None
+    reason: str = Field(min_length=1)
+
+
+class EventRejected(Contract):
+    """Any service refusing any message: the original bytes are on the dead-letter subject."""
+
+    EVENT_TYPE: ClassVar[str] = "cairn.event.rejected.v1"
+
+    service: str
+    reason: str = Field(min_length=1)
+    errors: list[str] = Field(default_factory=list)
+    subject: str
+    stream_sequence: int | None = None
+    original_id: str | None = None
+    original_type: str | None = None
+    deliveries: int = Field(ge=0)
+    dead_letter_subject: str
+
+
+TuningRequested.model_rebuild()
+
+PAYLOADS: tuple[type[Contract], ...] = (
+    DataArrived,
+    DataRejected,
+    DatasetIngested,
+    FeaturesBuilt,
+    TuningRequested,
+    TrialRequested,
+    TrialCompleted,
+    TrialsPromoted,
+    TuningCompleted,
+    ModelTrained,
+    ModelEvaluated,
+    ModelDeployed,
+    DeploymentFailed,
+    EventRejected,
+)

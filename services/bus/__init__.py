@@ -1,0 +1,1 @@
+"""The bus: connections, stream provisioning, publishing and the one consumer policy."""

@@ -1,0 +1,56 @@
+"""Connections to NATS built from settings: a FastStream broker for services, raw nats-py for tools."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import nats
+from faststream.nats import NatsBroker
+from faststream.nats.security import NatsSecurity, NatsUserPassword
+
+from services.settings import CairnSettings
+
+
+def tls_context(settings: CairnSettings) -> ssl.SSLContext | None:
+    if settings.nats_tls_ca is None:
+        return None
+    ctx = ssl.create_default_context(cafile=str(settings.nats_tls_ca))
+    if settings.nats_tls_cert and settings.nats_tls_key:
+        ctx.load_cert_chain(str(settings.nats_tls_cert), str(settings.nats_tls_key))
+    return ctx
+
+
+def _security(settings: CairnSettings) -> NatsSecurity | None:
+    ctx = tls_context(settings)
+    if settings.nats_user:
+        password = settings.nats_password.get_secret_value() if settings.nats_password else ""
+        return NatsUserPassword(settings.nats_user, password, ssl_context=ctx, use_ssl=ctx is not None)
+    if ctx is not None:
+        return NatsSecurity(ssl_context=ctx, use_ssl=True)
+    return None
+
+
+def make_broker(settings: CairnSettings, name: str, **kwargs: Any) -> NatsBroker:
+    """A broker that reconnects forever: a restarted nats-server must not end a service."""
+    return NatsBroker(
+        settings.resolved_nats_url(),
+        name=f"cairn-{name}",
+        security=_security(settings),
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+        graceful_timeout=settings.ack_wait_s,
+        **kwargs,
+    )
+
+
+async def connect(settings: CairnSettings, name: str = "cli") -> nats.NATS:
+    """A plain nats-py connection for tools (status, events, provisioning)."""
+    options: dict[str, Any] = {"name": f"cairn-{name}", "connect_timeout": 5, "max_reconnect_attempts": 3}
+    if settings.nats_user:
+        options["user"] = settings.nats_user
+        options["password"] = settings.nats_password.get_secret_value() if settings.nats_password else ""
+    ctx = tls_context(settings)
+    if ctx is not None:
+        options["tls"] = ctx
+    return await nats.connect(settings.resolved_nats_url(), **options)

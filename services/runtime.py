@@ -1,0 +1,172 @@
+"""Run one service: broker, its durable consumers, heavy clients, and health/metrics over HTTP.
+
+A service is a `Service` subclass that names its routes and builds its clients in `start`
+(never at import). `ServiceRunner` wires it to the bus; the same runner backs `cairn run`,
+`cairn up` and the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from faststream.nats import NatsBroker
+from nats.js.errors import NotFoundError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route as HttpRoute
+
+from contracts.types import Contract
+from services.bus.connection import make_broker
+from services.bus.consumer import EventConsumer, Handler, durable_name, subscribe
+from services.bus.metrics import ServiceMetrics
+from services.bus.publisher import EventPublisher
+from services.settings import CairnSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One consumed event type and the handler for it."""
+
+    payload_cls: type[Contract]
+    handler: Handler
+    max_workers: int = 1
+    ack_wait_s: float | None = None
+
+
+class Service:
+    """Base of every service: subclasses set `name`, define `routes`, build clients in `start`."""
+
+    name: str = ""
+
+    def __init__(self, settings: CairnSettings):
+        self.settings = settings
+        self.publisher: EventPublisher | None = None
+        self.metrics = ServiceMetrics(self.name)
+        self.source = f"/cairn/{self.name}"
+
+    def routes(self) -> Sequence[Route]:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Create heavy clients (MLflow, Dask): after the bus is known, before consuming."""
+
+    async def stop(self) -> None:
+        """Release what `start` created."""
+
+
+class ServiceRunner:
+    def __init__(self, service: Service):
+        self.service = service
+        self.settings = service.settings
+        self.broker: NatsBroker = make_broker(self.settings, service.name)
+        self.service.publisher = EventPublisher(self.broker, self.settings)
+        self.durables: list[str] = []
+        self._http: uvicorn.Server | None = None
+        self._http_task: asyncio.Task[Any] | None = None
+        self._ready_cache: tuple[float, bool, str] = (0.0, False, "not started")
+        self.http_port: int | None = None
+        for route in service.routes():
+            consumer = EventConsumer(
+                service=service.name,
+                payload_cls=route.payload_cls,
+                handler=route.handler,
+                settings=self.settings,
+                publisher=self.service.publisher,
+                metrics=service.metrics,
+                ack_wait_s=route.ack_wait_s,
+            )
+            subscribe(self.broker, consumer, max_workers=route.max_workers)
+            self.durables.append(durable_name(service.name, route.payload_cls, self.settings.namespace))
+
+    async def start(self) -> None:
+        await self.service.start()
+        await self.broker.start()
+        if self.settings.http_port is not None:
+            await self._start_http(self.settings.http_port)
+        log.info("%s consuming %s", self.service.name, ", ".join(self.durables))
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            self._http.should_exit = True
+            if self._http_task:
+                await self._http_task
+        await self.broker.stop()
+        await self.service.stop()
+
+    async def run_forever(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    # Health -------------------------------------------------------------------------------
+    async def readiness(self) -> tuple[bool, str]:
+        """Ready = connected to NATS and every durable consumer exists on the stream."""
+        now = time.monotonic()
+        if now - self._ready_cache[0] < 1.0:
+            return self._ready_cache[1], self._ready_cache[2]
+        ok, why = await self._check_ready()
+        self._ready_cache = (now, ok, why)
+        return ok, why
+
+    async def _check_ready(self) -> tuple[bool, str]:
+        connection = self.broker.config.connection_state.connection
+        if connection is None or not connection.is_connected:
+            return False, "not connected to NATS"
+        js = self.broker.config.connection_state.stream
+        pending = 0
+        for durable in self.durables:
+            try:
+                info = await js.consumer_info(self.settings.stream, durable, timeout=2)
+            except NotFoundError:
+                return False, f"consumer {durable} not bound"
+            except Exception as exc:  # noqa: BLE001
+                return False, f"consumer {durable}: {type(exc).__name__}"
+            pending += info.num_pending or 0
+            self.service.metrics.consumer_pending.labels(self.service.name, durable).set(info.num_pending or 0)
+        return True, f"{len(self.durables)} consumers bound, {pending} pending"
+
+    def http_app(self) -> Starlette:
+        async def healthz(_: Request) -> Response:
+            return JSONResponse({"service": self.service.name, "alive": True})
+
+        async def readyz(_: Request) -> Response:
+            ok, why = await self.readiness()
+            return JSONResponse({"service": self.service.name, "ready": ok, "detail": why}, 200 if ok else 503)
+
+        async def metrics(_: Request) -> Response:
+            await self.readiness()
+            return Response(generate_latest(self.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        return Starlette(
+            routes=[HttpRoute("/healthz", healthz), HttpRoute("/readyz", readyz), HttpRoute("/metrics", metrics)]
+        )
+
+    async def _start_http(self, port: int) -> None:
+        config = uvicorn.Config(self.http_app(), host="0.0.0.0", port=port, log_level="warning", lifespan="off")
+        self._http = uvicorn.Server(config)
+        self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._http_task = asyncio.create_task(self._http.serve())
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()
+            await asyncio.sleep(0.01)
+        with contextlib.suppress(Exception):
+            self.http_port = self._http.servers[0].sockets[0].getsockname()[1]

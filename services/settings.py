@@ -1,0 +1,126 @@
+"""One settings class for every service, every field a `CAIRN_` environment variable.
+
+Documented once here (type, default, meaning); `cairn settings` prints the table and the Helm
+chart sets the same names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+RUNTIME_FILE = "runtime.json"
+
+
+class CairnSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CAIRN_", extra="ignore", frozen=True)
+
+    home: Path = Field(Path(".cairn"), description="State directory: artifacts, MLflow DB, runtime file.")
+
+    # The bus
+    nats_url: str | None = Field(None, description="NATS URL; unset: the one `cairn up` recorded in home.")
+    nats_user: str | None = Field(None, description="NATS user of this service.")
+    nats_password: SecretStr | None = Field(None, description="NATS password of this service.")
+    nats_tls_ca: Path | None = Field(None, description="CA bundle that signs the NATS server certificate.")
+    nats_tls_cert: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    nats_tls_key: Path | None = Field(None, description="Client key for mutual TLS.")
+    stream: str = Field("CAIRN", description="JetStream stream holding every event (subjects cairn.>).")
+    stream_replicas: int = Field(1, ge=1, le=5, description="Stream replicas in a NATS cluster.")
+    duplicate_window_s: float = Field(
+        3600.0, gt=0, description="Server-side de-duplication window for Nats-Msg-Id (0 is not 'off')."
+    )
+    namespace: str = Field("cairn", description="Subject root; replays run under cairn.replay.<id>.")
+
+    # Consumer policy, shared by every service
+    ack_wait_s: float = Field(30.0, gt=0, description="Lease on a message; long steps renew it.")
+    max_deliver: int = Field(5, ge=1, description="Attempts before a message is dead-lettered.")
+    retry_backoff_s: list[float] = Field(
+        default_factory=lambda: [1.0, 5.0, 15.0, 30.0], description="nak delays between attempts."
+    )
+
+    # State and compute
+    artifacts_url: str | None = Field(None, description="fsspec URL of the artifact store.")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default SQLite under home.")
+    dask: str = Field("local", description="'local', a scheduler address tcp://host:8786, or 'kubernetes'.")
+    dask_workers: int | None = Field(None, ge=1, description="LocalCluster workers; default: one per core.")
+    dask_k8s_cluster: str = Field("cairn-dask", description="DaskCluster resource name (kubernetes).")
+    dask_k8s_namespace: str | None = Field(None, description="Namespace of the DaskCluster.")
+    dask_image: str | None = Field(None, description="Worker image for a DaskCluster created by training.")
+    dask_gpu_workers: int = Field(0, ge=0, description="GPU worker group size (kubernetes).")
+    trial_concurrency: int | None = Field(None, ge=1, description="Trials in flight per training replica.")
+
+    # Ingestion limits
+    allowed_schemes: list[str] = Field(default_factory=lambda: ["file"], description="Readable URL schemes.")
+    allowed_roots: list[str] = Field(
+        default_factory=list, description="Readable path prefixes; default: the working directory."
+    )
+    max_dataset_bytes: int = Field(512 * 1024 * 1024, gt=0, description="Largest dataset accepted.")
+    max_columns: int = Field(2000, gt=0, description="Widest dataset accepted.")
+    min_rows: int = Field(30, ge=1, description="Smallest dataset accepted.")
+
+    # Evaluation gate
+    gate_margin: float = Field(0.0, ge=0, description="Relative improvement a challenger needs.")
+    gate_min_r2: float | None = Field(None, description="Absolute floor on holdout R2 (regression).")
+    gate_min_accuracy: float | None = Field(None, description="Absolute floor on accuracy.")
+
+    # HTTP
+    http_port: int | None = Field(None, ge=0, description="Health/metrics port of a service; 0: any free.")
+    serve_host: str = Field("127.0.0.1", description="Inference endpoint bind address.")
+    serve_port: int = Field(8080, ge=0, description="Inference endpoint port.")
+    max_request_bytes: int = Field(1024 * 1024, gt=0, description="Largest inference request.")
+
+    lineage_db: str | None = Field(None, description="Lineage store URL; default SQLite under home.")
+    openlineage_url: str | None = Field(None, description="file:// path or http(s) endpoint for OL events.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("nats_password")
+    @classmethod
+    def _no_placeholder(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and v.get_secret_value() in {"changeme", "changethis", "password", ""}:
+            raise ValueError("CAIRN_NATS_PASSWORD is a placeholder; set a real secret")
+        return v
+
+    # Derived locations -------------------------------------------------------------------
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def artifacts(self) -> str:
+        return self.artifacts_url or (self.home_dir / "artifacts").as_uri()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_uri or f"sqlite:///{self.home_dir / 'mlflow.db'}"
+
+    @property
+    def lineage_url(self) -> str:
+        return self.lineage_db or f"sqlite:///{self.home_dir / 'lineage.db'}"
+
+    @property
+    def read_roots(self) -> list[Path]:
+        roots = self.allowed_roots or [str(Path.cwd())]
+        return [Path(r).expanduser().resolve() for r in roots]
+
+    def runtime(self) -> dict:
+        """What `cairn up` recorded (URLs it serves); empty when nothing runs from this home."""
+        path = self.home_dir / RUNTIME_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def resolved_nats_url(self) -> str:
+        if self.nats_url:
+            return self.nats_url
+        url = self.runtime().get("nats_url")
+        if not url:
+            raise RuntimeError(
+                f"no NATS to talk to: set CAIRN_NATS_URL or start one with `cairn up` (home {self.home_dir})"
+            )
+        return url
+
+    def backoff(self, delivery: int) -> float:
+        """nak delay after the given (1-based) failed delivery."""
+        steps = self.retry_backoff_s or [0.0]
+        return steps[min(delivery, len(steps)) - 1]
