@@ -114,7 +114,7 @@ class FeaturesBuilt(Contract):
     EVENT_TYPE: ClassVar[str] = "cairn.features.built.v1"
 
     context: PipelineContext
-    dataset_sha256: Sha256
+    dataset: ArtifactRef = Field(description="The ingested snapshot the features were built from.")
     featureset: ArtifactRef = Field(description="Parquet: encoded features, target and a split column.")
     transform: ArtifactRef = Field(description="JSON transform spec that turns raw rows into features.")
     feature_columns: list[ColumnName]
@@ -237,7 +237,7 @@ class ModelTrained(Contract):
     validation_score: float
     featureset: ArtifactRef
     transform: ArtifactRef
-    dataset_sha256: Sha256
+    dataset: ArtifactRef
     mlflow_run_id: str
     versions: dict[str, str] = Field(description="Library and code versions that produced the model.")
 

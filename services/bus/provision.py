@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from contracts.subjects import stream_subjects
 from services.settings import CairnSettings
@@ -44,3 +44,24 @@ async def provision(js: JetStreamContext, settings: CairnSettings) -> str:
         return "created"
     await js.update_stream(config)
     return "updated"
+
+
+async def provision_study_bucket(js: JetStreamContext, settings: CairnSettings, bucket: str) -> None:
+    """Tuning's study state: one key per study plan and rung, compare-and-set updated."""
+    try:
+        await js.key_value(bucket)
+    except (NotFoundError, BucketNotFoundError):
+        await js.create_key_value(
+            KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.stream_replicas)
+        )
+
+
+def study_bucket(namespace: str) -> str:
+    """Tuning's key-value bucket; replays get their own."""
+    return "cairn_studies" if namespace == "cairn" else "cairn_studies_" + namespace.replace(".", "_")
+
+
+async def provision_all(js: JetStreamContext, settings: CairnSettings) -> str:
+    done = await provision(js, settings)
+    await provision_study_bucket(js, settings, study_bucket(settings.namespace))
+    return done

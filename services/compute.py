@@ -1,0 +1,98 @@
+"""The Dask cluster training runs on: the same code path for local, remote and Kubernetes.
+
+- `local`: a LocalCluster of single-threaded worker processes, one per core (trees are fitted
+  single-threaded, so parallelism comes from running trials side by side).
+- `tcp://host:8786`: an existing scheduler.
+- `kubernetes`: the dask-kubernetes operator's KubeCluster, attached by name or created, with a
+  GPU worker group whose workers advertise the `GPU` resource.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from distributed import Client, LocalCluster
+
+from services.settings import CairnSettings
+
+
+@dataclass
+class Compute:
+    client: Client
+    close: Callable[[], Awaitable[None]]
+    description: str
+
+
+def local_workers(settings: CairnSettings) -> int:
+    return settings.dask_workers or os.cpu_count() or 1
+
+
+def trial_concurrency(settings: CairnSettings) -> int:
+    """Trials in flight per replica: twice the worker slots, so results are logged while others run."""
+    if settings.trial_concurrency:
+        return settings.trial_concurrency
+    if settings.dask == "local":
+        return 2 * local_workers(settings)
+    return 16
+
+
+async def open_compute(settings: CairnSettings) -> Compute:
+    if settings.dask == "local":
+        cluster = await LocalCluster(
+            n_workers=local_workers(settings),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            asynchronous=True,
+            silence_logs=40,
+        )
+        client = await Client(cluster, asynchronous=True)
+
+        async def close_local() -> None:
+            await client.close()
+            await cluster.close()
+
+        return Compute(client, close_local, f"LocalCluster({local_workers(settings)} workers)")
+    if settings.dask == "kubernetes":
+        cluster = await asyncio.to_thread(kube_cluster, settings)
+        client = await Client(cluster.scheduler_address, asynchronous=True)
+
+        async def close_kube() -> None:
+            await client.close()
+
+        return Compute(client, close_kube, f"KubeCluster({settings.dask_k8s_cluster})")
+    client = await Client(settings.dask, asynchronous=True)
+
+    async def close_remote() -> None:
+        await client.close()
+
+    return Compute(client, close_remote, f"scheduler {settings.dask}")
+
+
+def kube_cluster(settings: CairnSettings):  # pragma: no cover - needs a Kubernetes cluster
+    """Attach to the chart's DaskCluster, or create one; add the GPU group when asked for."""
+    from dask_kubernetes.operator import KubeCluster
+
+    try:
+        cluster = KubeCluster.from_name(settings.dask_k8s_cluster, namespace=settings.dask_k8s_namespace)
+    except ValueError:
+        cluster = KubeCluster(
+            name=settings.dask_k8s_cluster,
+            namespace=settings.dask_k8s_namespace,
+            image=settings.dask_image,
+            n_workers=2,
+            resources={"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "4Gi"}},
+            worker_command=["dask", "worker", "--nthreads", "1"],
+        )
+        cluster.adapt(minimum=1, maximum=32)
+    if settings.dask_gpu_workers > 0 and "gpu" not in getattr(cluster, "worker_groups", []):
+        cluster.add_worker_group(
+            name="gpu",
+            n_workers=settings.dask_gpu_workers,
+            resources={"limits": {"nvidia.com/gpu": "1"}},
+            worker_command=["dask", "worker", "--nthreads", "1", "--resources", "GPU=1"],
+        )
+    return cluster

@@ -1,0 +1,31 @@
+"""features: dataset-ingested -> features-built (feature set + transform, both content-addressed)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from contracts import DatasetIngested, Envelope, new_event
+from services.artifacts import ArtifactStore
+from services.bus.consumer import Delivery, PermanentError
+from services.features import logic
+from services.runtime import Route, Service
+
+
+class Features(Service):
+    name = "features"
+
+    def routes(self) -> Sequence[Route]:
+        return [Route(DatasetIngested, self.on_dataset_ingested)]
+
+    async def start(self) -> None:
+        self.store = ArtifactStore(self.settings.artifacts)
+
+    async def on_dataset_ingested(self, event: Envelope[DatasetIngested], delivery: Delivery) -> list[Envelope[Any]]:
+        """Encode, split and store the features of one snapshot."""
+        try:
+            built = await asyncio.to_thread(logic.build, event.data, self.store)
+        except logic.FeatureProblem as problem:
+            raise PermanentError(str(problem)) from None
+        return [new_event(built, source=self.source, cause=event, subject=built.context.model_name)]

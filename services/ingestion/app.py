@@ -1,0 +1,50 @@
+"""ingestion: data-arrived -> dataset-ingested (an immutable Parquet snapshot) or data-rejected."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from contracts import DataArrived, DataRejected, DatasetIngested, Envelope, new_event
+from services.artifacts import ArtifactStore
+from services.bus.consumer import Delivery, PermanentError
+from services.ingestion import logic
+from services.runtime import Route, Service
+
+
+def ingest(event: DataArrived, store: ArtifactStore, settings: Any) -> DatasetIngested:
+    """The whole step, synchronous and pure apart from reading the source and writing the store."""
+    source = logic.resolve_source(event, settings)
+    raw = logic.read_bytes(source, settings)
+    source_sha = logic.verify_checksum(raw, event.sha256)
+    frame, task = logic.validate(logic.parse(raw, source.format, settings), event, settings)
+    frame = logic.normalise(frame)
+    snapshot = store.put_bytes(logic.snapshot_bytes(frame), logic.PARQUET_MEDIA_TYPE, ".parquet")
+    return DatasetIngested(
+        context=logic.context_for(event, task),
+        source_uri=event.uri,
+        source_sha256=source_sha,
+        dataset=snapshot,
+        rows=len(frame),
+        columns=logic.describe(frame),
+    )
+
+
+class Ingestion(Service):
+    name = "ingestion"
+
+    def routes(self) -> Sequence[Route]:
+        return [Route(DataArrived, self.on_data_arrived, max_workers=2)]
+
+    async def start(self) -> None:
+        self.store = ArtifactStore(self.settings.artifacts)
+
+    async def on_data_arrived(self, event: Envelope[DataArrived], delivery: Delivery) -> list[Envelope[Any]]:
+        """Snapshot and describe the arrived data, or say plainly why it cannot be used."""
+        try:
+            result = await asyncio.to_thread(ingest, event.data, self.store, self.settings)
+        except logic.DataProblem as problem:
+            rejected = DataRejected(uri=event.data.uri, reason=problem.reason, problems=problem.problems)
+            raise PermanentError(problem.reason, problem.problems, event=rejected) from None
+        return [new_event(result, source=self.source, cause=event, subject=result.context.model_name)]

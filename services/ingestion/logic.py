@@ -1,0 +1,209 @@
+"""Ingestion as pure steps: where may we read, what did we read, is it usable, what is it.
+
+Every refusal raises `DataProblem` with a reason a person can act on.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from contracts import ColumnInfo, DataArrived, DataFormat, PipelineContext, Task
+from services.artifacts import sha256_bytes
+from services.ml.transform import column_kind, infer_task
+from services.settings import CairnSettings
+
+PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
+
+
+class DataProblem(Exception):
+    def __init__(self, reason: str, problems: list[str] | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.problems = problems or [reason]
+
+
+@dataclass(frozen=True)
+class Source:
+    uri: str
+    scheme: str
+    path: str
+    format: DataFormat
+
+
+def resolve_source(event: DataArrived, settings: CairnSettings) -> Source:
+    """Allow-listed schemes and roots only; `..`, symlinks and encoded tricks resolve first."""
+    parts = urlsplit(event.uri)
+    scheme = (parts.scheme or "file").lower()
+    if len(scheme) == 1:  # a Windows drive letter is not a scheme
+        scheme = "file"
+    if scheme not in settings.allowed_schemes:
+        raise DataProblem(
+            f"scheme '{scheme}' is not allowed; allowed schemes: {', '.join(settings.allowed_schemes)}"
+        )
+    if scheme == "file":
+        raw = unquote(parts.path) if parts.scheme else event.uri
+        if parts.netloc not in ("", "localhost"):
+            raise DataProblem(f"file URL with a host ({parts.netloc!r}) is not allowed")
+        path = Path(raw).expanduser()
+        resolved = path.resolve() if path.is_absolute() else (Path.cwd() / path).resolve()
+        if not any(resolved.is_relative_to(root) for root in settings.read_roots):
+            roots = ", ".join(str(r) for r in settings.read_roots)
+            raise DataProblem(f"{resolved} is outside the allowed roots ({roots})")
+        location = str(resolved)
+    else:
+        location = event.uri
+        if not any(location.startswith(root) for root in settings.allowed_roots):
+            raise DataProblem(f"{event.uri} is outside the allowed roots")
+    fmt = event.format or _format_from_name(PurePosixPath(parts.path or event.uri).name)
+    return Source(event.uri, scheme, location, fmt)
+
+
+def _format_from_name(name: str) -> DataFormat:
+    lowered = name.lower()
+    for suffix, fmt in ((".csv", DataFormat.csv), (".parquet", DataFormat.parquet), (".pq", DataFormat.parquet),
+                        (".jsonl", DataFormat.jsonl), (".ndjson", DataFormat.jsonl)):
+        if lowered.endswith(suffix):
+            return fmt
+    raise DataProblem(f"cannot tell the format of {name!r}: name it .csv, .parquet or .jsonl, or set 'format'")
+
+
+def read_bytes(source: Source, settings: CairnSettings) -> bytes:
+    try:
+        fs, path = fsspec.core.url_to_fs(source.path if source.scheme == "file" else source.uri)
+        size = fs.size(path)
+    except FileNotFoundError:
+        raise DataProblem(f"{source.uri} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise DataProblem(f"{source.uri} cannot be read: {exc}") from None
+    if size is not None and size > settings.max_dataset_bytes:
+        raise DataProblem(f"{source.uri} is {size} bytes; the limit is {settings.max_dataset_bytes}")
+    with fs.open(path, "rb") as f:
+        data = f.read(settings.max_dataset_bytes + 1)
+    if len(data) > settings.max_dataset_bytes:
+        raise DataProblem(f"{source.uri} exceeds the limit of {settings.max_dataset_bytes} bytes")
+    return data
+
+
+def verify_checksum(data: bytes, expected: str | None) -> str:
+    actual = sha256_bytes(data)
+    if expected is not None and actual != expected:
+        raise DataProblem(f"checksum mismatch: expected sha256 {expected}, the file has {actual}")
+    return actual
+
+
+def parse(data: bytes, fmt: DataFormat, settings: CairnSettings) -> pd.DataFrame:
+    if fmt is DataFormat.csv:
+        first = data[: 1024 * 1024].split(b"\n", 1)[0]
+        if first.count(b",") + 1 > settings.max_columns:
+            raise DataProblem(f"the header has more than {settings.max_columns} columns")
+    try:
+        if fmt is DataFormat.csv:
+            frame = pd.read_csv(io.BytesIO(data), low_memory=False)
+        elif fmt is DataFormat.parquet:
+            frame = pq.read_table(io.BytesIO(data)).to_pandas()
+        else:
+            frame = pd.read_json(io.BytesIO(data), lines=True)
+    except Exception as exc:  # noqa: BLE001 - every parser error is the sender's to fix
+        raise DataProblem(f"cannot parse as {fmt.value}: {type(exc).__name__}: {str(exc)[:300]}") from None
+    frame.columns = [str(c) for c in frame.columns]
+    return frame
+
+
+def validate(frame: pd.DataFrame, event: DataArrived, settings: CairnSettings) -> tuple[pd.DataFrame, Task]:
+    problems = []
+    if frame.shape[1] > settings.max_columns:
+        problems.append(f"{frame.shape[1]} columns; the limit is {settings.max_columns}")
+    duplicated = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+    if duplicated:
+        problems.append(f"duplicate column names: {', '.join(duplicated)}")
+    if event.target not in frame.columns:
+        shown = ", ".join(list(frame.columns)[:20])
+        problems.append(f"target column '{event.target}' not found; columns are: {shown}")
+    if problems:
+        raise DataProblem(problems[0], problems)
+    if frame.shape[1] < 2:
+        raise DataProblem("no feature columns besides the target")
+    labelled = frame[frame[event.target].notna()].reset_index(drop=True)
+    missing_target = len(frame) - len(labelled)
+    if missing_target > len(frame) / 2:
+        raise DataProblem(f"{missing_target} of {len(frame)} rows have no value in target '{event.target}'")
+    if len(labelled) < settings.min_rows:
+        raise DataProblem(f"{len(labelled)} labelled rows; at least {settings.min_rows} are needed")
+    task = event.task or infer_task(labelled[event.target])
+    if task is Task.regression and not pd.api.types.is_numeric_dtype(labelled[event.target]):
+        raise DataProblem(f"task is regression but target '{event.target}' is not numeric")
+    if task is Task.classification and labelled[event.target].nunique() < 2:
+        raise DataProblem(f"target '{event.target}' has a single class; classification needs two or more")
+    return labelled, task
+
+
+def normalise(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text columns as nullable strings so the snapshot's schema is stable across readers."""
+    out = frame.copy()
+    for name in out.columns:
+        if column_kind(out[name]).value == "categorical":
+            out[name] = out[name].map(lambda v: None if pd.isna(v) else str(v)).astype(object)
+    return out
+
+
+def snapshot_bytes(frame: pd.DataFrame) -> bytes:
+    """Deterministic Parquet: no index, fixed compression and row groups."""
+    table = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=65536, write_statistics=True)
+    return buf.getvalue()
+
+
+def describe(frame: pd.DataFrame) -> list[ColumnInfo]:
+    out = []
+    for name in frame.columns:
+        s = frame[name]
+        kind = column_kind(s)
+        numeric = kind.value == "numeric"
+        out.append(
+            ColumnInfo(
+                name=name,
+                kind=kind,
+                dtype=str(s.dtype),
+                missing=int(s.isna().sum()),
+                distinct=int(s.nunique()),
+                mean=_finite(s.mean()) if numeric else None,
+                std=_finite(s.std()) if numeric else None,
+                minimum=_finite(s.min()) if numeric else None,
+                maximum=_finite(s.max()) if numeric else None,
+            )
+        )
+    return out
+
+
+def _finite(value: object) -> float | None:
+    try:
+        f = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return f if f == f and abs(f) != float("inf") else None
+
+
+def default_model_name(uri: str, target: str) -> str:
+    stem = PurePosixPath(urlsplit(uri).path or uri).name.split(".")[0]
+    name = re.sub(r"[^a-z0-9_-]+", "-", f"{stem}-{target}".lower()).strip("-_")
+    return (name or "model")[:64]
+
+
+def context_for(event: DataArrived, task: Task) -> PipelineContext:
+    return PipelineContext(
+        model_name=event.model_name or default_model_name(event.uri, event.target),
+        target=event.target,
+        task=task,
+        seed=event.seed,
+        tuning=event.tuning,
+    )

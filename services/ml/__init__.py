@@ -1,0 +1,1 @@
+"""Pure ML pieces shared by features, training, evaluation and serving: no bus, no MLflow."""

@@ -1,0 +1,192 @@
+"""training: trial-requested -> trial-completed, and tuning-completed -> model-trained, on Dask.
+
+The handler submits a pure function to the cluster and awaits it; the lease on the message is
+renewed meanwhile. Deterministic model errors end a trial as `failed` (retrying cannot help);
+infrastructure errors (a lost worker, a closed connection) are retried by the bus policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+from collections.abc import Sequence
+from importlib.metadata import version
+from typing import Any
+
+from distributed.client import FutureCancelledError
+from distributed.scheduler import KilledWorker
+
+from contracts import (
+    Envelope,
+    ModelTrained,
+    TrialCompleted,
+    TrialRequested,
+    TrialStatus,
+    TuningCompleted,
+    new_event,
+)
+from services import __version__
+from services.artifacts import ArtifactStore, read_verified
+from services.bus.consumer import Delivery
+from services.compute import Compute, open_compute, trial_concurrency
+from services.ml.bundle import save_bundle
+from services.ml.trial import fit_final, run_trial
+from services.runtime import Route, Service
+from services.tracking import Tracker
+
+TRANSIENT = (KilledWorker, FutureCancelledError, OSError, TimeoutError, asyncio.TimeoutError)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "cairn": __version__}
+    for dist in ("xgboost", "scikit-learn", "numpy", "pandas", "pyarrow", "dask", "distributed"):
+        out[dist] = version(dist)
+    return out
+
+
+class Training(Service):
+    name = "training"
+
+    def routes(self) -> Sequence[Route]:
+        return [
+            Route(TrialRequested, self.on_trial_requested, max_workers=trial_concurrency(self.settings)),
+            Route(TuningCompleted, self.on_tuning_completed),
+        ]
+
+    async def start(self) -> None:
+        self.store = ArtifactStore(self.settings.artifacts)
+        self.tracker = await asyncio.to_thread(Tracker, self.settings.tracking_uri)
+        self.compute: Compute = await open_compute(self.settings)
+        self.versions = library_versions()
+
+    async def stop(self) -> None:
+        await self.compute.close()
+
+    async def on_trial_requested(self, event: Envelope[TrialRequested], delivery: Delivery) -> list[Envelope[Any]]:
+        """Run one trial on Dask and log it to MLflow."""
+        req = event.data
+        self.metrics.trials_running.inc()
+        try:
+            future = self.compute.client.submit(
+                run_trial,
+                req.featureset.uri,
+                req.featureset.sha256,
+                req.family.value,
+                dict(req.params),
+                req.budget,
+                req.task.value,
+                req.metric.value,
+                req.seed,
+                key=f"trial-{event.id}",
+                pure=False,
+            )
+            result = await future
+            status, error = TrialStatus.ok, None
+        except TRANSIENT:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a model that cannot fit is a result, not an outage
+            result, status, error = {"score": None, "duration_s": 0.0, "rounds": 0}, TrialStatus.failed, repr(exc)
+        finally:
+            self.metrics.trials_running.dec()
+        run_id = await asyncio.to_thread(
+            self.tracker.log_run,
+            experiment=req.model_name,
+            run_name=f"{req.study_id}/t{req.trial_id}/r{req.rung}",
+            event_id=event.id,
+            params={**req.params, "family": req.family.value, "budget": req.budget, "rung": req.rung},
+            metrics={req.metric.value: result["score"], "duration_s": result["duration_s"],
+                     "rounds": result["rounds"]},
+            tags={
+                "cairn.kind": "trial",
+                "cairn.study_id": req.study_id,
+                "cairn.correlation_id": event.correlationid,
+                "cairn.featureset_sha256": req.featureset.sha256,
+            },
+            failed=status is TrialStatus.failed,
+            check_existing=delivery.redelivered,
+        )
+        done = TrialCompleted(
+            study_id=req.study_id,
+            trial_id=req.trial_id,
+            rung=req.rung,
+            budget=req.budget,
+            family=req.family,
+            params=req.params,
+            status=status,
+            metric=req.metric,
+            score=result["score"],
+            duration_s=result["duration_s"],
+            mlflow_run_id=run_id,
+            error=error,
+        )
+        return [new_event(done, source=self.source, cause=event, subject=req.study_id)]
+
+    async def on_tuning_completed(
+        self, event: Envelope[TuningCompleted], delivery: Delivery
+    ) -> list[Envelope[Any]]:
+        """Fit the winner at full budget, store it content-addressed, log it to MLflow."""
+        tuned = event.data
+        best = tuned.leaderboard[0]
+        ctx = tuned.context
+        features = tuned.features
+        budget = ctx.tuning.max_budget
+        fitted = await self.compute.client.submit(
+            fit_final,
+            features.featureset.uri,
+            features.featureset.sha256,
+            best.family.value,
+            dict(best.params),
+            budget,
+            ctx.task.value,
+            tuned.metric.value,
+            ctx.seed,
+            key=f"final-{event.id}",
+            pure=False,
+        )
+        spec = json.loads(await asyncio.to_thread(read_verified, features.transform.uri, features.transform.sha256))
+        bundle = await asyncio.to_thread(
+            save_bundle,
+            self.store,
+            estimator=fitted["estimator"],
+            estimator_format=fitted["format"],
+            spec=spec,
+            family=best.family,
+            params=dict(best.params),
+            budget=budget,
+        )
+        run_id = await asyncio.to_thread(
+            self.tracker.log_run,
+            experiment=ctx.model_name,
+            run_name=f"{tuned.study_id}/final",
+            event_id=event.id,
+            params={**best.params, "family": best.family.value, "budget": budget},
+            metrics={f"validation_{tuned.metric.value}": fitted["validation_score"]},
+            tags={
+                "cairn.kind": "model",
+                "cairn.study_id": tuned.study_id,
+                "cairn.correlation_id": event.correlationid,
+                "cairn.model_sha256": bundle.sha256,
+                "cairn.model_uri": bundle.uri,
+                "cairn.dataset_sha256": features.dataset.sha256,
+                "cairn.featureset_sha256": features.featureset.sha256,
+                **{f"cairn.version.{k}": v for k, v in self.versions.items()},
+            },
+            check_existing=delivery.redelivered,
+        )
+        trained = ModelTrained(
+            context=ctx,
+            study_id=tuned.study_id,
+            model=bundle,
+            family=best.family,
+            params=best.params,
+            budget=budget,
+            metric=tuned.metric,
+            validation_score=fitted["validation_score"],
+            featureset=features.featureset,
+            transform=features.transform,
+            dataset=features.dataset,
+            mlflow_run_id=run_id,
+            versions=self.versions,
+        )
+        return [new_event(trained, source=self.source, cause=event, subject=ctx.model_name)]

@@ -1,0 +1,168 @@
+"""tuning: features-built -> a study plan -> trial requests -> promotions -> tuning-completed.
+
+Stateless replicas: a study's results live in a JetStream key-value bucket, updated with
+compare-and-set, so any replica may take any trial result. Output ids derive from (study,
+rung), so when two replicas both see a rung complete, the server keeps one decision.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+from contracts import (
+    Envelope,
+    FeaturesBuilt,
+    TrialCompleted,
+    TrialsPromoted,
+    TuningCompleted,
+    TuningRequested,
+    derive_id,
+    event_type_of,
+    new_event,
+)
+from services.bus.consumer import Delivery, PermanentError
+from services.bus.provision import study_bucket
+from services.runtime import Route, Service
+from services.tuning import logic
+
+class Tuning(Service):
+    name = "tuning"
+
+    def routes(self) -> Sequence[Route]:
+        return [
+            Route(FeaturesBuilt, self.on_features_built),
+            Route(TuningRequested, self.on_tuning_requested),
+            Route(TrialCompleted, self.on_trial_completed, max_workers=4),
+        ]
+
+    async def _kv(self):
+        js = self.publisher.broker.config.connection_state.stream  # type: ignore[union-attr]
+        return await js.key_value(study_bucket(self.settings.namespace))
+
+    async def on_features_built(self, event: Envelope[FeaturesBuilt], delivery: Delivery) -> list[Envelope[Any]]:
+        """Fix the study plan (configurations sampled from the event's seed) before any trial runs."""
+        plan = logic.plan_study(event.id, event.data)
+        return [new_event(plan, source=self.source, cause=event, subject=plan.study_id)]
+
+    async def on_tuning_requested(
+        self, event: Envelope[TuningRequested], delivery: Delivery
+    ) -> list[Envelope[Any]]:
+        """Record the plan and request the first rung's trials."""
+        plan = event.data
+        kv = await self._kv()
+        state = {"plan_event": json.loads(event.encode()), "started": event.time.isoformat()}
+        try:
+            await kv.create(f"{plan.study_id}.plan", json.dumps(state).encode())
+        except KeyWrongLastSequenceError:
+            pass  # redelivered: the plan is already recorded
+        first = [c.trial_id for c in plan.configurations]
+        await _create_rung(kv, plan.study_id, 0, first)
+        return [
+            new_event(r, source=self.source, cause=event, key=f"{r.study_id}:{r.rung}:{r.trial_id}",
+                      subject=r.study_id)
+            for r in logic.trial_requests(plan, 0, first)
+        ]
+
+    async def on_trial_completed(self, event: Envelope[TrialCompleted], delivery: Delivery) -> list[Envelope[Any]]:
+        """Add one result; whoever completes a rung decides it."""
+        done = event.data
+        kv = await self._kv()
+        rung_state = await _record(kv, done, event.id)
+        if len(rung_state["results"]) < len(rung_state["expected"]):
+            return []
+        plan_state = json.loads((await kv.get(f"{done.study_id}.plan")).value)
+        plan_event = Envelope[TuningRequested].model_validate(plan_state["plan_event"])
+        plan = plan_event.data
+        results = {int(t): r["score"] for t, r in rung_state["results"].items()}
+        evidence = [r["event_id"] for _, r in sorted(rung_state["results"].items(), key=lambda kv_: int(kv_[0]))]
+        last_rung = done.rung + 1 >= len(plan.rungs)
+        promoted = [] if last_rung else logic.promote(plan, done.rung, results)
+        if last_rung or not promoted:
+            return [await self._complete(kv, plan, plan_event, event, plan_state["started"])]
+        decision = TrialsPromoted(
+            study_id=plan.study_id,
+            from_rung=done.rung,
+            to_rung=done.rung + 1,
+            budget=plan.rungs[done.rung + 1].budget,
+            evidence=results,
+            evidence_event_ids=evidence,
+            promoted=promoted,
+        )
+        decision_event = new_event(
+            decision,
+            source=self.source,
+            cause=event,
+            event_id=derive_id(plan.study_id, event_type_of(TrialsPromoted), f"rung{done.rung}"),
+            subject=plan.study_id,
+        )
+        await _create_rung(kv, plan.study_id, done.rung + 1, promoted)
+        return [decision_event] + [
+            new_event(r, source=self.source, cause=decision_event, key=f"{r.study_id}:{r.rung}:{r.trial_id}",
+                      subject=r.study_id)
+            for r in logic.trial_requests(plan, done.rung + 1, promoted)
+        ]
+
+    async def _complete(self, kv, plan: TuningRequested, plan_event: Envelope[Any], cause: Envelope[Any],
+                        started: str) -> Envelope[Any]:
+        completed: list[TrialCompleted] = []
+        failed = 0
+        for rung in range(len(plan.rungs)):
+            try:
+                state = json.loads((await kv.get(f"{plan.study_id}.rung.{rung}")).value)
+            except KeyNotFoundError:
+                break
+            for r in state["results"].values():
+                completed.append(TrialCompleted.model_validate(r["event"]))
+                failed += r["score"] is None
+        board = logic.leaderboard(plan, completed)
+        if not board:
+            raise PermanentError(f"every trial of {plan.study_id} failed")
+        duration = (datetime.now(UTC) - datetime.fromisoformat(started)).total_seconds()
+        result = TuningCompleted(
+            study_id=plan.study_id,
+            context=plan.context,
+            features=plan.features,
+            metric=plan.metric,
+            strategy=plan.strategy,
+            trials_completed=len(completed) - failed,
+            trials_failed=failed,
+            leaderboard=board,
+            duration_s=max(duration, 0.0),
+        )
+        return new_event(
+            result,
+            source=self.source,
+            cause=cause,
+            event_id=derive_id(plan.study_id, event_type_of(TuningCompleted)),
+            subject=plan.context.model_name,
+        )
+
+
+async def _create_rung(kv, study_id: str, rung: int, trial_ids: list[int]) -> None:
+    try:
+        await kv.create(f"{study_id}.rung.{rung}", json.dumps({"expected": trial_ids, "results": {}}).encode())
+    except KeyWrongLastSequenceError:
+        pass
+
+
+async def _record(kv, done: TrialCompleted, event_id: str) -> dict[str, Any]:
+    """Compare-and-set loop: concurrent results for one rung never overwrite each other."""
+    key = f"{done.study_id}.rung.{done.rung}"
+    while True:
+        entry = await kv.get(key)
+        state = json.loads(entry.value)
+        state["results"][str(done.trial_id)] = {
+            "score": done.score,
+            "event_id": event_id,
+            "event": json.loads(done.model_dump_json()),
+        }
+        try:
+            await kv.update(key, json.dumps(state).encode(), last=entry.revision)
+            return state
+        except KeyWrongLastSequenceError:
+            continue

@@ -1,0 +1,151 @@
+"""Tuning decisions as pure functions: the plan, the trials of a rung, promotion, the leaderboard.
+
+Successive halving is synchronous: a rung is decided when all its trials have reported, from
+their scores alone, so the decision does not depend on the order results arrived. Each decision
+is still published (trials-promoted, with its evidence) so replay reads it instead of re-deciding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import numpy as np
+
+from contracts import (
+    FeaturesBuilt,
+    LeaderboardEntry,
+    Metric,
+    ModelFamily,
+    Rung,
+    SearchStrategy,
+    Task,
+    TrialCompleted,
+    TrialConfig,
+    TrialRequested,
+    TuningRequested,
+)
+from services.ml.families import default_metric
+from services.ml.metrics import sort_key
+
+
+def study_id_for(features_event_id: str) -> str:
+    return "study-" + hashlib.sha256(features_event_id.encode()).hexdigest()[:16]
+
+
+def _loguniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+
+
+def sample_params(family: ModelFamily, rng: np.random.Generator) -> dict[str, Any]:
+    """Search spaces; values rounded so they print and compare cleanly."""
+    if family is ModelFamily.xgboost:
+        return {
+            "max_depth": int(rng.integers(2, 9)),
+            "learning_rate": round(_loguniform(rng, 0.02, 0.3), 5),
+            "subsample": round(float(rng.uniform(0.6, 1.0)), 4),
+            "colsample_bytree": round(float(rng.uniform(0.5, 1.0)), 4),
+            "min_child_weight": round(_loguniform(rng, 0.5, 10.0), 4),
+            "reg_lambda": round(_loguniform(rng, 0.1, 10.0), 4),
+        }
+    if family is ModelFamily.random_forest:
+        return {
+            "max_depth": int(rng.integers(4, 13)),
+            "subsample": round(float(rng.uniform(0.5, 0.9)), 4),
+            "colsample_bynode": round(float(rng.uniform(0.3, 1.0)), 4),
+            "min_child_weight": round(_loguniform(rng, 0.5, 10.0), 4),
+        }
+    return {"alpha": round(_loguniform(rng, 1e-4, 10.0), 6)}
+
+
+def rungs_for(strategy: SearchStrategy, trials: int, max_budget: int, eta: int) -> list[Rung]:
+    if strategy is SearchStrategy.random:
+        return [Rung(rung=0, budget=max_budget, keep=trials)]
+    levels = max(1, min(int(math.log(trials, eta)) + 1 if trials > 1 else 1, int(math.log(max_budget, eta)) + 1))
+    levels = min(levels, 3)
+    out = []
+    for r in range(levels):
+        budget = max(1, max_budget // eta ** (levels - 1 - r))
+        keep = max(1, trials // eta**r)
+        out.append(Rung(rung=r, budget=budget, keep=keep))
+    return out
+
+
+def plan_study(features_event_id: str, features: FeaturesBuilt) -> TuningRequested:
+    spec = features.context.tuning
+    task = features.context.task
+    metric = spec.metric or default_metric(task)
+    if metric.task is not task:
+        metric = default_metric(task)
+    rng = np.random.default_rng(features.context.seed)
+    configs = []
+    for i in range(spec.trials):
+        family = spec.families[i % len(spec.families)]
+        configs.append(TrialConfig(trial_id=i, family=family, params=sample_params(family, rng)))
+    return TuningRequested(
+        study_id=study_id_for(features_event_id),
+        context=features.context,
+        features=features,
+        metric=metric,
+        strategy=spec.strategy,
+        rungs=rungs_for(spec.strategy, spec.trials, spec.max_budget, spec.eta),
+        configurations=configs,
+    )
+
+
+def trial_requests(plan: TuningRequested, rung: int, trial_ids: list[int]) -> list[TrialRequested]:
+    by_id = {c.trial_id: c for c in plan.configurations}
+    budget = plan.rungs[rung].budget
+    return [
+        TrialRequested(
+            study_id=plan.study_id,
+            trial_id=t,
+            rung=rung,
+            budget=budget,
+            family=by_id[t].family,
+            params=by_id[t].params,
+            metric=plan.metric,
+            task=plan.context.task,
+            target=plan.context.target,
+            seed=plan.context.seed,
+            featureset=plan.features.featureset,
+            model_name=plan.context.model_name,
+        )
+        for t in trial_ids
+    ]
+
+
+def rank(metric: Metric, results: dict[int, float | None]) -> list[int]:
+    """Trial ids best first; failed trials (None) last; ties by trial id."""
+    key = sort_key(metric)
+    ok = sorted((t for t, s in results.items() if s is not None), key=lambda t: (key(results[t]), t))
+    failed = sorted(t for t, s in results.items() if s is None)
+    return ok + failed
+
+
+def promote(plan: TuningRequested, rung: int, results: dict[int, float | None]) -> list[int]:
+    keep = plan.rungs[rung + 1].keep
+    return [t for t in rank(plan.metric, results) if results[t] is not None][:keep]
+
+
+def leaderboard(plan: TuningRequested, completed: list[TrialCompleted]) -> list[LeaderboardEntry]:
+    """Best result per trial at its highest rung, best first."""
+    best: dict[int, TrialCompleted] = {}
+    for c in completed:
+        if c.score is None:
+            continue
+        if c.trial_id not in best or c.rung > best[c.trial_id].rung:
+            best[c.trial_id] = c
+    key = sort_key(plan.metric)
+    ordered = sorted(best.values(), key=lambda c: (-c.rung, key(c.score), c.trial_id))
+    return [
+        LeaderboardEntry(
+            trial_id=c.trial_id, family=c.family, params=c.params, budget=c.budget, rung=c.rung, score=c.score
+        )
+        for c in ordered
+    ]
+
+
+def default_task_metric(task: Task) -> Metric:
+    return default_metric(task)
