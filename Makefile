@@ -1,0 +1,44 @@
+# cairn: every target does its own set-up, so `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CAIRN := $(VENV)/bin/cairn
+export CAIRN_HOME ?= $(CURDIR)/.cairn
+
+.PHONY: install demo up down test test-fast lint bench schemas clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(PY) -m services.demo
+
+up: install
+	$(CAIRN) up
+
+down: install
+	$(CAIRN) down
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not k8s"
+
+lint: install
+	$(VENV)/bin/ruff check contracts services tests bench
+
+bench: install
+	$(PY) bench/bus.py
+	$(PY) bench/shell_80.py
+
+schemas: install
+	$(CAIRN) schemas
+
+clean:
+	rm -rf $(VENV) .cairn
