@@ -1,0 +1,215 @@
+"""The bus against a real nats-server: standalone wire format, rejection and dead letters,
+server-side dedup, replicas sharing one durable consumer, and redelivery after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+
+from contracts import DataArrived, new_event
+from services.ingestion.app import Ingestion
+from services.runtime import ServiceRunner
+from tests.conftest import collect, env_for, events_of, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_csv(folder: Path, name: str = "small.csv", rows: int = 40) -> Path:
+    path = folder / name
+    lines = ["x,colour,y"] + [f"{i},{'red' if i % 3 else 'blue'},{i * 2.5 + (i % 7)}" for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def test_standalone_publisher_with_plain_nats_py(settings, js, tmp_path):
+    """An upstream system with nothing but nats-py and a JSON document drives ingestion."""
+    csv = small_csv(tmp_path)
+    document = f"""{{
+      "specversion": "1.0", "id": "erp-export-0001", "source": "/erp/exports",
+      "type": "cairn.data.arrived.v1", "time": "2026-11-26T08:00:00+01:00",
+      "correlationid": "erp-export-0001",
+      "data": {{"uri": "file://{csv}", "target": "y"}}
+    }}"""
+    runner = ServiceRunner(Ingestion(settings))
+    await runner.start()
+    try:
+        nc = await nats.connect(settings.nats_url)
+        ack = await nc.jetstream().publish(
+            "cairn.data.arrived.v1", document.encode(), headers={"Nats-Msg-Id": "erp-export-0001"}
+        )
+        await nc.close()
+        assert ack.stream == "CAIRN"
+        msgs = await collect(js, "cairn.dataset.ingested.v1", lambda m: len(m) >= 1)
+    finally:
+        await runner.stop()
+    ingested = events_of(msgs)[0]
+    assert ingested.causationid == "erp-export-0001"
+    assert ingested.correlationid == "erp-export-0001"
+    assert ingested.data.rows == 40
+    assert ingested.data.context.model_name == "small-y"
+
+
+async def test_invalid_payload_rejected_and_dead_lettered_service_keeps_serving(settings, js, tmp_path):
+    csv = small_csv(tmp_path)
+    runner = ServiceRunner(Ingestion(settings))
+    await runner.start()
+    try:
+        await js.publish("cairn.data.arrived.v1", b'{"type": "cairn.data.arrived.v1", "data": {}}')
+        await js.publish("cairn.data.arrived.v1", b"\x00 not json at all")
+        good = new_event(DataArrived(uri=csv.as_uri(), target="y"), source="/test")
+        await js.publish("cairn.data.arrived.v1", good.encode(), headers={"Nats-Msg-Id": good.id})
+        rejected = await collect(js, "cairn.event.rejected.v1", lambda m: len(m) >= 2)
+        dead = await collect(js, "cairn.dlq.ingestion", lambda m: len(m) >= 2)
+        ingested = await collect(js, "cairn.dataset.ingested.v1", lambda m: len(m) >= 1)
+    finally:
+        await runner.stop()
+    reasons = [e.data.reason for e in events_of(rejected)]
+    assert any("invalid cairn.data.arrived.v1" in r and "data.uri" in r for r in reasons), reasons
+    assert any(r.startswith("not JSON") for r in reasons), reasons
+    assert all(e.data.dead_letter_subject == "cairn.dlq.ingestion" for e in events_of(rejected))
+    assert dead[1].data == b"\x00 not json at all"  # the original bytes are kept
+    assert "not JSON" in dead[1].headers["Cairn-Reason"]
+    assert events_of(ingested)[0].causationid == good.id
+
+
+async def test_bad_data_gets_a_data_rejected_with_actionable_reason(settings, js, tmp_path):
+    csv = small_csv(tmp_path)
+    runner = ServiceRunner(Ingestion(settings))
+    await runner.start()
+    try:
+        bad = new_event(DataArrived(uri=csv.as_uri(), target="price"), source="/test")
+        await js.publish("cairn.data.arrived.v1", bad.encode(), headers={"Nats-Msg-Id": bad.id})
+        msgs = await collect(js, "cairn.data.rejected.v1", lambda m: len(m) >= 1)
+        dead = await collect(js, "cairn.dlq.ingestion", lambda m: len(m) >= 1)
+    finally:
+        await runner.stop()
+    rejection = events_of(msgs)[0]
+    assert rejection.causationid == bad.id
+    assert "target column 'price' not found; columns are: x, colour, y" in rejection.data.reason
+    assert json.loads(dead[0].data)["id"] == bad.id
+
+
+async def test_republished_event_id_is_dropped_by_the_server(js):
+    event = new_event(DataArrived(uri="file:///nowhere.csv", target="y"), source="/test")
+    first = await js.publish("cairn.data.arrived.v1", event.encode(), headers={"Nats-Msg-Id": event.id})
+    second = await js.publish("cairn.data.arrived.v1", event.encode(), headers={"Nats-Msg-Id": event.id})
+    assert not first.duplicate and second.duplicate
+    assert second.seq == first.seq
+    info = await js.stream_info("CAIRN")
+    assert info.state.messages == 1
+    assert info.config.duplicate_window == pytest.approx(3600.0)
+
+
+def _spawn(args: list[str], settings, extra_env: dict[str, str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, **env_for(settings), **extra_env}
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+async def _ready(port: int) -> bool:
+    try:
+        async with httpx.AsyncClient() as client:
+            return (await client.get(f"http://127.0.0.1:{port}/readyz", timeout=1)).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _handled(port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("cairn_events_handled_total{") and 'outcome="ok"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.slow
+async def test_two_replicas_share_one_durable_consumer_exactly_once(settings, js, tmp_path):
+    csv = small_csv(tmp_path)
+    ports = [free_port(), free_port()]
+    procs = [
+        _spawn(["-m", "services.cli", "run", "ingestion"], settings, {"CAIRN_HTTP_PORT": str(p)},
+               tmp_path / f"replica{i}.log")
+        for i, p in enumerate(ports)
+    ]
+    try:
+        for p in ports:
+            await wait_for(lambda p=p: _ready(p), 60, f"replica on {p}")
+        ids = []
+        for _ in range(500):
+            event = new_event(DataArrived(uri=csv.as_uri(), target="y"), source="/test")
+            ids.append(event.id)
+            await js.publish("cairn.data.arrived.v1", event.encode(), headers={"Nats-Msg-Id": event.id})
+        msgs = await collect(js, "cairn.dataset.ingested.v1", lambda m: len(m) >= 500, timeout=240)
+        info = await js.consumer_info("CAIRN", "ingestion-data-arrived")
+        assert info.num_ack_pending == 0 and info.num_pending == 0
+        stored = await subject_count(js, "cairn.dataset.ingested.v1")
+        per_replica = [_handled(p) for p in ports]
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(30)
+    causes = [e.causationid for e in events_of(msgs)]
+    assert sorted(causes) == sorted(ids), "every event handled, none twice"
+    assert stored == 500, "no duplicate outputs in the stream"
+    assert sum(per_replica) == 500 and min(per_replica) > 0, per_replica
+
+
+@pytest.mark.slow
+async def test_killed_mid_event_is_redelivered_with_one_result(settings, js, tmp_path):
+    first = _spawn(["-m", "tests.probe_service", "30"], settings, {}, tmp_path / "probe1.log")
+    event = new_event(DataArrived(uri="file:///slow.csv", target="y"), source="/test")
+    await js.publish("cairn.data.arrived.v1", event.encode(), headers={"Nats-Msg-Id": event.id})
+
+    async def in_flight() -> bool:
+        try:
+            return (await js.consumer_info("CAIRN", "probe-data-arrived")).num_ack_pending == 1
+        except nats.js.errors.NotFoundError:
+            return False
+
+    await wait_for(in_flight, 60, "the probe to hold the message")
+    first.send_signal(signal.SIGKILL)  # crash mid-event: no ack, no nak
+    first.wait(10)
+    second = _spawn(["-m", "tests.probe_service", "0.1"], settings, {}, tmp_path / "probe2.log")
+    try:
+        msgs = await collect(js, "cairn.data.rejected.v1", lambda m: len(m) >= 1, timeout=60)
+
+        async def settled() -> bool:
+            info = await js.consumer_info("CAIRN", "probe-data-arrived")
+            return info.num_ack_pending == 0 and info.num_pending == 0
+
+        await wait_for(settled, 30, "the consumer to settle")
+        stored = await subject_count(js, "cairn.data.rejected.v1")
+        info = await js.consumer_info("CAIRN", "probe-data-arrived")
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(30)
+    result = events_of(msgs)[0]
+    assert result.causationid == event.id
+    assert result.data.reason == "handled on attempt 2"
+    assert stored == 1, "one result despite two deliveries"
+    assert info.num_redelivered == 0 and info.delivered.consumer_seq == 2
+
+
+async def subject_count(js, subject: str) -> int:
+    info = await js.stream_info("CAIRN", subjects_filter=subject)
+    return (info.state.subjects or {}).get(subject, 0)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
