@@ -1,0 +1,198 @@
+"""End to end on real NATS, real MLflow (SQLite), a real Dask LocalCluster, every service its own
+process (as `cairn up` runs them), and the inference endpoint over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from nats.js.api import DeliverPolicy
+from sklearn.datasets import load_breast_cancer, load_diabetes
+
+from contracts import DataArrived, Envelope, SearchStrategy, TuningSpec, decode, new_event
+from services import supervisor
+from services.bus.connection import connect
+from tests.conftest import TERMINAL, make_settings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory):
+    home = tmp_path_factory.mktemp("cairn")
+    from services.bus.embedded import EmbeddedNats
+
+    server = EmbeddedNats(home / "nats")
+    server.start()
+    settings = make_settings(server.url, home, ack_wait_s=30.0)
+    runtime = supervisor.up(settings)
+    not_ready = supervisor.wait_ready(runtime, 180)
+    assert not not_ready, not_ready
+    yield settings, runtime
+    supervisor.down(settings)
+    server.stop()
+
+
+async def run_pipeline(settings, arrived: DataArrived, timeout: float = 240) -> list[Envelope[Any]]:
+    """Publish an arrival and collect its run's events until a terminal one."""
+    nc = await connect(settings, "test")
+    js = nc.jetstream()
+    sub = await js.subscribe("cairn.>", ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
+    event = new_event(arrived, source="/test")
+    await js.publish("cairn.data.arrived.v1", event.encode(), headers={"Nats-Msg-Id": event.id})
+    run: list[Envelope[Any]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no terminal event in {timeout}s; saw {[e.type for e in run]}"
+            try:
+                msg = await sub.next_msg(timeout=min(left, 5))
+            except TimeoutError:
+                continue
+            if ".dlq." in msg.subject:
+                continue
+            ev = decode(msg.data)
+            if ev.correlationid != event.id:
+                continue
+            run.append(ev)
+            if ev.type in TERMINAL or (ev.type == "cairn.model.evaluated.v1" and not ev.data.passed):
+                return run
+    finally:
+        await nc.close()
+
+
+def of_type(run: list[Envelope[Any]], event_type: str) -> list[Any]:
+    return [e.data for e in run if e.type == event_type]
+
+
+async def served_version(url: str, name: str, version: int) -> dict:
+    """Wait until the endpoint serves `name` at `version` (it swaps on the deployed event)."""
+    deadline = time.monotonic() + 30
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            models = (await client.get(url + "/v1/models")).json()
+            if models.get(name, {}).get("version") == version:
+                return models[name]
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"endpoint never served {name} v{version}")
+
+
+def quick(trials: int, *families: str, strategy: str = "asha", budget: int = 60) -> TuningSpec:
+    return TuningSpec(trials=trials, strategy=SearchStrategy(strategy), families=list(families), max_budget=budget)
+
+
+async def test_regression_from_arrival_to_served_model(system):
+    settings, runtime = system
+    csv = Path(settings.home) / "diabetes.csv"
+    load_diabetes(as_frame=True, scaled=False).frame.to_csv(csv, index=False)
+    run = await run_pipeline(settings, DataArrived(uri=csv.as_uri(), target="target", tuning=quick(9, "xgboost",
+                                                                                                   "linear")))
+    types = [e.type for e in run]
+    for expected in ("cairn.dataset.ingested.v1", "cairn.features.built.v1", "cairn.tuning.requested.v1",
+                     "cairn.trials.promoted.v1", "cairn.tuning.completed.v1", "cairn.model.trained.v1",
+                     "cairn.model.evaluated.v1", "cairn.model.deployed.v1"):
+        assert expected in types, types
+    deployed = of_type(run, "cairn.model.deployed.v1")[0]
+    evaluated = of_type(run, "cairn.model.evaluated.v1")[0]
+    assert set(evaluated.metrics) == {"rmse", "mae", "r2"} and evaluated.metrics["r2"] > 0.2
+    trained = of_type(run, "cairn.model.trained.v1")[0]
+    assert trained.versions["xgboost"] and trained.mlflow_run_id
+    served = await served_version(runtime["serve_url"], deployed.model_name, deployed.version)
+    assert served["sha256"] == deployed.model.sha256
+    row = load_diabetes(as_frame=True, scaled=False).frame.drop(columns=["target"]).iloc[:3]
+    response = httpx.post(f"{runtime['serve_url']}/v1/models/{deployed.model_name}/predict",
+                          json={"rows": row.to_dict(orient="records")})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 3 and all(25 < p < 350 for p in predictions)
+    bad = httpx.post(f"{runtime['serve_url']}/v1/models/{deployed.model_name}/predict",
+                     json={"age": "old", "zodiac": "leo"})
+    assert bad.status_code == 422 and "zodiac" in bad.text and "age" in bad.text
+
+
+async def test_classification_from_arrival_to_served_model(system):
+    settings, runtime = system
+    data = load_breast_cancer(as_frame=True)
+    frame = data.frame.iloc[:, list(range(8)) + [-1]].copy()
+    frame["target"] = frame["target"].map({0: "malignant", 1: "benign"})
+    csv = Path(settings.home) / "cancer.csv"
+    frame.to_csv(csv, index=False)
+    run = await run_pipeline(settings, DataArrived(uri=csv.as_uri(), target="target", model_name="cancer",
+                                                   tuning=quick(6, "xgboost", "random_forest", "linear")))
+    deployed = of_type(run, "cairn.model.deployed.v1")
+    assert deployed, [e.type for e in run]
+    evaluated = of_type(run, "cairn.model.evaluated.v1")[0]
+    assert evaluated.context.task.value == "classification"
+    assert {"accuracy", "f1", "roc_auc", "log_loss"} <= set(evaluated.metrics)
+    assert evaluated.metrics["accuracy"] > 0.8
+    await served_version(runtime["serve_url"], "cancer", deployed[0].version)
+    row = frame.drop(columns=["target"]).iloc[0].to_dict()
+    response = httpx.post(f"{runtime['serve_url']}/v1/models/cancer/predict", json=row)
+    prediction = response.json()["predictions"][0]
+    assert prediction["label"] in {"malignant", "benign"}
+    assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def nonlinear_csv(path: Path, rows: int = 1500) -> Path:
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-3, 3, size=(rows, 4))
+    y = np.sin(x[:, 0]) * 3 + (x[:, 1] > 0) * x[:, 2] ** 2 + 0.1 * rng.normal(size=rows)
+    pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "c": x[:, 2], "d": x[:, 3], "y": y}).to_csv(path, index=False)
+    return path
+
+
+async def test_better_model_takes_over_and_worse_one_fails_the_gate(system):
+    settings, runtime = system
+    csv = nonlinear_csv(Path(settings.home) / "curve.csv")
+    first = await run_pipeline(settings, DataArrived(uri=csv.as_uri(), target="y", model_name="curve",
+                                                     tuning=quick(2, "linear", strategy="random")))
+    v1 = of_type(first, "cairn.model.deployed.v1")[0]
+    await served_version(runtime["serve_url"], "curve", v1.version)
+
+    second = await run_pipeline(settings, DataArrived(uri=csv.as_uri(), target="y", model_name="curve", seed=1,
+                                                      tuning=quick(4, "xgboost", strategy="random", budget=150)))
+    v2 = of_type(second, "cairn.model.deployed.v1")[0]
+    evaluated = of_type(second, "cairn.model.evaluated.v1")[0]
+    assert evaluated.champion is not None and evaluated.champion.version == v1.version
+    assert evaluated.metrics["rmse"] < evaluated.champion_metrics_on_holdout["rmse"]
+    assert v2.version > v1.version and v2.previous_version == v1.version
+    await served_version(runtime["serve_url"], "curve", v2.version)
+
+    third = await run_pipeline(settings, DataArrived(uri=csv.as_uri(), target="y", model_name="curve", seed=2,
+                                                     tuning=quick(2, "linear", strategy="random")))
+    failed = of_type(third, "cairn.model.evaluated.v1")[0]
+    assert not failed.passed and "not better" in " ".join(failed.reasons)
+    assert not of_type(third, "cairn.model.deployed.v1")
+    served = (httpx.get(runtime["serve_url"] + "/v1/models")).json()["curve"]
+    assert served["version"] == v2.version and served["sha256"] == v2.model.sha256
+
+
+async def test_rejected_dataset_never_reaches_training(system):
+    settings, _ = system
+    csv = Path(settings.home) / "no_target.csv"
+    csv.write_text("a,b\n" + "".join(f"{i},{i * 2}\n" for i in range(50)))
+    run = await run_pipeline(settings, DataArrived(uri=csv.as_uri(), target="y"))
+    assert [e.type for e in run] == ["cairn.data.arrived.v1", "cairn.data.rejected.v1"]
+    assert "target column 'y' not found" in run[-1].data.reason
+    nc = await connect(settings, "test")
+    try:
+        js = nc.jetstream()
+        sub = await js.subscribe("cairn.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+        last = (await js.stream_info("CAIRN")).state.last_seq
+        later = []
+        while True:
+            msg = await sub.next_msg(timeout=5)
+            if ".dlq." not in msg.subject and decode(msg.data).correlationid == run[0].id:
+                later.append(msg.subject)
+            if msg.metadata.sequence.stream >= last:
+                break
+    finally:
+        await nc.close()
+    assert "cairn.trial.requested.v1" not in later and "cairn.dataset.ingested.v1" not in later
