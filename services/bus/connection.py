@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any
 
@@ -40,6 +41,7 @@ def make_broker(settings: CairnSettings, name: str, **kwargs: Any) -> NatsBroker
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         graceful_timeout=settings.ack_wait_s,
+        log_level=logging.DEBUG,  # per-message Received/Processed lines cost CPU the trials need
         **kwargs,
     )
 

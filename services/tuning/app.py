@@ -109,15 +109,15 @@ class Tuning(Service):
 
     async def _complete(self, kv, plan: TuningRequested, plan_event: Envelope[Any], cause: Envelope[Any],
                         started: str) -> Envelope[Any]:
-        completed: list[TrialCompleted] = []
+        completed: list[tuple[int, int, int, float | None]] = []
         failed = 0
         for rung in range(len(plan.rungs)):
             try:
                 state = json.loads((await kv.get(f"{plan.study_id}.rung.{rung}")).value)
             except KeyNotFoundError:
                 break
-            for r in state["results"].values():
-                completed.append(TrialCompleted.model_validate(r["event"]))
+            for trial_id, r in state["results"].items():
+                completed.append((int(trial_id), rung, r["budget"], r["score"]))
                 failed += r["score"] is None
         board = logic.leaderboard(plan, completed)
         if not board:
@@ -159,7 +159,7 @@ async def _record(kv, done: TrialCompleted, event_id: str) -> dict[str, Any]:
         state["results"][str(done.trial_id)] = {
             "score": done.score,
             "event_id": event_id,
-            "event": json.loads(done.model_dump_json()),
+            "budget": done.budget,
         }
         try:
             await kv.update(key, json.dumps(state).encode(), last=entry.revision)

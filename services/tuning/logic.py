@@ -20,8 +20,6 @@ from contracts import (
     ModelFamily,
     Rung,
     SearchStrategy,
-    Task,
-    TrialCompleted,
     TrialConfig,
     TrialRequested,
     TuningRequested,
@@ -129,23 +127,18 @@ def promote(plan: TuningRequested, rung: int, results: dict[int, float | None]) 
     return [t for t in rank(plan.metric, results) if results[t] is not None][:keep]
 
 
-def leaderboard(plan: TuningRequested, completed: list[TrialCompleted]) -> list[LeaderboardEntry]:
-    """Best result per trial at its highest rung, best first."""
-    best: dict[int, TrialCompleted] = {}
-    for c in completed:
-        if c.score is None:
-            continue
-        if c.trial_id not in best or c.rung > best[c.trial_id].rung:
-            best[c.trial_id] = c
+def leaderboard(plan: TuningRequested, results: list[tuple[int, int, int, float | None]]) -> list[LeaderboardEntry]:
+    """Best result per trial at its highest rung, best first. `results`: (trial, rung, budget, score)."""
+    configs = {c.trial_id: c for c in plan.configurations}
+    best: dict[int, tuple[int, int, float]] = {}
+    for trial_id, rung, budget, score in results:
+        if score is not None and (trial_id not in best or rung > best[trial_id][0]):
+            best[trial_id] = (rung, budget, score)
     key = sort_key(plan.metric)
-    ordered = sorted(best.values(), key=lambda c: (-c.rung, key(c.score), c.trial_id))
+    ordered = sorted(best.items(), key=lambda kv: (-kv[1][0], key(kv[1][2]), kv[0]))
     return [
         LeaderboardEntry(
-            trial_id=c.trial_id, family=c.family, params=c.params, budget=c.budget, rung=c.rung, score=c.score
+            trial_id=t, family=configs[t].family, params=configs[t].params, budget=budget, rung=rung, score=score
         )
-        for c in ordered
+        for t, (rung, budget, score) in ordered
     ]
-
-
-def default_task_metric(task: Task) -> Metric:
-    return default_metric(task)
