@@ -408,6 +408,20 @@ def predict(
     typer.echo(json.dumps(response.json(), indent=2))
 
 
+@app.command("nats-config")
+def nats_config(
+    out: Annotated[Path, typer.Option(help="Folder for the server config, passwords and TLS files.")] = Path(
+        ".cairn/nats-auth"
+    ),
+    tls: Annotated[bool, typer.Option(help="Also generate a CA, a server and client certificates.")] = False,
+) -> None:
+    """Generate a nats-server config with one user per service and least-privilege permissions."""
+    from services.security import write_nats_config
+
+    for path in write_nats_config(out, tls=tls):
+        typer.echo(str(path))
+
+
 @app.command()
 def schemas() -> None:
     """Write the JSON Schemas and the AsyncAPI document into contracts/."""
