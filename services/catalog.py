@@ -14,6 +14,7 @@ SERVICES: dict[str, str] = {
     "training": "services.training.app:Training",
     "evaluation": "services.evaluation.app:Evaluation",
     "deployment": "services.deployment.app:Deployment",
+    "lineage": "services.lineage.app:Lineage",
 }
 
 
@@ -33,4 +34,5 @@ def durables(name: str, settings: CairnSettings) -> list[str]:
     from services.bus.consumer import durable_name
 
     service = build_service(name, settings)
-    return [durable_name(name, r.payload_cls, settings.namespace) for r in service.routes()]
+    routed = [durable_name(name, r.payload_cls, settings.namespace) for r in service.routes()]
+    return routed + service.extra_durables()

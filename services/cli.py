@@ -408,6 +408,107 @@ def predict(
     typer.echo(json.dumps(response.json(), indent=2))
 
 
+audit_app = typer.Typer(no_args_is_help=True, help="Tamper-evident audit trail.")
+app.add_typer(audit_app, name="audit")
+
+
+def _lineage_store(s: CairnSettings):
+    from services.lineage.store import LineageStore
+
+    return LineageStore(s.lineage_url)
+
+
+async def _stream(s: CairnSettings) -> list[tuple[int, str, bytes]]:
+    from services.bus.connection import connect
+    from services.lineage.audit import stream_records
+
+    nc = await connect(s, "audit")
+    try:
+        return await stream_records(nc.jetstream(), s.stream)
+    finally:
+        await nc.close()
+
+
+@app.command()
+def lineage(
+    ident: Annotated[str, typer.Argument(help="Event id, artifact hash (8+ hex), model name, or 'rebuild'.")],
+    fmt: Annotated[str, typer.Option("--format", help="text, json, mermaid or dot.")] = "text",
+    into: Annotated[str | None, typer.Option(help="With rebuild: a store URL other than CAIRN_LINEAGE_DB.")] = None,
+) -> None:
+    """Upstream to the raw data and downstream to deployments; `cairn lineage rebuild` re-derives the store."""
+    from services.lineage import graph
+    from services.lineage.audit import rebuild
+    from services.lineage.store import LineageStore
+
+    s = settings()
+    if ident == "rebuild":
+        store = LineageStore(into or s.lineage_url)
+        count = rebuild(store, asyncio.run(_stream(s)))
+        typer.echo(f"rebuilt {count} records into {store.url}")
+        return
+    if fmt not in {"text", "json", "mermaid", "dot"}:
+        raise typer.BadParameter("--format must be text, json, mermaid or dot")
+    store = _lineage_store(s)
+    try:
+        record = graph.resolve(store, ident)
+    except graph.NotFound as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(graph.render(store, record, fmt))
+
+
+@audit_app.command("verify")
+def audit_verify(
+    bundle: Annotated[Path | None, typer.Option(help="Verify an exported bundle offline instead.")] = None,
+    key_file: Annotated[Path | None, typer.Option(help="Key that signed the bundle off (HMAC).")] = None,
+) -> None:
+    """Check the hash chain against the stream; name the first modified, missing or reordered record."""
+    from services.lineage.audit import verify_against_stream, verify_bundle
+
+    if bundle is not None:
+        verdict = verify_bundle(bundle, key_file.read_bytes() if key_file else None)
+    else:
+        s = settings()
+        verdict = verify_against_stream(_lineage_store(s).all(), asyncio.run(_stream(s)))
+    typer.echo(verdict.text())
+    raise typer.Exit(0 if verdict.ok else 2)
+
+
+@audit_app.command("export")
+def audit_export(
+    out: Annotated[Path, typer.Argument(help="Bundle file (JSON lines).")],
+    key_file: Annotated[Path | None, typer.Option(help="Sign the head off with this key (HMAC).")] = None,
+) -> None:
+    """Write events + chain head to a bundle that `cairn audit verify --bundle` checks offline."""
+    from services.lineage.audit import export_bundle
+
+    s = settings()
+    verdict = export_bundle(_lineage_store(s).all(), out, s.stream, key_file.read_bytes() if key_file else None)
+    typer.echo(f"exported {verdict.checked} records, head {verdict.head} -> {out}")
+
+
+@app.command()
+def replay(
+    correlation: Annotated[str | None, typer.Option("--correlation", help="One run.")] = None,
+    since: Annotated[str | None, typer.Option(help="Runs started at or after this ISO time.")] = None,
+    from_seq: Annotated[int | None, typer.Option("--from-seq", help="Runs from this stream sequence.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per run.")] = 1800.0,
+) -> None:
+    """Re-run history in an isolated namespace; exit 0 only if every artifact is bit-identical."""
+    from datetime import datetime
+
+    from services.lineage.replay import render
+    from services.lineage.replay import replay as run_replay
+
+    if not (correlation or since or from_seq):
+        raise typer.BadParameter("give --correlation, --since or --from-seq")
+    reports = asyncio.run(run_replay(settings(), correlation=correlation,
+                                     since=datetime.fromisoformat(since) if since else None,
+                                     from_seq=from_seq, timeout=timeout))
+    typer.echo(render(reports))
+    raise typer.Exit(0 if reports and all(r.identical for r in reports) else 2)
+
+
 @app.command("nats-config")
 def nats_config(
     out: Annotated[Path, typer.Option(help="Folder for the server config, passwords and TLS files.")] = Path(

@@ -59,6 +59,13 @@ class Service:
     def routes(self) -> Sequence[Route]:
         raise NotImplementedError
 
+    def subscribe_extra(self, broker: NatsBroker) -> None:
+        """Subscriptions outside the typed-route policy (lineage reads raw messages in order)."""
+
+    def extra_durables(self) -> list[str]:
+        """Durable consumers made by `subscribe_extra`, so readiness and status check them too."""
+        return []
+
     async def start(self) -> None:
         """Create heavy clients (MLflow, Dask): after the bus is known, before consuming."""
 
@@ -89,6 +96,8 @@ class ServiceRunner:
             )
             subscribe(self.broker, consumer, max_workers=route.max_workers)
             self.durables.append(durable_name(service.name, route.payload_cls, self.settings.namespace))
+        service.subscribe_extra(self.broker)
+        self.durables.extend(service.extra_durables())
 
     async def start(self) -> None:
         await self.service.start()

@@ -120,6 +120,20 @@ class CairnSettings(BaseSettings):
             )
         return url
 
+    def to_env(self) -> dict[str, str]:
+        """The explicitly set fields as CAIRN_ variables, so a child process gets the same settings."""
+        out = {}
+        for name in self.model_fields_set:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, list | dict):
+                value = json.dumps(value)
+            out[f"CAIRN_{name.upper()}"] = str(value)
+        return out
+
     def backoff(self, delivery: int) -> float:
         """nak delay after the given (1-based) failed delivery."""
         steps = self.retry_backoff_s or [0.0]

@@ -72,6 +72,7 @@ def up(settings: CairnSettings, services: list[str] | None = None, serve: bool =
     asyncio.run(prepare(settings))
     env = {
         **os.environ,
+        **settings.to_env(),
         "CAIRN_HOME": str(home),
         "CAIRN_NATS_URL": runtime["nats_url"],
         "CAIRN_ALLOWED_ROOTS": json.dumps([str(r) for r in settings.read_roots]),

@@ -1,0 +1,219 @@
+"""`cairn replay`: re-run a slice of history in an isolated namespace and compare, artifact by artifact.
+
+The slice's data-arrived events are re-published under `cairn.replay.<id>.` with ids derived from
+the originals. A separate set of service processes consumes that namespace with its own MLflow
+store and no inference endpoint, so the production champion and endpoint are never touched. The
+artifact store is shared: it is content-addressed, so a replay can only add files, never change one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from nats.js.api import DeliverPolicy
+
+from contracts import ContractError, Envelope, decode, derive_id, new_event, subject_for
+from services import supervisor
+from services.bus.connection import connect
+from services.bus.provision import provision_study_bucket, study_bucket
+from services.lineage.audit import stream_records
+from services.settings import CairnSettings
+
+TERMINAL = {"cairn.model.deployed.v1", "cairn.data.rejected.v1", "cairn.event.rejected.v1",
+            "cairn.deployment.failed.v1"}
+
+
+@dataclass
+class Comparison:
+    step: str
+    what: str
+    original: Any
+    replay: Any
+
+    @property
+    def same(self) -> bool:
+        return self.original == self.replay
+
+
+@dataclass
+class RunReport:
+    original_correlation: str
+    replay_correlation: str
+    comparisons: list[Comparison] = field(default_factory=list)
+
+    @property
+    def identical(self) -> bool:
+        return all(c.same for c in self.comparisons) and bool(self.comparisons)
+
+    def first_difference(self) -> Comparison | None:
+        return next((c for c in self.comparisons if not c.same), None)
+
+
+def select_roots(events: list[tuple[int, Envelope[Any]]], correlation: str | None, since: datetime | None,
+                 from_seq: int | None) -> list[Envelope[Any]]:
+    roots = []
+    for seq, ev in events:
+        if ev.type != "cairn.data.arrived.v1" or ev.causationid is not None:
+            continue
+        if correlation and ev.correlationid != correlation:
+            continue
+        if since and ev.time < since:
+            continue
+        if from_seq and seq < from_seq:
+            continue
+        roots.append(ev)
+    return roots
+
+
+def _one(run: list[Envelope[Any]], event_type: str) -> Any | None:
+    found = [e.data for e in run if e.type == event_type]
+    return found[-1] if found else None
+
+
+def compare_runs(original: list[Envelope[Any]], replay: list[Envelope[Any]]) -> list[Comparison]:
+    """Step by step: every artifact hash, every trial score, every promotion decision."""
+    out: list[Comparison] = []
+
+    def add(step: str, what: str, a: Any, b: Any) -> None:
+        out.append(Comparison(step, what, a, b))
+
+    pairs = [
+        ("ingestion", "cairn.dataset.ingested.v1", [("raw data sha256", lambda d: d.source_sha256),
+                                                     ("snapshot sha256", lambda d: d.dataset.sha256)]),
+        ("features", "cairn.features.built.v1", [("featureset sha256", lambda d: d.featureset.sha256),
+                                                 ("transform sha256", lambda d: d.transform.sha256)]),
+        ("tuning", "cairn.tuning.requested.v1", [("configurations", lambda d: [c.model_dump() for c in
+                                                                               d.configurations])]),
+        ("tuning", "cairn.tuning.completed.v1", [("leaderboard", lambda d: [(r.trial_id, r.rung, r.score)
+                                                                            for r in d.leaderboard])]),
+        ("training", "cairn.model.trained.v1", [("model sha256", lambda d: d.model.sha256)]),
+        ("evaluation", "cairn.model.evaluated.v1", [("holdout metrics", lambda d: d.metrics)]),
+    ]
+    for step, event_type, fields in pairs:
+        a, b = _one(original, event_type), _one(replay, event_type)
+        if a is None and b is None:
+            continue
+        for what, get in fields:
+            add(step, what, get(a) if a is not None else None, get(b) if b is not None else None)
+    trials_a = {(d.trial_id, d.rung): d.score for d in (e.data for e in original if e.type ==
+                                                         "cairn.trial.completed.v1")}
+    trials_b = {(d.trial_id, d.rung): d.score for d in (e.data for e in replay if e.type ==
+                                                         "cairn.trial.completed.v1")}
+    if trials_a or trials_b:
+        add("training", f"{len(trials_a)} trial scores", trials_a, trials_b)
+    promoted_a = [(d.from_rung, d.promoted) for d in (e.data for e in original if e.type == "cairn.trials.promoted.v1")]
+    promoted_b = [(d.from_rung, d.promoted) for d in (e.data for e in replay if e.type == "cairn.trials.promoted.v1")]
+    if promoted_a or promoted_b:
+        add("tuning", "promotion decisions", sorted(promoted_a), sorted(promoted_b))
+    return out
+
+
+async def _history(settings: CairnSettings) -> list[tuple[int, Envelope[Any]]]:
+    nc = await connect(settings, "replay")
+    try:
+        raw = await stream_records(nc.jetstream(), settings.stream)
+    finally:
+        await nc.close()
+    events = []
+    for seq, subject, body in raw:
+        if ".dlq." in subject:
+            continue
+        try:
+            events.append((seq, decode(body)))
+        except ContractError:
+            continue
+    return events
+
+
+async def _run_one(settings: CairnSettings, replay_settings: CairnSettings, root: Envelope[Any], rid: str,
+                   timeout: float) -> list[Envelope[Any]]:
+    nc = await connect(settings, "replay")
+    js = nc.jetstream()
+    namespace = replay_settings.namespace
+    sub = await js.subscribe(f"{namespace}.>", ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
+    event = new_event(root.data, source="/cairn/replay", event_id=derive_id(root.id, root.type, rid),
+                      subject=root.subject)
+    await js.publish(subject_for(event.type, namespace), event.encode(), headers={"Nats-Msg-Id": event.id})
+    run: list[Envelope[Any]] = [event]
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                msg = await sub.next_msg(timeout=5)
+            except TimeoutError:
+                continue
+            if ".dlq." in msg.subject:
+                continue
+            ev = decode(msg.data)
+            if ev.correlationid != event.id or ev.id == event.id:
+                continue
+            run.append(ev)
+            if ev.type in TERMINAL or (ev.type == "cairn.model.evaluated.v1" and not ev.data.passed):
+                break
+    finally:
+        await nc.close()
+    return run
+
+
+async def replay(settings: CairnSettings, *, correlation: str | None = None, since: datetime | None = None,
+                 from_seq: int | None = None, timeout: float = 1800) -> list[RunReport]:
+    history = await _history(settings)
+    roots = select_roots(history, correlation, since, from_seq)
+    if not roots:
+        raise LookupError("no data-arrived event in that slice of history")
+    rid = uuid.uuid4().hex[:10]
+    home = settings.home_dir / "replays" / rid
+    replay_settings = settings.model_copy(update={
+        "namespace": f"cairn.replay.{rid}",
+        "home": home,
+        "nats_url": settings.resolved_nats_url(),
+        "mlflow_uri": f"sqlite:///{home / 'mlflow.db'}",
+        "artifacts_url": settings.artifacts,
+        "allowed_roots": [str(r) for r in settings.read_roots],
+        "http_port": None,
+    })
+    nc = await connect(settings, "admin")
+    try:
+        await provision_study_bucket(nc.jetstream(), settings, study_bucket(replay_settings.namespace))
+    finally:
+        await nc.close()
+    services = [n for n in supervisor.SERVICES if n != "lineage"]
+    runtime = await asyncio.to_thread(supervisor.up, replay_settings, services, False)
+    reports = []
+    try:
+        not_ready = await asyncio.to_thread(supervisor.wait_ready, runtime, 180)
+        if not_ready:
+            raise RuntimeError(f"replay services not ready: {not_ready}")
+        by_corr: dict[str, list[Envelope[Any]]] = {}
+        for _, ev in history:
+            by_corr.setdefault(ev.correlationid, []).append(ev)
+        for root in roots:
+            replayed = await _run_one(settings, replay_settings, root, rid, timeout)
+            report = RunReport(root.correlationid, replayed[0].id)
+            report.comparisons = compare_runs(by_corr.get(root.correlationid, []), replayed)
+            reports.append(report)
+    finally:
+        await asyncio.to_thread(supervisor.down, replay_settings)
+    return reports
+
+
+def render(reports: list[RunReport]) -> str:
+    lines = []
+    for report in reports:
+        lines.append(f"run {report.original_correlation} replayed as {report.replay_correlation}")
+        for c in report.comparisons:
+            shown = c.original if isinstance(c.original, str) else ("identical" if c.same else "see below")
+            lines.append(f"  {'SAME' if c.same else 'DIFF'}  {c.step:<10} {c.what:<22} {str(shown)[:70]}")
+            if not c.same:
+                lines.append(f"        original: {str(c.original)[:200]}")
+                lines.append(f"        replay:   {str(c.replay)[:200]}")
+        first = report.first_difference()
+        lines.append("  verdict: bit-identical" if report.identical else
+                     f"  verdict: DIFFERENT, first at step {first.step if first else '?'}"
+                     f" ({first.what if first else 'nothing compared'})")
+    return "\n".join(lines)
