@@ -64,7 +64,7 @@ def run_events(output: Record, cause: Record | None) -> list[dict[str, Any]]:
     job_facets = {
         "jobType": {
             "_producer": PRODUCER,
-            "_schemaURL": "https://openlineage.io/spec/facets/2-0-3/JobTypeJobFacet.json",
+            "_schemaURL": "https://openlineage.io/spec/facets/2-0-4/JobTypeJobFacet.json",
             "processingType": "BATCH",
             "integration": "CAIRN",
             "jobType": "STEP",
