@@ -216,3 +216,6 @@ async def test_replay_reproduces_every_artifact_bit_identically(audited):
 
     served = httpx.get(settings.runtime()["serve_url"] + "/v1/models").json()
     assert served["audited"]["version"] == 1
+    # and the champion's lineage still names the live deployment, not the replay's
+    store = await _caught_up(settings)
+    assert graph.resolve(store, "audited").subject == "cairn.model.deployed.v1"

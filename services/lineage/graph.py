@@ -24,8 +24,11 @@ def resolve(store: LineageStore, ident: str) -> Record:
         found = store.by_artifact(ident)
         if found:
             return found[0]
-    deployed = [r for r in store.by_type("cairn.model.deployed.v1") if (r.event() or {}).get("data", {}).get(
-        "model_name") == ident]
+    deployed = [
+        r for r in store.by_type("cairn.model.deployed.v1")
+        if r.subject == r.type  # the live namespace: a replay's deployments are not the champion's history
+        and (r.event() or {}).get("data", {}).get("model_name") == ident
+    ]
     if deployed:
         return deployed[-1]
     raise NotFound(f"no event, artifact or deployed model called {ident!r}")
