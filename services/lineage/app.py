@@ -6,9 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import Annotated, Any
+
+from faststream import Context
 
 from faststream.middlewares import AckPolicy
-from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from faststream.nats import JStream, NatsBroker, PullSub
+from faststream.nats.message import NatsBatchMessage
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -18,6 +22,7 @@ from services.runtime import Route, Service
 
 log = logging.getLogger(__name__)
 DURABLE = "lineage"
+BATCH = 256
 
 
 class Lineage(Service):
@@ -42,7 +47,7 @@ class Lineage(Service):
             ack_policy=JsAckPolicy.EXPLICIT,
             ack_wait=self.settings.ack_wait_s,
             max_deliver=-1,
-            max_ack_pending=1,  # strictly in stream order: the chain follows the stream
+            max_ack_pending=BATCH,
             deliver_policy=DeliverPolicy.ALL,
             filter_subject="cairn.>",
         )
@@ -51,34 +56,43 @@ class Lineage(Service):
             stream=JStream(self.settings.stream, declare=False),
             durable=DURABLE,
             config=config,
-            pull_sub=PullSub(batch_size=1, timeout=2.0),
+            pull_sub=PullSub(batch_size=BATCH, timeout=0.5, batch=True),
             ack_policy=AckPolicy.MANUAL,
-            decoder=lambda message: message.body,
             title="lineage:cairn.>",
         )
 
         @sub
-        async def on_message(body: bytes, message: NatsMessage) -> None:
-            await self.record(body, message)
+        async def on_batch(bodies: Any, message: Annotated[NatsBatchMessage, Context("message")]) -> None:
+            await self.record(message)
 
-    async def record(self, body: bytes, message: NatsMessage) -> None:
-        """Append the message to the chain; dead letters and invalid events are recorded too."""
-        raw = message.raw_message
-        seq = raw.metadata.sequence.stream
+    async def record(self, batch: NatsBatchMessage) -> None:
+        """Append a batch to the chain in one transaction; dead letters and invalid events too.
+
+        A fetch returns messages in stream order; a redelivery can arrive after later messages,
+        and then the batch is refused (nak) until its predecessor is in, so the chain always
+        follows the stream.
+        """
+        messages = [(m.metadata.sequence.stream, m.subject, m.data) for m in batch.raw_message]
         try:
-            record = await asyncio.to_thread(self.store.append, seq, raw.subject, body)
+            added = await asyncio.to_thread(self.store.append_many, messages)
         except OutOfOrder as exc:
             log.info("lineage waits for an earlier message: %s", exc)
-            await message.nack(delay=0.2)
+            await batch.nack(delay=0.2)
             return
         except Exception:  # noqa: BLE001 - the store is down or busy: try again, lose nothing
-            log.exception("lineage store write failed for seq %s", seq)
-            await message.nack(delay=self.settings.backoff(raw.metadata.num_delivered))
+            log.exception("lineage store write failed for seqs %s..%s", messages[0][0], messages[-1][0])
+            await batch.nack(delay=self.settings.backoff(batch.raw_message[0].metadata.num_delivered))
             return
-        if record is not None and self.sink is not None and record.type in STEPS:
-            await asyncio.to_thread(self._emit, record)
-        self.metrics.handled.labels(self.name, record.type if record else "duplicate", "ok").inc()
-        await message.ack()
+        if self.sink is not None:
+            steps = [r for r in added if r.type in STEPS]
+            if steps:
+                await asyncio.to_thread(self._emit_all, steps)
+        self.metrics.handled.labels(self.name, "cairn.>", "ok").inc(len(messages))
+        await batch.ack()
+
+    def _emit_all(self, records: list[Record]) -> None:
+        for record in records:
+            self._emit(record)
 
     def _emit(self, record: Record) -> None:
         cause = self.store.by_event_id(record.causationid) if record.causationid else None

@@ -150,6 +150,6 @@ def verify_bundle(path: Path, key: bytes | None = None) -> Verdict:
 def rebuild(store: LineageStore, stream: list[tuple[int, str, bytes]]) -> int:
     """Recreate the store from the stream (the store is derived data)."""
     store.clear()
-    for seq, subject, raw in stream:
-        store.append(seq, subject, raw)
+    for i in range(0, len(stream), 1000):
+        store.append_many(stream[i : i + 1000])
     return store.count()

@@ -161,22 +161,36 @@ class LineageStore:
 
     def append(self, seq: int, subject: str, raw: bytes) -> Record | None:
         """Add the next message; returns None if already recorded. Raises on a gap (out of order)."""
+        added = self.append_many([(seq, subject, raw)])
+        return added[0] if added else None
+
+    def append_many(self, messages: list[tuple[int, str, bytes]]) -> list[Record]:
+        """Add consecutive messages in one transaction; already-recorded ones are skipped.
+
+        Raises OutOfOrder at the first gap, after nothing was written.
+        """
         last_seq, last_hash = self.head()
-        if seq <= last_seq:
-            return None
-        if seq != last_seq + 1:
-            raise OutOfOrder(f"expected stream sequence {last_seq + 1}, got {seq}")
-        record = make_record(seq, subject, raw, last_hash)
-        doc = record.event() if record.type else None
-        with self.engine.begin() as conn:
-            conn.execute(insert(records).values(**asdict(record)))
+        new_records, new_artifacts = [], []
+        for seq, subject, raw in sorted(messages, key=lambda m: m[0]):
+            if seq <= last_seq:
+                continue
+            if seq != last_seq + 1:
+                raise OutOfOrder(f"expected stream sequence {last_seq + 1}, got {seq}")
+            record = make_record(seq, subject, raw, last_hash)
+            doc = record.event() if record.type else None
+            new_records.append(asdict(record))
             for role, ref in artifact_refs((doc or {}).get("data")):
-                conn.execute(
-                    insert(artifacts).values(
-                        sha256=ref["sha256"], seq=seq, role=role, uri=ref["uri"], media_type=ref.get("media_type")
-                    )
+                new_artifacts.append(
+                    {"sha256": ref["sha256"], "seq": seq, "role": role, "uri": ref["uri"],
+                     "media_type": ref.get("media_type")}
                 )
-        return record
+            last_seq, last_hash = seq, record.hash
+        if new_records:
+            with self.engine.begin() as conn:
+                conn.execute(insert(records), new_records)
+                if new_artifacts:
+                    conn.execute(insert(artifacts), new_artifacts)
+        return [Record(**r) for r in new_records]
 
     def clear(self) -> None:
         with self.engine.begin() as conn:
