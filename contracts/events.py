@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from contracts.types import (
     ArtifactRef,
@@ -50,15 +50,38 @@ class DataArrived(Contract):
     """An upstream system says a dataset is ready. The only event outsiders usually publish."""
 
     EVENT_TYPE: ClassVar[str] = "cairn.data.arrived.v1"
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["target"]},
+                {"required": ["task"], "properties": {"task": {"const": "text_generation"}}},
+                {"required": ["format"], "properties": {"format": {"const": "text"}}},
+            ]
+        }
+    )
 
     uri: Uri = Field(description="Where the data is: file://, s3://, ... or a local path.")
-    target: ColumnName = Field(description="Column to predict.")
-    task: Task | None = Field(None, description="regression or classification; inferred when absent.")
-    format: DataFormat | None = Field(None, description="csv, parquet or jsonl; inferred from the name.")
+    target: ColumnName | None = Field(None, description="Column to predict (tables; not for text).")
+    task: Task | None = Field(
+        None, description="regression, classification or text_generation; inferred when absent."
+    )
+    format: DataFormat | None = Field(None, description="csv, parquet, jsonl or text; inferred from the name.")
     sha256: Sha256 | None = Field(None, description="Expected SHA-256 of the file; verified when given.")
     model_name: ModelName | None = Field(None, description="Champion scope; default <dataset>-<target>.")
     seed: int = Field(0, ge=0, lt=2**32, description="Seed for splits and every trial.")
     tuning: TuningSpec = Field(default_factory=TuningSpec)
+
+    @property
+    def is_text(self) -> bool:
+        return self.task is Task.text_generation or self.format is DataFormat.text
+
+    @model_validator(mode="after")
+    def _target_for_tables(self) -> DataArrived:
+        if self.target is None and not self.is_text:
+            raise ValueError("target is required for tabular data (omit it only for text corpora)")
+        if self.format is DataFormat.text and self.task not in (None, Task.text_generation):
+            raise ValueError("a text corpus can only be used for task text_generation")
+        return self
 
 
 class DataRejected(Contract):
@@ -87,7 +110,7 @@ class PipelineContext(Contract):
     """What every step after ingestion needs to know about the run it belongs to."""
 
     model_name: ModelName
-    target: ColumnName
+    target: ColumnName | None = Field(None, description="Predicted column; None for text generation.")
     task: Task
     seed: int = Field(ge=0, lt=2**32)
     tuning: TuningSpec
@@ -158,7 +181,7 @@ class TrialRequested(Contract):
     params: dict[str, ParamValue]
     metric: Metric
     task: Task
-    target: ColumnName
+    target: ColumnName | None = None
     seed: int = Field(ge=0, lt=2**32)
     featureset: ArtifactRef
     model_name: ModelName

@@ -40,18 +40,26 @@ class Contract(BaseModel):
 class Task(StrEnum):
     regression = "regression"
     classification = "classification"
+    text_generation = "text_generation"
 
 
 class DataFormat(StrEnum):
     csv = "csv"
     parquet = "parquet"
     jsonl = "jsonl"
+    text = "text"
 
 
 class ModelFamily(StrEnum):
     xgboost = "xgboost"
     random_forest = "random_forest"
     linear = "linear"
+    mlp = "mlp"
+    transformer = "transformer"
+
+    @property
+    def uses_torch(self) -> bool:
+        return self in (ModelFamily.mlp, ModelFamily.transformer)
 
 
 class SearchStrategy(StrEnum):
@@ -67,6 +75,7 @@ class Metric(StrEnum):
     f1 = "f1"
     roc_auc = "roc_auc"
     log_loss = "log_loss"
+    perplexity = "perplexity"
 
     @property
     def higher_is_better(self) -> bool:
@@ -74,6 +83,8 @@ class Metric(StrEnum):
 
     @property
     def task(self) -> Task:
+        if self is Metric.perplexity:
+            return Task.text_generation
         return Task.regression if self in (Metric.rmse, Metric.mae, Metric.r2) else Task.classification
 
 

@@ -88,7 +88,7 @@ def kube_cluster(settings: CairnSettings):  # pragma: no cover - needs a Kuberne
             worker_command=["dask", "worker", "--nthreads", "1"],
         )
         cluster.adapt(minimum=1, maximum=32)
-    if settings.dask_gpu_workers > 0 and "gpu" not in getattr(cluster, "worker_groups", []):
+    if settings.dask_gpu_workers > 0 and not _has_worker_group(cluster, "gpu"):
         cluster.add_worker_group(
             name="gpu",
             n_workers=settings.dask_gpu_workers,
@@ -96,3 +96,15 @@ def kube_cluster(settings: CairnSettings):  # pragma: no cover - needs a Kuberne
             worker_command=["dask", "worker", "--nthreads", "1", "--resources", "GPU=1"],
         )
     return cluster
+
+
+def _has_worker_group(cluster, group: str) -> bool:  # pragma: no cover - needs a Kubernetes cluster
+    """The chart may already own `<cluster>-<group>`: adding it again would be a 409 conflict."""
+    from kr8s.objects import new_class
+
+    worker_group = new_class("DaskWorkerGroup", "kubernetes.dask.org/v1", namespaced=True)
+    try:
+        worker_group.get(f"{cluster.name}-{group}", namespace=cluster.namespace)
+    except Exception:  # noqa: BLE001 - not found (or not readable): let add_worker_group decide
+        return False
+    return True

@@ -60,7 +60,7 @@ def test_hand_written_event_valid_against_published_schema_and_models():
 @pytest.mark.parametrize(
     ("mutate", "needle"),
     [
-        (lambda d: d["data"].pop("target"), "data.target"),
+        (lambda d: d["data"].pop("target"), "target is required"),
         (lambda d: d["data"].update(sha256="abc"), "data.sha256"),
         (lambda d: d.update(type="cairn.data.arrived.v9"), "unknown event type"),
         (lambda d: d.update(time="yesterday"), "time"),
