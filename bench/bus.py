@@ -23,7 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nats  # noqa: E402
-from nats.js.api import ConsumerConfig, DeliverPolicy  # noqa: E402
+from nats.js.api import ConsumerConfig  # noqa: E402
 
 from contracts import DataArrived, DataRejected, Envelope, new_event  # noqa: E402
 from services.bus.connection import connect  # noqa: E402
@@ -69,8 +69,10 @@ async def raw_consumer(url: str, stop: asyncio.Event) -> None:
 
 
 def arrivals(n: int) -> list[bytes]:
-    return [new_event(DataArrived(uri=f"file:///data/{i}.csv", target="y"), source="/bench").encode()
-            for i in range(n)]
+    return [
+        new_event(DataArrived(uri=f"file:///data/{i}.csv", target="y"), source="/bench").encode()
+        for i in range(n)
+    ]
 
 
 async def measure(url: str, events: int, samples: int) -> dict[str, float]:
@@ -94,7 +96,7 @@ async def measure(url: str, events: int, samples: int) -> dict[str, float]:
     bodies = arrivals(events)
     started = time.perf_counter()
     for i in range(0, len(bodies), 100):
-        await asyncio.gather(*(send(b) for b in bodies[i:i + 100]))
+        await asyncio.gather(*(send(b) for b in bodies[i : i + 100]))
     last = started
     for _ in range(events):
         last = await asyncio.wait_for(received.get(), 60)

@@ -34,8 +34,12 @@ from services.bus.embedded import EmbeddedNats  # noqa: E402
 from services.ml.trial import run_trial  # noqa: E402
 from services.settings import CairnSettings  # noqa: E402
 
-TERMINAL = {"cairn.model.deployed.v1", "cairn.data.rejected.v1", "cairn.event.rejected.v1",
-            "cairn.deployment.failed.v1"}
+TERMINAL = {
+    "cairn.model.deployed.v1",
+    "cairn.data.rejected.v1",
+    "cairn.event.rejected.v1",
+    "cairn.deployment.failed.v1",
+}
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
@@ -56,7 +60,13 @@ def make_table(path: Path, rows: int, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(rows, 9))
     cat = rng.choice(list("abcdefgh"), rows)
-    y = 2 * x[:, 0] + np.sin(2 * x[:, 1]) + x[:, 2] * x[:, 3] + (cat == "a") * 1.5 + rng.normal(scale=0.5, size=rows)
+    y = (
+        2 * x[:, 0]
+        + np.sin(2 * x[:, 1])
+        + x[:, 2] * x[:, 3]
+        + (cat == "a") * 1.5
+        + rng.normal(scale=0.5, size=rows)
+    )
     frame = pd.DataFrame(x, columns=[f"x{i}" for i in range(9)])
     frame["segment"] = cat
     frame["y"] = y
@@ -110,8 +120,14 @@ async def pipeline_run(settings: CairnSettings, arrived: DataArrived) -> dict:
 
 async def direct_dask(plan, features, workers: int) -> float:
     """The same configurations, straight to a LocalCluster: no bus, no MLflow."""
-    cluster = await LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                                 asynchronous=True, silence_logs=40)
+    cluster = await LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        asynchronous=True,
+        silence_logs=40,
+    )
     client = await Client(cluster, asynchronous=True)
     try:
         fs = features.featureset
@@ -119,8 +135,18 @@ async def direct_dask(plan, features, workers: int) -> float:
         cpu0 = sum(sum(c.cpu_times()[:2]) for c in me.children(recursive=True))
         started = time.perf_counter()
         futures = [
-            client.submit(run_trial, fs.uri, fs.sha256, c.family.value, dict(c.params), plan.rungs[0].budget,
-                          plan.context.task.value, plan.metric.value, plan.context.seed, pure=False)
+            client.submit(
+                run_trial,
+                fs.uri,
+                fs.sha256,
+                c.family.value,
+                dict(c.params),
+                plan.rungs[0].budget,
+                plan.context.task.value,
+                plan.metric.value,
+                plan.context.seed,
+                pure=False,
+            )
             for c in plan.configurations
         ]
         await client.gather(futures)
@@ -143,21 +169,38 @@ def main() -> None:
     csv = make_table(home / "table.csv", args.rows)
     server = EmbeddedNats(home / "nats")
     server.start()
-    settings = CairnSettings(home=home, nats_url=server.url, allowed_roots=[str(home)], serve_port=0,
-                             dask_workers=os.cpu_count())
+    settings = CairnSettings(
+        home=home, nats_url=server.url, allowed_roots=[str(home)], serve_port=0, dask_workers=os.cpu_count()
+    )
     try:
         runtime = supervisor.up(settings)
         assert not supervisor.wait_ready(runtime, 180), "system not ready"
         spec = dict(trials=args.trials, families=["xgboost", "random_forest"], max_budget=args.budget)
         pids = {**runtime["pids"], "nats-server": server.process.pid}
         cpu_before = cpu_seconds(pids)
-        full = asyncio.run(pipeline_run(settings, DataArrived(
-            uri=csv.as_uri(), target="y", model_name="shell-random",
-            tuning=TuningSpec(strategy=SearchStrategy.random, **spec))))
+        full = asyncio.run(
+            pipeline_run(
+                settings,
+                DataArrived(
+                    uri=csv.as_uri(),
+                    target="y",
+                    model_name="shell-random",
+                    tuning=TuningSpec(strategy=SearchStrategy.random, **spec),
+                ),
+            )
+        )
         cpu_after = cpu_seconds(pids)
-        asha = asyncio.run(pipeline_run(settings, DataArrived(
-            uri=csv.as_uri(), target="y", model_name="shell-asha", tuning=TuningSpec(strategy=SearchStrategy.asha,
-                                                                                      **spec))))
+        asha = asyncio.run(
+            pipeline_run(
+                settings,
+                DataArrived(
+                    uri=csv.as_uri(),
+                    target="y",
+                    model_name="shell-asha",
+                    tuning=TuningSpec(strategy=SearchStrategy.asha, **spec),
+                ),
+            )
+        )
         supervisor.down(settings)
         two, two_cpu = asyncio.run(direct_dask(full["plan"], full["features"], 2))
         one, _ = asyncio.run(direct_dask(full["plan"], full["features"], 1))

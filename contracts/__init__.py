@@ -15,4 +15,3 @@ from contracts.events import *  # noqa: F403
 from contracts.events import PAYLOADS
 from contracts.subjects import dead_letter_subject, event_type_for, subject_for
 from contracts.types import *  # noqa: F403
-

@@ -13,7 +13,15 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from contracts.events import PAYLOADS
 from contracts.types import Contract, EventId

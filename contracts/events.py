@@ -65,7 +65,9 @@ class DataArrived(Contract):
     task: Task | None = Field(
         None, description="regression, classification or text_generation; inferred when absent."
     )
-    format: DataFormat | None = Field(None, description="csv, parquet, jsonl or text; inferred from the name.")
+    format: DataFormat | None = Field(
+        None, description="csv, parquet, jsonl or text; inferred from the name."
+    )
     sha256: Sha256 | None = Field(None, description="Expected SHA-256 of the file; verified when given.")
     model_name: ModelName | None = Field(None, description="Champion scope; default <dataset>-<target>.")
     seed: int = Field(0, ge=0, lt=2**32, description="Seed for splits and every trial.")

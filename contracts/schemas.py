@@ -41,9 +41,7 @@ def event_schema(event_type: str) -> dict[str, Any]:
 
 def schema_files() -> dict[str, str]:
     """File name -> exact text, so a test can compare with what is committed byte for byte."""
-    return {
-        f"{t}.json": json.dumps(event_schema(t), indent=2, sort_keys=True) + "\n" for t in sorted(TYPES)
-    }
+    return {f"{t}.json": json.dumps(event_schema(t), indent=2, sort_keys=True) + "\n" for t in sorted(TYPES)}
 
 
 def asyncapi_document() -> dict[str, Any]:

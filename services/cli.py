@@ -74,8 +74,13 @@ def serve(
     s = settings()
     _logging(s)
     server = InferenceServer(s)
-    uvicorn.run(server.app(), host=host or s.serve_host, port=port or s.serve_port, log_level="warning",
-                limit_concurrency=256)
+    uvicorn.run(
+        server.app(),
+        host=host or s.serve_host,
+        port=port or s.serve_port,
+        log_level="warning",
+        limit_concurrency=256,
+    )
 
 
 @app.command()
@@ -195,8 +200,9 @@ def summary(event: Envelope[Any]) -> str:
     if isinstance(d, DataRejected | EventRejected | DeploymentFailed):
         return f"REJECTED: {d.reason}"
     if isinstance(d, TuningRequested):
-        return f"{d.study_id}: {len(d.configurations)} configurations, {d.strategy.value}, rungs " + ", ".join(
-            f"{r.keep}x{r.budget}" for r in d.rungs
+        return (
+            f"{d.study_id}: {len(d.configurations)} configurations, {d.strategy.value}, rungs "
+            + ", ".join(f"{r.keep}x{r.budget}" for r in d.rungs)
         )
     if isinstance(d, TrialsPromoted):
         return f"rung {d.from_rung} -> {d.to_rung}: {len(d.promoted)} of {len(d.evidence)} promoted"
@@ -258,7 +264,9 @@ def events(
 def _print_event(msg: Any, seq: int, correlation: str | None, as_json: bool) -> None:
     if ".dlq." in msg.subject:
         if correlation is None:
-            typer.echo(f"{seq:>6} {msg.subject:<32} dead letter: {(msg.headers or {}).get('Cairn-Reason', '')}")
+            typer.echo(
+                f"{seq:>6} {msg.subject:<32} dead letter: {(msg.headers or {}).get('Cairn-Reason', '')}"
+            )
         return
     try:
         event = decode(msg.data)
@@ -278,7 +286,9 @@ def _print_event(msg: Any, seq: int, correlation: str | None, as_json: bool) -> 
 def submit(
     path: str,
     target: Annotated[str, typer.Option(help="Column to predict.")],
-    task: Annotated[Task | None, typer.Option(help="regression or classification; inferred if absent.")] = None,
+    task: Annotated[
+        Task | None, typer.Option(help="regression or classification; inferred if absent.")
+    ] = None,
     trials: Annotated[int, typer.Option(help="Trials to sample.")] = 80,
     strategy: Annotated[SearchStrategy, typer.Option(help="asha (successive halving) or random.")] = (
         SearchStrategy.asha
@@ -322,8 +332,12 @@ async def _submit(s: CairnSettings, event: Envelope[Any], wait: bool, timeout: f
 
     nc, js, sub = await _follow(s, deliver_new=True)
     try:
-        await js.publish(subject_for(event.type, s.namespace), event.encode(), headers=event_headers(event),
-                         stream=s.stream)
+        await js.publish(
+            subject_for(event.type, s.namespace),
+            event.encode(),
+            headers=event_headers(event),
+            stream=s.stream,
+        )
         typer.echo(f"submitted {event.id} (correlation {event.correlationid})")
         if not wait:
             return 0
@@ -356,11 +370,15 @@ async def watch_run(sub: Any, correlation: str, timeout: float) -> int:
             metric = d.metric.value
         elif isinstance(d, TrialCompleted):
             done += 1
-            if d.score is not None and (best is None or (d.score > best if d.metric.higher_is_better
-                                                         else d.score < best)):
+            if d.score is not None and (
+                best is None or (d.score > best if d.metric.higher_is_better else d.score < best)
+            ):
                 best = d.score
-            line = f"trials {done}/{planned or '?'}  best {metric}={best:.4f}" if best is not None else \
-                f"trials {done}/{planned or '?'}"
+            line = (
+                f"trials {done}/{planned or '?'}  best {metric}={best:.4f}"
+                if best is not None
+                else f"trials {done}/{planned or '?'}"
+            )
             bar = "#" * int(30 * done / planned) if planned else ""
             text = f"[{bar:<30}] {line}"
             if interactive:
@@ -387,7 +405,9 @@ async def watch_run(sub: Any, correlation: str, timeout: float) -> int:
 def predict(
     rows: Annotated[str, typer.Argument(help="A JSON object or list of objects (raw columns).")],
     model: Annotated[str | None, typer.Option("--model", help="Model name; default: the only one.")] = None,
-    url: Annotated[str | None, typer.Option(help="Inference URL; default: the one `cairn up` serves.")] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Inference URL; default: the one `cairn up` serves.")
+    ] = None,
 ) -> None:
     """Ask the inference endpoint for predictions and print them."""
     import httpx
@@ -400,8 +420,12 @@ def predict(
             typer.echo(f"choose a model with --model: {', '.join(models) or 'none deployed'}", err=True)
             raise typer.Exit(1)
         model = next(iter(models))
-    response = httpx.post(f"{base}/v1/models/{model}/predict", content=rows.encode(),
-                          headers={"content-type": "application/json"}, timeout=30)
+    response = httpx.post(
+        f"{base}/v1/models/{model}/predict",
+        content=rows.encode(),
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     if response.status_code != 200:
         typer.echo(f"{response.status_code}: {response.text}", err=True)
         raise typer.Exit(1)
@@ -433,9 +457,11 @@ async def _stream(s: CairnSettings) -> list[tuple[int, str, bytes]]:
 def lineage(
     ident: Annotated[str, typer.Argument(help="Event id, artifact hash (8+ hex), model name, or 'rebuild'.")],
     fmt: Annotated[str, typer.Option("--format", help="text, json, mermaid or dot.")] = "text",
-    into: Annotated[str | None, typer.Option(help="With rebuild: a store URL other than CAIRN_LINEAGE_DB.")] = None,
+    into: Annotated[
+        str | None, typer.Option(help="With rebuild: a store URL other than CAIRN_LINEAGE_DB.")
+    ] = None,
 ) -> None:
-    """Upstream to the raw data and downstream to deployments; `cairn lineage rebuild` re-derives the store."""
+    """Upstream to the raw data, downstream to deployments; `cairn lineage rebuild` re-derives the store."""
     from services.lineage import graph
     from services.lineage.audit import rebuild
     from services.lineage.store import LineageStore
@@ -483,7 +509,9 @@ def audit_export(
     from services.lineage.audit import export_bundle
 
     s = settings()
-    verdict = export_bundle(_lineage_store(s).all(), out, s.stream, key_file.read_bytes() if key_file else None)
+    verdict = export_bundle(
+        _lineage_store(s).all(), out, s.stream, key_file.read_bytes() if key_file else None
+    )
     typer.echo(f"exported {verdict.checked} records, head {verdict.head} -> {out}")
 
 
@@ -491,7 +519,9 @@ def audit_export(
 def replay(
     correlation: Annotated[str | None, typer.Option("--correlation", help="One run.")] = None,
     since: Annotated[str | None, typer.Option(help="Runs started at or after this ISO time.")] = None,
-    from_seq: Annotated[int | None, typer.Option("--from-seq", help="Runs from this stream sequence.")] = None,
+    from_seq: Annotated[
+        int | None, typer.Option("--from-seq", help="Runs from this stream sequence.")
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds per run.")] = 1800.0,
 ) -> None:
     """Re-run history in an isolated namespace; exit 0 only if every artifact is bit-identical."""
@@ -502,9 +532,15 @@ def replay(
 
     if not (correlation or since or from_seq):
         raise typer.BadParameter("give --correlation, --since or --from-seq")
-    reports = asyncio.run(run_replay(settings(), correlation=correlation,
-                                     since=datetime.fromisoformat(since) if since else None,
-                                     from_seq=from_seq, timeout=timeout))
+    reports = asyncio.run(
+        run_replay(
+            settings(),
+            correlation=correlation,
+            since=datetime.fromisoformat(since) if since else None,
+            from_seq=from_seq,
+            timeout=timeout,
+        )
+    )
     typer.echo(render(reports))
     raise typer.Exit(0 if reports and all(r.identical for r in reports) else 2)
 

@@ -62,20 +62,30 @@ def lineage_lines(events: list, correlation: str) -> list[str]:
     for e in run:
         d = e.data
         if isinstance(d, DatasetIngested):
-            lines.append(f"data      {d.source_uri} sha256={d.source_sha256[:16]} -> snapshot {d.dataset.sha256[:16]}")
+            lines.append(
+                f"data      {d.source_uri} sha256={d.source_sha256[:16]} -> snapshot {d.dataset.sha256[:16]}"
+            )
         elif isinstance(d, FeaturesBuilt):
-            lines.append(f"features  featureset {d.featureset.sha256[:16]} transform {d.transform.sha256[:16]} "
-                         f"split {d.splits.train}/{d.splits.validation}/{d.splits.test}")
+            lines.append(
+                f"features  featureset {d.featureset.sha256[:16]} transform {d.transform.sha256[:16]} "
+                f"split {d.splits.train}/{d.splits.validation}/{d.splits.test}"
+            )
         elif isinstance(d, TuningCompleted):
-            lines.append(f"tuning    {d.study_id}: {d.trials_completed} trials ({d.strategy.value}), "
-                         f"best trial {d.leaderboard[0].trial_id}")
+            lines.append(
+                f"tuning    {d.study_id}: {d.trials_completed} trials ({d.strategy.value}), "
+                f"best trial {d.leaderboard[0].trial_id}"
+            )
         elif isinstance(d, ModelTrained):
-            lines.append(f"training  model {d.model.sha256[:16]} {d.family.value} mlflow run {d.mlflow_run_id} "
-                         f"xgboost {d.versions.get('xgboost')}")
+            lines.append(
+                f"training  model {d.model.sha256[:16]} {d.family.value} mlflow run {d.mlflow_run_id} "
+                f"xgboost {d.versions.get('xgboost')}"
+            )
         elif isinstance(d, ModelEvaluated):
             lines.append(f"gate      passed={d.passed}: {'; '.join(d.reasons)}")
         elif isinstance(d, ModelDeployed):
-            lines.append(f"deployed  {d.model_name} v{d.version} (champion) evidence {d.evidence_event_id[:8]}")
+            lines.append(
+                f"deployed  {d.model_name} v{d.version} (champion) evidence {d.evidence_event_id[:8]}"
+            )
     return lines
 
 
@@ -101,12 +111,18 @@ def main() -> int:
         events = asyncio.run(run_events(settings))
         deployed = [e for e in events if isinstance(e.data, ModelDeployed)][-1]
         correlation = deployed.correlationid
-        tuned = next(e.data for e in events if isinstance(e.data, TuningCompleted) and e.correlationid == correlation)
-        print(f"\n== leaderboard ({tuned.metric.value}, validation split, top 10 of {tuned.trials_completed})")
+        tuned = next(
+            e.data for e in events if isinstance(e.data, TuningCompleted) and e.correlationid == correlation
+        )
+        print(
+            f"\n== leaderboard ({tuned.metric.value}, validation split, top 10 of {tuned.trials_completed})"
+        )
         for i, row in enumerate(tuned.leaderboard[:10], 1):
             params = ", ".join(f"{k}={v}" for k, v in row.params.items())
             print(f"{i:>3}. {row.family.value:<14} {row.score:10.4f}  budget {row.budget:<4} {params}")
-        evaluated = next(e.data for e in events if isinstance(e.data, ModelEvaluated) and e.correlationid == correlation)
+        evaluated = next(
+            e.data for e in events if isinstance(e.data, ModelEvaluated) and e.correlationid == correlation
+        )
         print("\n== deployed model, holdout (test split) metrics")
         print("    " + json.dumps({k: round(v, 4) for k, v in evaluated.metrics.items()}))
         print("\n== lineage")
@@ -117,7 +133,9 @@ def main() -> int:
         response = httpx.post(f"{url}/v1/models/{deployed.data.model_name}/predict", json=row, timeout=30)
         print(f"\n== prediction for {json.dumps(row)}")
         print("    " + response.text)
-        print(f"\nThe event log stays in {home}: `CAIRN_HOME={home} .venv/bin/cairn up`, then `cairn events`.")
+        print(
+            f"\nThe event log stays in {home}: `CAIRN_HOME={home} .venv/bin/cairn up`, then `cairn events`."
+        )
         return 0 if response.status_code == 200 else 1
     finally:
         supervisor.down(s)

@@ -149,7 +149,9 @@ class ServiceRunner:
             except Exception as exc:  # noqa: BLE001
                 return False, f"consumer {durable}: {type(exc).__name__}"
             pending += info.num_pending or 0
-            self.service.metrics.consumer_pending.labels(self.service.name, durable).set(info.num_pending or 0)
+            self.service.metrics.consumer_pending.labels(self.service.name, durable).set(
+                info.num_pending or 0
+            )
         return True, f"{len(self.durables)} consumers bound, {pending} pending"
 
     def http_app(self) -> Starlette:
@@ -158,18 +160,26 @@ class ServiceRunner:
 
         async def readyz(_: Request) -> Response:
             ok, why = await self.readiness()
-            return JSONResponse({"service": self.service.name, "ready": ok, "detail": why}, 200 if ok else 503)
+            return JSONResponse(
+                {"service": self.service.name, "ready": ok, "detail": why}, 200 if ok else 503
+            )
 
         async def metrics(_: Request) -> Response:
             await self.readiness()
             return Response(generate_latest(self.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
         return Starlette(
-            routes=[HttpRoute("/healthz", healthz), HttpRoute("/readyz", readyz), HttpRoute("/metrics", metrics)]
+            routes=[
+                HttpRoute("/healthz", healthz),
+                HttpRoute("/readyz", readyz),
+                HttpRoute("/metrics", metrics),
+            ]
         )
 
     async def _start_http(self, port: int) -> None:
-        config = uvicorn.Config(self.http_app(), host="0.0.0.0", port=port, log_level="warning", lifespan="off")
+        config = uvicorn.Config(
+            self.http_app(), host="0.0.0.0", port=port, log_level="warning", lifespan="off"
+        )
         self._http = uvicorn.Server(config)
         self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._http_task = asyncio.create_task(self._http.serve())

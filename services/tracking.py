@@ -7,12 +7,13 @@ found by its event id before a second one is created.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
 EVENT_TAG = "cairn.event_id"
@@ -89,12 +90,10 @@ class Tracker:
         self, model_name: str, *, source: str, run_id: str, sha256: str, evidence_event_id: str, size: int
     ) -> int:
         """Register (idempotently, keyed by the evaluation event) and return the version."""
-        try:
+        with contextlib.suppress(MlflowException):
             self.client.create_registered_model(
                 model_name, description="cairn champion line; the alias history lives in the event log"
             )
-        except MlflowException:
-            pass
         for mv in self.client.search_model_versions(f"name = '{model_name}'"):
             if mv.tags.get("cairn.evidence_event_id") == evidence_event_id:
                 return int(mv.version)

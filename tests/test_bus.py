@@ -3,7 +3,6 @@ server-side dedup, replicas sharing one durable consumer, and redelivery after a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -112,7 +111,9 @@ async def test_republished_event_id_is_dropped_by_the_server(js):
 def _spawn(args: list[str], settings, extra_env: dict[str, str], log: Path) -> subprocess.Popen:
     env = {**os.environ, **env_for(settings), **extra_env}
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, *args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 async def _ready(port: int) -> bool:
@@ -137,8 +138,12 @@ async def test_two_replicas_share_one_durable_consumer_exactly_once(settings, js
     csv = small_csv(tmp_path)
     ports = [free_port(), free_port()]
     procs = [
-        _spawn(["-m", "services.cli", "run", "ingestion"], settings, {"CAIRN_HTTP_PORT": str(p)},
-               tmp_path / f"replica{i}.log")
+        _spawn(
+            ["-m", "services.cli", "run", "ingestion"],
+            settings,
+            {"CAIRN_HTTP_PORT": str(p)},
+            tmp_path / f"replica{i}.log",
+        )
         for i, p in enumerate(ports)
     ]
     try:
@@ -212,4 +217,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-

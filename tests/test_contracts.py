@@ -101,8 +101,17 @@ def test_output_ids_derive_from_the_cause():
 
 def test_ok_trial_needs_a_score():
     with pytest.raises(ValueError, match="score"):
-        TrialCompleted(study_id="s", trial_id=0, rung=0, budget=1, family="xgboost", params={}, status="ok",
-                       metric="rmse", duration_s=0.1)
+        TrialCompleted(
+            study_id="s",
+            trial_id=0,
+            rung=0,
+            budget=1,
+            family="xgboost",
+            params={},
+            status="ok",
+            metric="rmse",
+            duration_s=0.1,
+        )
 
 
 def test_round_trip_is_stable():

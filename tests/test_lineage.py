@@ -49,9 +49,19 @@ def audited(tmp_path_factory):
     load_diabetes(as_frame=True, scaled=False).frame.to_csv(csv, index=False)
     import asyncio
 
-    run = asyncio.run(run_pipeline(settings, DataArrived(
-        uri=csv.as_uri(), target="target", model_name="audited",
-        tuning=TuningSpec(trials=9, strategy=SearchStrategy.asha, families=["xgboost", "linear"], max_budget=60))))
+    run = asyncio.run(
+        run_pipeline(
+            settings,
+            DataArrived(
+                uri=csv.as_uri(),
+                target="target",
+                model_name="audited",
+                tuning=TuningSpec(
+                    trials=9, strategy=SearchStrategy.asha, families=["xgboost", "linear"], max_budget=60
+                ),
+            ),
+        )
+    )
     assert run[-1].type == "cairn.model.deployed.v1"
     yield settings, run, csv
     supervisor.down(settings)
@@ -135,7 +145,9 @@ async def test_audit_detects_changed_deleted_and_reordered_records(audited, tmp_
             db.executescript(sql)
         return copy
 
-    changed = tampered_copy("UPDATE cairn_records SET body = replace(body, '\"seed\":0', '\"seed\":1') WHERE seq = 1")
+    changed = tampered_copy(
+        "UPDATE cairn_records SET body = replace(body, '\"seed\":0', '\"seed\":1') WHERE seq = 1"
+    )
     verdict = verify_against_stream(changed.all(), stream)
     assert not verdict.ok and verdict.seq == 1 and "modified" in verdict.problem
 
@@ -186,8 +198,10 @@ async def test_openlineage_events_are_valid(audited):
         "jobType": "JobTypeJobFacet.json",
         "errorMessage": "ErrorMessageRunFacet.json",
     }
-    events = [json.loads(line) for line in Path(settings.openlineage_url.removeprefix("file://")).read_text()
-              .splitlines()]
+    events = [
+        json.loads(line)
+        for line in Path(settings.openlineage_url.removeprefix("file://")).read_text().splitlines()
+    ]
     jobs = {(e["job"]["name"], e["eventType"]) for e in events}
     for job in ("ingestion", "features", "tuning", "training", "evaluation", "deployment"):
         assert (job, "START") in jobs and (job, "COMPLETE") in jobs, job
@@ -200,7 +214,9 @@ async def test_openlineage_events_are_valid(audited):
                 schema = json.loads((SHARED / facet_schemas[name]).read_text())
                 Draft202012Validator(schema, registry=registry).validate({name: facet})
     trained = [e for e in events if e["job"]["name"] == "training" and e["eventType"] == "COMPLETE"]
-    assert trained[0]["outputs"] and all(o["facets"]["version"]["datasetVersion"] for o in trained[0]["outputs"])
+    assert trained[0]["outputs"] and all(
+        o["facets"]["version"]["datasetVersion"] for o in trained[0]["outputs"]
+    )
 
 
 async def test_replay_reproduces_every_artifact_bit_identically(audited):

@@ -85,19 +85,29 @@ async def served_version(url: str, name: str, version: int) -> dict:
 
 
 def quick(trials: int, *families: str, strategy: str = "asha", budget: int = 60) -> TuningSpec:
-    return TuningSpec(trials=trials, strategy=SearchStrategy(strategy), families=list(families), max_budget=budget)
+    return TuningSpec(
+        trials=trials, strategy=SearchStrategy(strategy), families=list(families), max_budget=budget
+    )
 
 
 async def test_regression_from_arrival_to_served_model(system):
     settings, runtime = system
     csv = Path(settings.home) / "diabetes.csv"
     load_diabetes(as_frame=True, scaled=False).frame.to_csv(csv, index=False)
-    run = await run_pipeline(settings, DataArrived(uri=csv.as_uri(), target="target", tuning=quick(9, "xgboost",
-                                                                                                   "linear")))
+    run = await run_pipeline(
+        settings, DataArrived(uri=csv.as_uri(), target="target", tuning=quick(9, "xgboost", "linear"))
+    )
     types = [e.type for e in run]
-    for expected in ("cairn.dataset.ingested.v1", "cairn.features.built.v1", "cairn.tuning.requested.v1",
-                     "cairn.trials.promoted.v1", "cairn.tuning.completed.v1", "cairn.model.trained.v1",
-                     "cairn.model.evaluated.v1", "cairn.model.deployed.v1"):
+    for expected in (
+        "cairn.dataset.ingested.v1",
+        "cairn.features.built.v1",
+        "cairn.tuning.requested.v1",
+        "cairn.trials.promoted.v1",
+        "cairn.tuning.completed.v1",
+        "cairn.model.trained.v1",
+        "cairn.model.evaluated.v1",
+        "cairn.model.deployed.v1",
+    ):
         assert expected in types, types
     deployed = of_type(run, "cairn.model.deployed.v1")[0]
     evaluated = of_type(run, "cairn.model.evaluated.v1")[0]
@@ -107,13 +117,17 @@ async def test_regression_from_arrival_to_served_model(system):
     served = await served_version(runtime["serve_url"], deployed.model_name, deployed.version)
     assert served["sha256"] == deployed.model.sha256
     row = load_diabetes(as_frame=True, scaled=False).frame.drop(columns=["target"]).iloc[:3]
-    response = httpx.post(f"{runtime['serve_url']}/v1/models/{deployed.model_name}/predict",
-                          json={"rows": row.to_dict(orient="records")})
+    response = httpx.post(
+        f"{runtime['serve_url']}/v1/models/{deployed.model_name}/predict",
+        json={"rows": row.to_dict(orient="records")},
+    )
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
     assert len(predictions) == 3 and all(25 < p < 350 for p in predictions)
-    bad = httpx.post(f"{runtime['serve_url']}/v1/models/{deployed.model_name}/predict",
-                     json={"age": "old", "zodiac": "leo"})
+    bad = httpx.post(
+        f"{runtime['serve_url']}/v1/models/{deployed.model_name}/predict",
+        json={"age": "old", "zodiac": "leo"},
+    )
     assert bad.status_code == 422 and "zodiac" in bad.text and "age" in bad.text
 
 
@@ -124,8 +138,15 @@ async def test_classification_from_arrival_to_served_model(system):
     frame["target"] = frame["target"].map({0: "malignant", 1: "benign"})
     csv = Path(settings.home) / "cancer.csv"
     frame.to_csv(csv, index=False)
-    run = await run_pipeline(settings, DataArrived(uri=csv.as_uri(), target="target", model_name="cancer",
-                                                   tuning=quick(6, "xgboost", "random_forest", "linear")))
+    run = await run_pipeline(
+        settings,
+        DataArrived(
+            uri=csv.as_uri(),
+            target="target",
+            model_name="cancer",
+            tuning=quick(6, "xgboost", "random_forest", "linear"),
+        ),
+    )
     deployed = of_type(run, "cairn.model.deployed.v1")
     assert deployed, [e.type for e in run]
     evaluated = of_type(run, "cairn.model.evaluated.v1")[0]
@@ -151,13 +172,25 @@ def nonlinear_csv(path: Path, rows: int = 1500) -> Path:
 async def test_better_model_takes_over_and_worse_one_fails_the_gate(system):
     settings, runtime = system
     csv = nonlinear_csv(Path(settings.home) / "curve.csv")
-    first = await run_pipeline(settings, DataArrived(uri=csv.as_uri(), target="y", model_name="curve",
-                                                     tuning=quick(2, "linear", strategy="random")))
+    first = await run_pipeline(
+        settings,
+        DataArrived(
+            uri=csv.as_uri(), target="y", model_name="curve", tuning=quick(2, "linear", strategy="random")
+        ),
+    )
     v1 = of_type(first, "cairn.model.deployed.v1")[0]
     await served_version(runtime["serve_url"], "curve", v1.version)
 
-    second = await run_pipeline(settings, DataArrived(uri=csv.as_uri(), target="y", model_name="curve", seed=1,
-                                                      tuning=quick(4, "xgboost", strategy="random", budget=150)))
+    second = await run_pipeline(
+        settings,
+        DataArrived(
+            uri=csv.as_uri(),
+            target="y",
+            model_name="curve",
+            seed=1,
+            tuning=quick(4, "xgboost", strategy="random", budget=150),
+        ),
+    )
     v2 = of_type(second, "cairn.model.deployed.v1")[0]
     evaluated = of_type(second, "cairn.model.evaluated.v1")[0]
     assert evaluated.champion is not None and evaluated.champion.version == v1.version
@@ -165,8 +198,16 @@ async def test_better_model_takes_over_and_worse_one_fails_the_gate(system):
     assert v2.version > v1.version and v2.previous_version == v1.version
     await served_version(runtime["serve_url"], "curve", v2.version)
 
-    third = await run_pipeline(settings, DataArrived(uri=csv.as_uri(), target="y", model_name="curve", seed=2,
-                                                     tuning=quick(2, "linear", strategy="random")))
+    third = await run_pipeline(
+        settings,
+        DataArrived(
+            uri=csv.as_uri(),
+            target="y",
+            model_name="curve",
+            seed=2,
+            tuning=quick(2, "linear", strategy="random"),
+        ),
+    )
     failed = of_type(third, "cairn.model.evaluated.v1")[0]
     assert not failed.passed and "not better" in " ".join(failed.reasons)
     assert not of_type(third, "cairn.model.deployed.v1")

@@ -25,7 +25,9 @@ def deploy(event: Envelope[ModelEvaluated], tracker: Tracker) -> ModelDeployed:
     except (IntegrityError, FileNotFoundError) as exc:
         raise PermanentError(
             f"model artifact unusable: {exc}",
-            event=DeploymentFailed(model_name=name, model=evaluated.model, reason=f"model artifact unusable: {exc}"),
+            event=DeploymentFailed(
+                model_name=name, model=evaluated.model, reason=f"model artifact unusable: {exc}"
+            ),
         ) from None
     current = tracker.champion(name)
     compared = evaluated.champion.version if evaluated.champion else None
@@ -35,7 +37,9 @@ def deploy(event: Envelope[ModelEvaluated], tracker: Tracker) -> ModelDeployed:
             f"champion of {name} is now v{current_version}, but the evaluation compared against "
             f"v{compared}: evaluate again"
         )
-        raise PermanentError(reason, event=DeploymentFailed(model_name=name, model=evaluated.model, reason=reason))
+        raise PermanentError(
+            reason, event=DeploymentFailed(model_name=name, model=evaluated.model, reason=reason)
+        )
     version = tracker.register(
         name,
         source=evaluated.model.uri,
@@ -65,7 +69,9 @@ class Deployment(Service):
     async def start(self) -> None:
         self.tracker = await asyncio.to_thread(Tracker, self.settings.tracking_uri)
 
-    async def on_model_evaluated(self, event: Envelope[ModelEvaluated], delivery: Delivery) -> list[Envelope[Any]]:
+    async def on_model_evaluated(
+        self, event: Envelope[ModelEvaluated], delivery: Delivery
+    ) -> list[Envelope[Any]]:
         """Promote a model that passed the gate; a failed gate ends the run here."""
         if not event.data.passed:
             return []

@@ -32,7 +32,9 @@ def evaluate(trained: ModelTrained, tracker: Tracker, settings: Any) -> ModelEva
     champion = tracker.champion(ctx.model_name)
     snapshot = champion_metrics = None
     if champion is not None:
-        ref = ArtifactRef(uri=champion.model_uri, sha256=champion.model_sha256, size=0, media_type=BUNDLE_MEDIA_TYPE)
+        ref = ArtifactRef(
+            uri=champion.model_uri, sha256=champion.model_sha256, size=0, media_type=BUNDLE_MEDIA_TYPE
+        )
         champion_metrics = holdout_metrics(load_bundle(ref), holdout)
         snapshot = ChampionSnapshot(
             version=champion.version, model_sha256=champion.model_sha256, metrics=champion_metrics
@@ -69,7 +71,9 @@ class Evaluation(Service):
     async def start(self) -> None:
         self.tracker = await asyncio.to_thread(Tracker, self.settings.tracking_uri)
 
-    async def on_model_trained(self, event: Envelope[ModelTrained], delivery: Delivery) -> list[Envelope[Any]]:
+    async def on_model_trained(
+        self, event: Envelope[ModelTrained], delivery: Delivery
+    ) -> list[Envelope[Any]]:
         """Score the challenger on the holdout and decide whether it may replace the champion."""
         result = await asyncio.to_thread(evaluate, event.data, self.tracker, self.settings)
         return [new_event(result, source=self.source, cause=event, subject=result.context.model_name)]

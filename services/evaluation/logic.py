@@ -26,7 +26,9 @@ def gate(
     if task is Task.classification and min_accuracy is not None:
         ok = challenger["accuracy"] >= min_accuracy
         passed &= ok
-        reasons.append(f"holdout accuracy {challenger['accuracy']:.4f} {'>=' if ok else '<'} floor {min_accuracy}")
+        reasons.append(
+            f"holdout accuracy {challenger['accuracy']:.4f} {'>=' if ok else '<'} floor {min_accuracy}"
+        )
     mine = challenger[metric.value]
     if champion is None or metric.value not in champion:
         reasons.append(f"no champion yet; holdout {metric.value} {mine:.4f}")

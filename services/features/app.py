@@ -22,7 +22,9 @@ class Features(Service):
     async def start(self) -> None:
         self.store = ArtifactStore(self.settings.artifacts)
 
-    async def on_dataset_ingested(self, event: Envelope[DatasetIngested], delivery: Delivery) -> list[Envelope[Any]]:
+    async def on_dataset_ingested(
+        self, event: Envelope[DatasetIngested], delivery: Delivery
+    ) -> list[Envelope[Any]]:
         """Encode, split and store the features of one snapshot."""
         try:
             built = await asyncio.to_thread(logic.build, event.data, self.store)

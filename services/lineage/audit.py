@@ -41,18 +41,38 @@ def verify_records(records: Iterable[Record], check_bodies: bool = True) -> Verd
     for r in records:
         if r.seq != expected_seq:
             kind = "missing" if r.seq > expected_seq else "reordered"
-            what = f"record {expected_seq} is missing" if kind == "missing" else (
-                f"record {r.seq} appears after {expected_seq - 1}: records were reordered")
+            what = (
+                f"record {expected_seq} is missing"
+                if kind == "missing"
+                else (f"record {r.seq} appears after {expected_seq - 1}: records were reordered")
+            )
             return Verdict(False, count, prev, what, expected_seq)
         if r.prev_hash != prev:
-            return Verdict(False, count, prev, f"record {r.seq} does not link to record {r.seq - 1} "
-                                               "(its predecessor was changed, removed or reordered)", r.seq)
+            return Verdict(
+                False,
+                count,
+                prev,
+                f"record {r.seq} does not link to record {r.seq - 1} "
+                "(its predecessor was changed, removed or reordered)",
+                r.seq,
+            )
         if check_bodies and hashlib.sha256(decode_body(r.body)).hexdigest() != r.raw_sha256:
-            return Verdict(False, count, prev, f"record {r.seq} ({r.type or r.subject}) was modified: "
-                                               "its content no longer matches its hash", r.seq)
+            return Verdict(
+                False,
+                count,
+                prev,
+                f"record {r.seq} ({r.type or r.subject}) was modified: "
+                "its content no longer matches its hash",
+                r.seq,
+            )
         if chain_hash(prev, r.seq, r.subject, r.raw_sha256) != r.hash:
-            return Verdict(False, count, prev, f"record {r.seq} ({r.type or r.subject}) was modified: "
-                                               "its chain hash does not match", r.seq)
+            return Verdict(
+                False,
+                count,
+                prev,
+                f"record {r.seq} ({r.type or r.subject}) was modified: its chain hash does not match",
+                r.seq,
+            )
         prev, expected_seq, count = r.hash, r.seq + 1, count + 1
     return Verdict(True, count, prev)
 
@@ -87,17 +107,29 @@ def verify_against_stream(store_records: list[Record], stream: list[tuple[int, s
         if record is None:
             if seq > max(by_seq, default=0):
                 break  # recorded up to here; the lineage service is still catching up
-            return Verdict(False, len(store_records), verdict.head, f"record {seq} is missing from the store", seq)
+            return Verdict(
+                False, len(store_records), verdict.head, f"record {seq} is missing from the store", seq
+            )
         if record.subject != subject or record.raw_sha256 != hashlib.sha256(raw).hexdigest():
-            return Verdict(False, len(store_records), verdict.head,
-                           f"record {seq} ({record.type or subject}) differs between the stream and the audit "
-                           "chain: modified", seq)
+            return Verdict(
+                False,
+                len(store_records),
+                verdict.head,
+                f"record {seq} ({record.type or subject}) differs between the stream and the audit "
+                "chain: modified",
+                seq,
+            )
     stream_seqs = {seq for seq, _, _ in stream}
     last_stream = max(stream_seqs, default=0)
     for r in store_records:
         if r.seq <= last_stream and r.seq not in stream_seqs:
-            return Verdict(False, len(store_records), verdict.head,
-                           f"record {r.seq} ({r.type or r.subject}) is missing from the stream", r.seq)
+            return Verdict(
+                False,
+                len(store_records),
+                verdict.head,
+                f"record {r.seq} ({r.type or r.subject}) is missing from the stream",
+                r.seq,
+            )
     return verdict
 
 
@@ -118,8 +150,19 @@ def export_bundle(records: list[Record], path: Path, stream: str, key: bytes | N
     with path.open("w") as f:
         f.write(json.dumps(header, sort_keys=True) + "\n")
         for r in records:
-            f.write(json.dumps({"seq": r.seq, "subject": r.subject, "body": r.body, "prev_hash": r.prev_hash,
-                                "hash": r.hash}, sort_keys=True) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "seq": r.seq,
+                        "subject": r.subject,
+                        "body": r.body,
+                        "prev_hash": r.prev_hash,
+                        "hash": r.hash,
+                    },
+                    sort_keys=True,
+                )
+                + "\n"
+            )
     return verdict
 
 
@@ -136,10 +179,14 @@ def verify_bundle(path: Path, key: bytes | None = None) -> Verdict:
     if not verdict.ok:
         return verdict
     if verdict.head != header["head"] or verdict.checked != header["records"]:
-        return Verdict(False, verdict.checked, verdict.head,
-                       f"chain head {verdict.head[:16]} over {verdict.checked} records does not match the "
-                       f"signed-off head {header['head'][:16]} over {header['records']}: records were removed "
-                       "or added")
+        return Verdict(
+            False,
+            verdict.checked,
+            verdict.head,
+            f"chain head {verdict.head[:16]} over {verdict.checked} records does not match the "
+            f"signed-off head {header['head'][:16]} over {header['records']}: records were removed "
+            "or added",
+        )
     if key is not None:
         expected = hmac.new(key, f"{header['head']}|{header['records']}".encode(), "sha256").hexdigest()
         if not hmac.compare_digest(expected, header.get("signoff", "")):

@@ -25,7 +25,8 @@ def resolve(store: LineageStore, ident: str) -> Record:
         if found:
             return found[0]
     deployed = [
-        r for r in store.by_type("cairn.model.deployed.v1")
+        r
+        for r in store.by_type("cairn.model.deployed.v1")
         if r.subject == r.type  # the live namespace: a replay's deployments are not the champion's history
         and (r.event() or {}).get("data", {}).get("model_name") == ident
     ]
@@ -75,8 +76,19 @@ def describe(record: Record) -> dict[str, Any]:
         "source": doc.get("source"),
         "artifacts": {role: ref["sha256"] for role, ref in artifact_refs(data)},
     }
-    for key in ("uri", "source_uri", "source_sha256", "mlflow_run_id", "model_name", "version", "passed",
-                "reason", "study_id", "versions", "metrics"):
+    for key in (
+        "uri",
+        "source_uri",
+        "source_sha256",
+        "mlflow_run_id",
+        "model_name",
+        "version",
+        "passed",
+        "reason",
+        "study_id",
+        "versions",
+        "metrics",
+    ):
         if key in data:
             out[key] = data[key]
     return out
@@ -118,8 +130,11 @@ def render(store: LineageStore, record: Record, fmt: str = "text") -> str:
     down = downstream(store, record)
     if fmt == "json":
         return json.dumps(
-            {"target": describe(record), "upstream": [describe(r) for r in up],
-             "downstream": [describe(r) for r in down]},
+            {
+                "target": describe(record),
+                "upstream": [describe(r) for r in up],
+                "downstream": [describe(r) for r in down],
+            },
             indent=2,
         )
     if fmt in ("mermaid", "dot"):
@@ -135,7 +150,9 @@ def render(store: LineageStore, record: Record, fmt: str = "text") -> str:
         label = {eid: f"{(r.type or '').removeprefix('cairn.')}\\n{eid[:8]}" for eid, r in nodes.items()}
         if fmt == "mermaid":
             lines = ["graph TD"]
-            lines += [f'  e{r.seq}["{label[eid].replace(chr(92) + "n", "<br/>")}"]' for eid, r in nodes.items()]
+            lines += [
+                f'  e{r.seq}["{label[eid].replace(chr(92) + "n", "<br/>")}"]' for eid, r in nodes.items()
+            ]
             lines += [f"  e{nodes[a].seq} --> e{nodes[b].seq}" for a, b in edges]
             return "\n".join(lines)
         lines = ["digraph lineage {", "  rankdir=LR;"]

@@ -37,17 +37,19 @@ STEPS: dict[str, tuple[str, str]] = {
 def _datasets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for role, ref in artifact_refs(doc.get("data", {})):
-        out.append({
-            "namespace": ref["uri"].split("://", 1)[0] if "://" in ref["uri"] else "file",
-            "name": ref["uri"],
-            "facets": {
-                "version": {
-                    "_producer": PRODUCER,
-                    "_schemaURL": "https://openlineage.io/spec/facets/1-0-1/DatasetVersionDatasetFacet.json",
-                    "datasetVersion": ref["sha256"],
-                }
-            },
-        })
+        out.append(
+            {
+                "namespace": ref["uri"].split("://", 1)[0] if "://" in ref["uri"] else "file",
+                "name": ref["uri"],
+                "facets": {
+                    "version": {
+                        "_producer": PRODUCER,
+                        "_schemaURL": "https://openlineage.io/spec/facets/1-0-1/DatasetVersionDatasetFacet.json",
+                        "datasetVersion": ref["sha256"],
+                    }
+                },
+            }
+        )
         _ = role
     return out
 
@@ -71,9 +73,15 @@ def run_events(output: Record, cause: Record | None) -> list[dict[str, Any]]:
         }
     }
     run = {"runId": run_id, "facets": {}}
-    start = {**base, "eventType": "START", "eventTime": in_doc.get("time") or output.time,
-             "run": run, "job": {"namespace": NAMESPACE, "name": job, "facets": job_facets},
-             "inputs": _datasets(in_doc), "outputs": []}
+    start = {
+        **base,
+        "eventType": "START",
+        "eventTime": in_doc.get("time") or output.time,
+        "run": run,
+        "job": {"namespace": NAMESPACE, "name": job, "facets": job_facets},
+        "inputs": _datasets(in_doc),
+        "outputs": [],
+    }
     end_run: dict[str, Any] = {"runId": run_id, "facets": {}}
     if state == "FAIL":
         end_run["facets"]["errorMessage"] = {
@@ -82,9 +90,15 @@ def run_events(output: Record, cause: Record | None) -> list[dict[str, Any]]:
             "message": str(out_doc.get("data", {}).get("reason", "failed")),
             "programmingLanguage": "python",
         }
-    end = {**base, "eventType": state, "eventTime": out_doc.get("time") or output.time, "run": end_run,
-           "job": {"namespace": NAMESPACE, "name": job}, "inputs": _datasets(in_doc),
-           "outputs": _datasets(out_doc)}
+    end = {
+        **base,
+        "eventType": state,
+        "eventTime": out_doc.get("time") or output.time,
+        "run": end_run,
+        "job": {"namespace": NAMESPACE, "name": job},
+        "inputs": _datasets(in_doc),
+        "outputs": _datasets(out_doc),
+    }
     return [start, end]
 
 

@@ -24,8 +24,12 @@ from services.bus.provision import provision_study_bucket, study_bucket
 from services.lineage.audit import stream_records
 from services.settings import CairnSettings
 
-TERMINAL = {"cairn.model.deployed.v1", "cairn.data.rejected.v1", "cairn.event.rejected.v1",
-            "cairn.deployment.failed.v1"}
+TERMINAL = {
+    "cairn.model.deployed.v1",
+    "cairn.data.rejected.v1",
+    "cairn.event.rejected.v1",
+    "cairn.deployment.failed.v1",
+}
 
 
 @dataclass
@@ -54,8 +58,12 @@ class RunReport:
         return next((c for c in self.comparisons if not c.same), None)
 
 
-def select_roots(events: list[tuple[int, Envelope[Any]]], correlation: str | None, since: datetime | None,
-                 from_seq: int | None) -> list[Envelope[Any]]:
+def select_roots(
+    events: list[tuple[int, Envelope[Any]]],
+    correlation: str | None,
+    since: datetime | None,
+    from_seq: int | None,
+) -> list[Envelope[Any]]:
     roots = []
     for seq, ev in events:
         if ev.type != "cairn.data.arrived.v1" or ev.causationid is not None:
@@ -83,14 +91,29 @@ def compare_runs(original: list[Envelope[Any]], replay: list[Envelope[Any]]) -> 
         out.append(Comparison(step, what, a, b))
 
     pairs = [
-        ("ingestion", "cairn.dataset.ingested.v1", [("raw data sha256", lambda d: d.source_sha256),
-                                                     ("snapshot sha256", lambda d: d.dataset.sha256)]),
-        ("features", "cairn.features.built.v1", [("featureset sha256", lambda d: d.featureset.sha256),
-                                                 ("transform sha256", lambda d: d.transform.sha256)]),
-        ("tuning", "cairn.tuning.requested.v1", [("configurations", lambda d: [c.model_dump() for c in
-                                                                               d.configurations])]),
-        ("tuning", "cairn.tuning.completed.v1", [("leaderboard", lambda d: [(r.trial_id, r.rung, r.score)
-                                                                            for r in d.leaderboard])]),
+        (
+            "ingestion",
+            "cairn.dataset.ingested.v1",
+            [("raw data sha256", lambda d: d.source_sha256), ("snapshot sha256", lambda d: d.dataset.sha256)],
+        ),
+        (
+            "features",
+            "cairn.features.built.v1",
+            [
+                ("featureset sha256", lambda d: d.featureset.sha256),
+                ("transform sha256", lambda d: d.transform.sha256),
+            ],
+        ),
+        (
+            "tuning",
+            "cairn.tuning.requested.v1",
+            [("configurations", lambda d: [c.model_dump() for c in d.configurations])],
+        ),
+        (
+            "tuning",
+            "cairn.tuning.completed.v1",
+            [("leaderboard", lambda d: [(r.trial_id, r.rung, r.score) for r in d.leaderboard])],
+        ),
         ("training", "cairn.model.trained.v1", [("model sha256", lambda d: d.model.sha256)]),
         ("evaluation", "cairn.model.evaluated.v1", [("holdout metrics", lambda d: d.metrics)]),
     ]
@@ -100,14 +123,22 @@ def compare_runs(original: list[Envelope[Any]], replay: list[Envelope[Any]]) -> 
             continue
         for what, get in fields:
             add(step, what, get(a) if a is not None else None, get(b) if b is not None else None)
-    trials_a = {(d.trial_id, d.rung): d.score for d in (e.data for e in original if e.type ==
-                                                         "cairn.trial.completed.v1")}
-    trials_b = {(d.trial_id, d.rung): d.score for d in (e.data for e in replay if e.type ==
-                                                         "cairn.trial.completed.v1")}
+    trials_a = {
+        (d.trial_id, d.rung): d.score
+        for d in (e.data for e in original if e.type == "cairn.trial.completed.v1")
+    }
+    trials_b = {
+        (d.trial_id, d.rung): d.score
+        for d in (e.data for e in replay if e.type == "cairn.trial.completed.v1")
+    }
     if trials_a or trials_b:
         add("training", f"{len(trials_a)} trial scores", trials_a, trials_b)
-    promoted_a = [(d.from_rung, d.promoted) for d in (e.data for e in original if e.type == "cairn.trials.promoted.v1")]
-    promoted_b = [(d.from_rung, d.promoted) for d in (e.data for e in replay if e.type == "cairn.trials.promoted.v1")]
+    promoted_a = [
+        (d.from_rung, d.promoted) for d in (e.data for e in original if e.type == "cairn.trials.promoted.v1")
+    ]
+    promoted_b = [
+        (d.from_rung, d.promoted) for d in (e.data for e in replay if e.type == "cairn.trials.promoted.v1")
+    ]
     if promoted_a or promoted_b:
         add("tuning", "promotion decisions", sorted(promoted_a), sorted(promoted_b))
     return out
@@ -130,14 +161,16 @@ async def _history(settings: CairnSettings) -> list[tuple[int, Envelope[Any]]]:
     return events
 
 
-async def _run_one(settings: CairnSettings, replay_settings: CairnSettings, root: Envelope[Any], rid: str,
-                   timeout: float) -> list[Envelope[Any]]:
+async def _run_one(
+    settings: CairnSettings, replay_settings: CairnSettings, root: Envelope[Any], rid: str, timeout: float
+) -> list[Envelope[Any]]:
     nc = await connect(settings, "replay")
     js = nc.jetstream()
     namespace = replay_settings.namespace
     sub = await js.subscribe(f"{namespace}.>", ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
-    event = new_event(root.data, source="/cairn/replay", event_id=derive_id(root.id, root.type, rid),
-                      subject=root.subject)
+    event = new_event(
+        root.data, source="/cairn/replay", event_id=derive_id(root.id, root.type, rid), subject=root.subject
+    )
     await js.publish(subject_for(event.type, namespace), event.encode(), headers={"Nats-Msg-Id": event.id})
     run: list[Envelope[Any]] = [event]
     deadline = time.monotonic() + timeout
@@ -160,23 +193,31 @@ async def _run_one(settings: CairnSettings, replay_settings: CairnSettings, root
     return run
 
 
-async def replay(settings: CairnSettings, *, correlation: str | None = None, since: datetime | None = None,
-                 from_seq: int | None = None, timeout: float = 1800) -> list[RunReport]:
+async def replay(
+    settings: CairnSettings,
+    *,
+    correlation: str | None = None,
+    since: datetime | None = None,
+    from_seq: int | None = None,
+    timeout: float = 1800,
+) -> list[RunReport]:
     history = await _history(settings)
     roots = select_roots(history, correlation, since, from_seq)
     if not roots:
         raise LookupError("no data-arrived event in that slice of history")
     rid = uuid.uuid4().hex[:10]
     home = settings.home_dir / "replays" / rid
-    replay_settings = settings.model_copy(update={
-        "namespace": f"cairn.replay.{rid}",
-        "home": home,
-        "nats_url": settings.resolved_nats_url(),
-        "mlflow_uri": f"sqlite:///{home / 'mlflow.db'}",
-        "artifacts_url": settings.artifacts,
-        "allowed_roots": [str(r) for r in settings.read_roots],
-        "http_port": None,
-    })
+    replay_settings = settings.model_copy(
+        update={
+            "namespace": f"cairn.replay.{rid}",
+            "home": home,
+            "nats_url": settings.resolved_nats_url(),
+            "mlflow_uri": f"sqlite:///{home / 'mlflow.db'}",
+            "artifacts_url": settings.artifacts,
+            "allowed_roots": [str(r) for r in settings.read_roots],
+            "http_port": None,
+        }
+    )
     nc = await connect(settings, "admin")
     try:
         await provision_study_bucket(nc.jetstream(), settings, study_bucket(replay_settings.namespace))
@@ -213,7 +254,10 @@ def render(reports: list[RunReport]) -> str:
                 lines.append(f"        original: {str(c.original)[:200]}")
                 lines.append(f"        replay:   {str(c.replay)[:200]}")
         first = report.first_difference()
-        lines.append("  verdict: bit-identical" if report.identical else
-                     f"  verdict: DIFFERENT, first at step {first.step if first else '?'}"
-                     f" ({first.what if first else 'nothing compared'})")
+        lines.append(
+            "  verdict: bit-identical"
+            if report.identical
+            else f"  verdict: DIFFERENT, first at step {first.step if first else '?'}"
+            f" ({first.what if first else 'nothing compared'})"
+        )
     return "\n".join(lines)

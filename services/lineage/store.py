@@ -105,7 +105,11 @@ class Record:
 def artifact_refs(data: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
     """Every {uri, sha256} object inside an event's data, with its JSON path as role."""
     if isinstance(data, dict):
-        if isinstance(data.get("sha256"), str) and isinstance(data.get("uri"), str) and len(data["sha256"]) == 64:
+        if (
+            isinstance(data.get("sha256"), str)
+            and isinstance(data.get("uri"), str)
+            and len(data["sha256"]) == 64
+        ):
             yield path or "data", data
         for key, value in data.items():
             if key == "features":  # an embedded copy of the upstream event, not a new reference
@@ -156,7 +160,9 @@ class LineageStore:
 
     def head(self) -> tuple[int, str]:
         with self.engine.connect() as conn:
-            row = conn.execute(select(records.c.seq, records.c.hash).order_by(records.c.seq.desc()).limit(1)).first()
+            row = conn.execute(
+                select(records.c.seq, records.c.hash).order_by(records.c.seq.desc()).limit(1)
+            ).first()
         return (row.seq, row.hash) if row else (0, GENESIS)
 
     def append(self, seq: int, subject: str, raw: bytes) -> Record | None:
@@ -181,8 +187,13 @@ class LineageStore:
             new_records.append(asdict(record))
             for role, ref in artifact_refs((doc or {}).get("data")):
                 new_artifacts.append(
-                    {"sha256": ref["sha256"], "seq": seq, "role": role, "uri": ref["uri"],
-                     "media_type": ref.get("media_type")}
+                    {
+                        "sha256": ref["sha256"],
+                        "seq": seq,
+                        "role": role,
+                        "uri": ref["uri"],
+                        "media_type": ref.get("media_type"),
+                    }
                 )
             last_seq, last_hash = seq, record.hash
         if new_records:
@@ -210,25 +221,39 @@ class LineageStore:
 
     def children(self, event_id: str) -> list[Record]:
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(records).where(records.c.causationid == event_id).order_by(records.c.seq)
-            ).mappings().all()
+            rows = (
+                conn.execute(select(records).where(records.c.causationid == event_id).order_by(records.c.seq))
+                .mappings()
+                .all()
+            )
         return [Record(**row) for row in rows]
 
     def by_artifact(self, sha_prefix: str) -> list[Record]:
         """Events naming an artifact (full hash or a prefix of at least 8), first producer first."""
         with self.engine.connect() as conn:
-            seqs = conn.execute(
-                select(artifacts.c.seq).where(artifacts.c.sha256.like(sha_prefix + "%")).order_by(artifacts.c.seq)
-            ).scalars().all()
-            rows = conn.execute(select(records).where(records.c.seq.in_(seqs)).order_by(records.c.seq)).mappings().all()
+            seqs = (
+                conn.execute(
+                    select(artifacts.c.seq)
+                    .where(artifacts.c.sha256.like(sha_prefix + "%"))
+                    .order_by(artifacts.c.seq)
+                )
+                .scalars()
+                .all()
+            )
+            rows = (
+                conn.execute(select(records).where(records.c.seq.in_(seqs)).order_by(records.c.seq))
+                .mappings()
+                .all()
+            )
         return [Record(**row) for row in rows]
 
     def by_type(self, event_type: str) -> list[Record]:
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(records).where(records.c.type == event_type).order_by(records.c.seq)
-            ).mappings().all()
+            rows = (
+                conn.execute(select(records).where(records.c.type == event_type).order_by(records.c.seq))
+                .mappings()
+                .all()
+            )
         return [Record(**row) for row in rows]
 
     def count(self) -> int:

@@ -30,8 +30,9 @@ def save_bundle(
     params: dict[str, Any],
     budget: int,
 ) -> ArtifactRef:
-    est_ref = store.put_bytes(estimator, "application/octet-stream", ".ubj" if "ubj" in estimator_format else
-                              ".json")
+    est_ref = store.put_bytes(
+        estimator, "application/octet-stream", ".ubj" if "ubj" in estimator_format else ".json"
+    )
     manifest = {
         "format": "cairn.model.v1",
         "family": family.value,
@@ -68,7 +69,10 @@ class LoadedModel:
             return [float(v) for v in out]
         classes = self.spec["classes"]
         return [
-            {"label": classes[int(row.argmax())], "probabilities": dict(zip(classes, map(float, row), strict=True))}
+            {
+                "label": classes[int(row.argmax())],
+                "probabilities": dict(zip(classes, map(float, row), strict=True)),
+            }
             for row in out
         ]
 

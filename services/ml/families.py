@@ -61,7 +61,13 @@ def fit(
     if family is ModelFamily.linear:
         return _fit_linear(params, task, seed, x_train, y_train)
     dtrain = xgb.DMatrix(x_train, label=y_train, nthread=1)
-    base = {"tree_method": "hist", "nthread": 1, "seed": seed, "verbosity": 0, **_xgb_objective(task, n_classes)}
+    base = {
+        "tree_method": "hist",
+        "nthread": 1,
+        "seed": seed,
+        "verbosity": 0,
+        **_xgb_objective(task, n_classes),
+    }
     if family is ModelFamily.xgboost:
         booster_params = {**base, **params}
         evals = []
@@ -69,8 +75,9 @@ def fit(
         if x_valid is not None and y_valid is not None:
             evals = [(xgb.DMatrix(x_valid, label=y_valid, nthread=1), "valid")]
             kwargs["early_stopping_rounds"] = EARLY_STOPPING_ROUNDS
-        booster = xgb.train(booster_params, dtrain, num_boost_round=budget, evals=evals, verbose_eval=False,
-                            **kwargs)
+        booster = xgb.train(
+            booster_params, dtrain, num_boost_round=budget, evals=evals, verbose_eval=False, **kwargs
+        )
         if evals:
             booster = booster[: booster.best_iteration + 1]
         rounds = booster.num_boosted_rounds()

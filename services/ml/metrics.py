@@ -23,7 +23,9 @@ def score_all(task: Task, y_true: np.ndarray, prediction: np.ndarray) -> dict[st
     predicted = probs.argmax(axis=1)
     out = {
         Metric.accuracy.value: float(skm.accuracy_score(y_true, predicted)),
-        Metric.f1.value: float(skm.f1_score(y_true, predicted, average="macro", labels=labels, zero_division=0)),
+        Metric.f1.value: float(
+            skm.f1_score(y_true, predicted, average="macro", labels=labels, zero_division=0)
+        ),
         Metric.log_loss.value: float(skm.log_loss(y_true, probs, labels=labels)),
     }
     present = np.unique(y_true)

@@ -66,8 +66,13 @@ def fit_spec(
             columns.append({"name": name, "kind": kind.value, "categories": s["categories"]})
         else:
             fill = s.get("mean")
-            columns.append({"name": name, "kind": kind.value, "fill": 0.0 if fill is None or math.isnan(fill)
-                            else float(fill)})
+            columns.append(
+                {
+                    "name": name,
+                    "kind": kind.value,
+                    "fill": 0.0 if fill is None or math.isnan(fill) else float(fill),
+                }
+            )
     return {
         "format": "cairn.transform.v1",
         "target": target,

@@ -7,6 +7,7 @@ rung), so when two replicas both see a rung complete, the server keeps one decis
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -30,6 +31,7 @@ from services.bus.provision import study_bucket
 from services.runtime import Route, Service
 from services.tuning import logic
 
+
 class Tuning(Service):
     name = "tuning"
 
@@ -44,7 +46,9 @@ class Tuning(Service):
         js = self.publisher.broker.config.connection_state.stream  # type: ignore[union-attr]
         return await js.key_value(study_bucket(self.settings.namespace))
 
-    async def on_features_built(self, event: Envelope[FeaturesBuilt], delivery: Delivery) -> list[Envelope[Any]]:
+    async def on_features_built(
+        self, event: Envelope[FeaturesBuilt], delivery: Delivery
+    ) -> list[Envelope[Any]]:
         """Fix the study plan (configurations sampled from the event's seed) before any trial runs."""
         plan = logic.plan_study(event.id, event.data)
         return [new_event(plan, source=self.source, cause=event, subject=plan.study_id)]
@@ -56,19 +60,24 @@ class Tuning(Service):
         plan = event.data
         kv = await self._kv()
         state = {"plan_event": json.loads(event.encode()), "started": event.time.isoformat()}
-        try:
+        with contextlib.suppress(KeyWrongLastSequenceError):  # redelivered: the plan is already recorded
             await kv.create(f"{plan.study_id}.plan", json.dumps(state).encode())
-        except KeyWrongLastSequenceError:
-            pass  # redelivered: the plan is already recorded
         first = [c.trial_id for c in plan.configurations]
         await _create_rung(kv, plan.study_id, 0, first)
         return [
-            new_event(r, source=self.source, cause=event, key=f"{r.study_id}:{r.rung}:{r.trial_id}",
-                      subject=r.study_id)
+            new_event(
+                r,
+                source=self.source,
+                cause=event,
+                key=f"{r.study_id}:{r.rung}:{r.trial_id}",
+                subject=r.study_id,
+            )
             for r in logic.trial_requests(plan, 0, first)
         ]
 
-    async def on_trial_completed(self, event: Envelope[TrialCompleted], delivery: Delivery) -> list[Envelope[Any]]:
+    async def on_trial_completed(
+        self, event: Envelope[TrialCompleted], delivery: Delivery
+    ) -> list[Envelope[Any]]:
         """Add one result; whoever completes a rung decides it."""
         done = event.data
         kv = await self._kv()
@@ -79,7 +88,9 @@ class Tuning(Service):
         plan_event = Envelope[TuningRequested].model_validate(plan_state["plan_event"])
         plan = plan_event.data
         results = {int(t): r["score"] for t, r in rung_state["results"].items()}
-        evidence = [r["event_id"] for _, r in sorted(rung_state["results"].items(), key=lambda kv_: int(kv_[0]))]
+        evidence = [
+            r["event_id"] for _, r in sorted(rung_state["results"].items(), key=lambda kv_: int(kv_[0]))
+        ]
         last_rung = done.rung + 1 >= len(plan.rungs)
         promoted = [] if last_rung else logic.promote(plan, done.rung, results)
         if last_rung or not promoted:
@@ -102,13 +113,19 @@ class Tuning(Service):
         )
         await _create_rung(kv, plan.study_id, done.rung + 1, promoted)
         return [decision_event] + [
-            new_event(r, source=self.source, cause=decision_event, key=f"{r.study_id}:{r.rung}:{r.trial_id}",
-                      subject=r.study_id)
+            new_event(
+                r,
+                source=self.source,
+                cause=decision_event,
+                key=f"{r.study_id}:{r.rung}:{r.trial_id}",
+                subject=r.study_id,
+            )
             for r in logic.trial_requests(plan, done.rung + 1, promoted)
         ]
 
-    async def _complete(self, kv, plan: TuningRequested, plan_event: Envelope[Any], cause: Envelope[Any],
-                        started: str) -> Envelope[Any]:
+    async def _complete(
+        self, kv, plan: TuningRequested, plan_event: Envelope[Any], cause: Envelope[Any], started: str
+    ) -> Envelope[Any]:
         completed: list[tuple[int, int, int, float | None]] = []
         failed = 0
         for rung in range(len(plan.rungs)):
@@ -144,10 +161,10 @@ class Tuning(Service):
 
 
 async def _create_rung(kv, study_id: str, rung: int, trial_ids: list[int]) -> None:
-    try:
-        await kv.create(f"{study_id}.rung.{rung}", json.dumps({"expected": trial_ids, "results": {}}).encode())
-    except KeyWrongLastSequenceError:
-        pass
+    with contextlib.suppress(KeyWrongLastSequenceError):
+        await kv.create(
+            f"{study_id}.rung.{rung}", json.dumps({"expected": trial_ids, "results": {}}).encode()
+        )
 
 
 async def _record(kv, done: TrialCompleted, event_id: str) -> dict[str, Any]:

@@ -60,7 +60,9 @@ def sample_params(family: ModelFamily, rng: np.random.Generator) -> dict[str, An
 def rungs_for(strategy: SearchStrategy, trials: int, max_budget: int, eta: int) -> list[Rung]:
     if strategy is SearchStrategy.random:
         return [Rung(rung=0, budget=max_budget, keep=trials)]
-    levels = max(1, min(int(math.log(trials, eta)) + 1 if trials > 1 else 1, int(math.log(max_budget, eta)) + 1))
+    levels = max(
+        1, min(int(math.log(trials, eta)) + 1 if trials > 1 else 1, int(math.log(max_budget, eta)) + 1)
+    )
     levels = min(levels, 3)
     out = []
     for r in range(levels):
@@ -127,7 +129,9 @@ def promote(plan: TuningRequested, rung: int, results: dict[int, float | None]) 
     return [t for t in rank(plan.metric, results) if results[t] is not None][:keep]
 
 
-def leaderboard(plan: TuningRequested, results: list[tuple[int, int, int, float | None]]) -> list[LeaderboardEntry]:
+def leaderboard(
+    plan: TuningRequested, results: list[tuple[int, int, int, float | None]]
+) -> list[LeaderboardEntry]:
     """Best result per trial at its highest rung, best first. `results`: (trial, rung, budget, score)."""
     configs = {c.trial_id: c for c in plan.configurations}
     best: dict[int, tuple[int, int, float]] = {}
@@ -138,7 +142,12 @@ def leaderboard(plan: TuningRequested, results: list[tuple[int, int, int, float 
     ordered = sorted(best.items(), key=lambda kv: (-kv[1][0], key(kv[1][2]), kv[0]))
     return [
         LeaderboardEntry(
-            trial_id=t, family=configs[t].family, params=configs[t].params, budget=budget, rung=rung, score=score
+            trial_id=t,
+            family=configs[t].family,
+            params=configs[t].params,
+            budget=budget,
+            rung=rung,
+            score=score,
         )
         for t, (rung, budget, score) in ordered
     ]
