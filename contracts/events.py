@@ -44,6 +44,7 @@ class TuningSpec(Contract):
     )
     max_budget: int = Field(300, ge=1, le=5000, description="Full budget: boosting rounds or trees.")
     eta: int = Field(3, ge=2, le=10, description="Successive-halving reduction factor.")
+    vocab_size: int = Field(512, ge=256, le=65536, description="Text only: BPE vocabulary (256 = bytes).")
 
 
 class DataArrived(Contract):

@@ -560,6 +560,36 @@ def nats_config(
 
 
 @app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    model: Annotated[str | None, typer.Option("--model", help="Model name; default: the only text model.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens.")] = 40,
+    seed: Annotated[int, typer.Option(help="Sampling seed: the same seed gives the same text.")] = 0,
+    url: Annotated[str | None, typer.Option(help="Inference URL; default: the one `cairn up` serves.")] = None,
+) -> None:
+    """Continue a prompt with a deployed text model."""
+    import httpx
+
+    s = settings()
+    base = url or s.runtime().get("serve_url") or f"http://{s.serve_host}:{s.serve_port}"
+    if model is None:
+        models = httpx.get(base + "/v1/models", timeout=10).json()
+        text_models = [n for n, m in models.items() if m["task"] == "text_generation"]
+        if len(text_models) != 1:
+            typer.echo(f"choose a model with --model: {', '.join(text_models) or 'no text model deployed'}", err=True)
+            raise typer.Exit(1)
+        model = text_models[0]
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
+    response = httpx.post(f"{base}/v1/models/{model}/generate", json=body, timeout=120)
+    if response.status_code != 200:
+        typer.echo(f"{response.status_code}: {response.text}", err=True)
+        raise typer.Exit(1)
+    typer.echo(prompt + response.json()["text"])
+
+
+@app.command()
 def schemas() -> None:
     """Write the JSON Schemas and the AsyncAPI document into contracts/."""
     from contracts.schemas import write_all

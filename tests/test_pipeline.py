@@ -237,3 +237,65 @@ async def test_rejected_dataset_never_reaches_training(system):
     finally:
         await nc.close()
     assert "cairn.trial.requested.v1" not in later and "cairn.dataset.ingested.v1" not in later
+
+
+def stdlib_corpus(folder: Path) -> Path:
+    """A real corpus every machine has: the standard library's json package sources."""
+    import json as json_module
+
+    corpus = folder / "corpus"
+    corpus.mkdir(exist_ok=True)
+    source = Path(json_module.__file__).parent
+    for name in ("__init__.py", "decoder.py", "encoder.py", "scanner.py"):
+        (corpus / name).write_bytes((source / name).read_bytes())
+    return corpus
+
+
+async def test_text_generation_from_corpus_to_generate_and_bit_identical_replay(system):
+    from services.lineage.replay import replay
+
+    settings, runtime = system
+    corpus = stdlib_corpus(Path(settings.home))
+    spec = TuningSpec(trials=2, strategy=SearchStrategy.random, max_budget=40, vocab_size=320)
+    run = await run_pipeline(settings, DataArrived(uri=corpus.as_uri(), task="text_generation", model_name="pytext",
+                                                   tuning=spec))
+    types = [e.type for e in run]
+    assert types[-1] == "cairn.model.deployed.v1", types
+    features = of_type(run, "cairn.features.built.v1")[0]
+    assert features.splits.train > features.splits.test > 0
+    trials = of_type(run, "cairn.trial.completed.v1")
+    assert {t.family.value for t in trials} == {"transformer"} and all(t.score > 1 for t in trials)
+    evaluated = of_type(run, "cairn.model.evaluated.v1")[0]
+    assert evaluated.metric.value == "perplexity" and evaluated.metrics["perplexity"] < 320
+    await served_version(runtime["serve_url"], "pytext", of_type(run, "cairn.model.deployed.v1")[0].version)
+
+    body = {"prompt": "def ", "max_tokens": 12, "temperature": 0.8, "top_k": 20, "seed": 7}
+    url = f"{runtime['serve_url']}/v1/models/pytext/generate"
+    first, again = httpx.post(url, json=body, timeout=60), httpx.post(url, json=body, timeout=60)
+    assert first.status_code == 200, first.text
+    assert first.json()["text"] == again.json()["text"], "same seed, same text"
+    assert first.json()["tokens"] <= 12
+    other = httpx.post(url, json={**body, "seed": 8}, timeout=60).json()["text"]
+    greedy = httpx.post(url, json={**body, "temperature": 0}, timeout=60).json()["text"]
+    assert isinstance(other, str) and isinstance(greedy, str)
+    too_many = httpx.post(url, json={**body, "max_tokens": 100_000}, timeout=60)
+    assert too_many.status_code == 422
+
+    reports = await replay(settings, correlation=run[0].correlationid, timeout=300)
+    assert reports[0].identical, [(c.step, c.what) for c in reports[0].comparisons if not c.same]
+    assert any(c.what == "model sha256" for c in reports[0].comparisons)
+
+
+async def test_mlp_family_inside_a_tabular_tuning_run(system):
+    settings, runtime = system
+    csv = nonlinear_csv(Path(settings.home) / "mlp.csv", rows=800)
+    run = await run_pipeline(settings, DataArrived(uri=csv.as_uri(), target="y", model_name="mlpcurve",
+                                                   tuning=quick(4, "mlp", "linear", strategy="random", budget=30)))
+    trials = of_type(run, "cairn.trial.completed.v1")
+    mlp = [t for t in trials if t.family.value == "mlp"]
+    assert len(mlp) == 2 and all(t.status.value == "ok" for t in mlp), trials
+    deployed = of_type(run, "cairn.model.deployed.v1")
+    assert deployed, [e.type for e in run]
+    await served_version(runtime["serve_url"], "mlpcurve", deployed[0].version)
+    response = httpx.post(f"{runtime['serve_url']}/v1/models/mlpcurve/predict", json={"a": 0.1, "b": 1, "c": 2, "d": 0})
+    assert response.status_code == 200 and isinstance(response.json()["predictions"][0], float)

@@ -13,6 +13,17 @@ from faststream.nats.security import NatsSecurity, NatsUserPassword
 from services.settings import CairnSettings
 
 
+def inbox_prefix(user: str) -> str:
+    """Reply subjects of one NATS user. With credentials every process uses `_INBOX_<user>`, so the
+    generated permissions (services.security) can let each user read only its own replies and
+    JetStream deliveries; without credentials nats-py's default `_INBOX` is kept."""
+    return f"_INBOX_{user}"
+
+
+def _inbox_kwargs(settings: CairnSettings) -> dict[str, Any]:
+    return {"inbox_prefix": inbox_prefix(settings.nats_user)} if settings.nats_user else {}
+
+
 def tls_context(settings: CairnSettings) -> ssl.SSLContext | None:
     if settings.nats_tls_ca is None:
         return None
@@ -42,13 +53,27 @@ def make_broker(settings: CairnSettings, name: str, **kwargs: Any) -> NatsBroker
         reconnect_time_wait=1,
         graceful_timeout=settings.ack_wait_s,
         log_level=logging.DEBUG,  # per-message Received/Processed lines cost CPU the trials need
+        **_inbox_kwargs(settings),
         **kwargs,
     )
 
 
-async def connect(settings: CairnSettings, name: str = "cli") -> nats.NATS:
-    """A plain nats-py connection for tools (status, events, provisioning)."""
-    options: dict[str, Any] = {"name": f"cairn-{name}", "connect_timeout": 5, "max_reconnect_attempts": 3}
+async def connect(
+    settings: CairnSettings, name: str = "cli", persistent: bool = False, **extra: Any
+) -> nats.NATS:
+    """A plain nats-py connection for tools (status, events, provisioning).
+
+    `persistent`: reconnect forever (a long-running process such as the inference server must
+    outlive a nats-server restart); tools give up after three attempts.
+    """
+    options: dict[str, Any] = {
+        "name": f"cairn-{name}",
+        "connect_timeout": 5,
+        "max_reconnect_attempts": -1 if persistent else 3,
+        "reconnect_time_wait": 1 if persistent else 2,
+        **_inbox_kwargs(settings),
+        **extra,
+    }
     if settings.nats_user:
         options["user"] = settings.nats_user
         options["password"] = settings.nats_password.get_secret_value() if settings.nats_password else ""

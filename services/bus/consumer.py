@@ -24,6 +24,7 @@ from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from pydantic import BaseModel
 
 from contracts import (
     ContractError,
@@ -35,7 +36,9 @@ from contracts import (
     new_event,
     subject_for,
 )
-from contracts.types import Contract
+from contracts.types import ArtifactRef, Contract
+from services.artifacts import IntegrityError
+from services.bus.connection import inbox_prefix
 from services.bus.metrics import ServiceMetrics
 from services.bus.publisher import EventPublisher
 from services.settings import CairnSettings
@@ -120,6 +123,23 @@ class EventConsumer:
         except ContractError as exc:
             await self._dead_letter(body, raw.subject, seq, attempt, exc.reason, exc.problems, message, exc.raw)
             return
+        except (RecursionError, MemoryError, ValueError, TypeError) as exc:
+            # Hostile input the parser itself chokes on (JSON nested 100,000 deep, ...): without
+            # this the message would be redelivered on every ack wait until max_deliver.
+            await self._dead_letter(
+                body, raw.subject, seq, attempt, f"cannot decode: {type(exc).__name__}", [], message
+            )
+            return
+
+        outside = _foreign_artifacts(event.data, self.settings)
+        if outside:
+            # Artifact URIs come from events; a forged one would make this service (or a Dask
+            # worker) fetch an arbitrary address before the hash check could refuse the bytes.
+            await self._dead_letter(
+                body, raw.subject, seq, attempt, "artifact URI outside the artifact store: " + outside[0],
+                outside, message, event=event,
+            )
+            return
 
         self.metrics.in_flight.labels(self.service).inc()
         started = time.perf_counter()
@@ -131,6 +151,12 @@ class EventConsumer:
         except PermanentError as exc:
             await self._dead_letter(
                 body, raw.subject, seq, attempt, exc.reason, exc.problems, message, event=event, domain=exc.event
+            )
+            return
+        except IntegrityError as exc:
+            # Content-addressed bytes that do not match their hash stay wrong on every retry.
+            await self._dead_letter(
+                body, raw.subject, seq, attempt, f"IntegrityError: {exc}", [], message, event=event
             )
             return
         except asyncio.CancelledError:
@@ -183,17 +209,25 @@ class EventConsumer:
         """Keep the original bytes on the DLQ subject, say why in an event, then stop redelivery."""
         dlq = dead_letter_subject(self.service)
         original_id = event.id if event else _text(raw_doc, "id")
-        await self.publisher.publish_raw(
-            body,
-            dlq,
-            {
-                "Nats-Msg-Id": f"dlq-{self.service}-{self.settings.namespace}-{seq}",
-                "Cairn-Reason": reason[:1000].replace("\n", " "),
-                "Cairn-Original-Subject": subject,
-                "Cairn-Stream-Sequence": str(seq),
-                "Cairn-Deliveries": str(attempt),
-            },
-        )
+        # Hostile input can make the reason itself huge (an 8 MB "type" is echoed in it): bound
+        # what we write, so the rejection and the dead letter always fit in a message.
+        reason = _bounded(reason, MAX_REASON_CHARS)
+        problems = [_bounded(p, MAX_PROBLEM_CHARS) for p in problems[:MAX_PROBLEMS]]
+        headers = {
+            "Nats-Msg-Id": f"dlq-{self.service}-{self.settings.namespace}-{seq}",
+            "Cairn-Reason": reason[:1000].replace("\n", " "),
+            "Cairn-Original-Subject": subject,
+            "Cairn-Stream-Sequence": str(seq),
+            "Cairn-Deliveries": str(attempt),
+        }
+        room = self.publisher.max_payload() - DLQ_HEADROOM
+        if len(body) > room:
+            # Original + headers would exceed the server's max_payload and the dead letter could
+            # never be written (redelivered forever). The full original stays in the stream at
+            # Cairn-Stream-Sequence (limits retention, deletes denied); the DLQ keeps its head.
+            headers["Cairn-Truncated"] = str(len(body))
+            body = body[: max(room, 0)]
+        await self.publisher.publish_raw(body, dlq, headers)
         payload = domain or EventRejected(
             service=self.service,
             reason=reason,
@@ -222,6 +256,44 @@ class EventConsumer:
         log.warning("%s: dead-lettered seq %s: %s", self.service, seq, reason)
 
 
+MAX_REASON_CHARS = 2000
+MAX_PROBLEM_CHARS = 500
+MAX_PROBLEMS = 50
+DLQ_HEADROOM = 16 * 1024  # headers and protocol overhead of a dead letter
+
+
+def _bounded(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[: limit - 40] + f"... [{len(text) - limit + 40} more characters]"
+
+
+def _foreign_artifacts(payload: Any, settings: CairnSettings) -> list[str]:
+    """Every ArtifactRef in a payload whose URI is not in this deployment's artifact store."""
+    from services.security import ArtifactLocationError, check_artifact_uri
+
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, ArtifactRef):
+            try:
+                check_artifact_uri(value.uri, settings)
+            except ArtifactLocationError as exc:
+                found.append(str(exc))
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name))
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+
+    walk(payload)
+    return found
+
+
 def _decode(body: bytes, event_type: str) -> Envelope[Any]:
     return decode(body, expected={event_type})
 
@@ -233,6 +305,11 @@ def _text(doc: dict[str, Any] | None, key: str) -> str | None:
 
 def _valid_id(value: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", value) is not None
+
+
+def pull_inbox_prefix(settings: CairnSettings) -> bytes:
+    """The deliver-inbox prefix of a pull subscriber: `_INBOX_<user>.` (see connection.inbox_prefix)."""
+    return (inbox_prefix(settings.nats_user) + ".").encode() if settings.nats_user else b"_INBOX."
 
 
 def _raw_body(message: Any) -> bytes:
@@ -259,6 +336,11 @@ def subscribe(
         filter_subject=subject,
     )
     options: dict[str, Any] = {}
+    if settings.nats_user:
+        # Pull deliveries arrive on this inbox; FastStream defaults to `_INBOX.` whatever the
+        # connection's prefix. Per-user inboxes let NATS permissions keep each service's
+        # deliveries private (services.security); without credentials nothing changes.
+        options["inbox_prefix"] = pull_inbox_prefix(settings)
     if max_workers > 1:
         options["max_workers"] = max_workers
     sub = broker.subscriber(

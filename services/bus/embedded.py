@@ -29,11 +29,25 @@ def server_binary() -> str:
 class EmbeddedNats:
     """One nats-server process with JetStream on file storage, fsync on every write."""
 
-    def __init__(self, workdir: Path, port: int = -1, extra_config: str = "", host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        workdir: Path,
+        port: int = -1,
+        extra_config: str = "",
+        host: str = "127.0.0.1",
+        include: Path | None = None,
+        sync_interval: str = "always",
+    ):
+        """`include`: a config file to include (e.g. the `auth.conf` from `cairn nats-config`, with
+        users, permissions and TLS). nats-server resolves includes relative to the including file,
+        so it is written as a relative path. `sync_interval`: keep "always" for the event log
+        (docs/RELIABILITY.md); other values ("2m", the server default) exist to measure its cost."""
         self.workdir = Path(workdir)
         self.port = port
         self.host = host
         self.extra_config = extra_config
+        self.include = Path(include).resolve() if include else None
+        self.sync_interval = sync_interval
         self.process: subprocess.Popen[bytes] | None = None
         self.url: str | None = None
 
@@ -51,11 +65,17 @@ ports_file_dir: "{self.workdir / "ports"}"
 max_payload: 8MB
 jetstream {{
   store_dir: "{self.workdir / "jetstream"}"
-  sync_interval: always
+  sync_interval: {self.sync_interval}
 }}
 {self.extra_config}
+{self._include_line()}
 """
         )
+
+    def _include_line(self) -> str:
+        if self.include is None:
+            return ""
+        return f'include "{os.path.relpath(self.include, self.workdir.resolve())}"'
 
     def start(self, timeout: float = 20.0) -> str:
         self._write_config()
@@ -81,7 +101,7 @@ jetstream {{
                 except json.JSONDecodeError:  # written but not yet complete
                     time.sleep(0.02)
                     continue
-                url = ports["nats"][0].replace("0.0.0.0", "127.0.0.1")
+                url = ports["nats"][0].replace("0.0.0.0", "127.0.0.1").replace("tls://", "nats://")
                 self.url = url
                 self.port = int(url.rsplit(":", 1)[1])
                 return url

@@ -33,6 +33,11 @@ class EventPublisher:
             timeout=10.0,
         )
 
+    def max_payload(self) -> int:
+        """The server's max_payload (8 MB for the embedded server); 1 MB, NATS' default, if unknown."""
+        connection = self.broker.config.connection_state.connection
+        return int(getattr(connection, "max_payload", 0) or 1024 * 1024)
+
     async def publish_raw(self, body: bytes, subject: str, headers: dict[str, str]) -> Any:
         return await self.broker.publish(
             body, subject=subject, headers=headers, stream=self.settings.stream, timeout=10.0

@@ -8,10 +8,11 @@ from typing import Any
 
 import pandas as pd
 
-from contracts import ArtifactRef, ChampionSnapshot, Envelope, ModelEvaluated, ModelTrained, new_event
+from contracts import ArtifactRef, ChampionSnapshot, Envelope, ModelEvaluated, ModelTrained, Task, new_event
 from services.bus.consumer import Delivery
 from services.evaluation.logic import gate
 from services.features.logic import holdout_frame
+from services.features.text import holdout_text
 from services.ml import transform
 from services.ml.bundle import BUNDLE_MEDIA_TYPE, LoadedModel, load_bundle
 from services.ml.metrics import score_all
@@ -25,17 +26,27 @@ def holdout_metrics(model: LoadedModel, holdout: pd.DataFrame) -> dict[str, floa
     return score_all(model.task, y, model.predict_raw(holdout.drop(columns=[target])))
 
 
+def text_metrics(model: LoadedModel, holdout: str) -> dict[str, float]:
+    return {"perplexity": model.perplexity(holdout)}
+
+
 def evaluate(trained: ModelTrained, tracker: Tracker, settings: Any) -> ModelEvaluated:
+    """Challenger and champion on the same raw holdout (rows, or text re-tokenized by each)."""
     ctx = trained.context
-    holdout = holdout_frame(trained.dataset, ctx.seed)
-    challenger = holdout_metrics(load_bundle(trained.model), holdout)
+    if ctx.task is Task.text_generation:
+        holdout: Any = holdout_text(trained.dataset, ctx.seed)
+        measure = text_metrics
+    else:
+        holdout = holdout_frame(trained.dataset, ctx.seed)
+        measure = holdout_metrics
+    challenger = measure(load_bundle(trained.model), holdout)
     champion = tracker.champion(ctx.model_name)
     snapshot = champion_metrics = None
     if champion is not None:
         ref = ArtifactRef(
             uri=champion.model_uri, sha256=champion.model_sha256, size=0, media_type=BUNDLE_MEDIA_TYPE
         )
-        champion_metrics = holdout_metrics(load_bundle(ref), holdout)
+        champion_metrics = measure(load_bundle(ref), holdout)
         snapshot = ChampionSnapshot(
             version=champion.version, model_sha256=champion.model_sha256, metrics=champion_metrics
         )

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from contracts import DatasetIngested, Envelope, new_event
+from contracts import DatasetIngested, Envelope, Task, new_event
 from services.artifacts import ArtifactStore
 from services.bus.consumer import Delivery, PermanentError
 from services.features import logic
@@ -26,8 +26,11 @@ class Features(Service):
         self, event: Envelope[DatasetIngested], delivery: Delivery
     ) -> list[Envelope[Any]]:
         """Encode, split and store the features of one snapshot."""
+        from services.features import text
+
+        build = text.build_text if event.data.context.task is Task.text_generation else logic.build
         try:
-            built = await asyncio.to_thread(logic.build, event.data, self.store)
-        except logic.FeatureProblem as problem:
+            built = await asyncio.to_thread(build, event.data, self.store)
+        except (logic.FeatureProblem, text.TextFeatureProblem) as problem:
             raise PermanentError(str(problem)) from None
         return [new_event(built, source=self.source, cause=event, subject=built.context.model_name)]

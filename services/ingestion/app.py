@@ -15,6 +15,10 @@ from services.runtime import Route, Service
 
 def ingest(event: DataArrived, store: ArtifactStore, settings: Any) -> DatasetIngested:
     """The whole step, synchronous and pure apart from reading the source and writing the store."""
+    if event.is_text:
+        from services.ingestion.text import ingest_text
+
+        return ingest_text(event, store, settings)
     source = logic.resolve_source(event, settings)
     raw = logic.read_bytes(source, settings)
     source_sha = logic.verify_checksum(raw, event.sha256)

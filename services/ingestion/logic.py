@@ -61,10 +61,37 @@ def resolve_source(event: DataArrived, settings: CairnSettings) -> Source:
         location = str(resolved)
     else:
         location = event.uri
-        if not any(location.startswith(root) for root in settings.allowed_roots):
+        # A root is a prefix up to a "/" boundary: root "s3://data" must not admit
+        # "s3://data-evil/..." nor "http://host" admit "http://host.evil.net/".
+        if ".." in parts.path.split("/") or not any(
+            _under_root(location, root) for root in settings.allowed_roots
+        ):
             raise DataProblem(f"{event.uri} is outside the allowed roots")
+        if scheme in ("http", "https"):
+            _refuse_internal_host(parts.hostname or "")
     fmt = event.format or _format_from_name(PurePosixPath(parts.path or event.uri).name)
     return Source(event.uri, scheme, location, fmt)
+
+
+def _under_root(location: str, root: str) -> bool:
+    root = root.rstrip("/")
+    return location == root or location.startswith(root + "/")
+
+
+def _refuse_internal_host(host: str) -> None:
+    """http(s) sources, when allow-listed at all, never reach loopback, link-local (cloud metadata
+    at 169.254.169.254), private or otherwise internal addresses. Only IP literals are judged
+    here; names are resolved by the operator's allow-list of roots."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
+            raise DataProblem(f"host {host!r} is internal; refusing to fetch from it") from None
+        return
+    if not address.is_global:
+        raise DataProblem(f"address {address} is not a public address; refusing to fetch from it")
 
 
 def _format_from_name(name: str) -> DataFormat:
@@ -100,11 +127,36 @@ def verify_checksum(data: bytes, expected: str | None) -> str:
     return actual
 
 
+MAX_LINE_BYTES = 1024 * 1024  # a line longer than this is not a table row anyone meant to send
+MAX_COLUMN_NAME = 256  # the contracts' ColumnName limit
+
+
+def longest_line_over(data: bytes, limit: int) -> int | None:
+    """1-based number of the first line longer than `limit` bytes, or None.
+
+    From each line start it jumps to the last newline within reach, so it takes O(len / limit)
+    Python steps whatever the line lengths are (the searching runs in C).
+    """
+    pos, n = 0, len(data)
+    while n - pos > limit:
+        nl = data.rfind(b"\n", pos, pos + limit + 1)
+        if nl == -1:
+            return data.count(b"\n", 0, pos) + 1
+        pos = nl + 1
+    return None
+
+
 def parse(data: bytes, fmt: DataFormat, settings: CairnSettings) -> pd.DataFrame:
     if fmt is DataFormat.csv:
         first = data[: 1024 * 1024].split(b"\n", 1)[0]
         if first.count(b",") + 1 > settings.max_columns:
             raise DataProblem(f"the header has more than {settings.max_columns} columns")
+    if fmt in (DataFormat.csv, DataFormat.jsonl) and (
+        (line := longest_line_over(data, MAX_LINE_BYTES)) is not None
+    ):
+        raise DataProblem(
+            f"line {line} is longer than {MAX_LINE_BYTES} bytes; this is not a table we can read"
+        )
     try:
         if fmt is DataFormat.csv:
             frame = pd.read_csv(io.BytesIO(data), low_memory=False)
@@ -122,6 +174,12 @@ def validate(frame: pd.DataFrame, event: DataArrived, settings: CairnSettings) -
     problems = []
     if frame.shape[1] > settings.max_columns:
         problems.append(f"{frame.shape[1]} columns; the limit is {settings.max_columns}")
+    long_names = [c for c in frame.columns if len(c) > MAX_COLUMN_NAME]
+    if long_names:
+        problems.append(
+            f"{len(long_names)} column names are longer than {MAX_COLUMN_NAME} characters "
+            f"(first starts {long_names[0][:40]!r})"
+        )
     duplicated = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
     if duplicated:
         problems.append(f"duplicate column names: {', '.join(duplicated)}")

@@ -1,6 +1,8 @@
 """The model bundle: a JSON manifest (transform + estimator reference), content-addressed.
 
-Loading verifies both hashes and never unpickles anything.
+Loading verifies both hashes and never unpickles anything. Tables: the transform is the
+feature spec and the estimator predicts. Text: the transform carries the tokenizer and the
+estimator is a safetensors checkpoint with its model config.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from services.ml import transform
 from services.ml.families import Predictor
 
 BUNDLE_MEDIA_TYPE = "application/vnd.cairn.model+json"
+_SUFFIX = {"xgboost-ubj": ".ubj", "linear-json": ".json"}
 
 
 def save_bundle(
@@ -29,17 +32,19 @@ def save_bundle(
     family: ModelFamily,
     params: dict[str, Any],
     budget: int,
+    config: str | None = None,
 ) -> ArtifactRef:
-    est_ref = store.put_bytes(
-        estimator, "application/octet-stream", ".ubj" if "ubj" in estimator_format else ".json"
-    )
+    est_ref = store.put_bytes(estimator, "application/octet-stream", _SUFFIX.get(estimator_format, ".safetensors"))
+    estimator_doc: dict[str, Any] = {"format": estimator_format, "uri": est_ref.uri, "sha256": est_ref.sha256}
+    if config is not None:
+        estimator_doc["config"] = json.loads(config)
     manifest = {
         "format": "cairn.model.v1",
         "family": family.value,
         "params": params,
         "budget": budget,
         "transform": spec,
-        "estimator": {"format": estimator_format, "uri": est_ref.uri, "sha256": est_ref.sha256},
+        "estimator": estimator_doc,
     }
     return store.put_bytes(json.dumps(manifest, sort_keys=True).encode(), BUNDLE_MEDIA_TYPE, ".json")
 
@@ -48,7 +53,8 @@ def save_bundle(
 class LoadedModel:
     ref: ArtifactRef
     manifest: dict[str, Any]
-    predictor: Predictor
+    predictor: Predictor | None = None
+    checkpoint: bytes | None = None
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -60,6 +66,8 @@ class LoadedModel:
 
     def predict_raw(self, frame: pd.DataFrame) -> np.ndarray:
         """Raw rows (arrival columns, no target) -> values or class probabilities."""
+        if self.predictor is None:
+            raise TypeError("a text model generates; it does not predict rows")
         return self.predictor.predict(transform.apply(self.spec, frame))
 
     def present(self, frame: pd.DataFrame) -> list[Any]:
@@ -69,12 +77,23 @@ class LoadedModel:
             return [float(v) for v in out]
         classes = self.spec["classes"]
         return [
-            {
-                "label": classes[int(row.argmax())],
-                "probabilities": dict(zip(classes, map(float, row), strict=True)),
-            }
+            {"label": classes[int(row.argmax())], "probabilities": dict(zip(classes, map(float, row), strict=True))}
             for row in out
         ]
+
+    def generate(self, prompt: str, max_tokens: int, temperature: float, top_k: int | None, seed: int) -> str:
+        from services.ml.textgen.generate import generate
+
+        return generate(self.checkpoint, self.manifest["estimator"]["config"], self.spec["tokenizer"], prompt,
+                        max_tokens, temperature, top_k, seed)
+
+    def perplexity(self, text: str) -> float:
+        """Perplexity of this model on raw text, tokenized with its own tokenizer."""
+        from services.ml.textgen.tokenizer import encode
+        from services.ml.textgen.train import perplexity
+
+        return perplexity(self.checkpoint, self.manifest["estimator"]["config"], encode(self.spec["tokenizer"], text),
+                          device="cpu")
 
 
 def load_bundle(ref: ArtifactRef) -> LoadedModel:
@@ -84,5 +103,7 @@ def load_bundle(ref: ArtifactRef) -> LoadedModel:
     est = manifest["estimator"]
     data = read_verified(est["uri"], est["sha256"])
     task = Task(manifest["transform"]["task"])
+    if task is Task.text_generation:
+        return LoadedModel(ref, manifest, checkpoint=data)
     n_classes = len(manifest["transform"]["classes"])
     return LoadedModel(ref, manifest, Predictor(est["format"], data, task, n_classes))

@@ -5,6 +5,8 @@
   row and per-node column subsampling), also UBJSON; far faster than scikit-learn's forest on
   the same rows, which is what keeps 80 trials within budget on two cores.
 - linear: ridge or logistic regression on standardised features, saved as plain JSON numbers.
+- mlp: a PyTorch MLP (services.ml.torch_mlp), saved as safetensors; on a GPU worker it trains on
+  the GPU with bf16 autocast.
 
 Every fit is single-threaded and seeded: Dask supplies the parallelism, and the same inputs
 give bit-identical model files.
@@ -57,9 +59,15 @@ def fit(
     y_train: np.ndarray,
     x_valid: np.ndarray | None = None,
     y_valid: np.ndarray | None = None,
+    device: str = "cpu",
 ) -> Fitted:
     if family is ModelFamily.linear:
         return _fit_linear(params, task, seed, x_train, y_train)
+    if family is ModelFamily.mlp:
+        from services.ml.torch_mlp import fit_mlp
+
+        mlp = fit_mlp(params, budget, task, n_classes, seed, x_train, y_train, x_valid, y_valid, device=device)
+        return Fitted(ModelFamily.mlp, mlp.estimator_bytes, mlp.estimator_format, mlp.rounds_used)
     dtrain = xgb.DMatrix(x_train, label=y_train, nthread=1)
     base = {
         "tree_method": "hist",
@@ -133,11 +141,17 @@ class Predictor:
             self.booster.load_model(bytearray(data))
         elif estimator_format == "linear-json":
             self.linear = json.loads(data)
+        elif estimator_format == "torch-mlp-safetensors":
+            from services.ml.torch_mlp import MLPPredictor
+
+            self.mlp = MLPPredictor(data, task, n_classes)
         else:
             raise ValueError(f"unknown estimator format {estimator_format!r}")
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Regression: (n,) values. Classification: (n, n_classes) probabilities."""
+        if self.format == "torch-mlp-safetensors":
+            return self.mlp.predict(x)
         if self.format == "xgboost-ubj":
             out = self.booster.predict(xgb.DMatrix(x, nthread=1))
             if self.task is Task.classification and out.ndim == 1:
@@ -160,4 +174,6 @@ class Predictor:
 
 
 def default_metric(task: Task) -> Metric:
+    if task is Task.text_generation:
+        return Metric.perplexity
     return Metric.rmse if task is Task.regression else Metric.log_loss

@@ -11,26 +11,33 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-from nats.js.api import DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from contracts import ArtifactRef, ContractError, ModelDeployed, decode, subject_for
+from services.artifacts import read_verified
 from services.bus.connection import connect
 from services.ml.bundle import BUNDLE_MEDIA_TYPE, LoadedModel, load_bundle
 from services.ml.transform import input_schema
+from services.security import check_artifact_uri
 from services.settings import CairnSettings
 from services.tracking import Tracker
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 10_000
+MAX_TEXT = 10_000
+WATCH_HEARTBEAT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,16 @@ class Served:
     name: str
     version: int
     model: LoadedModel
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=20_000)
+    max_tokens: int = Field(64, ge=1, le=2048)
+    temperature: float = Field(0.8, ge=0.0, le=5.0)
+    top_k: int | None = Field(40, ge=1)
+    seed: int = Field(0, ge=0, lt=2**32)
 
 
 class RequestProblem(ValueError):
@@ -68,6 +85,11 @@ def parse_rows(body: Any, schema: dict[str, str]) -> pd.DataFrame:
                 problems.append(f"row {i}: column {key!r} must be a number or null")
             elif isinstance(value, list | dict):
                 problems.append(f"row {i}: column {key!r} must be a scalar")
+            elif isinstance(value, float) and not math.isfinite(value):
+                # json.loads accepts NaN and Infinity; a prediction from them is not JSON either.
+                problems.append(f"row {i}: column {key!r} must be a finite number")
+            elif isinstance(value, str) and len(value) > MAX_TEXT:
+                problems.append(f"row {i}: column {key!r} is longer than {MAX_TEXT} characters")
         if len(problems) > 20:
             break
     if problems:
@@ -85,12 +107,31 @@ class InferenceServer:
         )
         self.latency = Histogram("cairn_inference_seconds", "Inference latency.", ["model"], registry=self.registry)
         self.swaps = Counter("cairn_model_swaps_total", "Champion swaps.", ["model"], registry=self.registry)
+        self.refused = Counter(
+            "cairn_models_refused_total",
+            "Champions refused (hash mismatch, outside the store, not a bundle).",
+            ["model"],
+            registry=self.registry,
+        )
         self.nc = None
         self._watch: asyncio.Task[Any] | None = None
         self.loaded = asyncio.Event()
+        self.watching = asyncio.Event()
 
     # Model state --------------------------------------------------------------------------
     def _load(self, name: str, version: int, uri: str, sha256: str) -> Served:
+        """Only from the artifact store, only bytes that match their hash, never a pickle.
+
+        The URIs come from events and the registry: checked against the store before anything
+        is fetched (no request to an address an event names), then every byte is hash-verified
+        (services.artifacts.read_verified) and parsed as JSON / XGBoost UBJSON by load_bundle.
+        """
+        check_artifact_uri(uri, self.settings)
+        manifest = json.loads(read_verified(uri, sha256))
+        estimator = manifest.get("estimator") if isinstance(manifest, dict) else None
+        if not isinstance(estimator, dict) or not isinstance(estimator.get("uri"), str):
+            raise ValueError(f"{uri}: not a cairn model bundle")
+        check_artifact_uri(estimator["uri"], self.settings)
         ref = ArtifactRef(uri=uri, sha256=sha256, size=0, media_type=BUNDLE_MEDIA_TYPE)
         return Served(name, version, load_bundle(ref))
 
@@ -107,27 +148,87 @@ class InferenceServer:
         tracker = await asyncio.to_thread(Tracker, self.settings.tracking_uri)
         champions = await asyncio.to_thread(tracker.champions)
         for name, champ in champions.items():
-            await self.swap(name, champ.version, champ.model_uri, champ.model_sha256)
+            try:
+                await self.swap(name, champ.version, champ.model_uri, champ.model_sha256)
+            except Exception:  # noqa: BLE001 - one unusable champion must not keep the others down
+                self.refused.labels(name).inc()
+                log.exception("refusing champion %s v%d", name, champ.version)
+
+    async def on_deployment(self, data: bytes) -> None:
+        try:
+            event = decode(data, {"cairn.model.deployed.v1"})
+        except ContractError as exc:
+            log.warning("ignoring malformed deployment event: %s", exc.reason[:300])
+            return
+        except Exception as exc:  # noqa: BLE001 - hostile bytes never stop the watch
+            log.warning("ignoring undecodable deployment event: %s", type(exc).__name__)
+            return
+        d = event.data
+        try:
+            await self.swap(d.model_name, d.version, d.model.uri, d.model.sha256)
+        except Exception as exc:  # noqa: BLE001
+            self.refused.labels(d.model_name).inc()
+            log.error(
+                "refusing %s v%d, still serving the previous champion: %s", d.model_name, d.version, exc
+            )
 
     async def watch_deployments(self) -> None:
-        """Every replica sees every deployment: an ordered consumer from 'now', never shared."""
+        """Every replica sees every deployment, from 'now', through a consumer of its own.
+
+        Not nats-py's ordered consumer: that one is created without a name, through an API
+        subject that no permission can pin to a filter. This is the same idea with a name: a
+        push consumer (no acks, in memory) filtered on the deployed subject, re-created from the
+        next unseen stream sequence whenever heartbeats stop (nats-server restarted, connection
+        lost). Permissions: `$JS.API.CONSUMER.CREATE.<stream>.*.cairn.model.deployed.v1` only.
+        """
         js = self.nc.jetstream()
         subject = subject_for(ModelDeployed, self.settings.namespace)
-        sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
-        async for msg in sub.messages:
+        next_seq: int | None = None
+        while True:
+            sub = None
             try:
-                event = decode(msg.data, {"cairn.model.deployed.v1"})
-            except ContractError as exc:
-                log.warning("ignoring malformed deployment event: %s", exc.reason)
-                continue
-            d = event.data
-            try:
-                await self.swap(d.model_name, d.version, d.model.uri, d.model.sha256)
-            except Exception:
-                log.exception("could not load %s v%d; still serving the previous champion", d.model_name, d.version)
+                if next_seq is None:
+                    next_seq = (await js.stream_info(self.settings.stream)).state.last_seq + 1
+                inbox = self.nc.new_inbox()
+                sub = await self.nc.subscribe(inbox)
+                await js._jsm.add_consumer(  # noqa: SLF001 - the public wrapper cannot set a name
+                    self.settings.stream,
+                    ConsumerConfig(
+                        name=f"serve-{uuid.uuid4().hex[:16]}",
+                        filter_subject=subject,
+                        deliver_subject=inbox,
+                        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                        opt_start_seq=next_seq,
+                        ack_policy=AckPolicy.NONE,
+                        idle_heartbeat=WATCH_HEARTBEAT_S,
+                        inactive_threshold=30.0,
+                        mem_storage=True,
+                        num_replicas=1,
+                    ),
+                )
+                self.watching.set()
+                while True:
+                    msg = await sub.next_msg(timeout=WATCH_HEARTBEAT_S * 3)
+                    if not msg.reply:  # idle heartbeat (status 100): the consumer is alive
+                        continue
+                    seq = msg.metadata.sequence.stream
+                    if seq < next_seq:
+                        continue
+                    next_seq = seq + 1
+                    await self.on_deployment(msg.data)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - timeouts, disconnects, a restarted server
+                self.watching.clear()
+                log.info("deployment watch restarts from seq %s: %s", next_seq, type(exc).__name__)
+                await asyncio.sleep(0.5)
+            finally:
+                if sub is not None:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
 
     async def startup(self) -> None:
-        self.nc = await connect(self.settings, "serve")
+        self.nc = await connect(self.settings, "serve", persistent=True)
         self._watch = asyncio.create_task(self.watch_deployments())
         await self.load_champions()
         self.loaded.set()
@@ -141,25 +242,49 @@ class InferenceServer:
             await self.nc.close()
 
     # HTTP ---------------------------------------------------------------------------------
-    async def predict(self, request: Request) -> Response:
-        name = request.path_params["name"]
+    async def _read_body(self, request: Request, name: str) -> bytes | Response:
+        """The request body, bounded by CAIRN_MAX_REQUEST_BYTES (chunked bodies are counted too)."""
+        limit = self.settings.max_request_bytes
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            status = 413 if length.isdigit() else 400
+            self.requests.labels(name, str(status)).inc()
+            error = f"body over {limit} bytes" if status == 413 else "bad Content-Length"
+            return JSONResponse({"error": error}, status)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():  # chunked bodies have no Content-Length: count
+            size += len(chunk)
+            if size > limit:
+                self.requests.labels(name, "413").inc()
+                return JSONResponse({"error": f"body over {limit} bytes"}, 413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _served(self, name: str, task: str | None) -> Served | Response:
         served = self.models.get(name)
         if served is None:
             self.requests.labels(name, "404").inc()
             return JSONResponse({"error": f"no champion for model {name!r}", "models": sorted(self.models)}, 404)
-        length = request.headers.get("content-length")
-        if length is not None and int(length) > self.settings.max_request_bytes:
-            self.requests.labels(name, "413").inc()
-            return JSONResponse({"error": f"body over {self.settings.max_request_bytes} bytes"}, 413)
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > self.settings.max_request_bytes:
-                self.requests.labels(name, "413").inc()
-                return JSONResponse({"error": f"body over {self.settings.max_request_bytes} bytes"}, 413)
+        is_text = served.model.spec["task"] == "text_generation"
+        if (task == "text_generation") != is_text:
+            self.requests.labels(name, "409").inc()
+            verb = "generate" if is_text else "predict"
+            return JSONResponse({"error": f"model {name!r} is a {served.model.spec['task']} model: use /{verb}"},
+                                409)
+        return served
+
+    async def predict(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        served = self._served(name, None)
+        if isinstance(served, Response):
+            return served
+        body = await self._read_body(request, name)
+        if isinstance(body, Response):
+            return body
         try:
-            frame = parse_rows(json.loads(raw), input_schema(served.model.spec))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            frame = parse_rows(json.loads(body), input_schema(served.model.spec))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             self.requests.labels(name, "400").inc()
             return JSONResponse({"error": "body is not JSON"}, 400)
         except RequestProblem as exc:
@@ -172,6 +297,29 @@ class InferenceServer:
             {"model": name, "version": served.version, "sha256": served.model.ref.sha256, "predictions": predictions}
         )
 
+    async def generate(self, request: Request) -> Response:
+        """Continue a prompt: {prompt, max_tokens, temperature, top_k, seed} (the seed fixes the text)."""
+        name = request.path_params["name"]
+        served = self._served(name, "text_generation")
+        if isinstance(served, Response):
+            return served
+        body = await self._read_body(request, name)
+        if isinstance(body, Response):
+            return body
+        try:
+            ask = GenerateRequest.model_validate_json(body)
+        except ValidationError as exc:
+            self.requests.labels(name, "422").inc()
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            return JSONResponse({"error": problems}, 422)
+        with self.latency.labels(name).time():
+            text = await asyncio.to_thread(
+                served.model.generate, ask.prompt, ask.max_tokens, ask.temperature, ask.top_k, ask.seed
+            )
+        self.requests.labels(name, "200").inc()
+        return JSONResponse({"model": name, "version": served.version, "sha256": served.model.ref.sha256,
+                             "text": text, "tokens": ask.max_tokens})
+
     async def list_models(self, _: Request) -> Response:
         return JSONResponse(
             {
@@ -180,7 +328,7 @@ class InferenceServer:
                     "sha256": s.model.ref.sha256,
                     "family": s.model.manifest["family"],
                     "task": s.model.spec["task"],
-                    "columns": input_schema(s.model.spec),
+                    "columns": input_schema(s.model.spec) if "columns" in s.model.spec else None,
                 }
                 for name, s in sorted(self.models.items())
             }
@@ -207,6 +355,7 @@ class InferenceServer:
             routes=[
                 Route("/v1/models", self.list_models),
                 Route("/v1/models/{name}/predict", self.predict, methods=["POST"]),
+                Route("/v1/models/{name}/generate", self.generate, methods=["POST"]),
                 Route("/healthz", self.healthz),
                 Route("/readyz", self.readyz),
                 Route("/metrics", self.metrics),

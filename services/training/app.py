@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import platform
+import time
 from collections.abc import Sequence
 from importlib.metadata import version
 from typing import Any
 
 from distributed.client import FutureCancelledError
 from distributed.scheduler import KilledWorker
+from mlflow.entities import Metric as MlflowMetric
+from mlflow.entities import Param as MlflowParam
 
 from contracts import (
     Envelope,
@@ -27,10 +30,11 @@ from contracts import (
     new_event,
 )
 from services import __version__
-from services.artifacts import ArtifactStore, read_verified
+from services.artifacts import ArtifactStore, IntegrityError, read_verified
 from services.bus.consumer import Delivery
 from services.compute import Compute, open_compute, trial_concurrency
 from services.ml.bundle import save_bundle
+from services.ml.placement import cluster_resources_async, trial_device, trial_resources
 from services.ml.trial import fit_final, run_trial
 from services.runtime import Route, Service
 from services.tracking import Tracker
@@ -43,6 +47,29 @@ def library_versions() -> dict[str, str]:
     for dist in ("xgboost", "scikit-learn", "numpy", "pandas", "pyarrow", "dask", "distributed"):
         out[dist] = version(dist)
     return out
+
+
+def log_run_once(tracker: Tracker, *, check_existing: bool = False, **run: Any) -> str:
+    """`Tracker.log_run`, safe against an attempt that died half-way.
+
+    A run is written in three calls (create, log, terminate). If MLflow went away or the process
+    was killed between them, the redelivered event finds a run that is still RUNNING and has no
+    metrics: reusing it as is would lose the result. It is completed here instead (the same
+    params again are accepted by MLflow; a changed value would be refused).
+    """
+    if check_existing and (existing := tracker.find_run(run["experiment"], run["event_id"])):
+        info = tracker.client.get_run(existing).info
+        if info.status in ("FINISHED", "FAILED"):
+            return existing
+        now = int(time.time() * 1000)
+        tracker.client.log_batch(
+            existing,
+            metrics=[MlflowMetric(k, float(v), now, 0) for k, v in run["metrics"].items() if v is not None],
+            params=[MlflowParam(k, str(v)) for k, v in run["params"].items()],
+        )
+        tracker.client.set_terminated(existing, status="FAILED" if run.get("failed") else "FINISHED")
+        return existing
+    return tracker.log_run(**run)
 
 
 class Training(Service):
@@ -58,6 +85,7 @@ class Training(Service):
         self.store = ArtifactStore(self.settings.artifacts)
         self.tracker = await asyncio.to_thread(Tracker, self.settings.tracking_uri)
         self.compute: Compute = await open_compute(self.settings)
+        self.available = await cluster_resources_async(self.compute.client)
         self.versions = library_versions()
 
     async def stop(self) -> None:
@@ -78,19 +106,24 @@ class Training(Service):
                 req.task.value,
                 req.metric.value,
                 req.seed,
+                trial_device(placement := trial_resources(req.family.value, self.available)),
                 key=f"trial-{event.id}",
                 pure=False,
+                resources=placement or None,
             )
             result = await future
             status, error = TrialStatus.ok, None
-        except TRANSIENT:
+        except (*TRANSIENT, IntegrityError):
+            # A lost worker or connection: the bus policy retries. A feature set that does not
+            # match its hash: dead-lettered at once by the policy, not recorded as a model failure.
             raise
         except Exception as exc:  # noqa: BLE001 - a model that cannot fit is a result, not an outage
             result, status, error = {"score": None, "duration_s": 0.0, "rounds": 0}, TrialStatus.failed, repr(exc)
         finally:
             self.metrics.trials_running.dec()
         run_id = await asyncio.to_thread(
-            self.tracker.log_run,
+            log_run_once,
+            self.tracker,
             experiment=req.model_name,
             run_name=f"{req.study_id}/t{req.trial_id}/r{req.rung}",
             event_id=event.id,
@@ -141,8 +174,10 @@ class Training(Service):
             ctx.task.value,
             tuned.metric.value,
             ctx.seed,
+            trial_device(placement := trial_resources(best.family.value, self.available)),
             key=f"final-{event.id}",
             pure=False,
+            resources=placement or None,
         )
         spec = json.loads(await asyncio.to_thread(read_verified, features.transform.uri, features.transform.sha256))
         bundle = await asyncio.to_thread(
@@ -154,9 +189,11 @@ class Training(Service):
             family=best.family,
             params=dict(best.params),
             budget=budget,
+            config=fitted.get("config"),
         )
         run_id = await asyncio.to_thread(
-            self.tracker.log_run,
+            log_run_once,
+            self.tracker,
             experiment=ctx.model_name,
             run_name=f"{tuned.study_id}/final",
             event_id=event.id,

@@ -20,6 +20,7 @@ from contracts import (
     ModelFamily,
     Rung,
     SearchStrategy,
+    Task,
     TrialConfig,
     TrialRequested,
     TuningRequested,
@@ -46,6 +47,21 @@ def sample_params(family: ModelFamily, rng: np.random.Generator) -> dict[str, An
             "colsample_bytree": round(float(rng.uniform(0.5, 1.0)), 4),
             "min_child_weight": round(_loguniform(rng, 0.5, 10.0), 4),
             "reg_lambda": round(_loguniform(rng, 0.1, 10.0), 4),
+        }
+    if family is ModelFamily.mlp:
+        from services.ml.torch_mlp import sample_mlp_params
+
+        return sample_mlp_params(rng)
+    if family is ModelFamily.transformer:
+        n_heads = int(rng.choice([2, 4]))
+        return {
+            "d_model": int(rng.choice([32, 48, 64])),
+            "n_layers": int(rng.integers(1, 4)),
+            "n_heads": n_heads,
+            "context": 64,
+            "learning_rate": round(_loguniform(rng, 1e-3, 1e-2), 6),
+            "batch_size": 16,
+            "dropout": 0.0,
         }
     if family is ModelFamily.random_forest:
         return {
@@ -79,10 +95,17 @@ def plan_study(features_event_id: str, features: FeaturesBuilt) -> TuningRequest
     if metric.task is not task:
         metric = default_metric(task)
     rng = np.random.default_rng(features.context.seed)
+    if task is Task.text_generation:
+        families = [ModelFamily.transformer]
+    else:
+        families = [f for f in spec.families if f is not ModelFamily.transformer] or [ModelFamily.xgboost]
     configs = []
     for i in range(spec.trials):
-        family = spec.families[i % len(spec.families)]
-        configs.append(TrialConfig(trial_id=i, family=family, params=sample_params(family, rng)))
+        family = families[i % len(families)]
+        params = sample_params(family, rng)
+        if family is ModelFamily.transformer:
+            params["vocab_size"] = spec.vocab_size
+        configs.append(TrialConfig(trial_id=i, family=family, params=params))
     return TuningRequested(
         study_id=study_id_for(features_event_id),
         context=features.context,

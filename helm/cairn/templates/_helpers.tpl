@@ -1,0 +1,417 @@
+{{/*
+Names, labels, images and the contract with the code. Every template builds on these.
+*/}}
+
+{{- define "cairn.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Resource-name prefix: the release name, or <release>-cairn when it does not contain "cairn". */}}
+{{- define "cairn.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cairn.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels every object carries. */}}
+{{- define "cairn.labels" -}}
+helm.sh/chart: {{ include "cairn.chart" . }}
+app.kubernetes.io/name: {{ include "cairn.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: cairn
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Selector labels of one component: (dict "ctx" $ "component" "training"). */}}
+{{- define "cairn.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "cairn.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* All labels of one component. */}}
+{{- define "cairn.componentLabels" -}}
+{{ include "cairn.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* repository:tag or repository@digest: (dict "image" .Values.image "ctx" $). */}}
+{{- define "cairn.imageRef" -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" .image.repository .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .image.repository (default .ctx.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cairn.image" -}}
+{{- include "cairn.imageRef" (dict "image" .Values.image "ctx" .) -}}
+{{- end -}}
+
+{{- define "cairn.workerImage" -}}
+{{- include "cairn.imageRef" (dict "image" .Values.workerImage "ctx" .) -}}
+{{- end -}}
+
+{{/*
+The NATS users and their least-privilege permissions, generated from the code by
+services.security.derive_permissions (what each service publishes comes from contracts PRODUCERS,
+which durable consumers it binds from the subscribers it registers) into files/nats-permissions.json;
+tests/test_helm_chart.py fails when the file drifts from the code and regenerates it with
+`python -m tests.test_helm_chart --write-permissions`.
+*/}}
+{{- define "cairn.natsGenerated" -}}
+{{- .Files.Get "files/nats-permissions.json" -}}
+{{- end -}}
+
+{{/*
+The chart's one addition: `operator`, the identity of the toolbox and the `helm test` pod. It
+submits data (publishes data.arrived, as `upstream` may), follows the log through ordered
+consumers (`cairn events`, `cairn submit --wait`) and reads consumer state (`cairn status`); it
+cannot bind or ack any service's consumer, delete anything or administer the stream.
+*/}}
+{{- define "cairn.operatorPermissions" -}}
+{{- $s := .Values.config.stream -}}
+{{- $pub := list "cairn.data.arrived.v1" "$JS.API.STREAM.NAMES" (printf "$JS.API.STREAM.INFO.%s" $s) (printf "$JS.API.CONSUMER.CREATE.%s" $s) (printf "$JS.API.CONSUMER.INFO.%s.*" $s) (printf "$JS.API.CONSUMER.DELETE.%s.*" $s) (printf "$JS.FC.%s.>" $s) -}}
+{{- toJson (dict "publish" $pub "subscribe" (list "_INBOX_operator.>")) -}}
+{{- end -}}
+
+{{/* Every user's permissions, {user: {publish: [...], subscribe: [...]}}, as JSON. */}}
+{{- define "cairn.natsPermissions" -}}
+{{- $users := deepCopy (include "cairn.natsGenerated" . | fromJson).users -}}
+{{- $_ := set $users "operator" (include "cairn.operatorPermissions" . | fromJson) -}}
+{{- toJson $users -}}
+{{- end -}}
+
+{{/* Durable consumers of each service, {service: [durable, ...]}: KEDA scales on their lag. */}}
+{{- define "cairn.durables" -}}
+{{- toJson (include "cairn.natsGenerated" . | fromJson).durables -}}
+{{- end -}}
+
+{{/* NATS user names, sorted. */}}
+{{- define "cairn.natsUsers" -}}
+{{- toJson (keys (include "cairn.natsPermissions" . | fromJson) | sortAlpha) -}}
+{{- end -}}
+
+{{/* Environment variable the NATS server reads a user's password from. */}}
+{{- define "cairn.natsPasswordEnv" -}}
+{{- printf "CAIRN_NATS_PASSWORD_%s" (upper .) -}}
+{{- end -}}
+
+{{- define "cairn.natsSecretName" -}}
+{{- default (printf "%s-nats-auth" (include "cairn.fullname" .)) .Values.nats.auth.existingSecret -}}
+{{- end -}}
+
+{{- define "cairn.natsHost" -}}
+{{- printf "%s-nats" (include "cairn.fullname" .) -}}
+{{- end -}}
+
+{{- define "cairn.natsUrl" -}}
+{{- if .Values.nats.internal.enabled -}}
+{{- printf "%s://%s.%s.svc:%d" (ternary "tls" "nats" .Values.nats.tls.enabled) (include "cairn.natsHost" .) .Release.Namespace (int .Values.nats.internal.clientPort) -}}
+{{- else -}}
+{{- .Values.nats.external.url -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cairn.natsMonitoringEndpoint" -}}
+{{- if .Values.nats.internal.enabled -}}
+{{- printf "%s.%s.svc:%d" (include "cairn.natsHost" .) .Release.Namespace (int .Values.nats.internal.monitorPort) -}}
+{{- else -}}
+{{- .Values.nats.external.monitoringEndpoint -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cairn.mlflowUri" -}}
+{{- if .Values.mlflow.enabled -}}
+{{- printf "http://%s-mlflow.%s.svc:%d" (include "cairn.fullname" .) .Release.Namespace (int .Values.mlflow.port) -}}
+{{- else -}}
+{{- .Values.mlflow.external.uri -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cairn.daskClusterName" -}}
+{{- default (printf "%s-dask" (include "cairn.fullname" .)) .Values.dask.clusterName -}}
+{{- end -}}
+
+{{/* The Dask operator objects are rendered: operator mode and its CRDs present (flag or API). */}}
+{{- define "cairn.daskOperatorObjects" -}}
+{{- if and (eq .Values.dask.mode "operator") (or .Values.dask.operator.crdsInstalled (.Capabilities.APIVersions.Has "kubernetes.dask.org/v1/DaskCluster")) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- define "cairn.artifactsVolume" -}}
+{{- if and (not .Values.artifacts.url) .Values.artifacts.sharedVolume.enabled -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- define "cairn.artifactsClaim" -}}
+{{- default (printf "%s-artifacts" (include "cairn.fullname" .)) .Values.artifacts.sharedVolume.existingClaim -}}
+{{- end -}}
+
+{{/*
+Environment of every cairn process except the NATS identity (cairn.natsEnv adds that).
+*/}}
+{{- define "cairn.env" -}}
+- name: CAIRN_HOME
+  value: /var/lib/cairn/home
+- name: CAIRN_NATS_URL
+  value: {{ include "cairn.natsUrl" . | quote }}
+- name: CAIRN_STREAM
+  value: {{ .Values.config.stream | quote }}
+- name: CAIRN_STREAM_REPLICAS
+  value: {{ .Values.config.streamReplicas | quote }}
+- name: CAIRN_ACK_WAIT_S
+  value: {{ .Values.config.ackWaitSeconds | quote }}
+- name: CAIRN_MAX_DELIVER
+  value: {{ .Values.config.maxDeliver | quote }}
+- name: CAIRN_LOG_LEVEL
+  value: {{ .Values.config.logLevel | quote }}
+- name: CAIRN_ALLOWED_SCHEMES
+  value: {{ .Values.config.allowedSchemes | toJson | quote }}
+- name: CAIRN_ALLOWED_ROOTS
+  value: {{ .Values.config.allowedRoots | toJson | quote }}
+- name: CAIRN_ARTIFACTS_URL
+  value: {{ default "file:///var/lib/cairn/artifacts" .Values.artifacts.url | quote }}
+- name: CAIRN_MLFLOW_URI
+  value: {{ include "cairn.mlflowUri" . | quote }}
+- name: CAIRN_DASK
+  value: {{ include "cairn.daskSetting" . | quote }}
+- name: CAIRN_DASK_K8S_CLUSTER
+  value: {{ include "cairn.daskClusterName" . | quote }}
+- name: CAIRN_DASK_K8S_NAMESPACE
+  value: {{ .Release.Namespace | quote }}
+- name: CAIRN_DASK_IMAGE
+  value: {{ include "cairn.workerImage" . | quote }}
+{{- /* The chart creates <cluster>-gpu itself; training finds it and does not add another. */}}
+- name: CAIRN_DASK_GPU_WORKERS
+  value: {{ ternary .Values.dask.gpuWorkers.replicas 0 .Values.dask.gpuWorkers.enabled | quote }}
+- name: CAIRN_HTTP_PORT
+  value: {{ .Values.probes.port | quote }}
+{{- if .Values.nats.tls.enabled }}
+- name: CAIRN_NATS_TLS_CA
+  value: /etc/cairn/nats-tls/ca.crt
+{{- end }}
+{{- with .Values.config.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "cairn.daskSetting" -}}
+{{- if eq .Values.dask.mode "operator" -}}kubernetes
+{{- else if eq .Values.dask.mode "external" -}}{{ .Values.dask.external.address }}
+{{- else -}}local
+{{- end -}}
+{{- end -}}
+
+{{/* CAIRN_NATS_USER / CAIRN_NATS_PASSWORD of one user: (dict "ctx" $ "user" "training"). */}}
+{{- define "cairn.natsEnv" -}}
+{{- if .ctx.Values.nats.auth.enabled -}}
+- name: CAIRN_NATS_USER
+  value: {{ .user | quote }}
+- name: CAIRN_NATS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cairn.natsSecretName" .ctx }}
+      key: {{ printf "%s-password" .user }}
+{{- end -}}
+{{- end -}}
+
+{{- define "cairn.envFrom" -}}
+{{- with .Values.config.extraEnvFrom }}
+envFrom:
+{{ toYaml . }}
+{{- end -}}
+{{- end -}}
+
+{{/* Volumes of a cairn pod: writable home and /tmp (read-only root), artifacts, NATS CA. */}}
+{{- define "cairn.volumes" -}}
+- name: home
+  emptyDir: {}
+- name: tmp
+  emptyDir: {}
+{{- if include "cairn.artifactsVolume" . }}
+- name: artifacts
+  persistentVolumeClaim:
+    claimName: {{ include "cairn.artifactsClaim" . }}
+{{- end }}
+{{- if .Values.nats.tls.enabled }}
+- name: nats-tls
+  secret:
+    secretName: {{ .Values.nats.tls.secretName }}
+    items:
+      - key: ca.crt
+        path: ca.crt
+{{- end }}
+{{- end -}}
+
+{{- define "cairn.volumeMounts" -}}
+- name: home
+  mountPath: /var/lib/cairn/home
+- name: tmp
+  mountPath: /tmp
+{{- if include "cairn.artifactsVolume" . }}
+- name: artifacts
+  mountPath: /var/lib/cairn/artifacts
+{{- end }}
+{{- if .Values.nats.tls.enabled }}
+- name: nats-tls
+  mountPath: /etc/cairn/nats-tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "cairn.podAnnotations" -}}
+{{- if .ctx.Values.metrics.podAnnotations -}}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .port | quote }}
+prometheus.io/path: /metrics
+{{- end -}}
+{{- end -}}
+
+{{- define "cairn.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{ toYaml . }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Combinations the schema cannot express; each fails the render with the reason.
+*/}}
+{{- define "cairn.validateValues" -}}
+{{- $errors := list -}}
+{{- if and (not .Values.nats.internal.enabled) (not .Values.nats.external.url) -}}
+{{- $errors = append $errors "nats: nats.internal.enabled=false needs nats.external.url (nats://host:4222)" -}}
+{{- end -}}
+{{- if and .Values.nats.internal.enabled .Values.nats.external.url -}}
+{{- $errors = append $errors "nats: set either nats.internal.enabled or nats.external.url, not both" -}}
+{{- end -}}
+{{- if and (not .Values.nats.internal.enabled) .Values.nats.auth.enabled (not .Values.nats.auth.existingSecret) -}}
+{{- $errors = append $errors "nats: an external server needs nats.auth.existingSecret with the passwords its users were configured with (cairn nats-config)" -}}
+{{- end -}}
+{{- if and .Values.nats.tls.enabled (not .Values.nats.tls.secretName) -}}
+{{- $errors = append $errors "nats: nats.tls.enabled=true needs nats.tls.secretName (a secret with ca.crt, and tls.crt/tls.key for the in-chart server)" -}}
+{{- end -}}
+{{- if and .Values.nats.internal.enabled (gt (int .Values.config.streamReplicas) (int .Values.nats.internal.replicas)) -}}
+{{- $errors = append $errors (printf "nats: config.streamReplicas=%d exceeds nats.internal.replicas=%d" (int .Values.config.streamReplicas) (int .Values.nats.internal.replicas)) -}}
+{{- end -}}
+{{- if and (not .Values.mlflow.enabled) (not .Values.mlflow.external.uri) -}}
+{{- $errors = append $errors "mlflow: mlflow.enabled=false needs mlflow.external.uri" -}}
+{{- end -}}
+{{- if and .Values.mlflow.enabled (not .Values.postgresql.enabled) (not .Values.mlflow.backendStore.existingSecret) -}}
+{{- $errors = append $errors "mlflow: postgresql.enabled=false needs mlflow.backendStore.existingSecret (a secret with the database URL)" -}}
+{{- end -}}
+{{- if and (eq .Values.dask.mode "external") (not .Values.dask.external.address) -}}
+{{- $errors = append $errors "dask: dask.mode=external needs dask.external.address (tcp://host:8786)" -}}
+{{- end -}}
+{{- if and .Values.dask.gpuWorkers.enabled (ne .Values.dask.mode "operator") -}}
+{{- $errors = append $errors "dask: dask.gpuWorkers needs dask.mode=operator" -}}
+{{- end -}}
+{{- if and .Values.mlflow.enabled (gt (int .Values.mlflow.replicas) 1) (not .Values.mlflow.artifacts.destination) -}}
+{{- $errors = append $errors "mlflow: replicas > 1 need mlflow.artifacts.destination (an object store); the local artifact volume is ReadWriteOnce" -}}
+{{- end -}}
+{{- if and (not .Values.artifacts.url) (not .Values.artifacts.sharedVolume.enabled) -}}
+{{- $errors = append $errors "artifacts: set artifacts.url (e.g. s3://bucket/cairn) or enable artifacts.sharedVolume: services and Dask workers must share one store" -}}
+{{- end -}}
+{{- $generated := include "cairn.natsGenerated" . | fromJson -}}
+{{- if and .Values.nats.auth.enabled (ne .Values.config.stream $generated.stream) -}}
+{{- $errors = append $errors (printf "nats: files/nats-permissions.json grants stream %s, config.stream is %s; regenerate it for the new stream" $generated.stream .Values.config.stream) -}}
+{{- end -}}
+{{- $lineage := .Values.services.lineage -}}
+{{- if and $lineage.enabled (not .Values.lineage.database.existingSecret) (gt (int $lineage.replicas) 1) -}}
+{{- $errors = append $errors "lineage: the SQLite lineage store takes one replica; set lineage.database.existingSecret to run more" -}}
+{{- end -}}
+{{- if $lineage.autoscaling.enabled -}}
+{{- $errors = append $errors "lineage: services.lineage.autoscaling must stay off (it reads the log in order)" -}}
+{{- end -}}
+{{- range $name, $svc := .Values.services -}}
+{{- if and $svc.enabled $svc.autoscaling.enabled -}}
+{{- if gt (int $svc.autoscaling.minReplicas) (int $svc.autoscaling.maxReplicas) -}}
+{{- $errors = append $errors (printf "services.%s.autoscaling: minReplicas > maxReplicas" $name) -}}
+{{- end -}}
+{{- if and (eq $svc.autoscaling.type "hpa") (lt (int $svc.autoscaling.minReplicas) 1) -}}
+{{- $errors = append $errors (printf "services.%s.autoscaling: an HPA needs minReplicas >= 1 (scale to zero needs type keda)" $name) -}}
+{{- end -}}
+{{- if and (eq $svc.autoscaling.type "keda") (not (index $generated.durables $name)) -}}
+{{- $errors = append $errors (printf "services.%s.autoscaling: KEDA scales on consumer lag, and %s binds no durable consumer" $name $name) -}}
+{{- end -}}
+{{- if and (eq $svc.autoscaling.type "keda") (not (include "cairn.natsMonitoringEndpoint" $)) -}}
+{{- $errors = append $errors (printf "services.%s.autoscaling: KEDA reads consumer lag from NATS monitoring; set nats.external.monitoringEndpoint" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.inference.autoscaling.enabled (gt (int .Values.inference.autoscaling.minReplicas) (int .Values.inference.autoscaling.maxReplicas)) -}}
+{{- $errors = append $errors "inference.autoscaling: minReplicas > maxReplicas" -}}
+{{- end -}}
+{{- if $errors -}}
+{{- fail (printf "\n\ncairn values are inconsistent:\n  - %s\n" (join "\n  - " $errors)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Pod spec of a Dask worker: (dict "ctx" $ "group" .Values.dask.workers "extraArgs" list "limits" dict). */}}
+{{- define "cairn.daskWorkerPodSpec" -}}
+{{- $ := .ctx -}}
+{{- $g := .group -}}
+serviceAccountName: {{ include "cairn.fullname" $ }}
+automountServiceAccountToken: false
+{{- include "cairn.imagePullSecrets" $ }}
+securityContext:
+  {{- toYaml $.Values.podSecurityContext | nindent 2 }}
+containers:
+  - name: worker
+    image: {{ include "cairn.workerImage" $ | quote }}
+    imagePullPolicy: {{ $.Values.workerImage.pullPolicy }}
+    # ENTRYPOINT is `dask worker`; the operator sets DASK_SCHEDULER_ADDRESS and DASK_WORKER_NAME.
+    args:
+      - --name
+      - $(DASK_WORKER_NAME)
+      - --nthreads
+      - {{ $g.nthreads | quote }}
+      - --dashboard-address
+      - ":8788"
+      - --local-directory
+      - /tmp/dask
+      {{- range .extraArgs }}
+      - {{ . | quote }}
+      {{- end }}
+    env:
+      {{- include "cairn.env" $ | nindent 6 }}
+    {{- include "cairn.envFrom" $ | nindent 4 }}
+    ports:
+      - name: http-dashboard
+        containerPort: 8788
+        protocol: TCP
+    resources:
+      {{- toYaml (mergeOverwrite (deepCopy $g.resources) (dict "limits" (merge (deepCopy .limits) (deepCopy (default dict $g.resources.limits))))) | nindent 6 }}
+    securityContext:
+      {{- toYaml $.Values.securityContext | nindent 6 }}
+    volumeMounts:
+      {{- include "cairn.volumeMounts" $ | nindent 6 }}
+volumes:
+  {{- include "cairn.volumes" $ | nindent 2 }}
+{{- with $g.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $g.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}

