@@ -15,6 +15,7 @@ from faststream.nats.message import NatsBatchMessage
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from services.bus.consumer import pull_inbox_prefix
 from services.lineage.openlineage import STEPS, OpenLineageSink, run_events
 from services.lineage.store import LineageStore, OutOfOrder, Record
 from services.runtime import Route, Service
@@ -57,6 +58,8 @@ class Lineage(Service):
             config=config,
             pull_sub=PullSub(batch_size=BATCH, timeout=0.5, batch=True),
             ack_policy=AckPolicy.MANUAL,
+            decoder=lambda message: message.body,  # raw bytes: a hostile body must not stall the batch
+            inbox_prefix=pull_inbox_prefix(self.settings),
             title="lineage:cairn.>",
         )
 

@@ -97,7 +97,7 @@ class Record:
     def event(self) -> dict[str, Any] | None:
         try:
             doc = json.loads(self.raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             return None
         return doc if isinstance(doc, dict) else None
 
@@ -127,7 +127,7 @@ def make_record(seq: int, subject: str, raw: bytes, prev_hash: str) -> Record:
         try:
             parsed = json.loads(raw)
             doc = parsed if isinstance(parsed, dict) else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             doc = {}
 
     def text(key: str) -> str | None:
