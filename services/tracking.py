@@ -16,6 +16,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
+from services.local_store import schema_lock
+
 EVENT_TAG = "cairn.event_id"
 
 
@@ -29,7 +31,11 @@ class Champion:
 
 class Tracker:
     def __init__(self, tracking_uri: str):
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        with schema_lock(tracking_uri):
+            # MLflow creates (or migrates) its schema on the first store access; one process at a time.
+            self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            self.client.search_experiments(max_results=1)
+            self.client.search_registered_models(max_results=1)
         self._experiments: dict[str, str] = {}
 
     def experiment(self, name: str) -> str:

@@ -29,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 
+from services.local_store import schema_lock
+
 GENESIS = "0" * 64
 
 metadata = MetaData()
@@ -152,8 +154,9 @@ def make_record(seq: int, subject: str, raw: bytes, prev_hash: str) -> Record:
 class LineageStore:
     def __init__(self, url: str):
         self.url = url
-        self.engine: Engine = create_engine(url, future=True)
-        metadata.create_all(self.engine)
+        with schema_lock(url):
+            self.engine: Engine = create_engine(url, future=True)
+            metadata.create_all(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
