@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from nats.js.api import DeliverPolicy
+from psycopg import sql
 
 from contracts import Envelope, decode
 from services.bus.connection import connect
@@ -114,3 +124,110 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: st
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+# --- PostgreSQL: the suite's own private server ------------------------------------------------
+# pytest-postgresql does not fit: it runs pg_ctl as the current user (PostgreSQL refuses root, and
+# the plugin has no run-as option) and keeps its data under pytest's root-only basetemp. So this
+# starts the cluster itself with initdb/pg_ctl, as the `postgres` OS user when the suite runs as root.
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """A private PostgreSQL cluster: superuser `postgres`, trust auth, TCP on 127.0.0.1 only."""
+
+    host: str
+    port: int
+    user: str = "postgres"
+
+    def url(self, dbname: str) -> str:
+        return f"postgresql+psycopg://{self.user}@{self.host}:{self.port}/{dbname}"
+
+    def admin(self) -> psycopg.Connection:
+        return psycopg.connect(
+            host=self.host, port=self.port, user=self.user, dbname="postgres", autocommit=True
+        )
+
+
+def find_pg_ctl() -> str | None:
+    """pg_ctl on PATH, else the newest Debian/Ubuntu install (/usr/lib/postgresql/N/bin, off PATH)."""
+    if found := shutil.which("pg_ctl"):
+        return found
+    versions = [p for p in Path("/usr/lib/postgresql").glob("*/bin/pg_ctl") if p.parts[-3].isdigit()]
+    return str(max(versions, key=lambda p: int(p.parts[-3]))) if versions else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgresql_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL for the whole session, in its own temp dir on a free port.
+
+    Never the machine's server on 5432. Durability is off (fsync=off): it holds test data only.
+    Skips when no PostgreSQL binaries exist, or when running as root without a `postgres` user.
+    """
+    pg_ctl = find_pg_ctl()
+    if pg_ctl is None:
+        pytest.skip("no PostgreSQL binaries: pg_ctl is neither on PATH nor in /usr/lib/postgresql/*/bin")
+    owner: dict[str, Any] = {}
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` OS user to own a PostgreSQL server")
+        owner = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+    base = Path(tempfile.mkdtemp(prefix="cairn-pg-"))  # not pytest's basetemp: root-only, 0700
+    data, log = base / "data", base / "postgres.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+    def pg(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [pg_ctl, *args], cwd=base, env=env, capture_output=True, text=True, timeout=120, **owner
+        )
+
+    started = False
+    try:
+        if owner:
+            os.chown(base, owner["user"], owner["group"])
+        init = pg("initdb", "-s", "-D", str(data), "-o", "-A trust -U postgres -E UTF8 --locale=C --no-sync")
+        assert init.returncode == 0, f"initdb failed: {init.stderr}"
+        for _ in range(5):  # a free port can be taken before postgres binds it: try another
+            port = _free_port()
+            options = (
+                f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            )
+            if pg("start", "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options).returncode == 0:
+                started = True
+                break
+        assert started, f"PostgreSQL did not start; log:\n{log.read_text() if log.exists() else ''}"
+        yield PostgresServer("127.0.0.1", port)
+    finally:
+        if started:
+            pg("stop", "-D", str(data), "-m", "fast", "-w", "-t", "60")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgresql_url(postgresql_server: PostgresServer) -> Iterator[str]:
+    """SQLAlchemy URL (`postgresql+psycopg://postgres@127.0.0.1:<port>/<db>`) of a fresh, empty database.
+
+    One new database per test on the session's private server (`postgresql_server`): user
+    `postgres`, no password (trust auth), TCP only, so it can be handed as is to anything that
+    takes a SQLAlchemy URL, `mlflow server --backend-store-uri` included, and to subprocesses.
+    After the test the database is dropped WITH (FORCE), which also cuts connections a
+    subprocess still holds; stop such a process first anyway. Skips (with the reason) where no
+    PostgreSQL binaries exist.
+    """
+    dbname = f"test_{uuid.uuid4().hex[:12]}"
+    with postgresql_server.admin() as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    try:
+        yield postgresql_server.url(dbname)
+    finally:
+        with postgresql_server.admin() as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))

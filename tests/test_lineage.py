@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from sklearn.datasets import load_diabetes
+from sqlalchemy.engine import make_url
 
 from contracts import DataArrived, SearchStrategy, TuningSpec
 from services import supervisor
@@ -33,7 +35,8 @@ from tests.conftest import make_settings, wait_for
 from tests.test_pipeline import run_pipeline
 
 pytestmark = pytest.mark.slow
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "openlineage"
+# The OpenLineage spec schemas, copied into the repo (tests/openlineage/README.md): offline, self-contained.
+OPENLINEAGE = Path(__file__).resolve().parent / "openlineage"
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +111,7 @@ async def test_lineage_of_deployed_model_reaches_raw_file_and_hash(audited):
     assert any(r.type == "cairn.model.deployed.v1" for r in graph.downstream(store, by_hash))
 
 
-async def test_rebuilt_store_equals_live_store_sqlite_and_postgres(audited, tmp_path):
+async def test_rebuilt_store_equals_live_store_sqlite_and_postgres(audited, tmp_path, postgresql_url):
     settings, _, _ = audited
     live = await _caught_up(settings)
     stream = await _stream(settings)
@@ -117,18 +120,24 @@ async def test_rebuilt_store_equals_live_store_sqlite_and_postgres(audited, tmp_
     assert rebuilt.dump() == live.dump()
     assert rebuilt.head() == live.head()
 
-    dbname = f"cairn_test_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {dbname}")
+    pg = LineageStore(postgresql_url)  # a fresh database on the suite's own PostgreSQL (conftest)
     try:
-        pg = LineageStore(f"postgresql+psycopg://postgres@127.0.0.1/{dbname}")
-        rebuild(pg, stream)
+        assert pg.engine.dialect.name == "postgresql"
+        assert rebuild(pg, stream) == len(stream)
         assert pg.dump() == rebuilt.dump()
         assert verify_records(pg.all()).ok
-        pg.close()
     finally:
-        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+        pg.close()
+
+
+def test_postgresql_url_is_a_fresh_private_database(postgresql_url, postgresql_server):
+    """The fixture the PostgreSQL tests rely on: its own server (never the machine's 5432), empty."""
+    url = make_url(postgresql_url)
+    assert url.drivername == "postgresql+psycopg" and url.port == postgresql_server.port != 5432
+    with psycopg.connect(host=url.host, port=url.port, user=url.username, dbname=url.database) as conn:
+        tables = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'")
+        assert tables.fetchone() == (0,)
+        assert conn.execute("SHOW data_directory").fetchone()[0].startswith(tempfile.gettempdir())
 
 
 async def test_audit_detects_changed_deleted_and_reordered_records(audited, tmp_path):
@@ -187,11 +196,11 @@ async def test_openlineage_events_are_valid(audited):
     settings, _, _ = audited
     await _caught_up(settings)
     resources = []
-    for path in SHARED.glob("*.json"):
+    for path in OPENLINEAGE.glob("*.json"):
         doc = json.loads(path.read_text())
         resources.append((doc["$id"], Resource.from_contents(doc)))
     registry = Registry().with_resources(resources)
-    core = json.loads((SHARED / "OpenLineage.json").read_text())
+    core = json.loads((OPENLINEAGE / "OpenLineage.json").read_text())
     validator = Draft202012Validator(core, registry=registry)
     facet_schemas = {
         "version": "DatasetVersionDatasetFacet.json",
@@ -211,7 +220,7 @@ async def test_openlineage_events_are_valid(audited):
         facets += [d.get("facets", {}) for d in event["inputs"] + event["outputs"]]
         for group in facets:
             for name, facet in group.items():
-                schema = json.loads((SHARED / facet_schemas[name]).read_text())
+                schema = json.loads((OPENLINEAGE / facet_schemas[name]).read_text())
                 Draft202012Validator(schema, registry=registry).validate({name: facet})
     trained = [e for e in events if e["job"]["name"] == "training" and e["eventType"] == "COMPLETE"]
     assert trained[0]["outputs"] and all(
