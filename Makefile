@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CAIRN := $(VENV)/bin/cairn
-export CAIRN_HOME ?= $(CURDIR)/.cairn
 
 .PHONY: install demo up down test test-fast lint bench schemas clean
 
@@ -41,4 +40,4 @@ schemas: install
 	$(CAIRN) schemas
 
 clean:
-	rm -rf $(VENV) .cairn
+	rm -rf $(VENV)

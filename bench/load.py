@@ -1,7 +1,8 @@
 """Load: a burst of data arrivals through the whole pipeline, and a flood of trial requests straight
 to the training service, against real processes (nats-server, every service, MLflow on SQLite, a
 Dask LocalCluster). Reports throughput, arrival->terminal latency percentiles (stream timestamps,
-so one clock) and the resident memory of every process before and after.
+so one clock), the lineage lag (each event's stream timestamp to the first poll that finds it in the
+lineage store; target p99 <= 2 s) and the resident memory of every process before and after.
 
     .venv/bin/python bench/load.py [--arrivals 200] [--trials 1000] [--out bench/results/load.json]
 
@@ -24,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,7 @@ class System:
         proc = supervisor.spawn(
             ["run", name],
             {**self.env, **self.service_env.get(name, {}), "CAIRN_HTTP_PORT": port},
-            self.home / "logs" / f"{name}.log",
+            self.settings.home_dir / "logs" / f"{name}.log",
         )
         self.runtime["pids"][name] = proc.pid
         (self.settings.home_dir / RUNTIME_FILE).write_text(json.dumps(self.runtime, indent=2))
@@ -136,9 +137,9 @@ class System:
                 os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for pid in pids.values():
-            while supervisor._alive(pid) and time.monotonic() < deadline:  # noqa: SLF001
+            while supervisor.alive(pid) and time.monotonic() < deadline:  # noqa: SLF001
                 time.sleep(0.05)
-            if supervisor._alive(pid):  # noqa: SLF001
+            if supervisor.alive(pid):  # noqa: SLF001
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
         with contextlib.suppress(FileNotFoundError):
@@ -166,7 +167,7 @@ def start_system(
     server = EmbeddedNats(home / "nats", port=nats_port)
     server.start()
     base: dict[str, Any] = {
-        "home": home,
+        "home": home / "state",  # data files go in `home`, beside cairn's state and never in it
         "nats_url": server.url,
         "allowed_roots": [str(home)],
         "serve_port": 0,
@@ -183,7 +184,7 @@ def start_system(
             system.respawn(name)
         not_ready = system.not_ready(ready_timeout)
         if not_ready:
-            raise RuntimeError(f"not ready: {not_ready}; logs in {home / 'logs'}")
+            raise RuntimeError(f"not ready: {not_ready}; logs in {settings.home_dir / 'logs'}")
     except BaseException:
         supervisor.down(settings)
         server.stop()
@@ -332,6 +333,49 @@ class StreamLog:
         )
 
 
+@dataclass
+class LineageWatch:
+    """The lineage store seen from outside: its last sequence polled every `every` seconds, and the
+    wall-clock time each sequence was first seen there (the service itself records nothing extra)."""
+
+    settings: CairnSettings
+    every: float = 0.05
+    seen: int = 0
+    first_seen: dict[int, datetime] = field(default_factory=dict)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def run(self) -> None:
+        from services.lineage.store import LineageStore
+
+        store = await asyncio.to_thread(LineageStore, self.settings.lineage_url)
+        try:
+            while True:
+                try:
+                    last = await asyncio.to_thread(store.last_seq)
+                except Exception:  # noqa: BLE001 - a write holds the SQLite lock: ask again
+                    last = self.seen
+                now = datetime.now(UTC)
+                for seq in range(self.seen + 1, last + 1):
+                    self.first_seen[seq] = now
+                self.seen = max(self.seen, last)
+                async with self.changed:
+                    self.changed.notify_all()
+                await asyncio.sleep(self.every)
+        finally:
+            store.close()
+
+    async def reached(self, seq: int, timeout: float) -> bool:
+        """Wait until the store holds `seq` (True), or `timeout` passes (False)."""
+        async with self.changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait_for(lambda: self.seen >= seq), timeout)
+        return self.seen >= seq
+
+    def lags(self, records: list[Record]) -> list[float]:
+        """Seconds from each record's stream timestamp to its first sighting in the store."""
+        return [(self.first_seen[r.seq] - r.ts).total_seconds() for r in records if r.seq in self.first_seen]
+
+
 async def publish_all(settings: CairnSettings, events: list[Any], concurrency: int = 64) -> dict[str, float]:
     """Publish with PubAcks, many in flight; returns event id -> seconds since the first publish."""
     nc = await connect(settings, "bench-publisher")
@@ -409,9 +453,19 @@ def build_featureset(settings: CairnSettings, csv: Path) -> Any:
 
 
 # The two measurements ------------------------------------------------------------------------
-async def burst(system: System, n: int, timeout: float = 900.0, prefix: str = "load") -> dict[str, Any]:
-    """n arrivals at once, each its own model; every one must reach a terminal event."""
-    data = system.home / prefix
+async def burst(
+    system: System,
+    n: int,
+    timeout: float = 900.0,
+    prefix: str = "load",
+    lineage_wait: float = 60.0,
+    data_root: Path | None = None,
+) -> dict[str, Any]:
+    """n arrivals at once, each its own model; every one must reach a terminal event. With the
+    lineage service running, also the lineage lag of every event of the burst (`lineage_wait`:
+    how long after the last terminal event the store may take to hold them all). The data files go
+    under `data_root` (default: the system's home)."""
+    data = (data_root or system.home) / prefix
     data.mkdir(exist_ok=True)
     events = [
         new_event(
@@ -429,6 +483,9 @@ async def burst(system: System, n: int, timeout: float = 900.0, prefix: str = "l
     ids = {e.id for e in events}
     log = StreamLog(system.settings)
     await log.poll()
+    before_seq = log.next_seq - 1
+    watch = LineageWatch(system.settings) if "lineage" in system.runtime["pids"] else None
+    watching = asyncio.create_task(watch.run()) if watch else None
     rss_before = rss(system)
     started = time.perf_counter()
     await publish_all(system.settings, events)
@@ -441,6 +498,17 @@ async def burst(system: System, n: int, timeout: float = 900.0, prefix: str = "l
     terminals = await log.wait(all_terminal, timeout, f"{n} terminal events", every=1.0)
     wall = time.perf_counter() - started
     rss_after = rss(system)
+    lineage: dict[str, Any] = {}
+    if watch and watching:
+        await watch.reached(log.next_seq - 1, lineage_wait)
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+        burst_records = [r for r in log.records if r.seq > before_seq]
+        lineage = {
+            "lineage_lag_s": percentiles(watch.lags(burst_records)),
+            "lineage_unrecorded": len([r for r in burst_records if r.seq not in watch.first_seen]),
+        }
     arrivals = {
         r.doc["id"]: r for r in log.of_type("cairn.data.arrived.v1") if r.doc and r.doc.get("id") in ids
     }
@@ -462,6 +530,7 @@ async def burst(system: System, n: int, timeout: float = 900.0, prefix: str = "l
         "trial_completed_max_per_trial": max(log.trial_counts().values()),
         "deployed_max_per_run": max(deployed.values()) if deployed else 0,
         "dead_letters": len([r for r in log.records if r.subject.startswith("cairn.dlq.")]),
+        **lineage,
         "rss_before": rss_before,
         "rss_after": rss_after,
         "log": log,
@@ -469,10 +538,10 @@ async def burst(system: System, n: int, timeout: float = 900.0, prefix: str = "l
 
 
 async def trial_flood(
-    system: System, m: int, timeout: float = 1200.0, prefix: str = "flood"
+    system: System, m: int, timeout: float = 1200.0, prefix: str = "flood", data_root: Path | None = None
 ) -> dict[str, Any]:
     """m trial-requested events for one tiny feature set, straight to the training service."""
-    data = system.home / prefix
+    data = (data_root or system.home) / prefix
     data.mkdir(exist_ok=True)
     built = await asyncio.to_thread(build_featureset, system.settings, tiny_csv(data, 0, rows=200))
     events = [
@@ -580,23 +649,26 @@ def main() -> None:
     }
     if args.arrivals:
         home = Path(tempfile.mkdtemp(prefix="cairn-load-"))
-        system = start_system(home)
+        system = start_system(home / "state", allowed_roots=[str(home)])  # data beside cairn's home
         try:
-            warm = asyncio.run(burst(system, 1, prefix="warm-up"))  # imports, first writes: not the burst's
-            b = asyncio.run(burst(system, args.arrivals))
+            warm = asyncio.run(burst(system, 1, prefix="warm-up", data_root=home))  # imports, first writes
+            b = asyncio.run(burst(system, args.arrivals, data_root=home))
             b.pop("log")
             b["one_arrival_alone_latency_s"] = warm["latency_s"]["p50"]
             b["rss_before_mib"], b["rss_after_mib"] = _mib(b.pop("rss_before")), _mib(b.pop("rss_after"))
             result["burst"] = b
             print(json.dumps({k: v for k, v in b.items() if not k.startswith("rss")}, indent=2))
+            if b.get("lineage_lag_s"):
+                lag = b["lineage_lag_s"]
+                print(f"lineage lag p50 {lag['p50']} s, p99 {lag['p99']} s (target p99 <= 2 s)")
         finally:
             system.stop()
     if args.trials:
         home = Path(tempfile.mkdtemp(prefix="cairn-trials-"))
-        system = start_system(home, services=["training"], serve=False)
+        system = start_system(home / "state", services=["training"], serve=False, allowed_roots=[str(home)])
         try:
-            warm = asyncio.run(trial_flood(system, 1, prefix="warm-up"))
-            t = asyncio.run(trial_flood(system, args.trials))
+            warm = asyncio.run(trial_flood(system, 1, prefix="warm-up", data_root=home))
+            t = asyncio.run(trial_flood(system, args.trials, data_root=home))
             t["one_trial_alone_latency_s"] = warm["latency_s"]["p50"]
             t["rss_before_mib"], t["rss_after_mib"] = _mib(t.pop("rss_before")), _mib(t.pop("rss_after"))
             result["trials"] = t

@@ -21,8 +21,10 @@ from contracts.types import (
     ModelFamily,
     ModelName,
     ParamValue,
+    RunId,
     SearchStrategy,
     Sha256,
+    StudyId,
     Task,
     TrialStatus,
     Uri,
@@ -158,7 +160,7 @@ class TuningRequested(Contract):
 
     EVENT_TYPE: ClassVar[str] = "cairn.tuning.requested.v1"
 
-    study_id: str = Field(min_length=1)
+    study_id: StudyId
     context: PipelineContext
     features: FeaturesBuilt
     metric: Metric
@@ -176,7 +178,7 @@ class TrialConfig(Contract):
 class TrialRequested(Contract):
     EVENT_TYPE: ClassVar[str] = "cairn.trial.requested.v1"
 
-    study_id: str
+    study_id: StudyId
     trial_id: int = Field(ge=0)
     rung: int = Field(ge=0)
     budget: int = Field(ge=1)
@@ -193,7 +195,7 @@ class TrialRequested(Contract):
 class TrialCompleted(Contract):
     EVENT_TYPE: ClassVar[str] = "cairn.trial.completed.v1"
 
-    study_id: str
+    study_id: StudyId
     trial_id: int = Field(ge=0)
     rung: int = Field(ge=0)
     budget: int = Field(ge=1)
@@ -203,7 +205,7 @@ class TrialCompleted(Contract):
     metric: Metric
     score: float | None = Field(None, description="Validation score on the primary metric.")
     duration_s: float = Field(ge=0)
-    mlflow_run_id: str | None = None
+    mlflow_run_id: RunId | None = None
     error: str | None = None
 
     @model_validator(mode="after")
@@ -218,7 +220,7 @@ class TrialsPromoted(Contract):
 
     EVENT_TYPE: ClassVar[str] = "cairn.trials.promoted.v1"
 
-    study_id: str
+    study_id: StudyId
     from_rung: int = Field(ge=0)
     to_rung: int = Field(ge=1)
     budget: int = Field(ge=1)
@@ -239,7 +241,7 @@ class LeaderboardEntry(Contract):
 class TuningCompleted(Contract):
     EVENT_TYPE: ClassVar[str] = "cairn.tuning.completed.v1"
 
-    study_id: str
+    study_id: StudyId
     context: PipelineContext
     features: FeaturesBuilt
     metric: Metric
@@ -254,7 +256,7 @@ class ModelTrained(Contract):
     EVENT_TYPE: ClassVar[str] = "cairn.model.trained.v1"
 
     context: PipelineContext
-    study_id: str
+    study_id: StudyId
     model: ArtifactRef = Field(description="Model bundle (JSON manifest naming the native model file).")
     family: ModelFamily
     params: dict[str, ParamValue]
@@ -264,7 +266,7 @@ class ModelTrained(Contract):
     featureset: ArtifactRef
     transform: ArtifactRef
     dataset: ArtifactRef
-    mlflow_run_id: str
+    mlflow_run_id: RunId
     versions: dict[str, str] = Field(description="Library and code versions that produced the model.")
 
 
@@ -280,13 +282,27 @@ class ModelEvaluated(Contract):
     context: PipelineContext
     model: ArtifactRef
     family: ModelFamily
-    mlflow_run_id: str
+    mlflow_run_id: RunId
     metric: Metric
     metrics: dict[str, float] = Field(description="Holdout (test split) metrics.")
     champion: ChampionSnapshot | None = Field(None, description="The champion it was compared with.")
     champion_metrics_on_holdout: dict[str, float] | None = None
     passed: bool
     reasons: list[str] = Field(min_length=1, description="Why the gate passed or failed.")
+    dataset: ArtifactRef | None = Field(
+        None,
+        description="Snapshot the holdout was cut from (with context.seed): lets a stale decision be redone.",
+    )
+
+
+class EvaluationRequested(Contract):
+    """A passed decision found stale when deploying (the champion moved since): decide it again."""
+
+    EVENT_TYPE: ClassVar[str] = "cairn.evaluation.requested.v1"
+
+    evaluated: ModelEvaluated = Field(description="The stale decision, with what is needed to redo it.")
+    champion_version: int | None = Field(None, description="The champion it must now be compared with.")
+    reason: str = Field(min_length=1)
 
 
 class ModelDeployed(Contract):
@@ -297,7 +313,7 @@ class ModelDeployed(Contract):
     alias: str = "champion"
     model: ArtifactRef
     previous_version: int | None = None
-    mlflow_run_id: str
+    mlflow_run_id: RunId
     metrics: dict[str, float]
     evidence_event_id: EventId = Field(description="The model-evaluated event that justified promotion.")
 
@@ -340,6 +356,7 @@ PAYLOADS: tuple[type[Contract], ...] = (
     TuningCompleted,
     ModelTrained,
     ModelEvaluated,
+    EvaluationRequested,
     ModelDeployed,
     DeploymentFailed,
     EventRejected,

@@ -25,6 +25,7 @@ PRODUCERS: dict[str, str] = {
     "cairn.trial.completed.v1": "training",
     "cairn.model.trained.v1": "training",
     "cairn.model.evaluated.v1": "evaluation",
+    "cairn.evaluation.requested.v1": "deployment",
     "cairn.model.deployed.v1": "deployment",
     "cairn.deployment.failed.v1": "deployment",
     "cairn.event.rejected.v1": "any service",

@@ -21,8 +21,9 @@ def event_type_for(subject: str, namespace: str = ROOT) -> str:
     return ROOT + subject[len(namespace) :]
 
 
-def dead_letter_subject(service: str) -> str:
-    return f"{ROOT}.dlq.{service}"
+def dead_letter_subject(service: str, namespace: str = ROOT) -> str:
+    """`cairn.dlq.<service>`; a replay's stay in its namespace: `cairn.replay.<id>.dlq.<service>`."""
+    return f"{namespace}.dlq.{service}"
 
 
 def stream_subjects() -> list[str]:

@@ -23,10 +23,25 @@ ModelName = Annotated[
     Field(description="Registered model name: lower-case letters, digits, '_' and '-'."),
 ]
 ColumnName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+# No whitespace and no control characters: a NUL would reach path and URL handling as is.
 Uri = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=2048, pattern=r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$|^[^\s:]\S*$"),
-    Field(description="A URL with a scheme (file://, s3://, ...) or a plain path."),
+    StringConstraints(
+        min_length=1,
+        max_length=2048,
+        pattern=r"^[A-Za-z][A-Za-z0-9+.-]*://[^\s\x00-\x1f\x7f]+$|^[^\s:\x00-\x1f\x7f][^\s\x00-\x1f\x7f]*$",
+    ),
+    Field(description="A URL with a scheme (file://, s3://, ...) or a plain path; no control characters."),
+]
+StudyId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$"),
+    Field(description="Study id: letters, digits, '_' and '-' (a token of tuning's KV keys)."),
+]
+RunId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$"),
+    Field(description="MLflow run id: letters, digits, '_' and '-' (it reaches MLflow's API and store)."),
 ]
 ParamValue = bool | int | float | str
 

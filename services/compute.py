@@ -1,10 +1,15 @@
 """The Dask cluster training runs on: the same code path for local, remote and Kubernetes.
 
 - `local`: a LocalCluster of single-threaded worker processes, one per core (trees are fitted
-  single-threaded, so parallelism comes from running trials side by side).
-- `tcp://host:8786`: an existing scheduler.
+  single-threaded, so parallelism comes from running trials side by side). Scheduler, nannies and
+  workers listen on 127.0.0.1 only, over TLS with a throwaway certificate (CAIRN_DASK_LOCAL_TLS):
+  Dask runs whatever pickled task it is sent, so no other user of the host may reach it.
+- `tcp://host:8786` or `tls://host:8786`: an existing scheduler; tls:// with the mutual-TLS
+  identity of CAIRN_DASK_TLS_CA/_CERT/_KEY (services.dask_tls).
 - `kubernetes`: the dask-kubernetes operator's KubeCluster, attached by name or created, with a
-  GPU worker group whose workers advertise the `GPU` resource.
+  GPU worker group whose workers advertise the `GPU` resource. With CAIRN_DASK_TLS_* set, the
+  client goes straight to the chart's DaskCluster scheduler Service over tls:// instead:
+  dask-kubernetes itself only speaks plain tcp:// to a scheduler.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 
 from distributed import Client, LocalCluster
 
+from services.dask_tls import check_address, client_security, kube_scheduler_address, local_security
 from services.settings import CairnSettings
 
 
@@ -41,30 +47,39 @@ def trial_concurrency(settings: CairnSettings) -> int:
 
 async def open_compute(settings: CairnSettings) -> Compute:
     if settings.dask == "local":
+        security = local_security() if settings.dask_local_tls else None
         cluster = await LocalCluster(
             n_workers=local_workers(settings),
             threads_per_worker=1,
             processes=True,
+            host="127.0.0.1",  # scheduler, nannies, workers and their HTTP endpoints
+            security=security,
             dashboard_address=None,
+            worker_dashboard_address=None,
             asynchronous=True,
             silence_logs=40,
         )
-        client = await Client(cluster, asynchronous=True)
+        client = await Client(cluster, security=cluster.security, asynchronous=True)
 
         async def close_local() -> None:
             await client.close()
             await cluster.close()
 
-        return Compute(client, close_local, f"LocalCluster({local_workers(settings)} workers)")
+        tls = ", TLS" if security else ""
+        return Compute(client, close_local, f"LocalCluster({local_workers(settings)} workers{tls})")
+    security = client_security(settings)
     if settings.dask == "kubernetes":
-        cluster = await asyncio.to_thread(kube_cluster, settings)
-        client = await Client(cluster.scheduler_address, asynchronous=True)
+        if security is not None:  # the chart's DaskCluster and its GPU group: nothing to create
+            address = kube_scheduler_address(settings)
+        else:
+            address = (await asyncio.to_thread(kube_cluster, settings)).scheduler_address
+        client = await Client(address, security=security, asynchronous=True)
 
         async def close_kube() -> None:
             await client.close()
 
-        return Compute(client, close_kube, f"KubeCluster({settings.dask_k8s_cluster})")
-    client = await Client(settings.dask, asynchronous=True)
+        return Compute(client, close_kube, f"KubeCluster({settings.dask_k8s_cluster}) at {address}")
+    client = await Client(check_address(settings.dask, security), security=security, asynchronous=True)
 
     async def close_remote() -> None:
         await client.close()

@@ -26,8 +26,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as HttpRoute
 
 from contracts.types import Contract
+from services.bus.availability import wait_for_stream
 from services.bus.connection import make_broker
 from services.bus.consumer import EventConsumer, Handler, durable_name, subscribe
+from services.bus.ledger import HandledLedger
 from services.bus.metrics import ServiceMetrics
 from services.bus.publisher import EventPublisher
 from services.settings import CairnSettings
@@ -37,12 +39,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Route:
-    """One consumed event type and the handler for it."""
+    """One consumed event type and the handler for it.
+
+    `handler_timeout_s` bounds one attempt (default CAIRN_HANDLER_TIMEOUT_S): past it the attempt
+    fails and is retried, so a hung step cannot hold its message forever.
+    """
 
     payload_cls: type[Contract]
     handler: Handler
     max_workers: int = 1
     ack_wait_s: float | None = None
+    handler_timeout_s: float | None = None
 
 
 class Service:
@@ -72,6 +79,12 @@ class Service:
     async def stop(self) -> None:
         """Release what `start` created."""
 
+    async def attach(self, broker: NatsBroker) -> None:
+        """After the broker connected: work on its connection outside FastStream (lineage's pull loop)."""
+
+    async def detach(self) -> None:
+        """Before the broker closes: end what `attach` started, so it finishes on an open connection."""
+
 
 class ServiceRunner:
     def __init__(self, service: Service):
@@ -79,11 +92,13 @@ class ServiceRunner:
         self.settings = service.settings
         self.broker: NatsBroker = make_broker(self.settings, service.name)
         self.service.publisher = EventPublisher(self.broker, self.settings)
+        self.ledger = HandledLedger(self.broker, self.settings, service.name)
         self.durables: list[str] = []
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[Any] | None = None
         self._ready_cache: tuple[float, bool, str] = (0.0, False, "not started")
         self.http_port: int | None = None
+        self._service_started = False
         for route in service.routes():
             consumer = EventConsumer(
                 service=service.name,
@@ -92,7 +107,9 @@ class ServiceRunner:
                 settings=self.settings,
                 publisher=self.service.publisher,
                 metrics=service.metrics,
+                ledger=self.ledger,
                 ack_wait_s=route.ack_wait_s,
+                handler_timeout_s=route.handler_timeout_s,
             )
             subscribe(self.broker, consumer, max_workers=route.max_workers)
             self.durables.append(durable_name(service.name, route.payload_cls, self.settings.namespace))
@@ -100,8 +117,13 @@ class ServiceRunner:
         self.durables.extend(service.extra_durables())
 
     async def start(self) -> None:
+        with contextlib.suppress(OSError):  # a fresh home; read-only file systems keep state elsewhere
+            self.settings.home_dir.mkdir(parents=True, exist_ok=True)
+        await wait_for_stream(self.settings, self.service.name)
         await self.service.start()
+        self._service_started = True
         await self.broker.start()
+        await self.service.attach(self.broker)
         if self.settings.http_port is not None:
             await self._start_http(self.settings.http_port)
         log.info("%s consuming %s", self.service.name, ", ".join(self.durables))
@@ -111,6 +133,7 @@ class ServiceRunner:
             self._http.should_exit = True
             if self._http_task:
                 await self._http_task
+        await self.service.detach()
         await self.broker.stop()
         await self.service.stop()
 
@@ -119,7 +142,19 @@ class ServiceRunner:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
+        # A start can wait a long time (for NATS, for `cairn provision`): a signal must end it too.
+        starting = asyncio.create_task(self.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            if self._service_started:
+                await self.stop()
+            return
+        stopping.cancel()
+        starting.result()
         try:
             await stop.wait()
         finally:

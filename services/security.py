@@ -45,7 +45,7 @@ from contracts.schemas import PRODUCERS
 from contracts.subjects import dead_letter_subject
 from services.bus.connection import inbox_prefix
 from services.bus.consumer import durable_name
-from services.bus.provision import study_bucket
+from services.bus.provision import champion_bucket, handled_bucket, study_bucket
 from services.settings import CairnSettings
 
 ADMIN = "admin"
@@ -58,6 +58,8 @@ REJECTED = "cairn.event.rejected.v1"
 # subjects and the JetStream API calls the KV client makes), and the serving process's watch on
 # deployments. Each is explained where it is built.
 KV_USERS = ("tuning",)
+# Deployment moves the champion by compare-and-set on its record (services.deployment.lock).
+CHAMPION_KV_USERS = ("deployment",)
 
 
 @dataclass
@@ -134,6 +136,17 @@ def _kv_grants(g: Grants, bucket: str) -> None:
     )
 
 
+def _ledger_grants(g: Grants, bucket: str, service: str) -> None:
+    """The consumer policy's handled-inputs ledger (services.bus.ledger): a service puts and reads
+    only keys under its own name (`<service>.>`); reads are direct gets that name the key."""
+    kv_stream = f"KV_{bucket}"
+    g.add_pub(
+        f"$KV.{bucket}.{service}.>",
+        f"$JS.API.STREAM.INFO.{kv_stream}",
+        f"$JS.API.DIRECT.GET.{kv_stream}.$KV.{bucket}.{service}.>",
+    )
+
+
 def derive_permissions(settings: CairnSettings | None = None) -> dict[str, Grants]:
     """Every user and what it may publish and subscribe to, derived from contracts and services."""
     from services.catalog import SERVICES
@@ -147,15 +160,19 @@ def derive_permissions(settings: CairnSettings | None = None) -> dict[str, Grant
     for name in SERVICES:
         g = Grants(name, role=f"the {name} service")
         g.add_sub(f"{inbox_prefix(name)}.>")
+        g.add_pub(f"$JS.API.STREAM.INFO.{stream}")  # a service waits for the stream before it starts
         g.add_pub(*(subject_for(t, ns) for t, producer in sorted(PRODUCERS.items()) if producer == name))
         # Built as it runs under its own user, so the inboxes are the ones it will really use.
         consumers = service_consumers(name, base.model_copy(update={"nats_user": name}))
         if any(c.routed for c in consumers):  # the consumer policy may reject and dead-letter
-            g.add_pub(subject_for(REJECTED, ns), dead_letter_subject(name))
+            g.add_pub(subject_for(REJECTED, ns), dead_letter_subject(name, ns))
+            _ledger_grants(g, handled_bucket(ns), name)
         for consumer in consumers:
             _jetstream_consumer_grants(g, stream, consumer)
         if name in KV_USERS:
             _kv_grants(g, study_bucket(ns))
+        if name in CHAMPION_KV_USERS:
+            _kv_grants(g, champion_bucket(ns))
         users[name] = g
 
     # The inference endpoint: reads deployments through its own short-lived push consumers, whose
@@ -408,7 +425,15 @@ def check_artifact_uri(uri: str, settings: CairnSettings) -> str:
     from urllib.parse import unquote, urlsplit
 
     root = settings.artifacts.rstrip("/")
+    # NUL (raw or %00) and other control characters name no stored artifact, and NUL would make
+    # the path resolution below raise instead of refusing.
+    if any(ord(c) < 32 or ord(c) == 127 for c in uri + unquote(uri)):
+        raise ArtifactLocationError(f"artifact {uri[:200]!r} contains a control character (NUL, ...)")
     parts, root_parts = urlsplit(uri), urlsplit(root)
+    if any(len(name.encode()) > 255 for name in unquote(parts.path).split("/")):
+        # Longer than any file system's name limit: no artifact is stored there, and reading it
+        # would fail as an OSError, which handlers retry as an outage.
+        raise ArtifactLocationError(f"artifact {uri[:200]!r} has a path segment over 255 bytes")
     scheme = (parts.scheme or "file").lower()
     if scheme != (root_parts.scheme or "file").lower():
         raise ArtifactLocationError(f"artifact {uri[:200]!r} is not in the artifact store {root}")

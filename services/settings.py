@@ -18,7 +18,11 @@ RUNTIME_FILE = "runtime.json"
 class CairnSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CAIRN_", extra="ignore", frozen=True)
 
-    home: Path = Field(Path(".cairn"), description="State directory: artifacts, MLflow DB, runtime file.")
+    home: Path = Field(
+        Path("~/.cairn"),
+        description="State directory: artifacts, MLflow DB, runtime file; one per user, so every command "
+        "finds what `cairn up` started from any working directory.",
+    )
 
     # The bus
     nats_url: str | None = Field(None, description="NATS URL; unset: the one `cairn up` recorded in home.")
@@ -40,10 +44,28 @@ class CairnSettings(BaseSettings):
     retry_backoff_s: list[float] = Field(
         default_factory=lambda: [1.0, 5.0, 15.0, 30.0], description="nak delays between attempts."
     )
+    handler_timeout_s: float = Field(
+        600.0, gt=0, description="Longest one attempt of a step may run; past it the attempt fails (retried)."
+    )
+    training_timeout_s: float = Field(
+        3600.0, gt=0, description="The same bound for training's trials and final fits, which run longer."
+    )
+    handled_ttl_s: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="How long the handled-inputs ledger (KV cairn_handled) remembers an input; a new or "
+        "recreated durable consumer starts this far back in the stream.",
+    )
 
     # State and compute
     artifacts_url: str | None = Field(None, description="fsspec URL of the artifact store.")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default SQLite under home.")
+    mlflow_http_retries: int = Field(
+        0, ge=0, le=10, description="MLflow client retries per HTTP call; the bus policy retries the event."
+    )
+    mlflow_http_timeout_s: int = Field(
+        10, ge=1, description="MLflow client timeout per HTTP request, so an outage fails in seconds."
+    )
     dask: str = Field("local", description="'local', a scheduler address tcp://host:8786, or 'kubernetes'.")
     dask_workers: int | None = Field(None, ge=1, description="LocalCluster workers; default: one per core.")
     dask_k8s_cluster: str = Field("cairn-dask", description="DaskCluster resource name (kubernetes).")
@@ -51,11 +73,24 @@ class CairnSettings(BaseSettings):
     dask_image: str | None = Field(None, description="Worker image for a DaskCluster created by training.")
     dask_gpu_workers: int = Field(0, ge=0, description="GPU worker group size (kubernetes).")
     trial_concurrency: int | None = Field(None, ge=1, description="Trials in flight per training replica.")
+    dask_tls_ca: Path | None = Field(
+        None, description="CA signing the Dask scheduler's and workers' certificates; with it CAIRN_DASK is tls://."
+    )
+    dask_tls_cert: Path | None = Field(None, description="Certificate shown to the Dask scheduler (mTLS).")
+    dask_tls_key: Path | None = Field(None, description="Key of CAIRN_DASK_TLS_CERT.")
+    dask_local_tls: bool = Field(
+        True,
+        description="LocalCluster comms over TLS with a throwaway in-memory certificate, so other users of "
+        "the host cannot submit tasks to it over loopback.",
+    )
 
     # Ingestion limits
     allowed_schemes: list[str] = Field(default_factory=lambda: ["file"], description="Readable URL schemes.")
     allowed_roots: list[str] = Field(
         default_factory=list, description="Readable path prefixes; default: the working directory."
+    )
+    allow_private_hosts: bool = Field(
+        False, description="Let http(s) sources reach private and loopback addresses (on-premises data)."
     )
     max_dataset_bytes: int = Field(512 * 1024 * 1024, gt=0, description="Largest dataset accepted.")
     max_columns: int = Field(2000, gt=0, description="Widest dataset accepted.")

@@ -3,14 +3,22 @@
 Runs carry tags that link back to the event log (event id, correlation id) and the artifact
 store (hashes), so either side can be reached from the other. Writes are idempotent: a run is
 found by its event id before a second one is created.
+
+Registry reads tell "no champion yet" (None) from "registry unreachable" (`RegistryUnavailable`,
+retried by the bus policy): treating an outage as "no champion" would let any challenger through.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
@@ -19,14 +27,40 @@ from mlflow.exceptions import MlflowException
 from services.local_store import schema_lock
 
 EVENT_TAG = "cairn.event_id"
+SHA_TAG = "cairn.model_sha256"
+URI_TAG = "cairn.model_uri"  # where the bundle is in cairn's artifact store
+BUNDLE_DIR = "cairn-model"  # run artifact folder holding the bundle when MLflow keeps it
+REMOTE_SCHEMES = frozenset({"http", "https", "databricks"})
+MLFLOW_SOURCE_SCHEMES = frozenset({"runs", "mlflow-artifacts"})
+
+
+class RegistryUnavailable(RuntimeError):
+    """The registry did not answer (connection refused, timeout, 5xx): retry, never 'no champion'."""
 
 
 @dataclass(frozen=True)
 class Champion:
     version: int
     model_sha256: str
-    model_uri: str
+    model_uri: str  # the bundle in cairn's store (tag), or the registry source for older versions
     run_id: str | None
+    source: str = ""  # the registry's own source (runs:/..., or a store URI on local registries)
+
+
+def is_absent(exc: MlflowException) -> bool:
+    """Only these mean 'nothing there': no such registered model, or no such alias on it."""
+    if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    message = str(exc).lower()
+    return exc.error_code == "INVALID_PARAMETER_VALUE" and "alias" in message and "not found" in message
+
+
+def bound_http_client(retries: int, timeout_s: int) -> None:
+    """MLflow's REST client reads its retry policy from the environment only (default: 7 retries
+    with exponential backoff, 120 s timeouts, minutes per call): bound it, so an outage fails an
+    attempt in seconds and the bus policy's nak backoff does the waiting."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(retries)
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout_s)
 
 
 class Tracker:
@@ -36,7 +70,16 @@ class Tracker:
             self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
             self.client.search_experiments(max_results=1)
             self.client.search_registered_models(max_results=1)
+        self.tracking_uri = tracking_uri
+        # A tracking server refuses model versions whose source is a local path outside the run's
+        # artifacts, so there the bundle is logged as a run artifact (MLflow keeps a copy).
+        self.remote = urlsplit(tracking_uri).scheme in REMOTE_SCHEMES
         self._experiments: dict[str, str] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Tracker:
+        bound_http_client(settings.mlflow_http_retries, settings.mlflow_http_timeout_s)
+        return cls(settings.tracking_uri)
 
     def experiment(self, name: str) -> str:
         if name not in self._experiments:
@@ -86,16 +129,38 @@ class Tracker:
 
     # Registry -----------------------------------------------------------------------------
     def champion(self, model_name: str) -> Champion | None:
+        """The version under the `champion` alias; None only when there is none (not on outages)."""
         try:
             mv = self.client.get_model_version_by_alias(model_name, "champion")
-        except MlflowException:
-            return None
-        return Champion(int(mv.version), mv.tags.get("cairn.model_sha256", ""), mv.source, mv.run_id)
+        except MlflowException as exc:
+            if is_absent(exc):
+                return None
+            raise RegistryUnavailable(f"MLflow registry {self.tracking_uri}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a database or network error below the client
+            raise RegistryUnavailable(
+                f"MLflow registry {self.tracking_uri}: {type(exc).__name__}: {exc}"
+            ) from exc
+        return Champion(
+            int(mv.version), mv.tags.get(SHA_TAG, ""), mv.tags.get(URI_TAG) or mv.source, mv.run_id, mv.source
+        )
 
     def register(
-        self, model_name: str, *, source: str, run_id: str, sha256: str, evidence_event_id: str, size: int
+        self,
+        model_name: str,
+        *,
+        source: str,
+        run_id: str,
+        sha256: str,
+        evidence_event_id: str,
+        size: int,
+        files: Mapping[str, bytes] | None = None,
     ) -> int:
-        """Register (idempotently, keyed by the evaluation event) and return the version."""
+        """Register (idempotently, keyed by the evaluation event) and return the version.
+
+        `source` is the bundle in cairn's store (kept in a tag). Against a tracking server `files`
+        (the verified bundle bytes by name) are logged as artifacts of the model's run and the
+        version points at `runs:/<run>/cairn-model`, the source MLflow accepts and can serve.
+        """
         with contextlib.suppress(MlflowException):
             self.client.create_registered_model(
                 model_name, description="cairn champion line; the alias history lives in the event log"
@@ -103,17 +168,48 @@ class Tracker:
         for mv in self.client.search_model_versions(f"name = '{model_name}'"):
             if mv.tags.get("cairn.evidence_event_id") == evidence_event_id:
                 return int(mv.version)
+        registered = source
+        if self.remote:
+            if not files:
+                raise ValueError("a tracking server needs the bundle files to register a model")
+            self._log_files(run_id, files)
+            registered = f"runs:/{run_id}/{BUNDLE_DIR}"
         mv = self.client.create_model_version(
             model_name,
-            source=source,
+            source=registered,
             run_id=run_id,
             tags={
-                "cairn.model_sha256": sha256,
+                SHA_TAG: sha256,
+                URI_TAG: source,
                 "cairn.evidence_event_id": evidence_event_id,
                 "cairn.model_size": str(size),
             },
         )
         return int(mv.version)
+
+    def _log_files(self, run_id: str, files: Mapping[str, bytes]) -> None:
+        """Same names, same bytes on a redelivery: logging again overwrites with identical content."""
+        with tempfile.TemporaryDirectory(prefix="cairn-bundle-") as tmp:
+            folder = Path(tmp) / BUNDLE_DIR
+            folder.mkdir()
+            for name, data in files.items():
+                (folder / name).write_bytes(data)
+            self.client.log_artifacts(run_id, str(folder), BUNDLE_DIR)
+
+    def download(self, source: str, dst: Path) -> Path:
+        """A version's source folder through MLflow (runs:/ or mlflow-artifacts:/), into dst."""
+        import mlflow.artifacts
+
+        try:
+            return Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=source, dst_path=str(dst), tracking_uri=self.tracking_uri
+                )
+            )
+        except MlflowException as exc:
+            if is_absent(exc):
+                raise FileNotFoundError(f"{source}: {exc}") from exc
+            raise RegistryUnavailable(f"MLflow artifacts {source}: {exc}") from exc
 
     def set_champion(self, model_name: str, version: int) -> None:
         self.client.set_registered_model_alias(model_name, "champion", str(version))

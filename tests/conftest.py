@@ -45,17 +45,24 @@ def nats_server(tmp_path: Path):
     server.stop()
 
 
-def make_settings(url: str, home: Path, **overrides: Any) -> CairnSettings:
+def make_settings(url: str, workspace: Path, **overrides: Any) -> CairnSettings:
+    """Settings for a test system: cairn's home is `workspace/home`; data the test writes goes in
+    `data_dir(settings)` (the workspace), beside the home and never in it, as on a real machine."""
     base: dict[str, Any] = {
-        "home": home,
+        "home": workspace / "home",
         "nats_url": url,
         "ack_wait_s": 3.0,
         "retry_backoff_s": [0.2, 0.5],
         "max_deliver": 3,
-        "allowed_roots": [str(home)],
+        "allowed_roots": [str(workspace)],
         "serve_port": 0,
     }
     return CairnSettings(**{**base, **overrides})
+
+
+def data_dir(settings: CairnSettings) -> Path:
+    """Where a test keeps its data files: readable by ingestion, outside cairn's home."""
+    return Path(settings.allowed_roots[0])
 
 
 @pytest.fixture

@@ -156,3 +156,43 @@ def test_dev_ports_only_in_the_override(base: dict[str, Any], dev: dict[str, Any
     assert ("127.0.0.1", "8080") in published["inference"]
     assert ("127.0.0.1", "5000") in published["mlflow"]
     assert all(ip == "127.0.0.1" for ports in published.values() for ip, _ in ports)
+
+
+def test_dask_talks_mutual_tls(base: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scheduler, workers and training hold the generated certificates and use them; no one else."""
+    from services.dask_tls import CA, CA_KEY, CERT, KEY
+    from services.settings import CairnSettings
+
+    folder = "/etc/cairn/dask-tls"
+    flags = {
+        "--tls-ca-file": f"{folder}/{CA}",
+        "--tls-cert": f"{folder}/{CERT}",
+        "--tls-key": f"{folder}/{KEY}",
+    }
+    generated = {f"{folder}/{name}": COMPOSE_DIR / "dask-tls" / name for name in (CA, CERT, KEY)}
+    holders = ("dask-scheduler", "dask-worker", "training")
+    for name, svc in base["services"].items():
+        binds = {v["target"]: v for v in svc.get("volumes", []) if v["type"] == "bind"}
+        assert CA_KEY not in {Path(v["source"]).name for v in binds.values()}, name  # never mounted
+        if name in holders:
+            assert {target: Path(v["source"]) for target, v in binds.items()} == generated, name
+            assert all(v["read_only"] for v in binds.values()), name
+        else:  # the key lets its holder run code on the workers
+            assert not binds, name
+            assert not any(k.startswith("CAIRN_DASK_TLS") for k in svc.get("environment", {})), name
+    for name in ("dask-scheduler", "dask-worker"):
+        command = base["services"][name]["command"]
+        assert dict(a.split("=", 1) for a in command if a.startswith("--tls-")) == flags, name
+    assert base["services"]["dask-worker"]["command"][0] == "tls://dask-scheduler:8786"
+
+    env = base["services"]["training"]["environment"]
+    for key, value in env.items():
+        if key.startswith("CAIRN_"):
+            monkeypatch.setenv(key, value)
+    settings = CairnSettings()  # what the training container reads
+    assert (str(settings.dask_tls_ca), str(settings.dask_tls_cert), str(settings.dask_tls_key)) == tuple(
+        flags.values()
+    )
+    assert settings.dask == "tls://dask-scheduler:8786"
+    for name in (*SERVICES, "inference"):
+        assert base["services"][name]["environment"]["CAIRN_DASK"] == "tls://dask-scheduler:8786"

@@ -49,12 +49,13 @@ K8S_VERSIONS = ("1.30.0", latest_version())
 CRD_GROUPS = {"kubernetes.dask.org", "keda.sh", "monitoring.coreos.com"}
 
 # Every optional object switched on at once: the Dask objects, GPU workers, both autoscalers,
-# the ServiceMonitor, TLS, restricted ingress and extra egress.
+# the ServiceMonitor, TLS (NATS and Dask), restricted ingress and extra egress.
 EVERYTHING: dict[str, Any] = {
     "dask": {
         "operator": {"crdsInstalled": True},
         "workers": {"autoscaling": {"enabled": True, "minimum": 2, "maximum": 8}},
         "gpuWorkers": {"enabled": True, "replicas": 2},
+        "tls": {"enabled": True, "secretName": "cairn-dask-tls"},
     },
     "services": {
         "training": {"autoscaling": {"enabled": True, "type": "keda"}},
@@ -301,6 +302,8 @@ BAD_VALUES = {
     "unknown autoscaler": {"services": {"features": {"autoscaling": {"type": "vpa"}}}},
     "nats replicas 2": {"nats": {"internal": {"replicas": 2}}},
     "dask mode typo": {"dask": {"mode": "kubernetes"}},
+    "dask tls flag as text": {"dask": {"tls": {"enabled": "yes"}}},
+    "unknown dask tls key": {"dask": {"tls": {"enabled": True, "secret": "x"}}},
 }
 
 
@@ -330,6 +333,21 @@ INCONSISTENT = {
     },
     "set artifacts.url": {"artifacts": {"sharedVolume": {"enabled": False}}},
     "nats.tls.secretName": {"nats": {"tls": {"enabled": True}}},
+    "needs dask.tls.secretName": {"dask": {"operator": {"crdsInstalled": True}, "tls": {"enabled": True}}},
+    "dask.tls is for dask.mode operator or external": {
+        "dask": {"mode": "local", "tls": {"enabled": True, "secretName": "dask-tls"}}
+    },
+    "needs the chart's DaskCluster": {"dask": {"tls": {"enabled": True, "secretName": "dask-tls"}}},
+    "needs a tls:// dask.external.address": {
+        "dask": {
+            "mode": "external",
+            "external": {"address": "tcp://dask:8786"},
+            "tls": {"enabled": True, "secretName": "dask-tls"},
+        }
+    },
+    "a tls:// dask.external.address needs dask.tls.enabled=true": {
+        "dask": {"mode": "external", "external": {"address": "tls://dask:8786"}}
+    },
     "regenerate it for the new stream": {"config": {"stream": "OTHER"}},
 }
 
@@ -482,6 +500,121 @@ def test_dask_objects_wait_for_the_operator(
         one(remote, "Deployment", f"{RELEASE}-training")["spec"]["template"]["spec"]["containers"][0]
     )
     assert env["CAIRN_DASK"] == "tcp://dask:8786"
+
+
+def _dask_tls_files(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+    """{file path in the container: key of the Secret} for the dask-tls volume of a pod."""
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "dask-tls"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "dask-tls"]
+    assert mount["readOnly"] is True
+    assert volume["secret"]["defaultMode"] == 0o440  # the pod's fsGroup reads it, no one else
+    return {f"{mount['mountPath']}/{i['path']}": i["key"] for i in volume["secret"]["items"]}
+
+
+def _tls_flags(args: list[str]) -> dict[str, str]:
+    return {flag: args[args.index(flag) + 1] for flag in ("--tls-ca-file", "--tls-cert", "--tls-key")}
+
+
+def test_dask_talks_mutual_tls_with_the_secret(
+    everything_objects: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scheduler, every worker group and training mount the Secret and use it; nothing else does."""
+    import dask.config
+
+    from services.dask_tls import CA, CERT, KEY, DaskTLSError, client_security, kube_scheduler_address
+    from services.settings import CairnSettings
+
+    secret_keys = {"--tls-ca-file": "ca.crt", "--tls-cert": "tls.crt", "--tls-key": "tls.key"}
+    cluster = one(everything_objects, "DaskCluster", f"{RELEASE}-dask")
+    scheduler_pod = cluster["spec"]["scheduler"]["spec"]
+    (scheduler,) = scheduler_pod["containers"]
+    files = _dask_tls_files(scheduler_pod, scheduler)
+    assert {flag: files[path] for flag, path in _tls_flags(scheduler["args"]).items()} == secret_keys
+    # The operator's HTTP way in (its RPC fallback is plain tcp://): Dask's defaults plus the API,
+    # as Dask itself parses the variable.
+    routes = dask.config.collect_env(
+        {
+            "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES": env_of(scheduler)[
+                "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES"
+            ]
+        }
+    )["distributed"]["scheduler"]["http"]["routes"]
+    assert routes == [*dask.config.get("distributed.scheduler.http.routes"), "distributed.http.scheduler.api"]
+
+    address = f"tls://{RELEASE}-dask-scheduler.{NAMESPACE}.svc:8786"
+    groups = [
+        cluster["spec"]["worker"]["spec"],
+        one(everything_objects, "DaskWorkerGroup", f"{RELEASE}-dask-gpu")["spec"]["worker"]["spec"],
+    ]
+    for pod in groups:
+        (worker,) = pod["containers"]
+        files = _dask_tls_files(pod, worker)
+        assert {flag: files[path] for flag, path in _tls_flags(worker["args"]).items()} == secret_keys
+        # Set in the pod, so the operator does not add its own tcp:// address.
+        assert env_of(worker)["DASK_SCHEDULER_ADDRESS"] == address
+        assert not any(k.startswith("CAIRN_DASK_TLS") for k in env_of(worker))
+
+    training = one(everything_objects, "Deployment", f"{RELEASE}-training")["spec"]["template"]["spec"]
+    (container,) = training["containers"]
+    files = _dask_tls_files(training, container)
+    env = {k: v for k, v in env_of(container).items() if k.startswith("CAIRN_") and isinstance(v, str)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = CairnSettings()  # what the training pod's settings are, read from its environment
+    assert (files[str(settings.dask_tls_ca)], files[str(settings.dask_tls_cert)]) == (CA, CERT)
+    assert files[str(settings.dask_tls_key)] == KEY
+    assert settings.dask == "kubernetes" and kube_scheduler_address(settings) == address
+    with pytest.raises(DaskTLSError, match="not found"):  # files only the pod has, checked up front
+        client_security(settings)
+    # The key lets its holder run code on the workers: no other pod gets it.
+    for obj in everything_objects:
+        if obj["kind"] in ("Deployment", "Job", "Pod", "StatefulSet") and obj["metadata"]["name"] != (
+            f"{RELEASE}-training"
+        ):
+            spec = obj["spec"]["template"]["spec"] if obj["kind"] != "Pod" else obj["spec"]
+            assert "dask-tls" not in {v["name"] for v in spec.get("volumes", [])}, obj["metadata"]["name"]
+            for c in spec["containers"]:
+                assert not any(k.startswith("CAIRN_DASK_TLS") for k in env_of(c)), obj["metadata"]["name"]
+
+
+def test_dask_tls_with_an_external_scheduler() -> None:
+    objs = objects(
+        render(
+            {
+                "dask": {
+                    "mode": "external",
+                    "external": {"address": "tls://dask.example:8786"},
+                    "tls": {"enabled": True, "secretName": "dask-tls"},
+                }
+            }
+        )
+    )
+    validate_all(objs)
+    training = one(objs, "Deployment", f"{RELEASE}-training")["spec"]["template"]["spec"]
+    (container,) = training["containers"]
+    env = env_of(container)
+    assert env["CAIRN_DASK"] == "tls://dask.example:8786"
+    files = _dask_tls_files(training, container)
+    assert [files[env[f"CAIRN_DASK_TLS_{k}"]] for k in ("CA", "CERT", "KEY")] == [
+        "ca.crt",
+        "tls.crt",
+        "tls.key",
+    ]
+
+
+def test_dask_without_tls_is_unchanged(default_objects: list[dict[str, Any]]) -> None:
+    objs = objects(render({"dask": {"operator": {"crdsInstalled": True}}}))
+    cluster = one(objs, "DaskCluster", f"{RELEASE}-dask")
+    (scheduler,) = cluster["spec"]["scheduler"]["spec"]["containers"]
+    (worker,) = cluster["spec"]["worker"]["spec"]["containers"]
+    assert "--tls-cert" not in scheduler["args"] + worker["args"]
+    assert "DASK_SCHEDULER_ADDRESS" not in env_of(worker)  # the operator's own
+    for obj in (*objs, *default_objects):
+        if obj["kind"] == "Deployment":
+            assert not any(
+                k.startswith("CAIRN_DASK_TLS")
+                for k in env_of(obj["spec"]["template"]["spec"]["containers"][0])
+            )
 
 
 def test_rbac_is_a_least_privilege_role_for_training(everything_objects: list[dict[str, Any]]) -> None:

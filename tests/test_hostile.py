@@ -45,6 +45,8 @@ from services.catalog import SERVICES, build_service
 
 CORPUS = Path(__file__).parent / "hostile"
 MAX_PAYLOAD = 8 * 1024 * 1024
+LONG_SEGMENT = "n" * 400  # a file name over any file system's 255-byte limit
+OVER_LONG = "o" * 3000  # a URI over the contracts' 2,048 characters
 
 
 class Listener:
@@ -304,6 +306,8 @@ async def test_hostile_corpus_is_rejected_by_every_service_and_nothing_else_is_l
                 text.replace("{ROOT}", str(home))
                 .replace("{LOOPBACK}", listener.url)
                 .replace("{CSV}", str(valid_csv))
+                .replace("{LONG_SEGMENT}", LONG_SEGMENT)
+                .replace("{OVER_LONG}", OVER_LONG)
             )
             eid = fresh_id()
             await corpus.send(
@@ -340,17 +344,46 @@ async def test_hostile_corpus_is_rejected_by_every_service_and_nothing_else_is_l
             ("evaluation", "cairn.model.trained.v1", "model"),
             ("deployment", "cairn.model.evaluated.v1", "model"),
         ]
+        uri_spec = json.loads((CORPUS / "artifact_uris.json").read_text())
+        fill = {
+            "{STORE}": system.settings.artifacts,
+            "{LOOPBACK}": listener.url,
+            "{LONG_SEGMENT}": LONG_SEGMENT,
+            "{OVER_LONG}": OVER_LONG,
+        }
         for service, event_type, field in artifact_cases:
-            for label, mutate, expect in (
-                ("loopback-artifact", point(field, uri=out), "artifact URI outside the artifact store"),
-                (
-                    "etc-passwd-artifact",
-                    point(field, uri="file:///etc/passwd"),
-                    "artifact URI outside the artifact store",
-                ),
-            ):
-                eid, body = variant(run[event_type], mutate)
-                await corpus.send(service, event_type, body, f"{service}:{label}", expect, "event", eid)
+            for case in uri_spec["cases"]:
+                uri, expect = case["uri"], case["expect"].replace("{TYPE}", event_type)
+                for k, v in fill.items():
+                    uri = uri.replace(k, v)
+                eid, body = variant(run[event_type], point(field, uri=uri))
+                label = f"{service}:{case['name']}"
+                await corpus.send(service, event_type, body, label, expect, "event", eid)
+        # Fields that reach a query or a key: MLflow filter strings (model names), tuning's KV keys
+        # (study ids), MLflow's API (run ids). Their patterns refuse quotes, wildcards and slashes.
+        field_cases = [
+            ("training", "cairn.trial.requested.v1", "model_name", "x' or name like '%", "data.model_name"),
+            ("tuning", "cairn.trial.completed.v1", "study_id", "study.*.>", "data.study_id"),
+            ("evaluation", "cairn.model.trained.v1", "mlflow_run_id", "../../etc", "data.mlflow_run_id"),
+            (
+                "deployment",
+                "cairn.model.evaluated.v1",
+                "context.model_name",
+                "x' or '1'='1",
+                "data.context.model_name",
+            ),
+        ]
+        for service, event_type, field, value, where in field_cases:
+
+            def put(data: dict[str, Any], field: str = field, value: str = value) -> None:
+                *path, last = field.split(".")
+                for p in path:
+                    data = data[p]
+                data[last] = value
+
+            eid, body = variant(run[event_type], put)
+            expect = f"{where}: String should match pattern"
+            await corpus.send(service, event_type, body, f"{service}:hostile-{field}", expect, "event", eid)
         tampered = [
             ("features", "cairn.dataset.ingested.v1", "dataset", "IntegrityError", "event"),
             ("training", "cairn.trial.requested.v1", "featureset", "IntegrityError", "event"),
@@ -561,7 +594,8 @@ def test_allow_listed_network_sources_still_refuse_internal_addresses_and_foreig
     """When an operator allow-lists http or s3, roots are matched on a '/' boundary and http(s)
     never reaches loopback, link-local (cloud metadata) or private addresses. Nothing is fetched:
     resolve_source decides before any byte is read."""
-    from services.ingestion.logic import DataProblem, resolve_source
+    from services.ingestion.problems import DataProblem
+    from services.ingestion.sources import resolve_source
     from services.settings import CairnSettings
 
     settings = CairnSettings(

@@ -18,7 +18,7 @@ from sklearn.datasets import load_breast_cancer, load_diabetes
 from contracts import DataArrived, Envelope, SearchStrategy, TuningSpec, decode, new_event
 from services import supervisor
 from services.bus.connection import connect
-from tests.conftest import TERMINAL, make_settings
+from tests.conftest import TERMINAL, data_dir, make_settings
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +92,7 @@ def quick(trials: int, *families: str, strategy: str = "asha", budget: int = 60)
 
 async def test_regression_from_arrival_to_served_model(system):
     settings, runtime = system
-    csv = Path(settings.home) / "diabetes.csv"
+    csv = data_dir(settings) / "diabetes.csv"
     load_diabetes(as_frame=True, scaled=False).frame.to_csv(csv, index=False)
     run = await run_pipeline(
         settings, DataArrived(uri=csv.as_uri(), target="target", tuning=quick(9, "xgboost", "linear"))
@@ -136,7 +136,7 @@ async def test_classification_from_arrival_to_served_model(system):
     data = load_breast_cancer(as_frame=True)
     frame = data.frame.iloc[:, list(range(8)) + [-1]].copy()
     frame["target"] = frame["target"].map({0: "malignant", 1: "benign"})
-    csv = Path(settings.home) / "cancer.csv"
+    csv = data_dir(settings) / "cancer.csv"
     frame.to_csv(csv, index=False)
     run = await run_pipeline(
         settings,
@@ -171,7 +171,7 @@ def nonlinear_csv(path: Path, rows: int = 1500) -> Path:
 
 async def test_better_model_takes_over_and_worse_one_fails_the_gate(system):
     settings, runtime = system
-    csv = nonlinear_csv(Path(settings.home) / "curve.csv")
+    csv = nonlinear_csv(data_dir(settings) / "curve.csv")
     first = await run_pipeline(
         settings,
         DataArrived(
@@ -217,7 +217,7 @@ async def test_better_model_takes_over_and_worse_one_fails_the_gate(system):
 
 async def test_rejected_dataset_never_reaches_training(system):
     settings, _ = system
-    csv = Path(settings.home) / "no_target.csv"
+    csv = data_dir(settings) / "no_target.csv"
     csv.write_text("a,b\n" + "".join(f"{i},{i * 2}\n" for i in range(50)))
     run = await run_pipeline(settings, DataArrived(uri=csv.as_uri(), target="y"))
     assert [e.type for e in run] == ["cairn.data.arrived.v1", "cairn.data.rejected.v1"]
@@ -255,7 +255,7 @@ async def test_text_generation_from_corpus_to_generate_and_bit_identical_replay(
     from services.lineage.replay import replay
 
     settings, runtime = system
-    corpus = stdlib_corpus(Path(settings.home))
+    corpus = stdlib_corpus(data_dir(settings))
     spec = TuningSpec(trials=2, strategy=SearchStrategy.random, max_budget=40, vocab_size=320)
     run = await run_pipeline(settings, DataArrived(uri=corpus.as_uri(), task="text_generation", model_name="pytext",
                                                    tuning=spec))
@@ -288,7 +288,7 @@ async def test_text_generation_from_corpus_to_generate_and_bit_identical_replay(
 
 async def test_mlp_family_inside_a_tabular_tuning_run(system):
     settings, runtime = system
-    csv = nonlinear_csv(Path(settings.home) / "mlp.csv", rows=800)
+    csv = nonlinear_csv(data_dir(settings) / "mlp.csv", rows=800)
     run = await run_pipeline(settings, DataArrived(uri=csv.as_uri(), target="y", model_name="mlpcurve",
                                                    tuning=quick(4, "mlp", "linear", strategy="random", budget=30)))
     trials = of_type(run, "cairn.trial.completed.v1")

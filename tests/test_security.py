@@ -49,7 +49,7 @@ def secure(tmp_path_factory):
     def settings_for(user: str | None, **overrides: Any) -> CairnSettings:
         env = credentials_env(auth, user) if user else {}
         fields = {
-            "home": home,
+            "home": home / "state",  # the data the tests write sits beside cairn's home, never in it
             "nats_url": server.url,
             "allowed_roots": [str(home)],
             "serve_port": 0,
@@ -314,10 +314,11 @@ async def test_tls_needs_our_ca_and_a_client_certificate(secure):
 
 # Every service under its own user --------------------------------------------------------------
 def spawn_all(home: Path, auth: Path, settings: CairnSettings) -> dict[str, Any]:
-    (home / "logs").mkdir(exist_ok=True)
+    state = settings.home_dir
+    (state / "logs").mkdir(parents=True, exist_ok=True)
     base = {
         **os.environ,
-        "CAIRN_HOME": str(home),
+        "CAIRN_HOME": str(state),
         "CAIRN_NATS_URL": settings.nats_url,
         "CAIRN_ALLOWED_ROOTS": json.dumps([str(home)]),
         "CAIRN_DASK_WORKERS": "1",
@@ -326,15 +327,15 @@ def spawn_all(home: Path, auth: Path, settings: CairnSettings) -> dict[str, Any]
     for name in SERVICES:
         port = supervisor._free_port()  # noqa: SLF001
         env = {**base, **credentials_env(auth, name), "CAIRN_HTTP_PORT": str(port)}
-        runtime["pids"][name] = supervisor.spawn(["run", name], env, home / "logs" / f"{name}.log").pid
+        runtime["pids"][name] = supervisor.spawn(["run", name], env, state / "logs" / f"{name}.log").pid
         runtime["health"][name] = f"http://127.0.0.1:{port}"
     port = supervisor._free_port()  # noqa: SLF001
     env = {**base, **credentials_env(auth, "serve")}
     runtime["pids"]["serve"] = supervisor.spawn(
-        ["serve", "--port", str(port)], env, home / "logs" / "serve.log"
+        ["serve", "--port", str(port)], env, state / "logs" / "serve.log"
     ).pid
     runtime["serve_url"] = f"http://127.0.0.1:{port}"
-    (home / "runtime.json").write_text(json.dumps(runtime))
+    (state / "runtime.json").write_text(json.dumps(runtime))
     return runtime
 
 
@@ -350,7 +351,7 @@ def least_privilege(secure):
         assert not supervisor.wait_ready(runtime, 180), "a service did not start under its own user"
         yield runtime
     finally:
-        supervisor.down(CairnSettings(home=home))
+        supervisor.down(admin)
 
 
 @pytest.mark.slow
@@ -393,7 +394,7 @@ async def test_every_service_works_under_its_own_user_over_mutual_tls(secure, le
     refused = [line for line in server_log if "Violation" in line and ':cairn-test"' not in line]
     assert not refused, refused[:5]  # the services needed nothing they were not granted
     # Nothing in the artifact store is a pickle (protocol 2+ starts with 0x80, then the version).
-    stored = [p for p in (home / "artifacts").rglob("*") if p.is_file()]
+    stored = [p for p in (settings_for("admin").home_dir / "artifacts").rglob("*") if p.is_file()]
     assert stored and not [
         p for p in stored if p.read_bytes()[:2] in {b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"}
     ]
@@ -454,16 +455,17 @@ async def test_a_tampered_model_is_refused_by_evaluation_and_the_inference_serve
         # A fresh endpoint process (a restart, a new replica) will not load the tampered champion.
         os.killpg(runtime["pids"]["serve"], 15)
         port = supervisor._free_port()  # noqa: SLF001
+        state = settings_for("admin").home_dir
         env = {
             **os.environ,
-            "CAIRN_HOME": str(home),
+            "CAIRN_HOME": str(state),
             "CAIRN_NATS_URL": server.url,
             **credentials_env(auth, "serve"),
         }
         runtime["pids"]["serve"] = supervisor.spawn(
-            ["serve", "--port", str(port)], env, home / "logs" / "serve2.log"
+            ["serve", "--port", str(port)], env, state / "logs" / "serve2.log"
         ).pid
-        (home / "runtime.json").write_text(json.dumps(runtime))
+        (state / "runtime.json").write_text(json.dumps(runtime))
         fresh = f"http://127.0.0.1:{port}"
         assert not supervisor.wait_ready(
             {"pids": {"serve": runtime["pids"]["serve"]}, "serve_url": fresh}, 60

@@ -1,13 +1,19 @@
 """The one consumer policy every service uses.
 
 - Durable *pull* consumer, shared by every replica of the service (work is split, not copied).
+  A new or recreated durable starts `handled_ttl_s` back in the stream, not at its beginning.
 - Manual acknowledgement: FastStream's NATS default (REJECT_ON_ERROR) would terminate a message
   on any exception; here a failure is retried with a delay instead.
-- A long step renews its lease with in-progress acks, so ack wait can stay short for crashes.
+- A long step renews its lease with in-progress acks, so ack wait can stay short for crashes; but
+  each attempt is bounded (`Route.handler_timeout_s`), so a hung step cannot hold a message forever.
 - Bounded attempts: past `max_deliver` (also after crashes, which the server counts) the message
-  is dead-lettered on `cairn.dlq.<service>` with a rejection event naming the reason. The server's
-  own MaxDeliver is unlimited so that nothing is ever silently left behind.
-- Invalid payloads are dead-lettered at once: no retry can fix them.
+  is dead-lettered on `<namespace>.dlq.<service>` with a rejection event naming the reason and, when
+  the bytes decode, the original event (id, type, run). The server's own MaxDeliver is unlimited
+  so that nothing is ever silently left behind.
+- Input no retry can fix is dead-lettered at once: invalid payloads, artifact URIs outside the
+  store, and anything that raises before the handler runs.
+- Exactly one result per cause: inputs already handled are recognised by the ledger
+  (services.bus.ledger), beyond the stream's duplicate window too.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from faststream.middlewares import AckPolicy
@@ -39,11 +46,15 @@ from contracts import (
 from contracts.types import ArtifactRef, Contract
 from services.artifacts import IntegrityError
 from services.bus.connection import inbox_prefix
+from services.bus.ledger import OK, PENDING, REJECTED, HandledLedger, Record
 from services.bus.metrics import ServiceMetrics
 from services.bus.publisher import EventPublisher
 from services.settings import CairnSettings
 
 log = logging.getLogger(__name__)
+
+# After a timeout the handler is cancelled; one that ignores cancellation is abandoned after this.
+CANCEL_GRACE_S = 5.0
 
 
 class PermanentError(Exception):
@@ -54,6 +65,13 @@ class PermanentError(Exception):
         self.reason = reason
         self.problems = list(problems)
         self.event = event
+
+
+class HandlerTimeout(Exception):
+    """One attempt ran past its route's bound: it counts as failed (retried, then dead-lettered)."""
+
+    def __init__(self, seconds: float):
+        super().__init__(f"timed out after {seconds:g} s")
 
 
 @dataclass
@@ -70,6 +88,22 @@ class Delivery:
 
     async def in_progress(self) -> None:
         await self.message.in_progress()
+
+
+@dataclass
+class Inbound:
+    """One delivery as received, decoded as far as it goes (never raises)."""
+
+    body: bytes
+    subject: str
+    seq: int | None
+    attempt: int
+    message: NatsMessage = field(repr=False)
+    event: Envelope[Any] | None = None
+    raw_doc: dict[str, Any] | None = None  # the JSON object, when it parsed but did not validate
+    problem: str | None = None  # why it is no valid event here
+    problems: list[str] = field(default_factory=list)
+    key: str = ""  # its entry in the ledger
 
 
 Handler = Callable[[Envelope[Any], Delivery], Awaitable[Sequence[Envelope[Any]]]]
@@ -96,7 +130,9 @@ class EventConsumer:
         settings: CairnSettings,
         publisher: EventPublisher,
         metrics: ServiceMetrics,
+        ledger: HandledLedger,
         ack_wait_s: float | None = None,
+        handler_timeout_s: float | None = None,
     ):
         self.service = service
         self.payload_cls = payload_cls
@@ -105,76 +141,98 @@ class EventConsumer:
         self.settings = settings
         self.publisher = publisher
         self.metrics = metrics
+        self.ledger = ledger
         self.ack_wait_s = ack_wait_s or settings.ack_wait_s
+        self.handler_timeout_s = handler_timeout_s or settings.handler_timeout_s
         self.source = f"/cairn/{service}"
 
     async def __call__(self, body: bytes, message: NatsMessage) -> None:
-        raw = message.raw_message
-        meta = raw.metadata
-        attempt = meta.num_delivered
-        seq = meta.sequence.stream
-        if attempt > self.settings.max_deliver:
-            await self._dead_letter(
-                body, raw.subject, seq, attempt, f"gave up after {attempt - 1} attempts", [], message
-            )
-            return
+        """Every step from receipt to ack is inside the policy: nothing raised here escapes it."""
+        inbound = self._receive(body, message)
         try:
-            event = _decode(body, self.event_type)
-        except ContractError as exc:
-            await self._dead_letter(body, raw.subject, seq, attempt, exc.reason, exc.problems, message, exc.raw)
+            record = await self.ledger.get(inbound.key)
+        except Exception as exc:  # noqa: BLE001 - the ledger is infrastructure: retry, then dead-letter
+            await self._failed(inbound, f"handled-inputs ledger: {type(exc).__name__}: {exc}")
             return
-        except (RecursionError, MemoryError, ValueError, TypeError) as exc:
-            # Hostile input the parser itself chokes on (JSON nested 100,000 deep, ...): without
-            # this the message would be redelivered on every ack wait until max_deliver.
-            await self._dead_letter(
-                body, raw.subject, seq, attempt, f"cannot decode: {type(exc).__name__}", [], message
-            )
+        if record is not None:
+            await self._already_handled(inbound, record)
             return
-
-        outside = _foreign_artifacts(event.data, self.settings)
+        if inbound.attempt > self.settings.max_deliver:
+            # Every attempt crashed the process (the server counts those deliveries too).
+            await self._dead_letter(inbound, f"gave up after {inbound.attempt - 1} attempts")
+            return
+        if inbound.problem is not None:
+            await self._dead_letter(inbound, inbound.problem, inbound.problems)
+            return
+        event = inbound.event
+        assert event is not None
+        try:
+            outside = _foreign_artifacts(event.data, self.settings)
+        except Exception as exc:  # noqa: BLE001 - an input that breaks a check is refused, not retried
+            await self._dead_letter(inbound, f"cannot check input: {type(exc).__name__}: {exc}")
+            return
         if outside:
             # Artifact URIs come from events; a forged one would make this service (or a Dask
             # worker) fetch an arbitrary address before the hash check could refuse the bytes.
-            await self._dead_letter(
-                body, raw.subject, seq, attempt, "artifact URI outside the artifact store: " + outside[0],
-                outside, message, event=event,
-            )
+            reason = "artifact URI outside the artifact store: " + outside[0]
+            await self._dead_letter(inbound, reason, outside)
             return
+        await self._handle(inbound, event)
 
+    def _receive(self, body: bytes, message: NatsMessage) -> Inbound:
+        raw = message.raw_message
+        meta = raw.metadata
+        inbound = Inbound(body, raw.subject, meta.sequence.stream, meta.num_delivered, message)
+        try:
+            inbound.event = _decode(body, self.event_type)
+        except ContractError as exc:
+            inbound.problem, inbound.problems, inbound.raw_doc = exc.reason, exc.problems, exc.raw
+        except Exception as exc:  # noqa: BLE001
+            # Hostile input the parser itself chokes on (JSON nested 100,000 deep, ...): without
+            # this the message would be redelivered on every ack wait until max_deliver.
+            inbound.problem = f"cannot decode: {type(exc).__name__}"
+        inbound.key = self.ledger.key(inbound.event, inbound.seq)
+        return inbound
+
+    async def _already_handled(self, inbound: Inbound, record: Record) -> None:
+        """A redelivery of an input already handled: never run the step again."""
+        if record.outcome == PENDING:
+            # The outputs were kept but maybe not all published: publish exactly those again.
+            try:
+                for out in record.outputs():
+                    await self.publisher.publish(out)
+                await self.ledger.done(inbound.key, OK, record.output_ids)
+            except Exception as exc:  # noqa: BLE001
+                await self._failed(inbound, f"republishing kept outputs: {type(exc).__name__}: {exc}")
+                return
+        log.info("%s: seq %s already handled (%s); acked", self.service, inbound.seq, record.outcome)
+        await inbound.message.ack()
+        self.metrics.handled.labels(self.service, self.event_type, "duplicate").inc()
+
+    async def _handle(self, inbound: Inbound, event: Envelope[Any]) -> None:
+        message = inbound.message
         self.metrics.in_flight.labels(self.service).inc()
         started = time.perf_counter()
         keepalive = asyncio.create_task(self._keep_alive(message))
         try:
-            outputs = await self.handler(event, Delivery(attempt, seq, message))
+            outputs = await self._run_handler(event, Delivery(inbound.attempt, inbound.seq, message))
+            if outputs:
+                await self.ledger.pending(inbound.key, outputs, self.publisher.max_payload())
             for out in outputs:
                 await self.publisher.publish(out)
+            await self.ledger.done(inbound.key, OK, [out.id for out in outputs])
         except PermanentError as exc:
-            await self._dead_letter(
-                body, raw.subject, seq, attempt, exc.reason, exc.problems, message, event=event, domain=exc.event
-            )
+            await self._dead_letter(inbound, exc.reason, exc.problems, domain=exc.event)
             return
         except IntegrityError as exc:
             # Content-addressed bytes that do not match their hash stay wrong on every retry.
-            await self._dead_letter(
-                body, raw.subject, seq, attempt, f"IntegrityError: {exc}", [], message, event=event
-            )
+            await self._dead_letter(inbound, f"IntegrityError: {exc}")
             return
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure is retried, then dead-lettered
-            reason = f"{type(exc).__name__}: {exc}"
-            if attempt >= self.settings.max_deliver:
-                log.exception("%s: %s failed for the last time", self.service, event.id)
-                await self._dead_letter(
-                    body, raw.subject, seq, attempt, f"failed {attempt} times; last: {reason}", [], message,
-                    event=event,
-                )
-                return
-            delay = self.settings.backoff(attempt)
-            log.warning("%s: %s failed (attempt %d), retry in %.1fs: %s", self.service, event.id, attempt, delay,
-                        reason)
-            self.metrics.handled.labels(self.service, self.event_type, "retried").inc()
-            await message.nack(delay=delay)
+            reason = str(exc) if isinstance(exc, HandlerTimeout) else f"{type(exc).__name__}: {exc}"
+            await self._failed(inbound, reason)
             return
         finally:
             keepalive.cancel()
@@ -182,6 +240,42 @@ class EventConsumer:
             self.metrics.latency.labels(self.service, self.event_type).observe(time.perf_counter() - started)
         await message.ack()
         self.metrics.handled.labels(self.service, self.event_type, "ok").inc()
+
+    async def _run_handler(self, event: Envelope[Any], delivery: Delivery) -> Sequence[Envelope[Any]]:
+        """The handler, bounded by `handler_timeout_s`; past it, cancelled and HandlerTimeout raised.
+
+        Cancelling stops coroutines, not threads: a handler waiting in `asyncio.to_thread` gives up
+        its result, but the thread runs on to its end (Python cannot stop it). Blocking code that may
+        hang must bound itself; a Dask future is only abandoned, the cluster finishes the task.
+        """
+        task = asyncio.ensure_future(self.handler(event, delivery))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.handler_timeout_s)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if done:
+            return task.result()
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        await asyncio.wait({task}, timeout=CANCEL_GRACE_S)
+        log.warning("%s: %s timed out after %gs", self.service, event.id, self.handler_timeout_s)
+        raise HandlerTimeout(self.handler_timeout_s)
+
+    async def _failed(self, inbound: Inbound, reason: str) -> None:
+        """A failure a retry may fix: nak with backoff, or dead-letter after the last attempt."""
+        attempt = inbound.attempt
+        name = inbound.event.id if inbound.event else f"seq {inbound.seq}"
+        if attempt >= self.settings.max_deliver:
+            log.error("%s: %s failed for the last time: %s", self.service, name, reason)
+            await self._dead_letter(inbound, f"failed {attempt} times; last: {reason}")
+            return
+        delay = self.settings.backoff(attempt)
+        log.warning(
+            "%s: %s failed (attempt %d), retry in %.1fs: %s", self.service, name, attempt, delay, reason
+        )
+        self.metrics.handled.labels(self.service, self.event_type, "retried").inc()
+        await inbound.message.nack(delay=delay)
 
     async def _keep_alive(self, message: NatsMessage) -> None:
         """Renew the lease while the handler runs; a dead process stops renewing and loses it."""
@@ -195,30 +289,29 @@ class EventConsumer:
 
     async def _dead_letter(
         self,
-        body: bytes,
-        subject: str,
-        seq: int | None,
-        attempt: int,
+        inbound: Inbound,
         reason: str,
-        problems: list[str],
-        message: NatsMessage,
-        raw_doc: dict[str, Any] | None = None,
-        event: Envelope[Any] | None = None,
+        problems: Sequence[str] = (),
         domain: Contract | None = None,
     ) -> None:
-        """Keep the original bytes on the DLQ subject, say why in an event, then stop redelivery."""
-        dlq = dead_letter_subject(self.service)
+        """Keep the original bytes on the DLQ subject, say why in an event, then stop redelivery.
+
+        The rejection names the original event and is caused by it whenever the bytes decode, so
+        whoever follows the run (`cairn submit --wait`) sees it end.
+        """
+        event, raw_doc, seq, body = inbound.event, inbound.raw_doc, inbound.seq, inbound.body
+        dlq = dead_letter_subject(self.service, self.settings.namespace)
         original_id = event.id if event else _text(raw_doc, "id")
         # Hostile input can make the reason itself huge (an 8 MB "type" is echoed in it): bound
         # what we write, so the rejection and the dead letter always fit in a message.
         reason = _bounded(reason, MAX_REASON_CHARS)
-        problems = [_bounded(p, MAX_PROBLEM_CHARS) for p in problems[:MAX_PROBLEMS]]
+        problems = [_bounded(p, MAX_PROBLEM_CHARS) for p in list(problems)[:MAX_PROBLEMS]]
         headers = {
             "Nats-Msg-Id": f"dlq-{self.service}-{self.settings.namespace}-{seq}",
             "Cairn-Reason": reason[:1000].replace("\n", " "),
-            "Cairn-Original-Subject": subject,
+            "Cairn-Original-Subject": inbound.subject,
             "Cairn-Stream-Sequence": str(seq),
-            "Cairn-Deliveries": str(attempt),
+            "Cairn-Deliveries": str(inbound.attempt),
         }
         room = self.publisher.max_payload() - DLQ_HEADROOM
         if len(body) > room:
@@ -232,11 +325,11 @@ class EventConsumer:
             service=self.service,
             reason=reason,
             errors=problems,
-            subject=subject,
+            subject=inbound.subject,
             stream_sequence=seq,
             original_id=original_id,
             original_type=event.type if event else _text(raw_doc, "type"),
-            deliveries=attempt,
+            deliveries=inbound.attempt,
             dead_letter_subject=dlq,
         )
         key = f"rejected:{self.service}:{seq}"
@@ -251,9 +344,19 @@ class EventConsumer:
                 correlation_id=correlation if correlation and _valid_id(correlation) else None,
             )
         await self.publisher.publish(rejection)
-        await message.reject()
+        try:
+            await self.ledger.done(inbound.key, REJECTED, [rejection.id])
+        except Exception:  # noqa: BLE001 - the dead letter stands; a redelivery would only repeat it
+            log.warning("%s: could not record the rejection of seq %s", self.service, seq, exc_info=True)
+        await inbound.message.reject()
         self.metrics.handled.labels(self.service, self.event_type, "rejected").inc()
         log.warning("%s: dead-lettered seq %s: %s", self.service, seq, reason)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Consume the outcome of an abandoned handler, so asyncio does not report it as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 MAX_REASON_CHARS = 2000
@@ -332,7 +435,12 @@ def subscribe(
         ack_wait=consumer.ack_wait_s,
         max_deliver=-1,
         max_ack_pending=max(64, 4 * max_workers),
-        deliver_policy=DeliverPolicy.ALL,
+        # A new durable (or one deleted and recreated, or renamed in an upgrade) starts as far back
+        # as the ledger remembers: older history is never re-run, newer inputs it already handled
+        # are recognised and acked, and nothing published while it was missing is skipped.
+        # An existing durable keeps its position (nats-py binds to it without changing it).
+        deliver_policy=DeliverPolicy.BY_START_TIME,
+        opt_start_time=datetime.now(UTC) - timedelta(seconds=settings.handled_ttl_s),
         filter_subject=subject,
     )
     options: dict[str, Any] = {}

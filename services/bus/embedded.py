@@ -13,7 +13,31 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child get SIGTERM when the process that spawned it dies.
+
+    So a supervisor killed with SIGKILL (which it cannot catch) leaves no orphan behind. Linux only
+    (`prctl(PR_SET_PDEATHSIG)`); elsewhere None, and `cairn down` remains the way to stop children.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 def server_binary() -> str:
@@ -37,17 +61,20 @@ class EmbeddedNats:
         host: str = "127.0.0.1",
         include: Path | None = None,
         sync_interval: str = "always",
+        tied_to_parent: bool = False,
     ):
         """`include`: a config file to include (e.g. the `auth.conf` from `cairn nats-config`, with
         users, permissions and TLS). nats-server resolves includes relative to the including file,
         so it is written as a relative path. `sync_interval`: keep "always" for the event log
-        (docs/RELIABILITY.md); other values ("2m", the server default) exist to measure its cost."""
+        (docs/RELIABILITY.md); other values ("2m", the server default) exist to measure its cost.
+        `tied_to_parent`: the server gets SIGTERM when this process dies, however it dies."""
         self.workdir = Path(workdir)
         self.port = port
         self.host = host
         self.extra_config = extra_config
         self.include = Path(include).resolve() if include else None
         self.sync_interval = sync_interval
+        self.tied_to_parent = tied_to_parent
         self.process: subprocess.Popen[bytes] | None = None
         self.url: str | None = None
 
@@ -87,6 +114,7 @@ jetstream {{
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent() if self.tied_to_parent else None,  # noqa: PLW1509
         )
         log.close()
         ports_file = self.workdir / "ports" / f"nats-server_{self.process.pid}.ports"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
@@ -52,7 +54,9 @@ async def provision_study_bucket(js: JetStreamContext, settings: CairnSettings, 
         await js.key_value(bucket)
     except (NotFoundError, BucketNotFoundError):
         await js.create_key_value(
-            KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.stream_replicas)
+            KeyValueConfig(
+                bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.stream_replicas
+            )
         )
 
 
@@ -61,7 +65,62 @@ def study_bucket(namespace: str) -> str:
     return "cairn_studies" if namespace == "cairn" else "cairn_studies_" + namespace.replace(".", "_")
 
 
+def champion_bucket(namespace: str) -> str:
+    """Deployment's champion record per model name (services.deployment.lock); replays get their own."""
+    return "cairn_champions" if namespace == "cairn" else "cairn_champions_" + namespace.replace(".", "_")
+
+
+async def provision_champion_bucket(js: JetStreamContext, settings: CairnSettings) -> None:
+    """One key per model name; its revision is the compare-and-set token for moving the champion."""
+    bucket = champion_bucket(settings.namespace)
+    try:
+        await js.key_value(bucket)
+    except (NotFoundError, BucketNotFoundError):
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=bucket,
+                description="cairn deployment: the champion decided for each model name",
+                history=1,
+                storage=StorageType.FILE,
+                replicas=settings.stream_replicas,
+            )
+        )
+
+
+def handled_bucket(namespace: str) -> str:
+    """The consumer policy's record of handled inputs (services.bus.ledger); replays get their own."""
+    return "cairn_handled" if namespace == "cairn" else "cairn_handled_" + namespace.replace(".", "_")
+
+
+async def provision_handled_bucket(js: JetStreamContext, settings: CairnSettings) -> None:
+    """One key per (service, input): kept `handled_ttl_s` (a week by default), then forgotten.
+
+    Direct get is on so that a service's reads go through a subject naming its own keys, which the
+    generated NATS permissions pin (services.security). A changed TTL is applied on the next run.
+    """
+    bucket = handled_bucket(settings.namespace)
+    try:
+        info = await js.stream_info(f"KV_{bucket}")
+    except NotFoundError:
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=bucket,
+                description="cairn consumer policy: inputs each service has handled, and their outputs",
+                history=1,
+                ttl=settings.handled_ttl_s,
+                storage=StorageType.FILE,
+                replicas=settings.stream_replicas,
+                direct=True,
+            )
+        )
+        return
+    if info.config.max_age != settings.handled_ttl_s:
+        await js.update_stream(replace(info.config, max_age=settings.handled_ttl_s))
+
+
 async def provision_all(js: JetStreamContext, settings: CairnSettings) -> str:
     done = await provision(js, settings)
     await provision_study_bucket(js, settings, study_bucket(settings.namespace))
+    await provision_champion_bucket(js, settings)
+    await provision_handled_bucket(js, settings)
     return done

@@ -1,7 +1,10 @@
 """deployment: model-evaluated (passed) -> registry version + `champion` alias -> model-deployed.
 
-One worker per replica and a check that the champion is still the one the evaluation compared
-against: two challengers evaluated at once cannot both take over on stale evidence.
+A decision counts only against the champion it was compared with. The champion moves by
+compare-and-set on its record in the champion lock (services.deployment.lock), so of two
+decisions in flight for one model on two replicas only one can move it; the other is stale and
+goes back to evaluation as an `evaluation-requested` event, to be decided against the new
+champion: a challenger is never promoted on evidence about a champion that is no longer there.
 """
 
 from __future__ import annotations
@@ -10,54 +13,101 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from contracts import DeploymentFailed, Envelope, ModelDeployed, ModelEvaluated, new_event
-from services.artifacts import IntegrityError, read_verified
+from contracts import (
+    DeploymentFailed,
+    Envelope,
+    EvaluationRequested,
+    ModelDeployed,
+    ModelEvaluated,
+    new_event,
+)
+from services.artifacts import IntegrityError
 from services.bus.consumer import Delivery, PermanentError
+from services.deployment.lock import ChampionLock, settle_alias
+from services.deployment.logic import Action, ChampionRecord, decide
+from services.model_loading import UnusableModel, bundle_files
 from services.runtime import Route, Service
 from services.tracking import Tracker
 
 
-def deploy(event: Envelope[ModelEvaluated], tracker: Tracker) -> ModelDeployed:
-    evaluated = event.data
-    name = evaluated.context.model_name
+def verified_files(evaluated: ModelEvaluated, settings: Any) -> dict[str, bytes]:
+    """The bundle's bytes, location-checked and hash-verified; unusable ones end the run here."""
     try:
-        read_verified(evaluated.model.uri, evaluated.model.sha256)
-    except (IntegrityError, FileNotFoundError) as exc:
-        raise PermanentError(
-            f"model artifact unusable: {exc}",
-            event=DeploymentFailed(
-                model_name=name, model=evaluated.model, reason=f"model artifact unusable: {exc}"
-            ),
-        ) from None
-    current = tracker.champion(name)
-    compared = evaluated.champion.version if evaluated.champion else None
-    current_version = current.version if current else None
-    if current_version != compared and not (current and current.model_sha256 == evaluated.model.sha256):
-        reason = (
-            f"champion of {name} is now v{current_version}, but the evaluation compared against "
-            f"v{compared}: evaluate again"
-        )
+        return bundle_files(evaluated.model, settings)
+    except (IntegrityError, FileNotFoundError, UnusableModel) as exc:
+        reason = f"model artifact unusable: {exc}"
+        name = evaluated.context.model_name
         raise PermanentError(
             reason, event=DeploymentFailed(model_name=name, model=evaluated.model, reason=reason)
-        )
-    version = tracker.register(
-        name,
-        source=evaluated.model.uri,
-        run_id=evaluated.mlflow_run_id,
-        sha256=evaluated.model.sha256,
-        evidence_event_id=event.id,
-        size=evaluated.model.size,
-    )
-    tracker.set_champion(name, version)
+        ) from None
+
+
+def deployed(event: Envelope[ModelEvaluated], record: ChampionRecord) -> ModelDeployed:
+    evaluated = event.data
     return ModelDeployed(
-        model_name=name,
-        version=version,
+        model_name=evaluated.context.model_name,
+        version=record.version,
         model=evaluated.model,
-        previous_version=current_version if current_version != version else None,
+        previous_version=record.previous_version,
         mlflow_run_id=evaluated.mlflow_run_id,
         metrics=evaluated.metrics,
         evidence_event_id=event.id,
     )
+
+
+def reevaluation(evaluated: ModelEvaluated, current: int | None) -> EvaluationRequested:
+    name = evaluated.context.model_name
+    compared = evaluated.champion.version if evaluated.champion else None
+    reason = (
+        f"champion of {name} is now v{current}, but the evaluation compared against v{compared}: "
+        "evaluate again"
+    )
+    if evaluated.dataset is None:  # a producer older than the field: nothing to redo it with
+        failed = DeploymentFailed(model_name=name, model=evaluated.model, reason=reason)
+        raise PermanentError(reason, event=failed)
+    return EvaluationRequested(evaluated=evaluated, champion_version=current, reason=reason)
+
+
+async def promote(
+    event: Envelope[ModelEvaluated], files: dict[str, bytes], lock: ChampionLock, tracker: Tracker
+) -> ModelDeployed | EvaluationRequested:
+    """Move the champion to this model if the decision was made against the current one.
+
+    At most two rounds: a lost compare-and-set means the record moved, so the decision is stale.
+    """
+    evaluated = event.data
+    name = evaluated.context.model_name
+    compared = evaluated.champion.version if evaluated.champion else None
+    while True:
+        record, revision = await lock.read(name)
+        alias = None if record else await asyncio.to_thread(tracker.champion, name)  # None: a first model
+        registry_version = alias.version if alias else None
+        action, current = decide(
+            event_id=event.id, compared=compared, record=record, registry_version=registry_version
+        )
+        if action is Action.STALE:
+            request = reevaluation(evaluated, current)
+            if record is not None:  # the re-evaluation reads the registry: let it show the record
+                await settle_alias(lock, tracker, name)
+            return request
+        if action is Action.DEPLOY:
+            version = await asyncio.to_thread(
+                tracker.register,
+                name,
+                source=evaluated.model.uri,
+                run_id=evaluated.mlflow_run_id,
+                sha256=evaluated.model.sha256,
+                evidence_event_id=event.id,
+                size=evaluated.model.size,
+                files=files,
+            )
+            record = ChampionRecord(version, evaluated.model.sha256, event.id, current)
+            if not await lock.swap(name, record, revision):
+                continue
+        # This decision moved the champion (now or on an earlier delivery). Should a newer one have
+        # beaten it meanwhile, the alias ends on that one: settle_alias follows the record.
+        await settle_alias(lock, tracker, name)
+        return deployed(event, record)
 
 
 class Deployment(Service):
@@ -67,13 +117,21 @@ class Deployment(Service):
         return [Route(ModelEvaluated, self.on_model_evaluated)]
 
     async def start(self) -> None:
-        self.tracker = await asyncio.to_thread(Tracker, self.settings.tracking_uri)
+        self.tracker = await asyncio.to_thread(Tracker.from_settings, self.settings)
+
+    async def _lock(self) -> ChampionLock:
+        js = self.publisher.broker.config.connection_state.stream  # type: ignore[union-attr]
+        return await ChampionLock.open(js, self.settings.namespace)
 
     async def on_model_evaluated(
         self, event: Envelope[ModelEvaluated], delivery: Delivery
     ) -> list[Envelope[Any]]:
-        """Promote a model that passed the gate; a failed gate ends the run here."""
-        if not event.data.passed:
+        """Promote a model that passed the gate against the current champion; a stale pass is
+        sent back to evaluation; a failed gate ends the run here."""
+        evaluated = event.data
+        if not evaluated.passed:
             return []
-        deployed = await asyncio.to_thread(deploy, event, self.tracker)
-        return [new_event(deployed, source=self.source, cause=event, subject=deployed.model_name)]
+        name = evaluated.context.model_name
+        files = await asyncio.to_thread(verified_files, evaluated, self.settings)
+        outcome = await promote(event, files, await self._lock(), self.tracker)
+        return [new_event(outcome, source=self.source, cause=event, subject=name)]

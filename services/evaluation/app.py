@@ -1,23 +1,65 @@
-"""evaluation: model-trained -> model-evaluated, challenger and champion on the same raw holdout."""
+"""evaluation: model-trained -> model-evaluated, challenger and champion on the same raw holdout.
+
+Also evaluation-requested -> model-evaluated: a passed decision that deployment found stale (the
+champion moved since) is decided again against the champion of now. A registry that does not
+answer is retried (RegistryUnavailable), never taken for "no champion".
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
-from contracts import ArtifactRef, ChampionSnapshot, Envelope, ModelEvaluated, ModelTrained, Task, new_event
-from services.bus.consumer import Delivery
+from contracts import (
+    ArtifactRef,
+    ChampionSnapshot,
+    Envelope,
+    EvaluationRequested,
+    Metric,
+    ModelEvaluated,
+    ModelFamily,
+    ModelTrained,
+    PipelineContext,
+    Task,
+    new_event,
+)
+from services.artifacts import IntegrityError
+from services.bus.consumer import Delivery, PermanentError
 from services.evaluation.logic import gate
 from services.features.logic import holdout_frame
 from services.features.text import holdout_text
 from services.ml import transform
-from services.ml.bundle import BUNDLE_MEDIA_TYPE, LoadedModel, load_bundle
+from services.ml.bundle import LoadedModel
 from services.ml.metrics import score_all
+from services.model_loading import UnusableModel, load_champion, load_from_store
 from services.runtime import Route, Service
-from services.tracking import Tracker
+from services.tracking import Champion, Tracker
+
+
+@dataclass(frozen=True)
+class Challenger:
+    """What a decision needs: from a model-trained event, or from a stale decision to redo."""
+
+    context: PipelineContext
+    model: ArtifactRef
+    family: ModelFamily
+    mlflow_run_id: str
+    metric: Metric
+    dataset: ArtifactRef
+
+    @classmethod
+    def trained(cls, t: ModelTrained) -> Challenger:
+        return cls(t.context, t.model, t.family, t.mlflow_run_id, t.metric, t.dataset)
+
+    @classmethod
+    def stale(cls, e: ModelEvaluated) -> Challenger:
+        if e.dataset is None:
+            raise PermanentError("the stale decision names no dataset to cut its holdout from")
+        return cls(e.context, e.model, e.family, e.mlflow_run_id, e.metric, e.dataset)
 
 
 def holdout_metrics(model: LoadedModel, holdout: pd.DataFrame) -> dict[str, float]:
@@ -30,30 +72,52 @@ def text_metrics(model: LoadedModel, holdout: str) -> dict[str, float]:
     return {"perplexity": model.perplexity(holdout)}
 
 
-def evaluate(trained: ModelTrained, tracker: Tracker, settings: Any) -> ModelEvaluated:
+def load_challenger(challenger: Challenger, settings: Any) -> LoadedModel:
+    try:
+        return load_from_store(challenger.model, settings)
+    except UnusableModel as exc:
+        raise PermanentError(f"challenger unusable: {exc}") from None
+
+
+def load_current_champion(
+    challenger: Challenger, tracker: Tracker, settings: Any
+) -> tuple[Champion, LoadedModel] | None:
+    """The registry's champion, or None when there is none yet; an outage raises (retried)."""
+    name = challenger.context.model_name
+    champion = tracker.champion(name)
+    if champion is None:
+        return None
+    try:
+        return champion, load_champion(champion, tracker, settings)
+    except (UnusableModel, IntegrityError, FileNotFoundError) as exc:
+        # A registry entry no retry can fix: refuse to decide rather than compare with nothing.
+        raise PermanentError(
+            f"champion v{champion.version} of {name} cannot be loaded: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def evaluate(challenger: Challenger, tracker: Tracker, settings: Any) -> ModelEvaluated:
     """Challenger and champion on the same raw holdout (rows, or text re-tokenized by each)."""
-    ctx = trained.context
+    ctx = challenger.context
     if ctx.task is Task.text_generation:
-        holdout: Any = holdout_text(trained.dataset, ctx.seed)
+        holdout: Any = holdout_text(challenger.dataset, ctx.seed)
         measure = text_metrics
     else:
-        holdout = holdout_frame(trained.dataset, ctx.seed)
+        holdout = holdout_frame(challenger.dataset, ctx.seed)
         measure = holdout_metrics
-    challenger = measure(load_bundle(trained.model), holdout)
-    champion = tracker.champion(ctx.model_name)
+    mine = measure(load_challenger(challenger, settings), holdout)
+    current = load_current_champion(challenger, tracker, settings)
     snapshot = champion_metrics = None
-    if champion is not None:
-        ref = ArtifactRef(
-            uri=champion.model_uri, sha256=champion.model_sha256, size=0, media_type=BUNDLE_MEDIA_TYPE
-        )
-        champion_metrics = measure(load_bundle(ref), holdout)
+    if current is not None:
+        champion, model = current
+        champion_metrics = measure(model, holdout)
         snapshot = ChampionSnapshot(
             version=champion.version, model_sha256=champion.model_sha256, metrics=champion_metrics
         )
     passed, reasons = gate(
-        trained.metric,
+        challenger.metric,
         ctx.task,
-        challenger,
+        mine,
         champion_metrics,
         margin=settings.gate_margin,
         min_r2=settings.gate_min_r2,
@@ -61,15 +125,16 @@ def evaluate(trained: ModelTrained, tracker: Tracker, settings: Any) -> ModelEva
     )
     return ModelEvaluated(
         context=ctx,
-        model=trained.model,
-        family=trained.family,
-        mlflow_run_id=trained.mlflow_run_id,
-        metric=trained.metric,
-        metrics=challenger,
+        model=challenger.model,
+        family=challenger.family,
+        mlflow_run_id=challenger.mlflow_run_id,
+        metric=challenger.metric,
+        metrics=mine,
         champion=snapshot,
         champion_metrics_on_holdout=champion_metrics,
         passed=passed,
         reasons=reasons,
+        dataset=challenger.dataset,
     )
 
 
@@ -77,14 +142,26 @@ class Evaluation(Service):
     name = "evaluation"
 
     def routes(self) -> Sequence[Route]:
-        return [Route(ModelTrained, self.on_model_trained)]
+        return [
+            Route(ModelTrained, self.on_model_trained),
+            Route(EvaluationRequested, self.on_evaluation_requested),
+        ]
 
     async def start(self) -> None:
-        self.tracker = await asyncio.to_thread(Tracker, self.settings.tracking_uri)
+        self.tracker = await asyncio.to_thread(Tracker.from_settings, self.settings)
 
     async def on_model_trained(
         self, event: Envelope[ModelTrained], delivery: Delivery
     ) -> list[Envelope[Any]]:
         """Score the challenger on the holdout and decide whether it may replace the champion."""
-        result = await asyncio.to_thread(evaluate, event.data, self.tracker, self.settings)
-        return [new_event(result, source=self.source, cause=event, subject=result.context.model_name)]
+        return await self._decide(Challenger.trained(event.data), event)
+
+    async def on_evaluation_requested(
+        self, event: Envelope[EvaluationRequested], delivery: Delivery
+    ) -> list[Envelope[Any]]:
+        """Decide again a pass that deployment found stale, against the champion of now."""
+        return await self._decide(Challenger.stale(event.data.evaluated), event)
+
+    async def _decide(self, challenger: Challenger, cause: Envelope[Any]) -> list[Envelope[Any]]:
+        result = await asyncio.to_thread(evaluate, challenger, self.tracker, self.settings)
+        return [new_event(result, source=self.source, cause=cause, subject=result.context.model_name)]

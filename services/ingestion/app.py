@@ -9,7 +9,7 @@ from typing import Any
 from contracts import DataArrived, DataRejected, DatasetIngested, Envelope, new_event
 from services.artifacts import ArtifactStore
 from services.bus.consumer import Delivery, PermanentError
-from services.ingestion import logic
+from services.ingestion import logic, sources
 from services.runtime import Route, Service
 
 
@@ -19,8 +19,8 @@ def ingest(event: DataArrived, store: ArtifactStore, settings: Any) -> DatasetIn
         from services.ingestion.text import ingest_text
 
         return ingest_text(event, store, settings)
-    source = logic.resolve_source(event, settings)
-    raw = logic.read_bytes(source, settings)
+    source = sources.resolve_source(event, settings)
+    raw = sources.read_bytes(source, settings)
     source_sha = logic.verify_checksum(raw, event.sha256)
     frame, task = logic.validate(logic.parse(raw, source.format, settings), event, settings)
     frame = logic.normalise(frame)

@@ -7,117 +7,21 @@ from __future__ import annotations
 
 import io
 import re
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlsplit
+from pathlib import PurePosixPath
+from urllib.parse import urlsplit
 
-import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from contracts import ColumnInfo, DataArrived, DataFormat, PipelineContext, Task
 from services.artifacts import sha256_bytes
+from services.ingestion.problems import DataProblem
+from services.ingestion.sources import DATA_SUFFIXES
 from services.ml.transform import column_kind, infer_task
 from services.settings import CairnSettings
 
 PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
-
-
-class DataProblem(Exception):
-    def __init__(self, reason: str, problems: list[str] | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.problems = problems or [reason]
-
-
-@dataclass(frozen=True)
-class Source:
-    uri: str
-    scheme: str
-    path: str
-    format: DataFormat
-
-
-def resolve_source(event: DataArrived, settings: CairnSettings) -> Source:
-    """Allow-listed schemes and roots only; `..`, symlinks and encoded tricks resolve first."""
-    parts = urlsplit(event.uri)
-    scheme = (parts.scheme or "file").lower()
-    if len(scheme) == 1:  # a Windows drive letter is not a scheme
-        scheme = "file"
-    if scheme not in settings.allowed_schemes:
-        raise DataProblem(
-            f"scheme '{scheme}' is not allowed; allowed schemes: {', '.join(settings.allowed_schemes)}"
-        )
-    if scheme == "file":
-        raw = unquote(parts.path) if parts.scheme else event.uri
-        if parts.netloc not in ("", "localhost"):
-            raise DataProblem(f"file URL with a host ({parts.netloc!r}) is not allowed")
-        path = Path(raw).expanduser()
-        resolved = path.resolve() if path.is_absolute() else (Path.cwd() / path).resolve()
-        if not any(resolved.is_relative_to(root) for root in settings.read_roots):
-            roots = ", ".join(str(r) for r in settings.read_roots)
-            raise DataProblem(f"{resolved} is outside the allowed roots ({roots})")
-        location = str(resolved)
-    else:
-        location = event.uri
-        # A root is a prefix up to a "/" boundary: root "s3://data" must not admit
-        # "s3://data-evil/..." nor "http://host" admit "http://host.evil.net/".
-        if ".." in parts.path.split("/") or not any(
-            _under_root(location, root) for root in settings.allowed_roots
-        ):
-            raise DataProblem(f"{event.uri} is outside the allowed roots")
-        if scheme in ("http", "https"):
-            _refuse_internal_host(parts.hostname or "")
-    fmt = event.format or _format_from_name(PurePosixPath(parts.path or event.uri).name)
-    return Source(event.uri, scheme, location, fmt)
-
-
-def _under_root(location: str, root: str) -> bool:
-    root = root.rstrip("/")
-    return location == root or location.startswith(root + "/")
-
-
-def _refuse_internal_host(host: str) -> None:
-    """http(s) sources, when allow-listed at all, never reach loopback, link-local (cloud metadata
-    at 169.254.169.254), private or otherwise internal addresses. Only IP literals are judged
-    here; names are resolved by the operator's allow-list of roots."""
-    import ipaddress
-
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
-            raise DataProblem(f"host {host!r} is internal; refusing to fetch from it") from None
-        return
-    if not address.is_global:
-        raise DataProblem(f"address {address} is not a public address; refusing to fetch from it")
-
-
-def _format_from_name(name: str) -> DataFormat:
-    lowered = name.lower()
-    for suffix, fmt in ((".csv", DataFormat.csv), (".parquet", DataFormat.parquet), (".pq", DataFormat.parquet),
-                        (".jsonl", DataFormat.jsonl), (".ndjson", DataFormat.jsonl)):
-        if lowered.endswith(suffix):
-            return fmt
-    raise DataProblem(f"cannot tell the format of {name!r}: name it .csv, .parquet or .jsonl, or set 'format'")
-
-
-def read_bytes(source: Source, settings: CairnSettings) -> bytes:
-    try:
-        fs, path = fsspec.core.url_to_fs(source.path if source.scheme == "file" else source.uri)
-        size = fs.size(path)
-    except FileNotFoundError:
-        raise DataProblem(f"{source.uri} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise DataProblem(f"{source.uri} cannot be read: {exc}") from None
-    if size is not None and size > settings.max_dataset_bytes:
-        raise DataProblem(f"{source.uri} is {size} bytes; the limit is {settings.max_dataset_bytes}")
-    with fs.open(path, "rb") as f:
-        data = f.read(settings.max_dataset_bytes + 1)
-    if len(data) > settings.max_dataset_bytes:
-        raise DataProblem(f"{source.uri} exceeds the limit of {settings.max_dataset_bytes} bytes")
-    return data
 
 
 def verify_checksum(data: bytes, expected: str | None) -> str:
@@ -165,7 +69,10 @@ def parse(data: bytes, fmt: DataFormat, settings: CairnSettings) -> pd.DataFrame
         else:
             frame = pd.read_json(io.BytesIO(data), lines=True)
     except Exception as exc:  # noqa: BLE001 - every parser error is the sender's to fix
-        raise DataProblem(f"cannot parse as {fmt.value}: {type(exc).__name__}: {str(exc)[:300]}") from None
+        # The parser's message can quote the file; name the error and where, never the content.
+        where = re.search(r"\b(line|row) \d+", str(exc))
+        at = f" at {where.group(0)}" if where else ""
+        raise DataProblem(f"cannot parse as {fmt.value}: {type(exc).__name__}{at}") from None
     frame.columns = [str(c) for c in frame.columns]
     return frame
 
@@ -184,8 +91,7 @@ def validate(frame: pd.DataFrame, event: DataArrived, settings: CairnSettings) -
     if duplicated:
         problems.append(f"duplicate column names: {', '.join(duplicated)}")
     if event.target not in frame.columns:
-        shown = ", ".join(list(frame.columns)[:20])
-        problems.append(f"target column '{event.target}' not found; columns are: {shown}")
+        problems.append(f"target column '{event.target}' not found; " + _columns_hint(frame, event))
     if problems:
         raise DataProblem(problems[0], problems)
     if frame.shape[1] < 2:
@@ -202,6 +108,15 @@ def validate(frame: pd.DataFrame, event: DataArrived, settings: CairnSettings) -
     if task is Task.classification and labelled[event.target].nunique() < 2:
         raise DataProblem(f"target '{event.target}' has a single class; classification needs two or more")
     return labelled, task
+
+
+def _columns_hint(frame: pd.DataFrame, event: DataArrived) -> str:
+    """The header helps whoever sent a table, but is content of whatever file was named: show it
+    only for a file named as a data file that parsed into a real table."""
+    name = PurePosixPath(urlsplit(event.uri).path).name.lower()
+    if frame.shape[1] >= 2 and name.endswith(tuple(DATA_SUFFIXES)):
+        return "columns are: " + ", ".join(list(frame.columns)[:20])
+    return f"the file has {frame.shape[1]} column(s)"
 
 
 def normalise(frame: pd.DataFrame) -> pd.DataFrame:

@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 
 from contracts import DataArrived, DataFormat, DatasetIngested, PipelineContext, Task
 from services.artifacts import ArtifactStore
-from services.ingestion import logic
+from services.ingestion import logic, sources
+from services.ingestion.sources import is_own_state
 from services.ml.textgen.tokenizer import CorpusError, validate_corpus
 from services.settings import CairnSettings
 
@@ -26,8 +27,9 @@ def _read_directory(root: Path, settings: CairnSettings) -> bytes:
     total = 0
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in CORPUS_SUFFIXES):
         resolved = path.resolve()
-        if not any(resolved.is_relative_to(r) for r in settings.read_roots):
-            continue  # a symlink out of the allowed roots is skipped, never followed
+        allowed = any(resolved.is_relative_to(r) for r in settings.read_roots)
+        if not allowed or is_own_state(resolved, settings):
+            continue  # a symlink out of the allowed roots (or into cairn's home) is skipped, never followed
         data = resolved.read_bytes()
         total += len(data)
         if total > settings.max_dataset_bytes:
@@ -44,11 +46,11 @@ def default_model_name(uri: str) -> str:
 
 
 def ingest_text(event: DataArrived, store: ArtifactStore, settings: CairnSettings) -> DatasetIngested:
-    source = logic.resolve_source(event.model_copy(update={"format": DataFormat.text}), settings)
+    source = sources.resolve_source(event.model_copy(update={"format": DataFormat.text}), settings)
     if source.scheme == "file" and Path(source.path).is_dir():
         raw = _read_directory(Path(source.path), settings)
     else:
-        raw = logic.read_bytes(source, settings)
+        raw = sources.read_bytes(source, settings)
     source_sha = logic.verify_checksum(raw, event.sha256)
     try:
         text = validate_corpus(raw, settings.max_dataset_bytes, name=event.uri)

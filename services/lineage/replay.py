@@ -20,7 +20,7 @@ from nats.js.api import DeliverPolicy
 from contracts import ContractError, Envelope, decode, derive_id, new_event, subject_for
 from services import supervisor
 from services.bus.connection import connect
-from services.bus.provision import provision_study_bucket, study_bucket
+from services.bus.provision import provision_handled_bucket, provision_study_bucket, study_bucket
 from services.lineage.audit import stream_records
 from services.settings import CairnSettings
 
@@ -221,6 +221,8 @@ async def replay(
     nc = await connect(settings, "admin")
     try:
         await provision_study_bucket(nc.jetstream(), settings, study_bucket(replay_settings.namespace))
+        # The replay's own ledger: it must not see the live run's inputs as already handled.
+        await provision_handled_bucket(nc.jetstream(), replay_settings)
     finally:
         await nc.close()
     services = [n for n in supervisor.SERVICES if n != "lineage"]

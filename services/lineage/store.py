@@ -168,6 +168,11 @@ class LineageStore:
             ).first()
         return (row.seq, row.hash) if row else (0, GENESIS)
 
+    def last_seq(self) -> int:
+        """The stream sequence recorded last (0 when empty): what read-your-writes waits on."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.max(records.c.seq))).scalar_one() or 0
+
     def append(self, seq: int, subject: str, raw: bytes) -> Record | None:
         """Add the next message; returns None if already recorded. Raises on a gap (out of order)."""
         added = self.append_many([(seq, subject, raw)])
@@ -249,6 +254,21 @@ class LineageStore:
                 .all()
             )
         return [Record(**row) for row in rows]
+
+    def event_ids_starting(self, prefix: str, limit: int = 6) -> list[str]:
+        """Event ids that start with `prefix` (the short ids `cairn events` prints), at most `limit`."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(records.c.event_id)
+                    .where(records.c.event_id.startswith(prefix, autoescape=True))
+                    .distinct()
+                    .order_by(records.c.event_id)
+                    .limit(limit)
+                )
+                .scalars()
+                .all()
+            )
 
     def by_type(self, event_type: str) -> list[Record]:
         with self.engine.connect() as conn:

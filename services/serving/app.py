@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +28,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from contracts import ArtifactRef, ContractError, ModelDeployed, decode, subject_for
-from services.artifacts import read_verified
 from services.bus.connection import connect
-from services.ml.bundle import BUNDLE_MEDIA_TYPE, LoadedModel, load_bundle
+from services.ml.bundle import BUNDLE_MEDIA_TYPE, LoadedModel
 from services.ml.transform import input_schema
-from services.security import check_artifact_uri
+from services.model_loading import load_champion, load_from_store
 from services.settings import CairnSettings
 from services.tracking import Tracker
 
@@ -103,9 +104,14 @@ class InferenceServer:
         self.models: dict[str, Served] = {}
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "cairn_inference_requests_total", "Inference requests.", ["model", "status"], registry=self.registry
+            "cairn_inference_requests_total",
+            "Inference requests.",
+            ["model", "status"],
+            registry=self.registry,
         )
-        self.latency = Histogram("cairn_inference_seconds", "Inference latency.", ["model"], registry=self.registry)
+        self.latency = Histogram(
+            "cairn_inference_seconds", "Inference latency.", ["model"], registry=self.registry
+        )
         self.swaps = Counter("cairn_model_swaps_total", "Champion swaps.", ["model"], registry=self.registry)
         self.refused = Counter(
             "cairn_models_refused_total",
@@ -122,34 +128,41 @@ class InferenceServer:
     def _load(self, name: str, version: int, uri: str, sha256: str) -> Served:
         """Only from the artifact store, only bytes that match their hash, never a pickle.
 
-        The URIs come from events and the registry: checked against the store before anything
-        is fetched (no request to an address an event names), then every byte is hash-verified
-        (services.artifacts.read_verified) and parsed as JSON / XGBoost UBJSON by load_bundle.
+        The URIs come from events: the bundle's and its estimator's are checked against the store
+        before anything is fetched (no request to an address an event names), then every byte is
+        hash-verified and parsed as JSON / XGBoost UBJSON (services.model_loading).
         """
-        check_artifact_uri(uri, self.settings)
-        manifest = json.loads(read_verified(uri, sha256))
-        estimator = manifest.get("estimator") if isinstance(manifest, dict) else None
-        if not isinstance(estimator, dict) or not isinstance(estimator.get("uri"), str):
-            raise ValueError(f"{uri}: not a cairn model bundle")
-        check_artifact_uri(estimator["uri"], self.settings)
         ref = ArtifactRef(uri=uri, sha256=sha256, size=0, media_type=BUNDLE_MEDIA_TYPE)
-        return Served(name, version, load_bundle(ref))
+        return Served(name, version, load_from_store(ref, self.settings))
 
-    async def swap(self, name: str, version: int, uri: str, sha256: str) -> None:
+    async def swap(
+        self, name: str, version: int, uri: str, sha256: str, load: Callable[[], LoadedModel] | None = None
+    ) -> None:
+        """`load` overrides where the bundle comes from (a registry champion may live in MLflow)."""
         current = self.models.get(name)
         if current is not None and current.version >= version:
             return
-        served = await asyncio.to_thread(self._load, name, version, uri, sha256)
+        if load is None:
+            served = await asyncio.to_thread(self._load, name, version, uri, sha256)
+        else:
+            served = Served(name, version, await asyncio.to_thread(load))
         self.models = {**self.models, name: served}
         self.swaps.labels(name).inc()
         log.info("serving %s v%d (%s)", name, version, sha256[:12])
 
     async def load_champions(self) -> None:
-        tracker = await asyncio.to_thread(Tracker, self.settings.tracking_uri)
+        """Every registry champion, from cairn's store or through MLflow when only MLflow has it."""
+        tracker = await asyncio.to_thread(Tracker.from_settings, self.settings)
         champions = await asyncio.to_thread(tracker.champions)
         for name, champ in champions.items():
             try:
-                await self.swap(name, champ.version, champ.model_uri, champ.model_sha256)
+                await self.swap(
+                    name,
+                    champ.version,
+                    champ.model_uri,
+                    champ.model_sha256,
+                    functools.partial(load_champion, champ, tracker, self.settings),
+                )
             except Exception:  # noqa: BLE001 - one unusable champion must not keep the others down
                 self.refused.labels(name).inc()
                 log.exception("refusing champion %s v%d", name, champ.version)
@@ -265,13 +278,16 @@ class InferenceServer:
         served = self.models.get(name)
         if served is None:
             self.requests.labels(name, "404").inc()
-            return JSONResponse({"error": f"no champion for model {name!r}", "models": sorted(self.models)}, 404)
+            return JSONResponse(
+                {"error": f"no champion for model {name!r}", "models": sorted(self.models)}, 404
+            )
         is_text = served.model.spec["task"] == "text_generation"
         if (task == "text_generation") != is_text:
             self.requests.labels(name, "409").inc()
             verb = "generate" if is_text else "predict"
-            return JSONResponse({"error": f"model {name!r} is a {served.model.spec['task']} model: use /{verb}"},
-                                409)
+            return JSONResponse(
+                {"error": f"model {name!r} is a {served.model.spec['task']} model: use /{verb}"}, 409
+            )
         return served
 
     async def predict(self, request: Request) -> Response:
@@ -294,7 +310,12 @@ class InferenceServer:
             predictions = await asyncio.to_thread(served.model.present, frame)
         self.requests.labels(name, "200").inc()
         return JSONResponse(
-            {"model": name, "version": served.version, "sha256": served.model.ref.sha256, "predictions": predictions}
+            {
+                "model": name,
+                "version": served.version,
+                "sha256": served.model.ref.sha256,
+                "predictions": predictions,
+            }
         )
 
     async def generate(self, request: Request) -> Response:

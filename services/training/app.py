@@ -76,9 +76,16 @@ class Training(Service):
     name = "training"
 
     def routes(self) -> Sequence[Route]:
+        # Trials and final fits run far longer than other steps: their own, generous bound.
+        timeout = self.settings.training_timeout_s
         return [
-            Route(TrialRequested, self.on_trial_requested, max_workers=trial_concurrency(self.settings)),
-            Route(TuningCompleted, self.on_tuning_completed),
+            Route(
+                TrialRequested,
+                self.on_trial_requested,
+                max_workers=trial_concurrency(self.settings),
+                handler_timeout_s=timeout,
+            ),
+            Route(TuningCompleted, self.on_tuning_completed, handler_timeout_s=timeout),
         ]
 
     async def start(self) -> None:

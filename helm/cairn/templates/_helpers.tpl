@@ -155,6 +155,69 @@ true
 {{- end -}}
 {{- end -}}
 
+{{/*
+Dask mutual TLS (dask.tls): scheduler, workers and training hold the Secret's certificate, and
+nothing without it is let in. Dask runs the pickled tasks it is sent, so this is what keeps code
+out of the workers. The local mode has its own (loopback, throwaway certificate: services/compute.py).
+*/}}
+{{- define "cairn.daskTLS" -}}
+{{- if and .Values.dask.tls.enabled (ne .Values.dask.mode "local") -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- define "cairn.daskTLSDir" -}}/etc/cairn/dask-tls{{- end -}}
+
+{{/* The chart's scheduler Service, as the operator names it (tls:// with dask.tls). */}}
+{{- define "cairn.daskSchedulerAddress" -}}
+{{- printf "%s://%s-scheduler.%s.svc:8786" (ternary "tls" "tcp" (eq (include "cairn.daskTLS" .) "true")) (include "cairn.daskClusterName" .) .Release.Namespace -}}
+{{- end -}}
+
+{{/* `dask scheduler` and `dask worker` flags: listen and connect on tls:// only. */}}
+{{- define "cairn.daskTLSArgs" -}}
+{{- $dir := include "cairn.daskTLSDir" . -}}
+- --tls-ca-file
+- {{ $dir }}/ca.crt
+- --tls-cert
+- {{ $dir }}/tls.crt
+- --tls-key
+- {{ $dir }}/tls.key
+{{- end -}}
+
+{{/* The training client's identity (services/dask_tls.py: client_security). */}}
+{{- define "cairn.daskTLSEnv" -}}
+{{- $dir := include "cairn.daskTLSDir" . -}}
+- name: CAIRN_DASK_TLS_CA
+  value: {{ $dir }}/ca.crt
+- name: CAIRN_DASK_TLS_CERT
+  value: {{ $dir }}/tls.crt
+- name: CAIRN_DASK_TLS_KEY
+  value: {{ $dir }}/tls.key
+{{- end -}}
+
+{{/* Dask's default scheduler HTTP routes plus its API (the operator's way in under TLS). */}}
+{{- define "cairn.daskSchedulerHttpRoutes" -}}
+{{- list "distributed.http.scheduler.prometheus" "distributed.http.scheduler.info" "distributed.http.scheduler.json" "distributed.http.health" "distributed.http.proxy" "distributed.http.statics" "distributed.http.scheduler.api" | toJson -}}
+{{- end -}}
+
+{{/* Readable by the pod's fsGroup (uid 10001's group) only: 0440. */}}
+{{- define "cairn.daskTLSVolume" -}}
+- name: dask-tls
+  secret:
+    secretName: {{ .Values.dask.tls.secretName }}
+    defaultMode: 288
+    items:
+      - {key: ca.crt, path: ca.crt}
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+{{- end -}}
+
+{{- define "cairn.daskTLSMount" -}}
+- name: dask-tls
+  mountPath: {{ include "cairn.daskTLSDir" . }}
+  readOnly: true
+{{- end -}}
+
 {{- define "cairn.artifactsVolume" -}}
 {{- if and (not .Values.artifacts.url) .Values.artifacts.sharedVolume.enabled -}}
 true
@@ -324,6 +387,23 @@ Combinations the schema cannot express; each fails the render with the reason.
 {{- if and .Values.dask.gpuWorkers.enabled (ne .Values.dask.mode "operator") -}}
 {{- $errors = append $errors "dask: dask.gpuWorkers needs dask.mode=operator" -}}
 {{- end -}}
+{{- if and .Values.dask.tls.enabled (not .Values.dask.tls.secretName) -}}
+{{- $errors = append $errors "dask: dask.tls.enabled=true needs dask.tls.secretName (a secret with ca.crt, tls.crt and tls.key)" -}}
+{{- end -}}
+{{- if and .Values.dask.tls.enabled (eq .Values.dask.mode "local") -}}
+{{- $errors = append $errors "dask: dask.tls is for dask.mode operator or external; the local cluster already talks TLS on loopback with a throwaway certificate" -}}
+{{- end -}}
+{{- if and .Values.dask.tls.enabled (eq .Values.dask.mode "operator") (not (include "cairn.daskOperatorObjects" .)) -}}
+{{- $errors = append $errors "dask: dask.tls with dask.mode=operator needs the chart's DaskCluster (dask.operator.crdsInstalled=true): training connects to its scheduler over tls://, and dask-kubernetes cannot create a TLS cluster" -}}
+{{- end -}}
+{{- if eq .Values.dask.mode "external" -}}
+{{- if and .Values.dask.tls.enabled .Values.dask.external.address (not (hasPrefix "tls://" .Values.dask.external.address)) -}}
+{{- $errors = append $errors "dask: dask.tls.enabled=true needs a tls:// dask.external.address" -}}
+{{- end -}}
+{{- if and (not .Values.dask.tls.enabled) (hasPrefix "tls://" .Values.dask.external.address) -}}
+{{- $errors = append $errors "dask: a tls:// dask.external.address needs dask.tls.enabled=true and dask.tls.secretName" -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.mlflow.enabled (gt (int .Values.mlflow.replicas) 1) (not .Values.mlflow.artifacts.destination) -}}
 {{- $errors = append $errors "mlflow: replicas > 1 need mlflow.artifacts.destination (an object store); the local artifact volume is ReadWriteOnce" -}}
 {{- end -}}
@@ -391,8 +471,16 @@ containers:
       {{- range .extraArgs }}
       - {{ . | quote }}
       {{- end }}
+      {{- if include "cairn.daskTLS" $ }}
+      {{- include "cairn.daskTLSArgs" $ | nindent 6 }}
+      {{- end }}
     env:
       {{- include "cairn.env" $ | nindent 6 }}
+      {{- if include "cairn.daskTLS" $ }}
+      # Set here, the operator keeps it instead of its own tcp:// address.
+      - name: DASK_SCHEDULER_ADDRESS
+        value: {{ include "cairn.daskSchedulerAddress" $ | quote }}
+      {{- end }}
     {{- include "cairn.envFrom" $ | nindent 4 }}
     ports:
       - name: http-dashboard
@@ -404,8 +492,14 @@ containers:
       {{- toYaml $.Values.securityContext | nindent 6 }}
     volumeMounts:
       {{- include "cairn.volumeMounts" $ | nindent 6 }}
+      {{- if include "cairn.daskTLS" $ }}
+      {{- include "cairn.daskTLSMount" $ | nindent 6 }}
+      {{- end }}
 volumes:
   {{- include "cairn.volumes" $ | nindent 2 }}
+  {{- if include "cairn.daskTLS" $ }}
+  {{- include "cairn.daskTLSVolume" $ | nindent 2 }}
+  {{- end }}
 {{- with $g.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}

@@ -1,0 +1,38 @@
+"""`cairn provision`, the admin step: everything the services share but may not create themselves.
+
+The stream and the key-value buckets (services hold no stream-admin rights), the MLflow schema and
+the lineage store's schema (so services started at the same instant never race to create them).
+Idempotent: run it again after an upgrade and it updates what changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.bus.connection import connect
+from services.bus.provision import provision_all
+from services.settings import CairnSettings
+
+
+async def provision_everything(settings: CairnSettings) -> dict[str, str]:
+    """Returns what was done, per part, for the admin to read."""
+    settings.home_dir.mkdir(parents=True, exist_ok=True)
+    nc = await connect(settings, "admin")
+    try:
+        stream = await provision_all(nc.jetstream(), settings)
+    finally:
+        await nc.close()
+    await asyncio.to_thread(_schemas, settings)
+    return {
+        f"stream {settings.stream}": stream,
+        "mlflow schema": settings.tracking_uri.split("@")[-1],
+        "lineage schema": settings.lineage_url.split("@")[-1],
+    }
+
+
+def _schemas(settings: CairnSettings) -> None:
+    from services.lineage.store import LineageStore
+    from services.tracking import Tracker
+
+    Tracker(settings.tracking_uri)
+    LineageStore(settings.lineage_url).close()
