@@ -189,6 +189,26 @@ async def test_a_step_that_kills_its_process_every_time_is_rejected_with_its_run
     assert json.loads(dead[0].data)["id"] == event.id
 
 
+@pytest.mark.slow
+async def test_submit_wait_ends_with_the_give_up_instead_of_its_timeout(nats_server, tmp_path):
+    """The user's side of the same crash loop: `cairn submit --wait` returns 1 with the reason."""
+    async with bus(nats_server, tmp_path, ack_wait_s=1.0) as (settings, _js):
+        data = tmp_path / "data" / "probe-kill-always.csv"  # the probe crashes on this name
+        data.parent.mkdir()
+        data.write_text("x,y\n1,2\n")
+        probes = Probes(settings)
+        async with supervised(probes):
+            submit = await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).with_name("cairn")), "submit", str(data), "--target", "y",
+                "--wait", "--timeout", "600",
+                env=probes.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(submit.communicate(), 300)
+    assert submit.returncode == 1, (out + err).decode()
+    assert "gave up after 3 attempts" in out.decode(), out.decode()
+    assert "timed out" not in (out + err).decode()
+
+
 # 2. Nothing escapes the policy ------------------------------------------------------------------
 def dataset_event(uri: str) -> Envelope[DatasetIngested]:
     context = PipelineContext(

@@ -45,7 +45,11 @@ def resolve_source(event: DataArrived, settings: CairnSettings) -> Source:
     decoded = unquote(event.uri)
     if any(ord(c) < 32 or ord(c) == 127 for c in decoded):
         raise DataProblem("the URI contains a control character (NUL, newline, ...); refusing it")
-    parts = urlsplit(event.uri)
+    try:
+        parts = urlsplit(event.uri)
+        parts.port  # noqa: B018 - parsed lazily: a bad port raises only when read
+    except ValueError as exc:
+        raise DataProblem(f"the URI cannot be parsed: {exc}") from None
     scheme = (parts.scheme or "file").lower()
     if len(scheme) == 1:  # a Windows drive letter is not a scheme
         scheme = "file"

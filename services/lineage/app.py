@@ -1,28 +1,72 @@
-"""lineage: one durable consumer on everything (`cairn.>`), in stream order, into the hash-chained
-lineage store; OpenLineage run events derived on the way."""
+"""lineage: every stream message (`cairn.>`), strictly in stream order, into the hash-chained
+lineage store; OpenLineage run events derived on the way.
+
+The service runs its own pull loop on the broker's connection instead of FastStream's batch
+subscriber. That subscriber gathers a batch over several nats-py fetches and lets the bare
+`asyncio.TimeoutError` a fetch raises near its deadline escape (it only catches nats-py's own
+TimeoutError): the task restarts, the half-gathered messages are dropped unacknowledged until ack
+wait (30 s by default), and every later batch is refused as out of order meanwhile. Here every
+fetched message is held until it is recorded and acknowledged: the chain waits on a redelivery
+only for a delivery lost in flight (a crashed process).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
-from typing import Annotated, Any
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from faststream import Context
-from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, PullSub
-from faststream.nats.message import NatsBatchMessage
-from nats.js.api import AckPolicy as JsAckPolicy
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from services.bus.consumer import pull_inbox_prefix
 from services.lineage.openlineage import STEPS, OpenLineageSink, run_events
 from services.lineage.store import LineageStore, OutOfOrder, Record
 from services.runtime import Route, Service
+from services.settings import CairnSettings
 
 log = logging.getLogger(__name__)
 DURABLE = "lineage"
+SUBJECT = "cairn.>"
 BATCH = 256
+# How long an idle pull waits on the server. Not a latency: a pull returns as soon as messages
+# are there; this only bounds how long a stop waits for the loop.
+FETCH_WAIT_S = 1.0
+
+
+def consumer_config(settings: CairnSettings) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=DURABLE,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=-1,
+        max_ack_pending=BATCH,
+        deliver_policy=DeliverPolicy.ALL,
+        filter_subject=SUBJECT,
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do with the held messages, given the store's last sequence."""
+
+    recorded: list[int]  # at or below the head: a redelivery of something stored, only to ack
+    run: list[int]  # head+1, head+2, ...: the next records, in order
+    waiting: list[int]  # past a gap: held until the missing message is delivered (again)
+
+
+def plan(head: int, seqs: Iterable[int]) -> Plan:
+    ordered = sorted(set(seqs))
+    run: list[int] = []
+    for seq in ordered:
+        if seq == head + len(run) + 1:
+            run.append(seq)
+    nxt = head + len(run) + 1
+    return Plan([s for s in ordered if s <= head], run, [s for s in ordered if s >= nxt])
 
 
 class Lineage(Service):
@@ -37,68 +81,158 @@ class Lineage(Service):
     async def start(self) -> None:
         self.store = await asyncio.to_thread(LineageStore, self.settings.lineage_url)
         self.sink = OpenLineageSink(self.settings.openlineage_url) if self.settings.openlineage_url else None
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._sub: Any = None
+        self._gap = 0  # the sequence the chain waits for, once logged
 
     async def stop(self) -> None:
         self.store.close()
 
     def subscribe_extra(self, broker: NatsBroker) -> None:
-        config = ConsumerConfig(
-            durable_name=DURABLE,
-            ack_policy=JsAckPolicy.EXPLICIT,
-            ack_wait=self.settings.ack_wait_s,
-            max_deliver=-1,
-            max_ack_pending=BATCH,
-            deliver_policy=DeliverPolicy.ALL,
-            filter_subject="cairn.>",
-        )
-        sub = broker.subscriber(
-            "cairn.>",
+        """Declare the consumer without a handler: FastStream opens nothing for it, but it names the
+        durable, filter and inbox the NATS permissions are derived from (services.security)."""
+        broker.subscriber(
+            SUBJECT,
             stream=JStream(self.settings.stream, declare=False),
             durable=DURABLE,
-            config=config,
-            pull_sub=PullSub(batch_size=BATCH, timeout=0.5, batch=True),
-            ack_policy=AckPolicy.MANUAL,
-            decoder=lambda message: message.body,  # raw bytes: a hostile body must not stall the batch
+            config=consumer_config(self.settings),
+            pull_sub=PullSub(batch_size=BATCH),
             inbox_prefix=pull_inbox_prefix(self.settings),
-            title="lineage:cairn.>",
+            title=f"lineage:{SUBJECT}",
         )
 
-        @sub
-        async def on_batch(bodies: Any, message: Annotated[NatsBatchMessage, Context("message")]) -> None:
-            await self.record(message)
+    async def attach(self, broker: NatsBroker) -> None:
+        """Bind the durable (created if missing, so readiness sees it at once) and start pulling."""
+        js = broker.config.connection_state.stream
+        self._sub = await js.pull_subscribe(
+            SUBJECT,
+            durable=DURABLE,
+            stream=self.settings.stream,
+            config=consumer_config(self.settings),
+            inbox_prefix=pull_inbox_prefix(self.settings),
+        )
+        self._stopping.clear()
+        self._task = asyncio.create_task(self._follow(), name="lineage-follow")
 
-    async def record(self, batch: NatsBatchMessage) -> None:
-        """Append a batch to the chain in one transaction; dead letters and invalid events too.
+    async def detach(self) -> None:
+        task, self._task = getattr(self, "_task", None), None
+        if task is None:
+            return
+        self._stopping.set()
+        done, _ = await asyncio.wait({task}, timeout=FETCH_WAIT_S + 10)
+        if not done:  # a store call that hangs: what it wrote is kept, the rest is redelivered
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
 
-        A fetch returns messages in stream order; a redelivery can arrive after later messages,
-        and then the batch is refused (nak) until its predecessor is in, so the chain always
-        follows the stream.
-        """
-        messages = [(m.metadata.sequence.stream, m.subject, m.data) for m in batch.raw_message]
+    # The loop ------------------------------------------------------------------------------
+    async def _follow(self) -> None:
+        """Fetch, record what continues the chain, ack after the commit; hold what comes early."""
+        held: dict[int, Msg] = {}
+        head = await self._head()
+        while not self._stopping.is_set() and head is not None:
+            try:
+                for msg in await self._fetch():
+                    held[msg.metadata.sequence.stream] = msg  # a redelivery replaces the older copy
+                if held:
+                    head = await self._record(held, head)
+            except Exception:  # noqa: BLE001 - the loop is the service: log, and go on with what is held
+                log.exception("lineage loop error")
+                await self._pause(1.0)
+
+    async def _fetch(self) -> list[Msg]:
         try:
-            added = await asyncio.to_thread(self.store.append_many, messages)
-        except OutOfOrder as exc:
-            log.info("lineage waits for an earlier message: %s", exc)
-            await batch.nack(delay=0.2)
-            return
-        except Exception:  # noqa: BLE001 - the store is down or busy: try again, lose nothing
-            log.exception("lineage store write failed for seqs %s..%s", messages[0][0], messages[-1][0])
-            await batch.nack(delay=self.settings.backoff(batch.raw_message[0].metadata.num_delivered))
-            return
-        if self.sink is not None:
-            steps = [r for r in added if r.type in STEPS]
+            return await self._sub.fetch(batch=BATCH, timeout=FETCH_WAIT_S)
+        except TimeoutError:  # nats-py's own and, near the deadline, asyncio's bare one: nothing new
+            return []
+        except Exception as exc:  # noqa: BLE001 - reconnecting, a JetStream API error: try again
+            log.warning("lineage fetch failed (%s: %s); retrying", type(exc).__name__, exc)
+            await self._pause(1.0)
+            return []
+
+    async def _head(self) -> int | None:
+        """The store's last sequence, retried with backoff while the store is down; None on stop."""
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                return await asyncio.to_thread(self.store.last_seq)
+            except Exception:  # noqa: BLE001 - the store is down: wait for it
+                attempt += 1
+                log.exception("lineage store unreachable (attempt %d)", attempt)
+                await self._pause(self.settings.backoff(attempt))
+        return None
+
+    async def _record(self, held: dict[int, Msg], head: int) -> int | None:
+        """Append the run that continues the chain in one transaction, then ack it; returns the new
+        head. A store failure is retried with backoff while the messages stay held: nothing lost."""
+        attempt, stale = 0, True
+        while not self._stopping.is_set():
+            step = plan(head, held)
+            if step.waiting and not step.run and stale:
+                # Another replica on a shared store may have recorded the gap: ask the store once.
+                stale, fresh = False, await self._head()
+                if fresh is None:
+                    return None
+                if fresh != head:
+                    head = fresh
+                    continue
+            messages = [(s, held[s].subject, held[s].data) for s in step.run]
+            try:
+                added = await asyncio.to_thread(self.store.append_many, messages) if messages else []
+            except OutOfOrder:  # another writer moved the store: plan from its head
+                fresh = await self._head()
+                if fresh is None:
+                    return None
+                head, stale = fresh, False
+                continue
+            except Exception:  # noqa: BLE001 - the store is down or busy: try again, lose nothing
+                attempt += 1
+                log.exception("lineage store write failed for seqs %s..%s", step.run[0], step.run[-1])
+                await self._renew(held.values())
+                await self._pause(self.settings.backoff(attempt))
+                continue
+            steps = [r for r in added if r.type in STEPS] if self.sink is not None else []
             if steps:
                 await asyncio.to_thread(self._emit_all, steps)
-        self.metrics.handled.labels(self.name, "cairn.>", "ok").inc(len(messages))
-        await batch.ack()
+            if step.run:
+                head = step.run[-1]
+                self.metrics.handled.labels(self.name, SUBJECT, "ok").inc(len(step.run))
+            for seq in step.recorded + step.run:
+                await _ack(held.pop(seq))
+            if step.waiting and self._gap != head + 1:
+                log.info("lineage waits for stream sequence %d (%d later held)", head + 1, len(step.waiting))
+            self._gap = head + 1 if step.waiting else 0
+            return head
+        return None
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but end at once on stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    @staticmethod
+    async def _renew(messages: Iterable[Msg]) -> None:
+        """Extend the lease of held messages while the store is down, so they are not redelivered."""
+        for msg in messages:
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
 
     def _emit_all(self, records: list[Record]) -> None:
         for record in records:
             self._emit(record)
 
     def _emit(self, record: Record) -> None:
-        cause = self.store.by_event_id(record.causationid) if record.causationid else None
         try:
+            cause = self.store.by_event_id(record.causationid) if record.causationid else None
             self.sink.emit(run_events(record, cause))  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001 - lineage reporting never blocks the record
             log.exception("OpenLineage emission failed for %s", record.event_id)
+
+
+async def _ack(msg: Msg) -> None:
+    """Ack after the commit; a lost ack only means a redelivery, which is acked as already recorded."""
+    with contextlib.suppress(Exception):
+        await msg.ack()
