@@ -31,6 +31,7 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check contracts services tests bench
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) bench/bus.py

@@ -821,8 +821,8 @@ def replay(
     """Re-run history in an isolated namespace; exit 0 only if every artifact is bit-identical (else 1)."""
     from datetime import datetime
 
-    from services.lineage.replay import render
-    from services.lineage.replay import replay as run_replay
+    from services.replay import render
+    from services.replay import replay as run_replay
 
     if not (correlation or since or from_seq):
         raise CliError("give --correlation, --since or --from-seq", EXIT_USAGE)

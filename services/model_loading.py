@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 import fsspec
 
 from contracts import ArtifactRef, Task
+from services.artifact_policy import ArtifactLocationError, check_artifact_uri
 from services.artifacts import IntegrityError, read_verified, sha256_bytes
 from services.ml.bundle import BUNDLE_MEDIA_TYPE, LoadedModel
 from services.ml.families import Predictor
-from services.security import ArtifactLocationError, check_artifact_uri
 from services.settings import CairnSettings
 from services.tracking import MLFLOW_SOURCE_SCHEMES, Champion, Tracker
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
@@ -26,6 +27,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as HttpRoute
 
 from contracts.types import Contract
+from services.artifact_policy import foreign_artifacts
+from services.artifacts import IntegrityError
 from services.bus.availability import wait_for_stream
 from services.bus.connection import make_broker
 from services.bus.consumer import EventConsumer, Handler, durable_name, subscribe
@@ -110,6 +113,8 @@ class ServiceRunner:
                 ledger=self.ledger,
                 ack_wait_s=route.ack_wait_s,
                 handler_timeout_s=route.handler_timeout_s,
+                input_check=functools.partial(foreign_artifacts, settings=self.settings),
+                permanent=(IntegrityError,),
             )
             subscribe(self.broker, consumer, max_workers=route.max_workers)
             self.durables.append(durable_name(service.name, route.payload_cls, self.settings.namespace))

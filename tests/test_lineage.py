@@ -29,7 +29,7 @@ from services.lineage.audit import (
     verify_bundle,
     verify_records,
 )
-from services.lineage.replay import replay
+from services.replay import replay
 from services.lineage.store import LineageStore
 from tests.conftest import make_settings, wait_for
 from tests.test_pipeline import run_pipeline

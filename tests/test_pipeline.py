@@ -252,7 +252,7 @@ def stdlib_corpus(folder: Path) -> Path:
 
 
 async def test_text_generation_from_corpus_to_generate_and_bit_identical_replay(system):
-    from services.lineage.replay import replay
+    from services.replay import replay
 
     settings, runtime = system
     corpus = stdlib_corpus(data_dir(settings))

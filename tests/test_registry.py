@@ -49,9 +49,9 @@ from services.deployment.app import Deployment
 from services.deployment.logic import ChampionRecord
 from services.evaluation.app import Challenger, Evaluation, evaluate
 from services.features import logic as features
-from services.features.logic import holdout_frame
 from services.ingestion.app import ingest
 from services.ml.bundle import save_bundle
+from services.ml.holdout import holdout_frame
 from services.ml.trial import fit_final
 from services.runtime import ServiceRunner
 from services.serving.app import InferenceServer

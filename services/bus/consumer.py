@@ -31,7 +31,6 @@ from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from pydantic import BaseModel
 
 from contracts import (
     ContractError,
@@ -43,8 +42,7 @@ from contracts import (
     new_event,
     subject_for,
 )
-from contracts.types import ArtifactRef, Contract
-from services.artifacts import IntegrityError
+from contracts.types import Contract
 from services.bus.connection import inbox_prefix
 from services.bus.ledger import OK, PENDING, REJECTED, HandledLedger, Record
 from services.bus.metrics import ServiceMetrics
@@ -107,6 +105,7 @@ class Inbound:
 
 
 Handler = Callable[[Envelope[Any], Delivery], Awaitable[Sequence[Envelope[Any]]]]
+InputCheck = Callable[[Any], list[str]]
 
 
 def durable_name(service: str, payload_cls: type[Contract], namespace: str) -> str:
@@ -133,7 +132,11 @@ class EventConsumer:
         ledger: HandledLedger,
         ack_wait_s: float | None = None,
         handler_timeout_s: float | None = None,
+        input_check: InputCheck | None = None,
+        permanent: tuple[type[Exception], ...] = (),
     ):
+        """`input_check`: problems with a payload before the handler may see it (the runtime gives
+        the artifact-location policy); `permanent`: exceptions no retry can fix (dead-lettered at once)."""
         self.service = service
         self.payload_cls = payload_cls
         self.event_type = event_type_of(payload_cls)
@@ -144,6 +147,8 @@ class EventConsumer:
         self.ledger = ledger
         self.ack_wait_s = ack_wait_s or settings.ack_wait_s
         self.handler_timeout_s = handler_timeout_s or settings.handler_timeout_s
+        self.input_check = input_check or (lambda _payload: [])
+        self.permanent = permanent
         self.source = f"/cairn/{service}"
 
     async def __call__(self, body: bytes, message: NatsMessage) -> None:
@@ -167,7 +172,7 @@ class EventConsumer:
         event = inbound.event
         assert event is not None
         try:
-            outside = _foreign_artifacts(event.data, self.settings)
+            outside = self.input_check(event.data)
         except Exception as exc:  # noqa: BLE001 - an input that breaks a check is refused, not retried
             await self._dead_letter(inbound, f"cannot check input: {type(exc).__name__}: {exc}")
             return
@@ -224,9 +229,9 @@ class EventConsumer:
         except PermanentError as exc:
             await self._dead_letter(inbound, exc.reason, exc.problems, domain=exc.event)
             return
-        except IntegrityError as exc:
-            # Content-addressed bytes that do not match their hash stay wrong on every retry.
-            await self._dead_letter(inbound, f"IntegrityError: {exc}")
+        except self.permanent as exc:
+            # E.g. content-addressed bytes that do not match their hash: wrong on every retry.
+            await self._dead_letter(inbound, f"{type(exc).__name__}: {exc}")
             return
         except asyncio.CancelledError:
             raise
@@ -369,32 +374,6 @@ def _bounded(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     return text[: limit - 40] + f"... [{len(text) - limit + 40} more characters]"
-
-
-def _foreign_artifacts(payload: Any, settings: CairnSettings) -> list[str]:
-    """Every ArtifactRef in a payload whose URI is not in this deployment's artifact store."""
-    from services.security import ArtifactLocationError, check_artifact_uri
-
-    found: list[str] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, ArtifactRef):
-            try:
-                check_artifact_uri(value.uri, settings)
-            except ArtifactLocationError as exc:
-                found.append(str(exc))
-        elif isinstance(value, BaseModel):
-            for name in type(value).model_fields:
-                walk(getattr(value, name))
-        elif isinstance(value, list | tuple):
-            for item in value:
-                walk(item)
-        elif isinstance(value, dict):
-            for item in value.values():
-                walk(item)
-
-    walk(payload)
-    return found
 
 
 def _decode(body: bytes, event_type: str) -> Envelope[Any]:

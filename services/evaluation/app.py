@@ -30,10 +30,9 @@ from contracts import (
 from services.artifacts import IntegrityError
 from services.bus.consumer import Delivery, PermanentError
 from services.evaluation.logic import gate
-from services.features.logic import holdout_frame
-from services.features.text import holdout_text
 from services.ml import transform
 from services.ml.bundle import LoadedModel
+from services.ml.holdout import holdout_frame, holdout_text
 from services.ml.metrics import score_all
 from services.model_loading import UnusableModel, load_champion, load_from_store
 from services.runtime import Route, Service

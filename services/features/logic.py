@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from contracts import ArtifactRef, ColumnKind, DatasetIngested, FeaturesBuilt, SplitSizes, Task
+from contracts import ColumnKind, DatasetIngested, FeaturesBuilt, SplitSizes, Task
 from services.artifacts import ArtifactStore, read_verified
 from services.ml import transform
 from services.ml.featureset import N_CLASSES_KEY
@@ -111,9 +111,3 @@ def build(ingested: DatasetIngested, store: ArtifactStore) -> FeaturesBuilt:
 
 def _row_group(snapshot: bytes, index: int) -> pd.DataFrame:
     return pq.ParquetFile(io.BytesIO(snapshot)).read_row_group(index).to_pandas()
-
-
-def holdout_frame(dataset: ArtifactRef, seed: int) -> pd.DataFrame:
-    """The raw test rows of a snapshot, by the same split the features used."""
-    frame = pq.read_table(io.BytesIO(read_verified(dataset.uri, dataset.sha256))).to_pandas()
-    return frame[transform.assign_split(frame, seed) == TEST].reset_index(drop=True)

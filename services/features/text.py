@@ -3,7 +3,6 @@ training split only, and the three token arrays in one safetensors file (no pick
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
@@ -12,28 +11,15 @@ import safetensors.numpy
 
 from contracts import ArtifactRef, DatasetIngested, FeaturesBuilt, SplitSizes
 from services.artifacts import ArtifactStore, read_verified
+from services.ml.holdout import SPLITS, split_text
 from services.ml.textgen.tokenizer import encode, train_bpe
 
-CHUNK_LINES = 32
-SPLITS = ("train", "validation", "test")
 TOKENS_MEDIA_TYPE = "application/vnd.cairn.tokens+safetensors"
 TRANSFORM_MEDIA_TYPE = "application/vnd.cairn.text-transform+json"
 
 
 class TextFeatureProblem(Exception):
     pass
-
-
-def split_text(text: str, seed: int) -> dict[str, str]:
-    """Chunks of lines, each placed by a seeded hash of its content (80/10/10): the same corpus
-    and seed always give the same split, whatever else is in the corpus."""
-    lines = text.splitlines(keepends=True)
-    parts: dict[str, list[str]] = {name: [] for name in SPLITS}
-    for i in range(0, len(lines), CHUNK_LINES):
-        chunk = "".join(lines[i : i + CHUNK_LINES])
-        u = int.from_bytes(hashlib.sha256(f"{seed}:{chunk}".encode()).digest()[:8], "big") / 2**64
-        parts["train" if u < 0.8 else "validation" if u < 0.9 else "test"].append(chunk)
-    return {name: "".join(chunks) for name, chunks in parts.items()}
 
 
 def tokens_file(tokens: dict[str, np.ndarray]) -> bytes:
@@ -64,7 +50,3 @@ def build_text(ingested: DatasetIngested, store: ArtifactStore) -> FeaturesBuilt
         feature_columns=[],
         splits=SplitSizes(**{name: max(len(tokens[name]), 1) for name in SPLITS}),
     )
-
-
-def holdout_text(dataset: ArtifactRef, seed: int) -> str:
-    return split_text(read_verified(dataset.uri, dataset.sha256).decode("utf-8"), seed)["test"]

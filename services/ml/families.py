@@ -15,7 +15,6 @@ give bit-identical model files.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,16 +22,10 @@ import xgboost as xgb
 from sklearn.linear_model import LogisticRegression, Ridge
 
 from contracts.types import Metric, ModelFamily, Task
+from services.ml.fitted import Fitted
 
 EARLY_STOPPING_ROUNDS = 20
 
-
-@dataclass(frozen=True)
-class Fitted:
-    family: ModelFamily
-    estimator_bytes: bytes
-    estimator_format: str
-    rounds_used: int
 
 
 def _xgb_objective(task: Task, n_classes: int) -> dict[str, Any]:

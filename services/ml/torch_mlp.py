@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from contracts.types import ModelFamily, Task
-from services.ml.families import Fitted
+from services.ml.fitted import Fitted
 
 MLP_FAMILY = "mlp"
 MLP_FORMAT = "torch-mlp-safetensors"

@@ -1,0 +1,80 @@
+"""Where artifacts may be read from: the artifact store, never an address an event names.
+
+Applied by the consumer policy to every `ArtifactRef` in an incoming event (injected by the
+runtime, so the bus knows nothing of artifacts) and by model loading to registry sources.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from contracts.types import ArtifactRef
+from services.settings import CairnSettings
+
+
+class ArtifactLocationError(ValueError):
+    """An artifact URI outside the configured store: refused before any byte is fetched."""
+
+
+def check_artifact_uri(uri: str, settings: CairnSettings) -> str:
+    """Artifacts are read only from the artifact store, never from an address an event names.
+
+    Events carry artifact URIs; without this check a forged event could make a service fetch
+    `http://169.254.169.254/...` or read `/etc/passwd` before the hash check refuses the bytes.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    root = settings.artifacts.rstrip("/")
+    # NUL (raw or %00) and other control characters name no stored artifact, and NUL would make
+    # the path resolution below raise instead of refusing.
+    if any(ord(c) < 32 or ord(c) == 127 for c in uri + unquote(uri)):
+        raise ArtifactLocationError(f"artifact {uri[:200]!r} contains a control character (NUL, ...)")
+    parts, root_parts = urlsplit(uri), urlsplit(root)
+    if any(len(name.encode()) > 255 for name in unquote(parts.path).split("/")):
+        # Longer than any file system's name limit: no artifact is stored there, and reading it
+        # would fail as an OSError, which handlers retry as an outage.
+        raise ArtifactLocationError(f"artifact {uri[:200]!r} has a path segment over 255 bytes")
+    scheme = (parts.scheme or "file").lower()
+    if scheme != (root_parts.scheme or "file").lower():
+        raise ArtifactLocationError(f"artifact {uri[:200]!r} is not in the artifact store {root}")
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ArtifactLocationError(f"artifact {uri[:200]!r} names a host")
+        path = Path(unquote(parts.path)).resolve()
+        if not path.is_relative_to(Path(unquote(root_parts.path)).resolve()):
+            raise ArtifactLocationError(f"artifact {uri[:200]!r} is outside the artifact store {root}")
+        return uri
+    if parts.netloc != root_parts.netloc or not (parts.path + "/").startswith(
+        root_parts.path.rstrip("/") + "/"
+    ):
+        raise ArtifactLocationError(f"artifact {uri[:200]!r} is outside the artifact store {root}")
+    if ".." in parts.path.split("/"):
+        raise ArtifactLocationError(f"artifact {uri[:200]!r} climbs out of the store")
+    return uri
+
+
+def foreign_artifacts(payload: Any, settings: CairnSettings) -> list[str]:
+    """Every ArtifactRef in a payload whose URI is not in this deployment's artifact store."""
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, ArtifactRef):
+            try:
+                check_artifact_uri(value.uri, settings)
+            except ArtifactLocationError as exc:
+                found.append(str(exc))
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name))
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+
+    walk(payload)
+    return found
