@@ -30,7 +30,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow and not k8s"
 
 lint: install
-	$(VENV)/bin/ruff check contracts services tests bench
+	$(VENV)/bin/ruff check contracts services tests bench harness
 	$(VENV)/bin/lint-imports
 
 bench: install

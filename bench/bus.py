@@ -20,12 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from contracts import DataArrived, DataRejected  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nats  # noqa: E402
 from nats.js.api import ConsumerConfig  # noqa: E402
 
-from contracts import DataArrived, DataRejected, Envelope, new_event  # noqa: E402
+from contracts import Envelope, new_event  # noqa: E402
 from services.bus.connection import connect  # noqa: E402
 from services.bus.consumer import Delivery  # noqa: E402
 from services.bus.embedded import EmbeddedNats  # noqa: E402
@@ -33,7 +35,7 @@ from services.bus.provision import provision_all  # noqa: E402
 from services.runtime import Route, Service, ServiceRunner  # noqa: E402
 from services.settings import CairnSettings  # noqa: E402
 
-IN, OUT = "cairn.data.arrived.v1", "cairn.data.rejected.v1"
+IN, OUT = DataArrived.EVENT_TYPE, DataRejected.EVENT_TYPE
 
 
 class Echo(Service):

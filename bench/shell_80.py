@@ -18,28 +18,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import psutil
 from distributed import Client, LocalCluster
-from nats.js.api import DeliverPolicy
+
+from contracts import FeaturesBuilt, ModelEvaluated, TrialCompleted, TuningCompleted, TuningRequested  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from contracts import DataArrived, SearchStrategy, TuningSpec, decode, new_event  # noqa: E402
+from contracts import DataArrived, SearchStrategy, TuningSpec, new_event  # noqa: E402
 from services import supervisor  # noqa: E402
-from services.bus.connection import connect  # noqa: E402
 from services.bus.embedded import EmbeddedNats  # noqa: E402
-from services.ml.trial import run_trial  # noqa: E402
+from services.client import Client as CairnClient  # noqa: E402
+from services.ml.trial import TrialSpec, run_trial  # noqa: E402
 from services.settings import CairnSettings  # noqa: E402
-
-TERMINAL = {
-    "cairn.model.deployed.v1",
-    "cairn.data.rejected.v1",
-    "cairn.event.rejected.v1",
-    "cairn.deployment.failed.v1",
-}
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
@@ -75,35 +70,21 @@ def make_table(path: Path, rows: int, seed: int = 0) -> Path:
 
 
 async def pipeline_run(settings: CairnSettings, arrived: DataArrived) -> dict:
-    nc = await connect(settings, "bench")
-    js = nc.jetstream()
-    sub = await js.subscribe("cairn.>", ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
-    event = new_event(arrived, source="/bench")
-    started = time.perf_counter()
-    await js.publish("cairn.data.arrived.v1", event.encode(), headers={"Nats-Msg-Id": event.id})
     marks: dict[str, float] = {}
-    run = []
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=600)
-            if ".dlq." in msg.subject:
-                continue
-            ev = decode(msg.data)
-            if ev.correlationid != event.id:
-                continue
-            now = time.perf_counter() - started
-            run.append(ev)
-            marks.setdefault(f"first:{ev.type}", now)
-            marks[f"last:{ev.type}"] = now
-            if ev.type in TERMINAL:
-                break
-    finally:
-        await nc.close()
-    plan = next(e.data for e in run if e.type == "cairn.tuning.requested.v1")
-    tuned = next(e.data for e in run if e.type == "cairn.tuning.completed.v1")
-    evaluated = next(e.data for e in run if e.type == "cairn.model.evaluated.v1")
-    features = next(e.data for e in run if e.type == "cairn.features.built.v1")
-    trials = [e.data for e in run if e.type == "cairn.trial.completed.v1"]
+    started = time.perf_counter()
+
+    def mark(ev: Any) -> None:
+        now = time.perf_counter() - started
+        marks.setdefault(f"first:{ev.type}", now)
+        marks[f"last:{ev.type}"] = now
+
+    async with CairnClient(settings, "bench") as client:
+        run = (await client.run(new_event(arrived, source="/bench"), timeout=600, on_event=mark)).events
+    plan = next(e.data for e in run if e.type == TuningRequested.EVENT_TYPE)
+    tuned = next(e.data for e in run if e.type == TuningCompleted.EVENT_TYPE)
+    evaluated = next(e.data for e in run if e.type == ModelEvaluated.EVENT_TYPE)
+    features = next(e.data for e in run if e.type == FeaturesBuilt.EVENT_TYPE)
+    trials = [e.data for e in run if e.type == TrialCompleted.EVENT_TYPE]
     return {
         "end_to_end_s": marks[f"last:{run[-1].type}"],
         "terminal": run[-1].type,
@@ -137,14 +118,10 @@ async def direct_dask(plan, features, workers: int) -> float:
         futures = [
             client.submit(
                 run_trial,
-                fs.uri,
-                fs.sha256,
-                c.family.value,
-                dict(c.params),
-                plan.rungs[0].budget,
-                plan.context.task.value,
-                plan.metric.value,
-                plan.context.seed,
+                TrialSpec(
+                    fs.uri, fs.sha256, c.family.value, dict(c.params), plan.rungs[0].budget,
+                    plan.context.task.value, plan.metric.value, plan.context.seed,
+                ),
                 pure=False,
             )
             for c in plan.configurations

@@ -12,6 +12,14 @@ from contracts.envelope import (
     new_event,
 )
 from contracts.events import *  # noqa: F403
-from contracts.events import PAYLOADS
-from contracts.subjects import dead_letter_subject, event_type_for, subject_for
+from contracts.events import ANY_SERVICE, PAYLOADS, PRODUCERS, UPSTREAM
+from contracts.runs import TERMINAL_TYPES, ends_run, type_ends_run
+from contracts.subjects import (
+    dead_letter_subject,
+    event_type_for,
+    is_dead_letter,
+    replay_namespace,
+    stream_filter,
+    subject_for,
+)
 from contracts.types import *  # noqa: F403

@@ -1,7 +1,9 @@
 """Event payloads, one model per fact. Names are past-tense facts; a breaking change is a new vN.
 
-Each payload class carries its CloudEvents `type` in ``EVENT_TYPE``; the subject on the bus
-is the same string (see ``contracts.subjects``).
+Each payload class declares its names here, so nothing else spells them: its CloudEvents `type`
+in ``EVENT_TYPE`` (the subject on the bus is the same string, see ``contracts.subjects``), who
+publishes it in ``PRODUCER`` (the AsyncAPI document and the NATS permissions are derived from
+it) and, with ``ENDS_RUN``, that it always ends a pipeline run (see ``contracts.runs``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from contracts.types import (
     Uri,
 )
 
+# Producers that are not one of cairn's services: the NATS permissions grant them differently.
+UPSTREAM = "upstream"  # an outside system announcing data
+ANY_SERVICE = "any service"  # every consuming service may reject what it cannot handle
+
 
 class TuningSpec(Contract):
     """How to search: carried from the arrival event through every step so replay sees the same."""
@@ -53,6 +59,7 @@ class DataArrived(Contract):
     """An upstream system says a dataset is ready. The only event outsiders usually publish."""
 
     EVENT_TYPE: ClassVar[str] = "cairn.data.arrived.v1"
+    PRODUCER: ClassVar[str] = UPSTREAM
     model_config = ConfigDict(
         json_schema_extra={
             "anyOf": [
@@ -93,6 +100,8 @@ class DataRejected(Contract):
     """The arrived data cannot be used; the reason is written for the person who sent it."""
 
     EVENT_TYPE: ClassVar[str] = "cairn.data.rejected.v1"
+    PRODUCER: ClassVar[str] = "ingestion"
+    ENDS_RUN: ClassVar[bool] = True
 
     uri: str
     reason: str = Field(min_length=1)
@@ -123,6 +132,7 @@ class PipelineContext(Contract):
 
 class DatasetIngested(Contract):
     EVENT_TYPE: ClassVar[str] = "cairn.dataset.ingested.v1"
+    PRODUCER: ClassVar[str] = "ingestion"
 
     context: PipelineContext
     source_uri: str
@@ -140,6 +150,7 @@ class SplitSizes(Contract):
 
 class FeaturesBuilt(Contract):
     EVENT_TYPE: ClassVar[str] = "cairn.features.built.v1"
+    PRODUCER: ClassVar[str] = "features"
 
     context: PipelineContext
     dataset: ArtifactRef = Field(description="The ingested snapshot the features were built from.")
@@ -159,6 +170,7 @@ class TuningRequested(Contract):
     """A study's plan, fixed before any trial runs: replay re-reads the plan, never re-samples it."""
 
     EVENT_TYPE: ClassVar[str] = "cairn.tuning.requested.v1"
+    PRODUCER: ClassVar[str] = "tuning"
 
     study_id: StudyId
     context: PipelineContext
@@ -177,6 +189,7 @@ class TrialConfig(Contract):
 
 class TrialRequested(Contract):
     EVENT_TYPE: ClassVar[str] = "cairn.trial.requested.v1"
+    PRODUCER: ClassVar[str] = "tuning"
 
     study_id: StudyId
     trial_id: int = Field(ge=0)
@@ -194,6 +207,7 @@ class TrialRequested(Contract):
 
 class TrialCompleted(Contract):
     EVENT_TYPE: ClassVar[str] = "cairn.trial.completed.v1"
+    PRODUCER: ClassVar[str] = "training"
 
     study_id: StudyId
     trial_id: int = Field(ge=0)
@@ -219,6 +233,7 @@ class TrialsPromoted(Contract):
     """A successive-halving decision with its evidence, so replay follows it instead of re-deciding."""
 
     EVENT_TYPE: ClassVar[str] = "cairn.trials.promoted.v1"
+    PRODUCER: ClassVar[str] = "tuning"
 
     study_id: StudyId
     from_rung: int = Field(ge=0)
@@ -240,6 +255,7 @@ class LeaderboardEntry(Contract):
 
 class TuningCompleted(Contract):
     EVENT_TYPE: ClassVar[str] = "cairn.tuning.completed.v1"
+    PRODUCER: ClassVar[str] = "tuning"
 
     study_id: StudyId
     context: PipelineContext
@@ -254,6 +270,7 @@ class TuningCompleted(Contract):
 
 class ModelTrained(Contract):
     EVENT_TYPE: ClassVar[str] = "cairn.model.trained.v1"
+    PRODUCER: ClassVar[str] = "training"
 
     context: PipelineContext
     study_id: StudyId
@@ -278,6 +295,7 @@ class ChampionSnapshot(Contract):
 
 class ModelEvaluated(Contract):
     EVENT_TYPE: ClassVar[str] = "cairn.model.evaluated.v1"
+    PRODUCER: ClassVar[str] = "evaluation"
 
     context: PipelineContext
     model: ArtifactRef
@@ -299,6 +317,7 @@ class EvaluationRequested(Contract):
     """A passed decision found stale when deploying (the champion moved since): decide it again."""
 
     EVENT_TYPE: ClassVar[str] = "cairn.evaluation.requested.v1"
+    PRODUCER: ClassVar[str] = "deployment"
 
     evaluated: ModelEvaluated = Field(description="The stale decision, with what is needed to redo it.")
     champion_version: int | None = Field(None, description="The champion it must now be compared with.")
@@ -307,6 +326,8 @@ class EvaluationRequested(Contract):
 
 class ModelDeployed(Contract):
     EVENT_TYPE: ClassVar[str] = "cairn.model.deployed.v1"
+    PRODUCER: ClassVar[str] = "deployment"
+    ENDS_RUN: ClassVar[bool] = True
 
     model_name: ModelName
     version: int = Field(ge=1)
@@ -320,6 +341,8 @@ class ModelDeployed(Contract):
 
 class DeploymentFailed(Contract):
     EVENT_TYPE: ClassVar[str] = "cairn.deployment.failed.v1"
+    PRODUCER: ClassVar[str] = "deployment"
+    ENDS_RUN: ClassVar[bool] = True
 
     model_name: ModelName
     model: ArtifactRef | None = None
@@ -330,6 +353,8 @@ class EventRejected(Contract):
     """Any service refusing any message: the original bytes are on the dead-letter subject."""
 
     EVENT_TYPE: ClassVar[str] = "cairn.event.rejected.v1"
+    PRODUCER: ClassVar[str] = ANY_SERVICE
+    ENDS_RUN: ClassVar[bool] = True
 
     service: str
     reason: str = Field(min_length=1)
@@ -361,3 +386,6 @@ PAYLOADS: tuple[type[Contract], ...] = (
     DeploymentFailed,
     EventRejected,
 )
+
+# Who publishes each type, read off the classes above.
+PRODUCERS: dict[str, str] = {p.EVENT_TYPE: p.PRODUCER for p in PAYLOADS}  # type: ignore[attr-defined]

@@ -1,4 +1,8 @@
-"""Generate the published JSON Schemas (one per event type) and the AsyncAPI document."""
+"""Generate the published JSON Schemas (one per event type) and the AsyncAPI document.
+
+Who publishes each type is ``contracts.events.PRODUCERS``, read off the payload classes; it is
+re-exported here for the importers of old.
+"""
 
 from __future__ import annotations
 
@@ -7,29 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from contracts.envelope import TYPES, envelope_model
-from contracts.subjects import dead_letter_subject, subject_for
+from contracts.events import PRODUCERS
+from contracts.subjects import dead_letter_subject, stream_filter, subject_for
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 ASYNCAPI_PATH = Path(__file__).parent / "asyncapi.json"
-
-# Who publishes and who consumes each type: the AsyncAPI document and the NATS permissions share it.
-PRODUCERS: dict[str, str] = {
-    "cairn.data.arrived.v1": "upstream",
-    "cairn.data.rejected.v1": "ingestion",
-    "cairn.dataset.ingested.v1": "ingestion",
-    "cairn.features.built.v1": "features",
-    "cairn.tuning.requested.v1": "tuning",
-    "cairn.trial.requested.v1": "tuning",
-    "cairn.trials.promoted.v1": "tuning",
-    "cairn.tuning.completed.v1": "tuning",
-    "cairn.trial.completed.v1": "training",
-    "cairn.model.trained.v1": "training",
-    "cairn.model.evaluated.v1": "evaluation",
-    "cairn.evaluation.requested.v1": "deployment",
-    "cairn.model.deployed.v1": "deployment",
-    "cairn.deployment.failed.v1": "deployment",
-    "cairn.event.rejected.v1": "any service",
-}
 
 
 def event_schema(event_type: str) -> dict[str, Any]:
@@ -75,7 +61,7 @@ def asyncapi_document() -> dict[str, Any]:
         "info": {
             "title": "cairn event bus",
             "version": "1.0.0",
-            "description": "Every event lives in the JetStream stream CAIRN (subjects cairn.>).",
+            "description": f"Every event lives in the JetStream stream CAIRN (subjects {stream_filter()}).",
         },
         "defaultContentType": "application/cloudevents+json",
         "channels": channels,

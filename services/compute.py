@@ -59,7 +59,11 @@ async def open_compute(settings: CairnSettings) -> Compute:
             asynchronous=True,
             silence_logs=40,
         )
-        client = await Client(cluster, security=cluster.security, asynchronous=True)
+        try:
+            client = await Client(cluster, security=cluster.security, asynchronous=True)
+        except BaseException:  # the cluster is already up: never leave its workers behind
+            await cluster.close()
+            raise
 
         async def close_local() -> None:
             await client.close()

@@ -18,13 +18,12 @@ the cluster's own CA (`distributed.security.Security`, `require_encryption=True`
 
 from __future__ import annotations
 
-import datetime as _dt
-import os
 from pathlib import Path
 
 from distributed.security import Security
 
 from services.settings import CairnSettings
+from services.tls import issue_cert, load_or_create_ca, write_file
 
 CA, CA_KEY, CERT, KEY = "ca.crt", "ca.key", "tls.crt", "tls.key"
 SCHEDULER_PORT = 8786
@@ -40,93 +39,14 @@ def write_dask_tls(folder: Path, days: int = 825) -> list[Path]:
     An existing CA is kept, so certificates it signed stay valid; the member certificate is
     reissued.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import ExtendedKeyUsageOID
 
     folder.mkdir(parents=True, exist_ok=True)
-    now = _dt.datetime.now(_dt.UTC)
-
-    def name(cn: str) -> x509.Name:
-        org = x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cairn")
-        return x509.Name([org, x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-        return key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-
-    def usage(*, ca: bool) -> x509.KeyUsage:
-        return x509.KeyUsage(
-            digital_signature=True,
-            key_cert_sign=ca,
-            crl_sign=ca,
-            content_commitment=False,
-            key_encipherment=False,
-            data_encipherment=False,
-            key_agreement=False,
-            encipher_only=False,
-            decipher_only=False,
-        )
-
     ca_path, ca_key_path = folder / CA, folder / CA_KEY
-    if ca_path.exists() and ca_key_path.exists():
-        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
-        ca_cert = x509.load_pem_x509_certificate(ca_path.read_bytes())
-    else:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(name("cairn Dask CA"))
-            .issuer_name(name("cairn Dask CA"))
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _dt.timedelta(minutes=5))
-            .not_valid_after(now + _dt.timedelta(days=days * 2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(usage(ca=True), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        _write(ca_key_path, pem_key(ca_key), 0o600)
-        _write(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("cairn Dask member"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _dt.timedelta(minutes=5))
-        .not_valid_after(now + _dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(usage(ca=False), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return [
-        ca_path,
-        ca_key_path,
-        _write(folder / CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644),
-        _write(folder / KEY, pem_key(key), 0o600),
-    ]
-
-
-def _write(path: Path, data: bytes, mode: int) -> Path:
-    """Created with its final mode, so a key is never readable by others, even for a moment."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, mode)
-    return path
+    ca = load_or_create_ca(ca_path, ca_key_path, "cairn Dask CA", days * 2)
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    cert, key = issue_cert(ca, "cairn Dask member", usages, days, key_usage=True)
+    return [ca_path, ca_key_path, write_file(folder / CERT, cert), write_file(folder / KEY, key, 0o600)]
 
 
 def client_security(settings: CairnSettings) -> Security | None:

@@ -26,6 +26,7 @@ from contracts import (
     ModelTrained,
     TuningCompleted,
     decode,
+    is_dead_letter,
 )
 from services import supervisor
 from services.bus.connection import connect
@@ -47,7 +48,7 @@ async def run_events(s: CairnSettings) -> list:
     try:
         while info.state.last_seq:
             msg = await sub.next_msg(timeout=5)
-            if ".dlq." not in msg.subject:
+            if not is_dead_letter(msg.subject):
                 events.append(decode(msg.data))
             if msg.metadata.sequence.stream >= info.state.last_seq:
                 break

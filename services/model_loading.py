@@ -1,7 +1,7 @@
 """Open a model bundle from wherever it lives, and only from there: location-checked, hash-verified.
 
 Bundle and estimator URIs come from events, from manifests and from the registry: each is checked
-against the artifact store (`services.security.check_artifact_uri`) before a byte is fetched, so a
+against the artifact store (`services.artifact_policy.check_artifact_uri`) before a byte is fetched, so a
 forged event or registry entry cannot make a service read an arbitrary file or address. A
 registered champion whose bundle is not in cairn's store is fetched through MLflow (its run
 artifacts), and checked against the hashes the registry and the manifest name. Nothing is
@@ -23,7 +23,7 @@ from contracts import ArtifactRef, Task
 from services.artifact_policy import ArtifactLocationError, check_artifact_uri
 from services.artifacts import IntegrityError, read_verified, sha256_bytes
 from services.ml.bundle import BUNDLE_MEDIA_TYPE, LoadedModel
-from services.ml.families import Predictor
+from services.ml.registry import predictor
 from services.settings import CairnSettings
 from services.tracking import MLFLOW_SOURCE_SCHEMES, Champion, Tracker
 
@@ -103,7 +103,7 @@ def from_bytes(ref: ArtifactRef, manifest_bytes: bytes, estimator_bytes: bytes) 
     if task is Task.text_generation:
         return LoadedModel(ref, manifest, checkpoint=estimator_bytes)
     n_classes = len(manifest["transform"]["classes"])
-    return LoadedModel(ref, manifest, Predictor(estimator["format"], estimator_bytes, task, n_classes))
+    return LoadedModel(ref, manifest, predictor(estimator["format"], estimator_bytes, task, n_classes))
 
 
 def _checked(uri: str, settings: CairnSettings) -> str:

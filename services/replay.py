@@ -9,27 +9,35 @@ artifact store is shared: it is content-addressed, so a replay can only add file
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from nats.js.api import DeliverPolicy
-
-from contracts import ContractError, Envelope, decode, derive_id, new_event, subject_for
+from contracts import (
+    ContractError,
+    DataArrived,
+    DatasetIngested,
+    Envelope,
+    FeaturesBuilt,
+    ModelEvaluated,
+    ModelTrained,
+    TrialCompleted,
+    TrialsPromoted,
+    TuningCompleted,
+    TuningRequested,
+    decode,
+    derive_id,
+    is_dead_letter,
+    new_event,
+    replay_namespace,
+)
 from services import supervisor
 from services.bus.connection import connect
 from services.bus.provision import provision_handled_bucket, provision_study_bucket, study_bucket
+from services.client import Client, RunTimeout
 from services.lineage.audit import stream_records
 from services.settings import CairnSettings
-
-TERMINAL = {
-    "cairn.model.deployed.v1",
-    "cairn.data.rejected.v1",
-    "cairn.event.rejected.v1",
-    "cairn.deployment.failed.v1",
-}
 
 
 @dataclass
@@ -66,7 +74,7 @@ def select_roots(
 ) -> list[Envelope[Any]]:
     roots = []
     for seq, ev in events:
-        if ev.type != "cairn.data.arrived.v1" or ev.causationid is not None:
+        if ev.type != DataArrived.EVENT_TYPE or ev.causationid is not None:
             continue
         if correlation and ev.correlationid != correlation:
             continue
@@ -93,12 +101,12 @@ def compare_runs(original: list[Envelope[Any]], replay: list[Envelope[Any]]) -> 
     pairs = [
         (
             "ingestion",
-            "cairn.dataset.ingested.v1",
+            DatasetIngested.EVENT_TYPE,
             [("raw data sha256", lambda d: d.source_sha256), ("snapshot sha256", lambda d: d.dataset.sha256)],
         ),
         (
             "features",
-            "cairn.features.built.v1",
+            FeaturesBuilt.EVENT_TYPE,
             [
                 ("featureset sha256", lambda d: d.featureset.sha256),
                 ("transform sha256", lambda d: d.transform.sha256),
@@ -106,16 +114,16 @@ def compare_runs(original: list[Envelope[Any]], replay: list[Envelope[Any]]) -> 
         ),
         (
             "tuning",
-            "cairn.tuning.requested.v1",
+            TuningRequested.EVENT_TYPE,
             [("configurations", lambda d: [c.model_dump() for c in d.configurations])],
         ),
         (
             "tuning",
-            "cairn.tuning.completed.v1",
+            TuningCompleted.EVENT_TYPE,
             [("leaderboard", lambda d: [(r.trial_id, r.rung, r.score) for r in d.leaderboard])],
         ),
-        ("training", "cairn.model.trained.v1", [("model sha256", lambda d: d.model.sha256)]),
-        ("evaluation", "cairn.model.evaluated.v1", [("holdout metrics", lambda d: d.metrics)]),
+        ("training", ModelTrained.EVENT_TYPE, [("model sha256", lambda d: d.model.sha256)]),
+        ("evaluation", ModelEvaluated.EVENT_TYPE, [("holdout metrics", lambda d: d.metrics)]),
     ]
     for step, event_type, fields in pairs:
         a, b = _one(original, event_type), _one(replay, event_type)
@@ -125,19 +133,18 @@ def compare_runs(original: list[Envelope[Any]], replay: list[Envelope[Any]]) -> 
             add(step, what, get(a) if a is not None else None, get(b) if b is not None else None)
     trials_a = {
         (d.trial_id, d.rung): d.score
-        for d in (e.data for e in original if e.type == "cairn.trial.completed.v1")
+        for d in (e.data for e in original if e.type == TrialCompleted.EVENT_TYPE)
     }
     trials_b = {
-        (d.trial_id, d.rung): d.score
-        for d in (e.data for e in replay if e.type == "cairn.trial.completed.v1")
+        (d.trial_id, d.rung): d.score for d in (e.data for e in replay if e.type == TrialCompleted.EVENT_TYPE)
     }
     if trials_a or trials_b:
         add("training", f"{len(trials_a)} trial scores", trials_a, trials_b)
     promoted_a = [
-        (d.from_rung, d.promoted) for d in (e.data for e in original if e.type == "cairn.trials.promoted.v1")
+        (d.from_rung, d.promoted) for d in (e.data for e in original if e.type == TrialsPromoted.EVENT_TYPE)
     ]
     promoted_b = [
-        (d.from_rung, d.promoted) for d in (e.data for e in replay if e.type == "cairn.trials.promoted.v1")
+        (d.from_rung, d.promoted) for d in (e.data for e in replay if e.type == TrialsPromoted.EVENT_TYPE)
     ]
     if promoted_a or promoted_b:
         add("tuning", "promotion decisions", sorted(promoted_a), sorted(promoted_b))
@@ -152,7 +159,7 @@ async def _history(settings: CairnSettings) -> list[tuple[int, Envelope[Any]]]:
         await nc.close()
     events = []
     for seq, subject, body in raw:
-        if ".dlq." in subject:
+        if is_dead_letter(subject):
             continue
         try:
             events.append((seq, decode(body)))
@@ -164,33 +171,16 @@ async def _history(settings: CairnSettings) -> list[tuple[int, Envelope[Any]]]:
 async def _run_one(
     settings: CairnSettings, replay_settings: CairnSettings, root: Envelope[Any], rid: str, timeout: float
 ) -> list[Envelope[Any]]:
-    nc = await connect(settings, "replay")
-    js = nc.jetstream()
-    namespace = replay_settings.namespace
-    sub = await js.subscribe(f"{namespace}.>", ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
+    """Publish the recorded arrival again in the replay's namespace and follow its run to the end."""
     event = new_event(
         root.data, source="/cairn/replay", event_id=derive_id(root.id, root.type, rid), subject=root.subject
     )
-    await js.publish(subject_for(event.type, namespace), event.encode(), headers={"Nats-Msg-Id": event.id})
-    run: list[Envelope[Any]] = [event]
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            try:
-                msg = await sub.next_msg(timeout=5)
-            except TimeoutError:
-                continue
-            if ".dlq." in msg.subject:
-                continue
-            ev = decode(msg.data)
-            if ev.correlationid != event.id or ev.id == event.id:
-                continue
-            run.append(ev)
-            if ev.type in TERMINAL or (ev.type == "cairn.model.evaluated.v1" and not ev.data.passed):
-                break
-    finally:
-        await nc.close()
-    return run
+    async with Client(replay_settings, "replay") as client:
+        try:
+            events = (await client.run(event, timeout)).events
+        except RunTimeout as exc:  # the report shows what the run did reach
+            events = exc.events
+    return [event, *(e for e in events if e.id != event.id)]
 
 
 async def replay(
@@ -209,7 +199,7 @@ async def replay(
     home = settings.home_dir / "replays" / rid
     replay_settings = settings.model_copy(
         update={
-            "namespace": f"cairn.replay.{rid}",
+            "namespace": replay_namespace(rid),
             "home": home,
             "nats_url": settings.resolved_nats_url(),
             "mlflow_uri": f"sqlite:///{home / 'mlflow.db'}",

@@ -1,8 +1,9 @@
 """Run one service: broker, its durable consumers, heavy clients, and health/metrics over HTTP.
 
-A service is a `Service` subclass that names its routes and builds its clients in `start`
-(never at import). `ServiceRunner` wires it to the bus; the same runner backs `cairn run`,
-`cairn up` and the tests.
+A service is a `Service` subclass that names its routes and builds its clients in `lifespan`
+(never at import), yielding them as one typed context. `ServiceRunner` wires it to the bus and
+opens everything on one `AsyncExitStack`, so a start that fails half-way closes what it opened;
+the same runner backs `cairn run`, `cairn up` and the tests.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import uvicorn
 from faststream.nats import NatsBroker
@@ -39,6 +40,8 @@ from services.settings import CairnSettings
 
 log = logging.getLogger(__name__)
 
+C = TypeVar("C")
+
 
 @dataclass(frozen=True)
 class Route:
@@ -55,8 +58,11 @@ class Route:
     handler_timeout_s: float | None = None
 
 
-class Service:
-    """Base of every service: subclasses set `name`, define `routes`, build clients in `start`."""
+class Service(Generic[C]):
+    """Base of every service: subclasses set `name`, define `routes`, build clients in `lifespan`.
+
+    Handlers read the clients from `context` (typed `C`): it exists only while the service runs.
+    """
 
     name: str = ""
 
@@ -65,6 +71,13 @@ class Service:
         self.publisher: EventPublisher | None = None
         self.metrics = ServiceMetrics(self.name)
         self.source = f"/cairn/{self.name}"
+        self._context: C | None = None
+
+    @property
+    def context(self) -> C:
+        if self._context is None:
+            raise RuntimeError(f"{self.name} has no context: not running, or its lifespan opens no clients")
+        return self._context
 
     def routes(self) -> Sequence[Route]:
         raise NotImplementedError
@@ -76,11 +89,23 @@ class Service:
         """Durable consumers made by `subscribe_extra`, so readiness and status check them too."""
         return []
 
-    async def start(self) -> None:
-        """Create heavy clients (MLflow, Dask): after the bus is known, before consuming."""
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[C]:
+        """Open heavy clients (MLflow, Dask) after the bus is known, before consuming; yield them.
 
-    async def stop(self) -> None:
-        """Release what `start` created."""
+        Open each on an `AsyncExitStack` so a failure half-way still closes the ones already open.
+        """
+        yield None  # type: ignore[misc]  # a service without clients has no context
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[C]:
+        """`lifespan`, with its context readable by the handlers until it closes."""
+        async with self.lifespan() as context:
+            self._context = context
+            try:
+                yield context
+            finally:
+                self._context = None
 
     async def attach(self, broker: NatsBroker) -> None:
         """After the broker connected: work on its connection outside FastStream (lineage's pull loop)."""
@@ -101,7 +126,7 @@ class ServiceRunner:
         self._http_task: asyncio.Task[Any] | None = None
         self._ready_cache: tuple[float, bool, str] = (0.0, False, "not started")
         self.http_port: int | None = None
-        self._service_started = False
+        self._opened = contextlib.AsyncExitStack()
         for route in service.routes():
             consumer = EventConsumer(
                 service=service.name,
@@ -122,25 +147,32 @@ class ServiceRunner:
         self.durables.extend(service.extra_durables())
 
     async def start(self) -> None:
+        """Open the service, the broker, `attach` and HTTP in order; a failure (or a cancel) closes
+        what had opened, in reverse, before it propagates."""
         with contextlib.suppress(OSError):  # a fresh home; read-only file systems keep state elsewhere
             self.settings.home_dir.mkdir(parents=True, exist_ok=True)
         await wait_for_stream(self.settings, self.service.name)
-        await self.service.start()
-        self._service_started = True
-        await self.broker.start()
-        await self.service.attach(self.broker)
-        if self.settings.http_port is not None:
-            await self._start_http(self.settings.http_port)
+        async with contextlib.AsyncExitStack() as opened:
+            await opened.enter_async_context(self.service.running())
+            opened.push_async_callback(self.broker.stop)
+            await self.broker.start()
+            opened.push_async_callback(self.service.detach)
+            await self.service.attach(self.broker)
+            if self.settings.http_port is not None:
+                opened.push_async_callback(self._stop_http)
+                await self._start_http(self.settings.http_port)
+            self._opened = opened.pop_all()
         log.info("%s consuming %s", self.service.name, ", ".join(self.durables))
 
     async def stop(self) -> None:
+        """Close what `start` opened (nothing, if it never finished: it closed its own)."""
+        await self._opened.aclose()
+
+    async def _stop_http(self) -> None:
         if self._http is not None:
             self._http.should_exit = True
             if self._http_task:
                 await self._http_task
-        await self.service.detach()
-        await self.broker.stop()
-        await self.service.stop()
 
     async def run_forever(self) -> None:
         stop = asyncio.Event()
@@ -152,11 +184,9 @@ class ServiceRunner:
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
-            starting.cancel()
+            starting.cancel()  # the start closes what it had opened
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
-            if self._service_started:
-                await self.stop()
             return
         stopping.cancel()
         starting.result()

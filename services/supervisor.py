@@ -31,7 +31,8 @@ class PortInUse(RuntimeError):
     """The inference port is taken (often by another `cairn up`)."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port free on loopback now (a health or endpoint port a child binds right after)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -74,7 +75,7 @@ def up(
     home = settings.home_dir
     home.mkdir(parents=True, exist_ok=True)
     (home / "logs").mkdir(exist_ok=True)
-    serve_port = settings.serve_port or _free_port()
+    serve_port = settings.serve_port or free_port()
     if serve:
         check_port(settings.serve_host, serve_port)
     runtime: dict = {"pids": {}, "started": time.time(), "health": {}}
@@ -98,7 +99,7 @@ def up(
         "CAIRN_ALLOWED_ROOTS": json.dumps([str(r) for r in settings.read_roots]),
     }
     for name in services or list(SERVICES):
-        port = _free_port()
+        port = free_port()
         proc = spawn(
             ["run", name], {**env, "CAIRN_HTTP_PORT": str(port)}, home / "logs" / f"{name}.log", tied
         )

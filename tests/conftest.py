@@ -4,11 +4,9 @@ LocalCluster. Helpers wait on events with timeouts, never on sleeps."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,13 +26,7 @@ from services.bus.connection import connect
 from services.bus.embedded import EmbeddedNats
 from services.bus.provision import provision_all
 from services.settings import CairnSettings
-
-TERMINAL = {
-    "cairn.model.deployed.v1",
-    "cairn.data.rejected.v1",
-    "cairn.event.rejected.v1",
-    "cairn.deployment.failed.v1",
-}
+from services.supervisor import free_port
 
 
 @pytest.fixture
@@ -81,14 +73,7 @@ async def js(settings: CairnSettings):
 
 def env_for(settings: CairnSettings) -> dict[str, str]:
     """The same settings as CAIRN_ variables, for service subprocesses."""
-    return {
-        "CAIRN_HOME": str(settings.home),
-        "CAIRN_NATS_URL": settings.nats_url or "",
-        "CAIRN_ACK_WAIT_S": str(settings.ack_wait_s),
-        "CAIRN_RETRY_BACKOFF_S": json.dumps(settings.retry_backoff_s),
-        "CAIRN_MAX_DELIVER": str(settings.max_deliver),
-        "CAIRN_ALLOWED_ROOTS": json.dumps(settings.allowed_roots),
-    }
+    return settings.to_env()
 
 
 async def collect(
@@ -164,12 +149,6 @@ def find_pg_ctl() -> str | None:
     return str(max(versions, key=lambda p: int(p.parts[-3]))) if versions else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def postgresql_server() -> Iterator[PostgresServer]:
     """One throwaway PostgreSQL for the whole session, in its own temp dir on a free port.
@@ -203,7 +182,7 @@ def postgresql_server() -> Iterator[PostgresServer]:
         init = pg("initdb", "-s", "-D", str(data), "-o", "-A trust -U postgres -E UTF8 --locale=C --no-sync")
         assert init.returncode == 0, f"initdb failed: {init.stderr}"
         for _ in range(5):  # a free port can be taken before postgres binds it: try another
-            port = _free_port()
+            port = free_port()
             options = (
                 f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
                 "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"

@@ -17,6 +17,7 @@ import pytest
 from contracts import DataArrived, new_event
 from services.ingestion.app import Ingestion
 from services.runtime import ServiceRunner
+from services.supervisor import free_port
 from tests.conftest import collect, env_for, events_of, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,9 +215,3 @@ async def subject_count(js, subject: str) -> int:
     return (info.state.subjects or {}).get(subject, 0)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

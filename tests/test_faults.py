@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,18 +26,16 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from bench.load import StreamLog, System, start_system
 from contracts import DataArrived, ModelFamily, SearchStrategy, TuningSpec, new_event
+from harness.stream import StreamLog
+from harness.system import System, start_system
 from services.bus.connection import connect
+from services.supervisor import free_port
 
 pytestmark = pytest.mark.slow
 MLFLOW = Path(sys.executable).parent / "mlflow"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

@@ -13,13 +13,14 @@ The NATS server config the chart renders is run by a real nats-server, and every
 permissions are exercised with nats-py the way the services use the bus.
 
 `python -m tests.test_helm_chart --write-permissions` regenerates helm/cairn/files/
-nats-permissions.json from the code (services.security); a test fails when the file drifts.
+nats-permissions.json from the code (services.nats_auth); a test fails when the file drifts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import json
 import os
 import secrets
@@ -304,6 +305,12 @@ BAD_VALUES = {
     "dask mode typo": {"dask": {"mode": "kubernetes"}},
     "dask tls flag as text": {"dask": {"tls": {"enabled": "yes"}}},
     "unknown dask tls key": {"dask": {"tls": {"enabled": True, "secret": "x"}}},
+    "unknown key in serviceDefaults": {"serviceDefaults": {"replica": 2}},
+    "role flag as text": {"services": {"training": {"dask": "yes"}}},
+    "unknown probe field": {"services": {"training": {"livenessProbe": {"periodSecond": 5}}}},
+    "partial autoscaling override of a wrong type": {
+        "services": {"tuning": {"autoscaling": {"type": "vpa"}}}
+    },
 }
 
 
@@ -324,7 +331,11 @@ INCONSISTENT = {
     "mlflow.backendStore.existingSecret": {"postgresql": {"enabled": False}},
     "dask.external.address": {"dask": {"mode": "external"}},
     "needs dask.mode=operator": {"dask": {"mode": "local", "gpuWorkers": {"enabled": True}}},
-    "SQLite lineage store takes one replica": {"services": {"lineage": {"replicas": 2}}},
+    "one replica records the log in order": {"services": {"lineage": {"replicas": 2}}},
+    "replica records the log in order": {  # a shared database does not make two replicas safe
+        "services": {"lineage": {"replicas": 2}},
+        "lineage": {"database": {"existingSecret": "lineage-db"}},
+    },
     "lineage: services.lineage.autoscaling must stay off": {
         "services": {"lineage": {"autoscaling": {"enabled": True}}}
     },
@@ -361,9 +372,12 @@ def test_validate_values_fails_with_the_reason(reason: str, values: dict[str, An
 
 def test_values_yaml_and_schema_agree() -> None:
     """Every key the schema declares has a commented default in values.yaml, and vice versa (lint
-    already rejects a values.yaml key the strict schema does not know)."""
+    already rejects a values.yaml key the strict schema does not know). A service's block holds
+    only its overrides: its defaults are serviceDefaults merged with it, as the chart merges them."""
     schema = json.loads((CHART / "values.schema.json").read_text())
     values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for name, overrides in values["services"].items():
+        values["services"][name] = merged(values["serviceDefaults"], overrides)
 
     def resolve(node: dict[str, Any]) -> dict[str, Any]:
         while "$ref" in node:
@@ -415,7 +429,8 @@ def test_each_service_is_its_own_deployment_with_its_own_replicas() -> None:
         }
         assert json.loads(env["CAIRN_ALLOWED_SCHEMES"]) == ["file", "s3"]  # JSON, as settings expect
         annotations = deploy["spec"]["template"]["metadata"]["annotations"]
-        assert annotations == {
+        assert {k for k in annotations if k.startswith("checksum/")} == {"checksum/nats-auth"}
+        assert {k: v for k, v in annotations.items() if not k.startswith("checksum/")} == {
             "prometheus.io/scrape": "true",
             "prometheus.io/port": "8000",
             "prometheus.io/path": "/metrics",
@@ -451,6 +466,247 @@ def test_autoscaling_per_service(everything_objects: list[dict[str, Any]]) -> No
     assert hpa["spec"]["scaleTargetRef"]["name"] == f"{RELEASE}-features"
     assert one(everything_objects, "Deployment", f"{RELEASE}-ingestion")["spec"]["replicas"] == 1
     assert not find(everything_objects, "ScaledObject", f"{RELEASE}-ingestion")
+
+
+# serviceDefaults, per-service flags, checksum annotations ---------------------------------------
+# Each service's resources before serviceDefaults existed (each block repeated every key): the
+# merged defaults must still give exactly these.
+SERVICE_RESOURCES = {
+    "ingestion": ("100m", "512Mi", "2Gi"),
+    "features": ("250m", "1Gi", "4Gi"),
+    "tuning": ("100m", "512Mi", "1Gi"),
+    "training": ("250m", "1Gi", "4Gi"),
+    "evaluation": ("100m", "512Mi", "2Gi"),
+    "deployment": ("50m", "256Mi", "1Gi"),
+    "lineage": ("50m", "256Mi", "1Gi"),
+}
+
+
+def pod_of(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return one(objs, kind, f"{RELEASE}-{name}")["spec"]["template"]
+
+
+def resources(pod: dict[str, Any]) -> tuple[str, str, str]:
+    r = pod["spec"]["containers"][0]["resources"]
+    return r["requests"]["cpu"], r["requests"]["memory"], r["limits"]["memory"]
+
+
+def test_service_overrides_merge_with_defaults(default_objects: list[dict[str, Any]]) -> None:
+    for name, expected in SERVICE_RESOURCES.items():
+        assert resources(pod_of(default_objects, "Deployment", name)) == expected, name
+    # One resource of one service: that service keeps the rest of the defaults, the others all of them.
+    objs = objects(render({"services": {"evaluation": {"resources": {"limits": {"memory": "3Gi"}}}}}))
+    validate_all(objs)
+    assert resources(pod_of(objs, "Deployment", "evaluation")) == ("100m", "512Mi", "3Gi")
+    for name, expected in SERVICE_RESOURCES.items():
+        if name != "evaluation":  # e.g. ingestion, merged after evaluation, still has the defaults
+            assert resources(pod_of(objs, "Deployment", name)) == expected, name
+    # A default reaches every service that does not set the key itself; false and 0 override too.
+    objs = objects(
+        render(
+            {
+                "serviceDefaults": {"terminationGracePeriodSeconds": 90, "nodeSelector": {"pool": "cairn"}},
+                "services": {"tuning": {"enabled": False}, "ingestion": {"replicas": 0}},
+                "probes": {"liveness": {"periodSeconds": 20}},
+            }
+        )
+    )
+    validate_all(objs)
+    assert not find(objs, "Deployment", f"{RELEASE}-tuning")
+    assert one(objs, "Deployment", f"{RELEASE}-ingestion")["spec"]["replicas"] == 0
+    for name in set(SERVICES) - {"tuning"}:
+        pod = pod_of(objs, "Deployment", name)["spec"]
+        grace = 300 if name == "training" else 90  # training's own value wins over the default
+        assert pod["terminationGracePeriodSeconds"] == grace, name
+        assert pod["nodeSelector"] == {"pool": "cairn"}, name
+        assert pod["containers"][0]["livenessProbe"]["periodSeconds"] == 20, name
+    # Probes per service: a field changed, or the handler replaced (null removes the default's).
+    objs = objects(
+        render(
+            {
+                "services": {
+                    "training": {"startupProbe": {"failureThreshold": 120}},
+                    "lineage": {"livenessProbe": {"httpGet": None, "exec": {"command": ["cairn", "--help"]}}},
+                }
+            }
+        )
+    )
+    validate_all(objs)
+    training = pod_of(objs, "Deployment", "training")["spec"]["containers"][0]
+    assert training["startupProbe"] == {
+        "httpGet": {"path": "/healthz", "port": "http-metrics"},
+        "periodSeconds": 5,
+        "timeoutSeconds": 3,
+        "failureThreshold": 120,
+    }
+    lineage = pod_of(objs, "Deployment", "lineage")["spec"]["containers"][0]
+    assert lineage["livenessProbe"] == {
+        "exec": {"command": ["cairn", "--help"]},
+        "periodSeconds": 10,
+        "timeoutSeconds": 3,
+        "failureThreshold": 3,
+    }
+    for name in set(SERVICES) - {"training"}:
+        probe = pod_of(objs, "Deployment", name)["spec"]["containers"][0]["startupProbe"]
+        assert probe["failureThreshold"] == 60 and probe["httpGet"]["path"] == "/healthz", name
+    assert pod_of(default_objects, "Deployment", "lineage")["spec"]["containers"][0]["readinessProbe"] == {
+        "httpGet": {"path": "/readyz", "port": "http-metrics"},
+        "periodSeconds": 5,
+        "timeoutSeconds": 3,
+        "failureThreshold": 3,
+    }
+
+
+def test_flags_not_names_give_services_their_roles() -> None:
+    """What was `eq $name "training"` or "lineage" is a flag: moved to another service, the role
+    moves with it."""
+    dask_tls = {"operator": {"crdsInstalled": True}, "tls": {"enabled": True, "secretName": "cairn-dask-tls"}}
+    objs = objects(
+        render(
+            {
+                "dask": dask_tls,
+                "services": {
+                    "training": {"dask": False},
+                    "evaluation": {"dask": True},
+                    "lineage": {"lineageStore": False, "ordered": False, "replicas": 2},
+                    "deployment": {"lineageStore": True, "mlflow": False, "artifacts": False},
+                },
+            }
+        )
+    )
+    validate_all(objs)
+    evaluation = pod_of(objs, "Deployment", "evaluation")
+    container = evaluation["spec"]["containers"][0]
+    assert evaluation["metadata"]["labels"]["cairn.dev/dask-client"] == "true"
+    assert evaluation["spec"]["serviceAccountName"] == f"{RELEASE}-evaluation"
+    assert evaluation["spec"]["automountServiceAccountToken"] is True
+    assert _dask_tls_files(evaluation["spec"], container)["/etc/cairn/dask-tls/tls.key"] == "tls.key"
+    assert env_of(container)["CAIRN_DASK_TLS_CERT"] == "/etc/cairn/dask-tls/tls.crt"
+    assert "checksum/dask-tls" in evaluation["metadata"]["annotations"]
+    (role,) = find(objs, "Role")
+    assert role["metadata"]["name"] == f"{RELEASE}-evaluation-dask"
+    (binding,) = find(objs, "RoleBinding")
+    assert binding["subjects"][0]["name"] == f"{RELEASE}-evaluation"
+    training = pod_of(objs, "Deployment", "training")
+    assert "cairn.dev/dask-client" not in training["metadata"]["labels"]
+    assert training["spec"]["serviceAccountName"] == RELEASE
+    assert training["spec"]["automountServiceAccountToken"] is False
+    assert "dask-tls" not in {v["name"] for v in training["spec"]["volumes"]}
+    assert not any(k.startswith("CAIRN_DASK_TLS") for k in env_of(training["spec"]["containers"][0]))
+    assert "checksum/dask-tls" not in training["metadata"]["annotations"]
+
+    store = one(objs, "Deployment", f"{RELEASE}-deployment")
+    pod = store["spec"]["template"]
+    assert store["spec"]["strategy"] == {"type": "Recreate"}
+    assert (
+        env_of(pod["spec"]["containers"][0])["CAIRN_LINEAGE_DB"]
+        == "sqlite:////var/lib/cairn/lineage/lineage.db"
+    )
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["spec"]["volumes"]}
+    assert claims["lineage"] == f"{RELEASE}-lineage" and "artifacts" not in claims  # artifacts: false
+    assert "cairn.dev/mlflow-client" not in pod["metadata"]["labels"]  # mlflow: false
+    pvc = one(objs, "PersistentVolumeClaim", f"{RELEASE}-lineage")
+    assert pvc["metadata"]["labels"]["app.kubernetes.io/component"] == "deployment"
+    lineage = one(objs, "Deployment", f"{RELEASE}-lineage")
+    assert lineage["spec"]["replicas"] == 2 and lineage["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert "CAIRN_LINEAGE_DB" not in env_of(lineage["spec"]["template"]["spec"]["containers"][0])
+    assert "lineage" not in {v["name"] for v in lineage["spec"]["template"]["spec"]["volumes"]}
+
+    # The in-order rules follow `ordered`; the store has one writer.
+    for reason, values in {
+        "tuning: one replica records the log in order": {
+            "services": {"tuning": {"ordered": True, "replicas": 2}}
+        },
+        "tuning: services.tuning.autoscaling must stay off": {
+            "services": {"tuning": {"ordered": True, "autoscaling": {"enabled": True}}}
+        },
+        "services lineage, training all set lineageStore": {"services": {"training": {"lineageStore": True}}},
+    }.items():
+        with pytest.raises(helm.HelmRenderError) as failure:
+            render(values)
+        assert reason in str(failure.value)
+
+
+# The Secrets a long-running pod reads, by the annotation that rolls it when they change. The hook
+# Job and the `helm test` pod are recreated on every run (before-hook-creation), so they always read
+# the current Secret. Not covered: MLflow's and PostgreSQL's database password (PostgreSQL keeps the
+# password it was initialised with), config.extraEnvFrom, mlflow.extraEnvFrom.
+def covered_secrets(values: dict[str, Any]) -> dict[str, str]:
+    v = merged(yaml.safe_load((CHART / "values.yaml").read_text()), values)
+    names = {
+        v["nats"]["auth"]["existingSecret"] or f"{RELEASE}-nats-auth": "checksum/nats-auth",
+        v["nats"]["tls"]["secretName"]: "checksum/nats-tls",
+        v["dask"]["tls"]["secretName"]: "checksum/dask-tls",
+        v["lineage"]["database"]["existingSecret"]: "checksum/lineage-db",
+    }
+    return {k: a for k, a in names.items() if k}
+
+
+def secrets_read(pod: dict[str, Any]) -> set[str]:
+    read = {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+    for c in pod["containers"]:
+        read |= {
+            e["valueFrom"]["secretKeyRef"]["name"]
+            for e in c.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
+    return read
+
+
+@pytest.mark.parametrize("which", ["default", "production", "everything", "lineage-db"])
+def test_every_pod_reading_a_secret_has_its_checksum(which: str) -> None:
+    values = {
+        "default": {},
+        "production": production_values(),
+        "everything": EVERYTHING,
+        "lineage-db": {"lineage": {"database": {"existingSecret": "lineage-db"}}},
+    }[which]
+    covered = covered_secrets(values)
+    seen: set[str] = set()
+    for obj in objects(render(values)):
+        if obj["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        template = obj["spec"]["template"]
+        annotations = template["metadata"].get("annotations", {})
+        expected = {covered[s] for s in secrets_read(template["spec"]) if s in covered}
+        assert {k for k in annotations if k.startswith("checksum/") and k != "checksum/config"} == expected, (
+            obj["metadata"]["name"]
+        )
+        seen |= expected
+    assert "checksum/nats-auth" in seen
+    assert ("checksum/dask-tls" in seen) == (which == "everything")
+    assert ("checksum/lineage-db" in seen) == (which in ("production", "lineage-db"))
+
+
+def test_nats_credentials_checksum_follows_the_secret() -> None:
+    def checksums(rendered: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for obj in objects(rendered):
+            if obj["kind"] in ("Deployment", "StatefulSet"):
+                value = obj["spec"]["template"]["metadata"].get("annotations", {}).get("checksum/nats-auth")
+                if value:
+                    out[obj["metadata"]["name"]] = value
+        return out
+
+    first, second = render(), render()
+    readers = {f"{RELEASE}-{n}" for n in (*SERVICES, "inference", "toolbox", "nats")}
+    for rendered in (first, second):
+        sums = checksums(rendered)
+        assert set(sums) == readers
+        # The hash of the Secret exactly as this render writes it: the pods and the Secret see the
+        # same generated passwords.
+        secret_text = rendered["cairn/templates/common/nats-auth-secret.yaml"]
+        assert set(sums.values()) == {hashlib.sha256(secret_text.encode()).hexdigest()}
+    # No cluster to `lookup`, so each render generates new passwords: other credentials, other checksum.
+    secrets = [one(objects(r), "Secret", f"{RELEASE}-nats-auth")["data"] for r in (first, second)]
+    assert secrets[0] != secrets[1]
+    assert set(checksums(first).values()).isdisjoint(checksums(second).values())
+    # An existing Secret: the same one gives the same checksum, another one another.
+    same = [checksums(render({"nats": {"auth": {"existingSecret": "cairn-nats"}}})) for _ in range(2)]
+    other = checksums(render({"nats": {"auth": {"existingSecret": "cairn-nats-v2"}}}))
+    assert same[0] == same[1] and set(same[0]) == readers
+    assert set(same[0].values()).isdisjoint(other.values())
+    assert not checksums(render({"nats": {"auth": {"enabled": False}}}))
 
 
 # Dask operator path --------------------------------------------------------------------------
@@ -702,10 +958,10 @@ def test_provisioning_hook_runs_as_admin(default_objects: list[dict[str, Any]]) 
 
 
 def test_nats_permissions_match_the_code() -> None:
-    """files/nats-permissions.json is what services.security derives from the code today."""
+    """files/nats-permissions.json is what services.nats_auth derives from the code today."""
     committed = json.loads(PERMISSIONS.read_text())
     assert committed == generated_permissions(), (
-        "helm/cairn/files/nats-permissions.json drifted from services.security.derive_permissions; "
+        "helm/cairn/files/nats-permissions.json drifted from services.nats_auth.derive_permissions; "
         "regenerate with: python -m tests.test_helm_chart --write-permissions"
     )
 
@@ -855,7 +1111,7 @@ async def _exercise_permissions(url: str, passwords: dict[str, str], users: dict
     start = (await serve_js.stream_info(stream)).state.last_seq + 1
     inbox = serve.new_inbox()
     deliveries = await serve.subscribe(inbox)
-    await serve_js._jsm.add_consumer(
+    await serve_js.add_consumer(
         stream,
         ConsumerConfig(  # noqa: SLF001 - what the endpoint calls
             name=f"serve-{uuid.uuid4().hex[:16]}",
@@ -1000,9 +1256,9 @@ def test_mlflow_on_postgresql(default_objects: list[dict[str, Any]]) -> None:
 
 # The generated permissions file ----------------------------------------------------------------
 def generated_permissions() -> dict[str, Any]:
-    """What services.security derives from the code, in the chart's file format."""
+    """What services.nats_auth derives from the code, in the chart's file format."""
     from services.catalog import SERVICES as CATALOG
-    from services.security import derive_permissions, service_consumers
+    from services.nats_auth import derive_permissions, service_consumers
     from services.settings import CairnSettings
 
     settings = CairnSettings(
@@ -1010,7 +1266,7 @@ def generated_permissions() -> dict[str, Any]:
     )
     users = derive_permissions(settings)
     return {
-        "_comment": "Generated from the code (services.security.derive_permissions): do not edit. "
+        "_comment": "Generated from the code (services.nats_auth.derive_permissions): do not edit. "
         "Regenerate with `python -m tests.test_helm_chart --write-permissions`; "
         "tests/test_helm_chart.py fails when it drifts.",
         "stream": settings.stream,

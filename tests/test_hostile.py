@@ -30,7 +30,6 @@ import nats
 import numpy as np
 import pytest
 
-from bench.load import Record, StreamLog, System, start_system
 from contracts import (
     DataArrived,
     ModelFamily,
@@ -40,6 +39,8 @@ from contracts import (
     new_event,
     subject_for,
 )
+from harness.stream import Record, StreamLog
+from harness.system import System, start_system
 from services.bus.connection import connect
 from services.catalog import SERVICES, build_service
 

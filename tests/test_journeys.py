@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from services.bus.embedded import EmbeddedNats
+from services.supervisor import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -44,10 +45,6 @@ def cairn(
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float, what: str):

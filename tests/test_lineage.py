@@ -29,8 +29,8 @@ from services.lineage.audit import (
     verify_bundle,
     verify_records,
 )
-from services.replay import replay
 from services.lineage.store import LineageStore
+from services.replay import replay
 from tests.conftest import make_settings, wait_for
 from tests.test_pipeline import run_pipeline
 

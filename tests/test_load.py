@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.load import GIB, burst, start_system
+from harness.system import start_system
+from harness.workloads import GIB, burst
 
 pytestmark = pytest.mark.slow
 ARRIVALS = 200

@@ -15,10 +15,20 @@ import pytest
 from nats.js.api import DeliverPolicy
 from sklearn.datasets import load_breast_cancer, load_diabetes
 
-from contracts import DataArrived, Envelope, SearchStrategy, TuningSpec, decode, new_event
+from contracts import (
+    DataArrived,
+    Envelope,
+    SearchStrategy,
+    TuningSpec,
+    decode,
+    is_dead_letter,
+    new_event,
+    stream_filter,
+)
 from services import supervisor
 from services.bus.connection import connect
-from tests.conftest import TERMINAL, data_dir, make_settings
+from services.client import Client
+from tests.conftest import data_dir, make_settings
 
 pytestmark = pytest.mark.slow
 
@@ -41,31 +51,8 @@ def system(tmp_path_factory):
 
 async def run_pipeline(settings, arrived: DataArrived, timeout: float = 240) -> list[Envelope[Any]]:
     """Publish an arrival and collect its run's events until a terminal one."""
-    nc = await connect(settings, "test")
-    js = nc.jetstream()
-    sub = await js.subscribe("cairn.>", ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
-    event = new_event(arrived, source="/test")
-    await js.publish("cairn.data.arrived.v1", event.encode(), headers={"Nats-Msg-Id": event.id})
-    run: list[Envelope[Any]] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, f"no terminal event in {timeout}s; saw {[e.type for e in run]}"
-            try:
-                msg = await sub.next_msg(timeout=min(left, 5))
-            except TimeoutError:
-                continue
-            if ".dlq." in msg.subject:
-                continue
-            ev = decode(msg.data)
-            if ev.correlationid != event.id:
-                continue
-            run.append(ev)
-            if ev.type in TERMINAL or (ev.type == "cairn.model.evaluated.v1" and not ev.data.passed):
-                return run
-    finally:
-        await nc.close()
+    async with Client(settings, "test") as client:
+        return (await client.run(new_event(arrived, source="/test"), timeout=timeout)).events
 
 
 def of_type(run: list[Envelope[Any]], event_type: str) -> list[Any]:
@@ -225,12 +212,12 @@ async def test_rejected_dataset_never_reaches_training(system):
     nc = await connect(settings, "test")
     try:
         js = nc.jetstream()
-        sub = await js.subscribe("cairn.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+        sub = await js.subscribe(stream_filter(), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
         last = (await js.stream_info("CAIRN")).state.last_seq
         later = []
         while True:
             msg = await sub.next_msg(timeout=5)
-            if ".dlq." not in msg.subject and decode(msg.data).correlationid == run[0].id:
+            if not is_dead_letter(msg.subject) and decode(msg.data).correlationid == run[0].id:
                 later.append(msg.subject)
             if msg.metadata.sequence.stream >= last:
                 break
@@ -257,8 +244,8 @@ async def test_text_generation_from_corpus_to_generate_and_bit_identical_replay(
     settings, runtime = system
     corpus = stdlib_corpus(data_dir(settings))
     spec = TuningSpec(trials=2, strategy=SearchStrategy.random, max_budget=40, vocab_size=320)
-    run = await run_pipeline(settings, DataArrived(uri=corpus.as_uri(), task="text_generation", model_name="pytext",
-                                                   tuning=spec))
+    arrived = DataArrived(uri=corpus.as_uri(), task="text_generation", model_name="pytext", tuning=spec)
+    run = await run_pipeline(settings, arrived)
     types = [e.type for e in run]
     assert types[-1] == "cairn.model.deployed.v1", types
     features = of_type(run, "cairn.features.built.v1")[0]
@@ -289,13 +276,15 @@ async def test_text_generation_from_corpus_to_generate_and_bit_identical_replay(
 async def test_mlp_family_inside_a_tabular_tuning_run(system):
     settings, runtime = system
     csv = nonlinear_csv(data_dir(settings) / "mlp.csv", rows=800)
-    run = await run_pipeline(settings, DataArrived(uri=csv.as_uri(), target="y", model_name="mlpcurve",
-                                                   tuning=quick(4, "mlp", "linear", strategy="random", budget=30)))
+    spec = quick(4, "mlp", "linear", strategy="random", budget=30)
+    arrived = DataArrived(uri=csv.as_uri(), target="y", model_name="mlpcurve", tuning=spec)
+    run = await run_pipeline(settings, arrived)
     trials = of_type(run, "cairn.trial.completed.v1")
     mlp = [t for t in trials if t.family.value == "mlp"]
     assert len(mlp) == 2 and all(t.status.value == "ok" for t in mlp), trials
     deployed = of_type(run, "cairn.model.deployed.v1")
     assert deployed, [e.type for e in run]
     await served_version(runtime["serve_url"], "mlpcurve", deployed[0].version)
-    response = httpx.post(f"{runtime['serve_url']}/v1/models/mlpcurve/predict", json={"a": 0.1, "b": 1, "c": 2, "d": 0})
+    row = {"a": 0.1, "b": 1, "c": 2, "d": 0}
+    response = httpx.post(f"{runtime['serve_url']}/v1/models/mlpcurve/predict", json=row)
     assert response.status_code == 200 and isinstance(response.json()["predictions"][0], float)

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,6 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.load import Record, StreamLog
 from contracts import (
     ArtifactRef,
     DataArrived,
@@ -42,6 +40,7 @@ from contracts import (
     TuningSpec,
     new_event,
 )
+from harness.stream import Record, StreamLog
 from services.artifacts import ArtifactStore, read_verified, sha256_bytes
 from services.bus.connection import connect
 from services.bus.provision import champion_bucket
@@ -52,10 +51,11 @@ from services.features import logic as features
 from services.ingestion.app import ingest
 from services.ml.bundle import save_bundle
 from services.ml.holdout import holdout_frame
-from services.ml.trial import fit_final
+from services.ml.trial import TrialSpec, fit_final
 from services.runtime import ServiceRunner
 from services.serving.app import InferenceServer
 from services.settings import CairnSettings
+from services.supervisor import free_port
 from services.tracking import Tracker
 from tests.conftest import wait_for
 
@@ -70,10 +70,6 @@ TRAINED = "cairn.model.trained.v1"
 
 
 # Real processes ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:
@@ -164,9 +160,8 @@ class Lab:
         lr, rounds = quality
         params = {"learning_rate": lr, "max_depth": 3}
         fs = self.built
-        fitted = fit_final(
-            fs.featureset.uri, fs.featureset.sha256, "xgboost", params, rounds, "regression", "rmse", 0
-        )
+        fs_uri, fs_sha = fs.featureset.uri, fs.featureset.sha256
+        fitted = fit_final(TrialSpec(fs_uri, fs_sha, "xgboost", params, rounds, "regression", "rmse", 0))
         spec = json.loads(read_verified(fs.transform.uri, fs.transform.sha256))
         bundle = save_bundle(
             self.store, estimator=fitted["estimator"], estimator_format=fitted["format"], spec=spec,

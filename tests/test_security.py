@@ -21,9 +21,9 @@ import nats
 import pytest
 from nats.js.api import ConsumerConfig
 
-from bench.load import StreamLog
 from contracts import DataArrived, ModelFamily, SearchStrategy, TuningSpec, new_event, subject_for
 from contracts.schemas import PRODUCERS
+from harness.stream import StreamLog
 from services import supervisor
 from services.artifacts import ArtifactStore, IntegrityError
 from services.bus.connection import connect
@@ -31,7 +31,7 @@ from services.bus.embedded import EmbeddedNats, server_binary
 from services.bus.provision import provision_all
 from services.catalog import SERVICES
 from services.ml.bundle import load_bundle, save_bundle
-from services.security import credentials_env, derive_permissions, write_nats_config
+from services.nats_auth import credentials_env, derive_permissions, write_nats_config
 from services.settings import CairnSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,11 +325,11 @@ def spawn_all(home: Path, auth: Path, settings: CairnSettings) -> dict[str, Any]
     }
     runtime: dict[str, Any] = {"pids": {}, "health": {}}
     for name in SERVICES:
-        port = supervisor._free_port()  # noqa: SLF001
+        port = supervisor.free_port()
         env = {**base, **credentials_env(auth, name), "CAIRN_HTTP_PORT": str(port)}
         runtime["pids"][name] = supervisor.spawn(["run", name], env, state / "logs" / f"{name}.log").pid
         runtime["health"][name] = f"http://127.0.0.1:{port}"
-    port = supervisor._free_port()  # noqa: SLF001
+    port = supervisor.free_port()
     env = {**base, **credentials_env(auth, "serve")}
     runtime["pids"]["serve"] = supervisor.spawn(
         ["serve", "--port", str(port)], env, state / "logs" / "serve.log"
@@ -454,7 +454,7 @@ async def test_a_tampered_model_is_refused_by_evaluation_and_the_inference_serve
 
         # A fresh endpoint process (a restart, a new replica) will not load the tampered champion.
         os.killpg(runtime["pids"]["serve"], 15)
-        port = supervisor._free_port()  # noqa: SLF001
+        port = supervisor.free_port()
         state = settings_for("admin").home_dir
         env = {
             **os.environ,

@@ -42,6 +42,7 @@ from contracts import (
     new_event,
     subject_for,
 )
+from contracts.subjects import is_live
 from contracts.types import Contract
 from services.bus.connection import inbox_prefix
 from services.bus.ledger import OK, PENDING, REJECTED, HandledLedger, Record
@@ -84,9 +85,6 @@ class Delivery:
     def redelivered(self) -> bool:
         return self.attempt > 1
 
-    async def in_progress(self) -> None:
-        await self.message.in_progress()
-
 
 @dataclass
 class Inbound:
@@ -112,7 +110,7 @@ def durable_name(service: str, payload_cls: type[Contract], namespace: str) -> s
     """`<service>-<event>`; replays get their own consumers so they never steal live work."""
     event = event_type_of(payload_cls).split(".")[1:-1]
     name = "-".join([service, *event])
-    if namespace != "cairn":
+    if not is_live(namespace):
         name += "-" + re.sub(r"[^A-Za-z0-9_-]", "_", namespace)
     return name
 
@@ -426,7 +424,7 @@ def subscribe(
     if settings.nats_user:
         # Pull deliveries arrive on this inbox; FastStream defaults to `_INBOX.` whatever the
         # connection's prefix. Per-user inboxes let NATS permissions keep each service's
-        # deliveries private (services.security); without credentials nothing changes.
+        # deliveries private (services.nats_auth); without credentials nothing changes.
         options["inbox_prefix"] = pull_inbox_prefix(settings)
     if max_workers > 1:
         options["max_workers"] = max_workers

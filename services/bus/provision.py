@@ -8,7 +8,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from contracts.subjects import stream_subjects
+from contracts.subjects import is_live, stream_subjects
 from services.settings import CairnSettings
 
 
@@ -62,12 +62,12 @@ async def provision_study_bucket(js: JetStreamContext, settings: CairnSettings, 
 
 def study_bucket(namespace: str) -> str:
     """Tuning's key-value bucket; replays get their own."""
-    return "cairn_studies" if namespace == "cairn" else "cairn_studies_" + namespace.replace(".", "_")
+    return "cairn_studies" if is_live(namespace) else "cairn_studies_" + namespace.replace(".", "_")
 
 
 def champion_bucket(namespace: str) -> str:
     """Deployment's champion record per model name (services.deployment.lock); replays get their own."""
-    return "cairn_champions" if namespace == "cairn" else "cairn_champions_" + namespace.replace(".", "_")
+    return "cairn_champions" if is_live(namespace) else "cairn_champions_" + namespace.replace(".", "_")
 
 
 async def provision_champion_bucket(js: JetStreamContext, settings: CairnSettings) -> None:
@@ -89,14 +89,14 @@ async def provision_champion_bucket(js: JetStreamContext, settings: CairnSetting
 
 def handled_bucket(namespace: str) -> str:
     """The consumer policy's record of handled inputs (services.bus.ledger); replays get their own."""
-    return "cairn_handled" if namespace == "cairn" else "cairn_handled_" + namespace.replace(".", "_")
+    return "cairn_handled" if is_live(namespace) else "cairn_handled_" + namespace.replace(".", "_")
 
 
 async def provision_handled_bucket(js: JetStreamContext, settings: CairnSettings) -> None:
     """One key per (service, input): kept `handled_ttl_s` (a week by default), then forgotten.
 
     Direct get is on so that a service's reads go through a subject naming its own keys, which the
-    generated NATS permissions pin (services.security). A changed TTL is applied on the next run.
+    generated NATS permissions pin (services.nats_auth). A changed TTL is applied on the next run.
     """
     bucket = handled_bucket(settings.namespace)
     try:

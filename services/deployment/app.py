@@ -10,7 +10,8 @@ champion: a challenger is never promoted on evidence about a champion that is no
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from contracts import (
@@ -24,7 +25,7 @@ from contracts import (
 from services.artifacts import IntegrityError
 from services.bus.consumer import Delivery, PermanentError
 from services.deployment.lock import ChampionLock, settle_alias
-from services.deployment.logic import Action, ChampionRecord, decide
+from services.deployment.logic import Action, ChampionRecord, decide, deployed, reevaluation
 from services.model_loading import UnusableModel, bundle_files
 from services.runtime import Route, Service
 from services.tracking import Tracker
@@ -40,32 +41,6 @@ def verified_files(evaluated: ModelEvaluated, settings: Any) -> dict[str, bytes]
         raise PermanentError(
             reason, event=DeploymentFailed(model_name=name, model=evaluated.model, reason=reason)
         ) from None
-
-
-def deployed(event: Envelope[ModelEvaluated], record: ChampionRecord) -> ModelDeployed:
-    evaluated = event.data
-    return ModelDeployed(
-        model_name=evaluated.context.model_name,
-        version=record.version,
-        model=evaluated.model,
-        previous_version=record.previous_version,
-        mlflow_run_id=evaluated.mlflow_run_id,
-        metrics=evaluated.metrics,
-        evidence_event_id=event.id,
-    )
-
-
-def reevaluation(evaluated: ModelEvaluated, current: int | None) -> EvaluationRequested:
-    name = evaluated.context.model_name
-    compared = evaluated.champion.version if evaluated.champion else None
-    reason = (
-        f"champion of {name} is now v{current}, but the evaluation compared against v{compared}: "
-        "evaluate again"
-    )
-    if evaluated.dataset is None:  # a producer older than the field: nothing to redo it with
-        failed = DeploymentFailed(model_name=name, model=evaluated.model, reason=reason)
-        raise PermanentError(reason, event=failed)
-    return EvaluationRequested(evaluated=evaluated, champion_version=current, reason=reason)
 
 
 async def promote(
@@ -87,6 +62,8 @@ async def promote(
         )
         if action is Action.STALE:
             request = reevaluation(evaluated, current)
+            if isinstance(request, DeploymentFailed):
+                raise PermanentError(request.reason, event=request)
             if record is not None:  # the re-evaluation reads the registry: let it show the record
                 await settle_alias(lock, tracker, name)
             return request
@@ -110,14 +87,16 @@ async def promote(
         return deployed(event, record)
 
 
-class Deployment(Service):
+class Deployment(Service[Tracker]):
     name = "deployment"
 
     def routes(self) -> Sequence[Route]:
         return [Route(ModelEvaluated, self.on_model_evaluated)]
 
-    async def start(self) -> None:
-        self.tracker = await asyncio.to_thread(Tracker.from_settings, self.settings)
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[Tracker]:
+        """The only client: MLflow (nothing to close)."""
+        yield await asyncio.to_thread(Tracker.from_settings, self.settings)
 
     async def _lock(self) -> ChampionLock:
         js = self.publisher.broker.config.connection_state.stream  # type: ignore[union-attr]
@@ -133,5 +112,5 @@ class Deployment(Service):
             return []
         name = evaluated.context.model_name
         files = await asyncio.to_thread(verified_files, evaluated, self.settings)
-        outcome = await promote(event, files, await self._lock(), self.tracker)
+        outcome = await promote(event, files, await self._lock(), self.context)
         return [new_event(outcome, source=self.source, cause=event, subject=name)]

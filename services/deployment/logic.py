@@ -1,10 +1,13 @@
-"""Whether a passed decision may move the champion, as a pure function of what the lock holds."""
+"""Whether a passed decision may move the champion, as a pure function of what the lock holds,
+and the events that say what was decided."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
 from enum import Enum
+
+from contracts import DeploymentFailed, Envelope, EvaluationRequested, ModelDeployed, ModelEvaluated
 
 
 @dataclass(frozen=True)
@@ -42,3 +45,31 @@ def decide(
         return Action.ALREADY, record.version
     current = record.version if record is not None else registry_version
     return (Action.DEPLOY if current == compared else Action.STALE), current
+
+
+def deployed(event: Envelope[ModelEvaluated], record: ChampionRecord) -> ModelDeployed:
+    """The champion moved (now or on an earlier delivery of `event`) to the record's version."""
+    evaluated = event.data
+    return ModelDeployed(
+        model_name=evaluated.context.model_name,
+        version=record.version,
+        model=evaluated.model,
+        previous_version=record.previous_version,
+        mlflow_run_id=evaluated.mlflow_run_id,
+        metrics=evaluated.metrics,
+        evidence_event_id=event.id,
+    )
+
+
+def reevaluation(evaluated: ModelEvaluated, current: int | None) -> EvaluationRequested | DeploymentFailed:
+    """A stale pass goes back to evaluation against champion `current`; without the dataset it was
+    decided on (a producer older than the field) there is nothing to redo it with: the run fails."""
+    name = evaluated.context.model_name
+    compared = evaluated.champion.version if evaluated.champion else None
+    reason = (
+        f"champion of {name} is now v{current}, but the evaluation compared against v{compared}: "
+        "evaluate again"
+    )
+    if evaluated.dataset is None:
+        return DeploymentFailed(model_name=name, model=evaluated.model, reason=reason)
+    return EvaluationRequested(evaluated=evaluated, champion_version=current, reason=reason)

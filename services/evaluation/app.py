@@ -8,7 +8,8 @@ answer is retried (RegistryUnavailable), never taken for "no champion".
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,7 +138,7 @@ def evaluate(challenger: Challenger, tracker: Tracker, settings: Any) -> ModelEv
     )
 
 
-class Evaluation(Service):
+class Evaluation(Service[Tracker]):
     name = "evaluation"
 
     def routes(self) -> Sequence[Route]:
@@ -146,8 +147,10 @@ class Evaluation(Service):
             Route(EvaluationRequested, self.on_evaluation_requested),
         ]
 
-    async def start(self) -> None:
-        self.tracker = await asyncio.to_thread(Tracker.from_settings, self.settings)
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[Tracker]:
+        """The only client: MLflow (nothing to close)."""
+        yield await asyncio.to_thread(Tracker.from_settings, self.settings)
 
     async def on_model_trained(
         self, event: Envelope[ModelTrained], delivery: Delivery
@@ -162,5 +165,5 @@ class Evaluation(Service):
         return await self._decide(Challenger.stale(event.data.evaluated), event)
 
     async def _decide(self, challenger: Challenger, cause: Envelope[Any]) -> list[Envelope[Any]]:
-        result = await asyncio.to_thread(evaluate, challenger, self.tracker, self.settings)
+        result = await asyncio.to_thread(evaluate, challenger, self.context, self.settings)
         return [new_event(result, source=self.source, cause=cause, subject=result.context.model_name)]

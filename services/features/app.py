@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from contracts import DatasetIngested, Envelope, Task, new_event
@@ -13,14 +14,16 @@ from services.features import logic
 from services.runtime import Route, Service
 
 
-class Features(Service):
+class Features(Service[ArtifactStore]):
     name = "features"
 
     def routes(self) -> Sequence[Route]:
         return [Route(DatasetIngested, self.on_dataset_ingested)]
 
-    async def start(self) -> None:
-        self.store = ArtifactStore(self.settings.artifacts)
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[ArtifactStore]:
+        """The only client: the artifact store (nothing to close)."""
+        yield ArtifactStore(self.settings.artifacts)
 
     async def on_dataset_ingested(
         self, event: Envelope[DatasetIngested], delivery: Delivery
@@ -30,7 +33,7 @@ class Features(Service):
 
         build = text.build_text if event.data.context.task is Task.text_generation else logic.build
         try:
-            built = await asyncio.to_thread(build, event.data, self.store)
+            built = await asyncio.to_thread(build, event.data, self.context)
         except (logic.FeatureProblem, text.TextFeatureProblem) as problem:
             raise PermanentError(str(problem)) from None
         return [new_event(built, source=self.source, cause=event, subject=built.context.model_name)]

@@ -23,7 +23,8 @@ class TextFeatureProblem(Exception):
 
 
 def tokens_file(tokens: dict[str, np.ndarray]) -> bytes:
-    return bytes(safetensors.numpy.save({k: np.ascontiguousarray(v, dtype=np.int32) for k, v in tokens.items()}))
+    arrays = {k: np.ascontiguousarray(v, dtype=np.int32) for k, v in tokens.items()}
+    return bytes(safetensors.numpy.save(arrays))
 
 
 def load_tokens(ref: ArtifactRef) -> dict[str, np.ndarray]:
@@ -39,7 +40,11 @@ def build_text(ingested: DatasetIngested, store: ArtifactStore) -> FeaturesBuilt
         raise TextFeatureProblem(f"the {', '.join(empty)} split is empty: the corpus is too small")
     tokenizer = json.loads(train_bpe(parts["train"], ctx.tuning.vocab_size))
     tokens = {name: encode(tokenizer, parts[name]) for name in SPLITS}
-    spec: dict[str, Any] = {"format": "cairn.text-transform.v1", "task": ctx.task.value, "tokenizer": tokenizer}
+    spec: dict[str, Any] = {
+        "format": "cairn.text-transform.v1",
+        "task": ctx.task.value,
+        "tokenizer": tokenizer,
+    }
     featureset = store.put_bytes(tokens_file(tokens), TOKENS_MEDIA_TYPE, ".safetensors")
     transform = store.put_bytes(json.dumps(spec, sort_keys=True).encode(), TRANSFORM_MEDIA_TYPE, ".json")
     return FeaturesBuilt(

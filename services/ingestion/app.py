@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from contracts import DataArrived, DataRejected, DatasetIngested, Envelope, new_event
@@ -35,19 +36,21 @@ def ingest(event: DataArrived, store: ArtifactStore, settings: Any) -> DatasetIn
     )
 
 
-class Ingestion(Service):
+class Ingestion(Service[ArtifactStore]):
     name = "ingestion"
 
     def routes(self) -> Sequence[Route]:
         return [Route(DataArrived, self.on_data_arrived, max_workers=2)]
 
-    async def start(self) -> None:
-        self.store = ArtifactStore(self.settings.artifacts)
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[ArtifactStore]:
+        """The only client: the artifact store (nothing to close)."""
+        yield ArtifactStore(self.settings.artifacts)
 
     async def on_data_arrived(self, event: Envelope[DataArrived], delivery: Delivery) -> list[Envelope[Any]]:
         """Snapshot and describe the arrived data, or say plainly why it cannot be used."""
         try:
-            result = await asyncio.to_thread(ingest, event.data, self.store, self.settings)
+            result = await asyncio.to_thread(ingest, event.data, self.context, self.settings)
         except logic.DataProblem as problem:
             rejected = DataRejected(uri=event.data.uri, reason=problem.reason, problems=problem.problems)
             raise PermanentError(problem.reason, problem.problems, event=rejected) from None

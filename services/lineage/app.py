@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from faststream.nats import JStream, NatsBroker, PullSub
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from contracts import stream_filter
 from services.bus.consumer import pull_inbox_prefix
 from services.lineage.openlineage import STEPS, OpenLineageSink, run_events
 from services.lineage.store import LineageStore, OutOfOrder, Record
@@ -31,7 +32,7 @@ from services.settings import CairnSettings
 
 log = logging.getLogger(__name__)
 DURABLE = "lineage"
-SUBJECT = "cairn.>"
+SUBJECT = stream_filter()
 BATCH = 256
 # How long an idle pull waits on the server. Not a latency: a pull returns as soon as messages
 # are there; this only bounds how long a stop waits for the loop.
@@ -69,7 +70,15 @@ def plan(head: int, seqs: Iterable[int]) -> Plan:
     return Plan([s for s in ordered if s <= head], run, [s for s in ordered if s >= nxt])
 
 
-class Lineage(Service):
+@dataclass(frozen=True)
+class LineageContext:
+    """What a running lineage service holds: the chain's store and, if configured, the OpenLineage sink."""
+
+    store: LineageStore
+    sink: OpenLineageSink | None
+
+
+class Lineage(Service[LineageContext]):
     name = "lineage"
 
     def routes(self) -> Sequence[Route]:
@@ -78,20 +87,34 @@ class Lineage(Service):
     def extra_durables(self) -> list[str]:
         return [DURABLE]
 
-    async def start(self) -> None:
-        self.store = await asyncio.to_thread(LineageStore, self.settings.lineage_url)
-        self.sink = OpenLineageSink(self.settings.openlineage_url) if self.settings.openlineage_url else None
+    def __init__(self, settings: CairnSettings):
+        super().__init__(settings)
+        # The pull loop's own state, made by `attach` and ended by `detach`.
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sub: Any = None
         self._gap = 0  # the sequence the chain waits for, once logged
 
-    async def stop(self) -> None:
-        self.store.close()
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[LineageContext]:
+        store = await asyncio.to_thread(LineageStore, self.settings.lineage_url)
+        try:
+            sink = OpenLineageSink(self.settings.openlineage_url) if self.settings.openlineage_url else None
+            yield LineageContext(store, sink)
+        finally:
+            store.close()
+
+    @property
+    def store(self) -> LineageStore:
+        return self.context.store
+
+    @property
+    def sink(self) -> OpenLineageSink | None:
+        return self.context.sink
 
     def subscribe_extra(self, broker: NatsBroker) -> None:
         """Declare the consumer without a handler: FastStream opens nothing for it, but it names the
-        durable, filter and inbox the NATS permissions are derived from (services.security)."""
+        durable, filter and inbox the NATS permissions are derived from (services.nats_auth)."""
         broker.subscriber(
             SUBJECT,
             stream=JStream(self.settings.stream, declare=False),

@@ -18,6 +18,7 @@ from typing import Any
 
 from nats.js.api import DeliverPolicy
 
+from contracts import stream_filter
 from services.lineage.store import GENESIS, LineageStore, Record, chain_hash, decode_body, make_record
 
 
@@ -77,7 +78,9 @@ def verify_records(records: Iterable[Record], check_bodies: bool = True) -> Verd
     return Verdict(True, count, prev)
 
 
-async def stream_records(js: Any, stream: str, subject: str = "cairn.>") -> list[tuple[int, str, bytes]]:
+async def stream_records(
+    js: Any, stream: str, subject: str = stream_filter()
+) -> list[tuple[int, str, bytes]]:
     """Every message of the stream as (sequence, subject, raw bytes), in order."""
     info = await js.stream_info(stream)
     last = info.state.last_seq

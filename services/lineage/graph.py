@@ -7,9 +7,11 @@ import json
 import re
 from typing import Any
 
+from contracts import ModelDeployed, TrialCompleted, TrialRequested, TrialsPromoted
+from contracts.subjects import short_type
 from services.lineage.store import LineageStore, Record, artifact_refs
 
-TRIAL_TYPES = {"cairn.trial.requested.v1", "cairn.trial.completed.v1", "cairn.trials.promoted.v1"}
+TRIAL_TYPES = {TrialRequested.EVENT_TYPE, TrialCompleted.EVENT_TYPE, TrialsPromoted.EVENT_TYPE}
 
 
 class NotFound(LookupError):
@@ -26,7 +28,7 @@ def resolve(store: LineageStore, ident: str) -> Record:
             return found[0]
     deployed = [
         r
-        for r in store.by_type("cairn.model.deployed.v1")
+        for r in store.by_type(ModelDeployed.EVENT_TYPE)
         if r.subject == r.type  # the live namespace: a replay's deployments are not the champion's history
         and (r.event() or {}).get("data", {}).get("model_name") == ident
     ]
@@ -147,7 +149,7 @@ def render(store: LineageStore, record: Record, fmt: str = "text") -> str:
                 cause = parent.causationid if parent else None
             if cause:
                 edges.append((cause, r.event_id))
-        label = {eid: f"{(r.type or '').removeprefix('cairn.')}\\n{eid[:8]}" for eid, r in nodes.items()}
+        label = {eid: f"{short_type(r.type or '')}\\n{eid[:8]}" for eid, r in nodes.items()}
         if fmt == "mermaid":
             lines = ["graph TD"]
             lines += [

@@ -15,22 +15,35 @@ from typing import Any
 
 import httpx
 
+from contracts import (
+    DataRejected,
+    DatasetIngested,
+    DeploymentFailed,
+    FeaturesBuilt,
+    ModelDeployed,
+    ModelEvaluated,
+    ModelTrained,
+    TuningCompleted,
+)
 from services.lineage.store import Record, artifact_refs
 
 PRODUCER = "https://github.com/cairn-mlops/cairn"
 SCHEMA_URL = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/definitions/RunEvent"
 NAMESPACE = "cairn"
 
-# output event type -> (job name, state)
+# output event type -> (job name, state); a step's job is the service that produces its output
 STEPS: dict[str, tuple[str, str]] = {
-    "cairn.dataset.ingested.v1": ("ingestion", "COMPLETE"),
-    "cairn.data.rejected.v1": ("ingestion", "FAIL"),
-    "cairn.features.built.v1": ("features", "COMPLETE"),
-    "cairn.tuning.completed.v1": ("tuning", "COMPLETE"),
-    "cairn.model.trained.v1": ("training", "COMPLETE"),
-    "cairn.model.evaluated.v1": ("evaluation", "COMPLETE"),
-    "cairn.model.deployed.v1": ("deployment", "COMPLETE"),
-    "cairn.deployment.failed.v1": ("deployment", "FAIL"),
+    p.EVENT_TYPE: (p.PRODUCER, state)
+    for p, state in (
+        (DatasetIngested, "COMPLETE"),
+        (DataRejected, "FAIL"),
+        (FeaturesBuilt, "COMPLETE"),
+        (TuningCompleted, "COMPLETE"),
+        (ModelTrained, "COMPLETE"),
+        (ModelEvaluated, "COMPLETE"),
+        (ModelDeployed, "COMPLETE"),
+        (DeploymentFailed, "FAIL"),
+    )
 }
 
 

@@ -29,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 
+from contracts import is_dead_letter
 from services.local_store import schema_lock
 
 GENESIS = "0" * 64
@@ -125,7 +126,7 @@ def artifact_refs(data: Any, path: str = "") -> Iterator[tuple[str, dict[str, An
 def make_record(seq: int, subject: str, raw: bytes, prev_hash: str) -> Record:
     raw_sha = hashlib.sha256(raw).hexdigest()
     doc: dict[str, Any] = {}
-    if ".dlq." not in subject:
+    if not is_dead_letter(subject):
         try:
             parsed = json.loads(raw)
             doc = parsed if isinstance(parsed, dict) else {}

@@ -17,7 +17,7 @@ import pandas as pd
 from contracts.types import ArtifactRef, ModelFamily, Task
 from services.artifacts import ArtifactStore, read_verified
 from services.ml import transform
-from services.ml.families import Predictor
+from services.ml.registry import Model, predictor
 
 BUNDLE_MEDIA_TYPE = "application/vnd.cairn.model+json"
 _SUFFIX = {"xgboost-ubj": ".ubj", "linear-json": ".json"}
@@ -34,7 +34,8 @@ def save_bundle(
     budget: int,
     config: str | None = None,
 ) -> ArtifactRef:
-    est_ref = store.put_bytes(estimator, "application/octet-stream", _SUFFIX.get(estimator_format, ".safetensors"))
+    suffix = _SUFFIX.get(estimator_format, ".safetensors")
+    est_ref = store.put_bytes(estimator, "application/octet-stream", suffix)
     estimator_doc: dict[str, Any] = {"format": estimator_format, "uri": est_ref.uri, "sha256": est_ref.sha256}
     if config is not None:
         estimator_doc["config"] = json.loads(config)
@@ -53,7 +54,7 @@ def save_bundle(
 class LoadedModel:
     ref: ArtifactRef
     manifest: dict[str, Any]
-    predictor: Predictor | None = None
+    predictor: Model | None = None
     checkpoint: bytes | None = None
 
     @property
@@ -77,7 +78,10 @@ class LoadedModel:
             return [float(v) for v in out]
         classes = self.spec["classes"]
         return [
-            {"label": classes[int(row.argmax())], "probabilities": dict(zip(classes, map(float, row), strict=True))}
+            {
+                "label": classes[int(row.argmax())],
+                "probabilities": dict(zip(classes, map(float, row), strict=True)),
+            }
             for row in out
         ]
 
@@ -92,8 +96,8 @@ class LoadedModel:
         from services.ml.textgen.tokenizer import encode
         from services.ml.textgen.train import perplexity
 
-        return perplexity(self.checkpoint, self.manifest["estimator"]["config"], encode(self.spec["tokenizer"], text),
-                          device="cpu")
+        tokens = encode(self.spec["tokenizer"], text)
+        return perplexity(self.checkpoint, self.manifest["estimator"]["config"], tokens, device="cpu")
 
 
 def load_bundle(ref: ArtifactRef) -> LoadedModel:
@@ -106,4 +110,4 @@ def load_bundle(ref: ArtifactRef) -> LoadedModel:
     if task is Task.text_generation:
         return LoadedModel(ref, manifest, checkpoint=data)
     n_classes = len(manifest["transform"]["classes"])
-    return LoadedModel(ref, manifest, Predictor(est["format"], data, task, n_classes))
+    return LoadedModel(ref, manifest, predictor(est["format"], data, task, n_classes))

@@ -5,8 +5,8 @@
   row and per-node column subsampling), also UBJSON; far faster than scikit-learn's forest on
   the same rows, which is what keeps 80 trials within budget on two cores.
 - linear: ridge or logistic regression on standardised features, saved as plain JSON numbers.
-- mlp: a PyTorch MLP (services.ml.torch_mlp), saved as safetensors; on a GPU worker it trains on
-  the GPU with bf16 autocast.
+- mlp: a PyTorch MLP, in its own module (services.ml.torch_mlp); `services.ml.registry` puts
+  them all under one name each, so this module imports no other family.
 
 Every fit is single-threaded and seeded: Dask supplies the parallelism, and the same inputs
 give bit-identical model files.
@@ -22,10 +22,9 @@ import xgboost as xgb
 from sklearn.linear_model import LogisticRegression, Ridge
 
 from contracts.types import Metric, ModelFamily, Task
-from services.ml.fitted import Fitted
+from services.ml.fitted import FitRequest, Fitted
 
 EARLY_STOPPING_ROUNDS = 20
-
 
 
 def _xgb_objective(task: Task, n_classes: int) -> dict[str, Any]:
@@ -41,63 +40,55 @@ def rf_trees(budget: int) -> int:
     return max(10, budget // 3)
 
 
-def fit(
-    family: ModelFamily,
-    params: dict[str, Any],
-    budget: int,
-    task: Task,
-    n_classes: int,
-    seed: int,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_valid: np.ndarray | None = None,
-    y_valid: np.ndarray | None = None,
-    device: str = "cpu",
-) -> Fitted:
-    if family is ModelFamily.linear:
-        return _fit_linear(params, task, seed, x_train, y_train)
-    if family is ModelFamily.mlp:
-        from services.ml.torch_mlp import fit_mlp
+def _xgb_base(task: Task, n_classes: int, seed: int) -> dict[str, Any]:
+    base = {"tree_method": "hist", "nthread": 1, "seed": seed, "verbosity": 0}
+    return {**base, **_xgb_objective(task, n_classes)}
 
-        mlp = fit_mlp(params, budget, task, n_classes, seed, x_train, y_train, x_valid, y_valid, device=device)
-        return Fitted(ModelFamily.mlp, mlp.estimator_bytes, mlp.estimator_format, mlp.rounds_used)
+
+def fit_xgboost(r: FitRequest) -> Fitted:
+    """Boosting for up to `budget` rounds; with a validation split, stops early and keeps the best."""
+    params, budget, task, n_classes, seed = r.params, r.budget, r.task, r.n_classes, r.seed
+    x_train, y_train, x_valid, y_valid = r.x_train, r.y_train, r.x_valid, r.y_valid
     dtrain = xgb.DMatrix(x_train, label=y_train, nthread=1)
-    base = {
-        "tree_method": "hist",
-        "nthread": 1,
-        "seed": seed,
-        "verbosity": 0,
-        **_xgb_objective(task, n_classes),
+    evals = []
+    kwargs: dict[str, Any] = {}
+    if x_valid is not None and y_valid is not None:
+        evals = [(xgb.DMatrix(x_valid, label=y_valid, nthread=1), "valid")]
+        kwargs["early_stopping_rounds"] = EARLY_STOPPING_ROUNDS
+    booster = xgb.train(
+        {**_xgb_base(task, n_classes, seed), **params},
+        dtrain,
+        num_boost_round=budget,
+        evals=evals,
+        verbose_eval=False,
+        **kwargs,
+    )
+    if evals:
+        booster = booster[: booster.best_iteration + 1]
+    rounds = booster.num_boosted_rounds()
+    return Fitted(ModelFamily.xgboost, bytes(booster.save_raw("ubj")), "xgboost-ubj", rounds)
+
+
+def fit_random_forest(r: FitRequest) -> Fitted:
+    """One round of `rf_trees(budget)` bagged trees; the validation split is not used."""
+    params, budget, task, n_classes, seed = r.params, r.budget, r.task, r.n_classes, r.seed
+    x_train, y_train = r.x_train, r.y_train
+    booster_params = {
+        **_xgb_base(task, n_classes, seed),
+        "learning_rate": 1.0,
+        "num_parallel_tree": rf_trees(budget),
+        "subsample": params.get("subsample", 0.632),
+        "colsample_bynode": params.get("colsample_bynode", 0.6),
+        "max_depth": params.get("max_depth", 10),
+        "min_child_weight": params.get("min_child_weight", 1.0),
     }
-    if family is ModelFamily.xgboost:
-        booster_params = {**base, **params}
-        evals = []
-        kwargs: dict[str, Any] = {}
-        if x_valid is not None and y_valid is not None:
-            evals = [(xgb.DMatrix(x_valid, label=y_valid, nthread=1), "valid")]
-            kwargs["early_stopping_rounds"] = EARLY_STOPPING_ROUNDS
-        booster = xgb.train(
-            booster_params, dtrain, num_boost_round=budget, evals=evals, verbose_eval=False, **kwargs
-        )
-        if evals:
-            booster = booster[: booster.best_iteration + 1]
-        rounds = booster.num_boosted_rounds()
-    else:  # random forest
-        booster_params = {
-            **base,
-            "learning_rate": 1.0,
-            "num_parallel_tree": rf_trees(budget),
-            "subsample": params.get("subsample", 0.632),
-            "colsample_bynode": params.get("colsample_bynode", 0.6),
-            "max_depth": params.get("max_depth", 10),
-            "min_child_weight": params.get("min_child_weight", 1.0),
-        }
-        booster = xgb.train(booster_params, dtrain, num_boost_round=1)
-        rounds = 1
-    return Fitted(family, bytes(booster.save_raw("ubj")), "xgboost-ubj", rounds)
+    booster = xgb.train(booster_params, xgb.DMatrix(x_train, label=y_train, nthread=1), num_boost_round=1)
+    return Fitted(ModelFamily.random_forest, bytes(booster.save_raw("ubj")), "xgboost-ubj", 1)
 
 
-def _fit_linear(params: dict[str, Any], task: Task, seed: int, x: np.ndarray, y: np.ndarray) -> Fitted:
+def fit_linear(r: FitRequest) -> Fitted:
+    """Ridge or logistic regression on standardised features; budget and validation are not used."""
+    params, task, seed, x, y = r.params, r.task, r.seed, r.x_train, r.y_train
     mean = x.mean(axis=0)
     std = x.std(axis=0)
     std[std == 0] = 1.0
@@ -122,34 +113,30 @@ def _fit_linear(params: dict[str, Any], task: Task, seed: int, x: np.ndarray, y:
     return Fitted(ModelFamily.linear, json.dumps(doc, sort_keys=True).encode(), "linear-json", 1)
 
 
-class Predictor:
-    """A loaded estimator: `predict` gives values (regression) or class probabilities."""
+class TreePredictor:
+    """A loaded `xgboost-ubj` model: regression values, or class probabilities (binary widened)."""
 
-    def __init__(self, estimator_format: str, data: bytes, task: Task, n_classes: int):
+    def __init__(self, data: bytes, task: Task, n_classes: int):
         self.task = task
-        self.n_classes = n_classes
-        self.format = estimator_format
-        if estimator_format == "xgboost-ubj":
-            self.booster = xgb.Booster(params={"nthread": 1})
-            self.booster.load_model(bytearray(data))
-        elif estimator_format == "linear-json":
-            self.linear = json.loads(data)
-        elif estimator_format == "torch-mlp-safetensors":
-            from services.ml.torch_mlp import MLPPredictor
-
-            self.mlp = MLPPredictor(data, task, n_classes)
-        else:
-            raise ValueError(f"unknown estimator format {estimator_format!r}")
+        self.booster = xgb.Booster(params={"nthread": 1})
+        self.booster.load_model(bytearray(data))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Regression: (n,) values. Classification: (n, n_classes) probabilities."""
-        if self.format == "torch-mlp-safetensors":
-            return self.mlp.predict(x)
-        if self.format == "xgboost-ubj":
-            out = self.booster.predict(xgb.DMatrix(x, nthread=1))
-            if self.task is Task.classification and out.ndim == 1:
-                out = np.column_stack([1 - out, out])
-            return out
+        out = self.booster.predict(xgb.DMatrix(x, nthread=1))
+        if self.task is Task.classification and out.ndim == 1:
+            out = np.column_stack([1 - out, out])
+        return out
+
+
+class LinearPredictor:
+    """A loaded `linear-json` model: plain numpy over the stored coefficients."""
+
+    def __init__(self, data: bytes, task: Task, n_classes: int):
+        self.task = task
+        self.n_classes = n_classes
+        self.linear = json.loads(data)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
         lin = self.linear
         z = (x - np.asarray(lin["mean"])) / np.asarray(lin["std"])
         scores = z @ np.asarray(lin["coef"]).T + np.asarray(lin["intercept"])

@@ -62,17 +62,6 @@ def resources_from_info(info: Mapping[str, Any]) -> dict[str, float]:
     return dict(sorted(total.items()))
 
 
-def cluster_resources(client: Any) -> dict[str, float]:
-    """Resources available on a *synchronous* `distributed.Client`'s cluster (all workers).
-
-    For an asynchronous client `scheduler_info()` returns a cache without per-worker data;
-    use `cluster_resources_async` there.
-    """
-    if getattr(client, "asynchronous", False):
-        raise TypeError("asynchronous client: use `await cluster_resources_async(client)`")
-    return resources_from_info(client.scheduler_info(n_workers=-1))
-
-
 async def cluster_resources_async(client: Any) -> dict[str, float]:
     """Resources available on an *asynchronous* `distributed.Client`'s cluster (all workers)."""
     return resources_from_info(await client.scheduler.identity(n_workers=-1))

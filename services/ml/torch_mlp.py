@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from contracts.types import ModelFamily, Task
-from services.ml.fitted import Fitted
+from services.ml.fitted import FitRequest, Fitted
 
 MLP_FAMILY = "mlp"
 MLP_FORMAT = "torch-mlp-safetensors"
@@ -104,24 +104,14 @@ def _scaled(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0), dtype=np.float32)
 
 
-def fit_mlp(
-    params: dict[str, Any],
-    budget: int,
-    task: Task,
-    n_classes: int,
-    seed: int,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_valid: np.ndarray | None = None,
-    y_valid: np.ndarray | None = None,
-    device: str | None = None,
-    deterministic: bool = True,
-) -> Fitted:
+def fit_mlp(r: FitRequest, deterministic: bool = True) -> Fitted:
     """Fit the MLP; returns `Fitted(family, safetensors bytes, "torch-mlp-safetensors", epochs)`.
 
     `budget` is the maximum number of epochs; `rounds_used` is the best epoch (1-based) whose
     weights were kept. `device`: "cpu", "cuda[:n]", or None (CUDA when available).
     """
+    params, budget, task, n_classes, seed = r.params, r.budget, r.task, r.n_classes, r.seed
+    x_train, y_train, x_valid, y_valid, device = r.x_train, r.y_train, r.x_valid, r.y_valid, r.device
     import safetensors.torch
     import torch
     from torch import nn
@@ -273,7 +263,7 @@ def read_mlp_config(data: bytes) -> dict[str, Any]:
 
 
 class MLPPredictor:
-    """A loaded `torch-mlp-safetensors` model; `predict` mirrors `families.Predictor.predict`.
+    """A loaded `torch-mlp-safetensors` model; `predict` mirrors `registry.Model.predict`.
 
     Regression: (n,) values. Classification: (n, n_classes) probabilities. Numpy only.
     """

@@ -108,10 +108,3 @@ def encode_target(spec: dict[str, Any], values: pd.Series) -> np.ndarray:
         return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
     lookup = {c: i for i, c in enumerate(spec["classes"])}
     return values.map(lambda v: lookup.get(str(v), -1)).to_numpy(dtype=np.int64)
-
-
-def category_values(series: pd.Series) -> list[str]:
-    """Most frequent categories first (ties by name), capped: a stable, bounded vocabulary."""
-    counts = series.dropna().astype(str).value_counts()
-    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    return [k for k, _ in ordered[:MAX_CATEGORIES]]

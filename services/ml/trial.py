@@ -1,20 +1,22 @@
 """One trial as a pure function: runs on any Dask worker, needs no NATS and no MLflow.
 
-Tables go through `families.fit`; text goes through the language-model trainer. `device` comes
+Tables go through `registry.fit`; text goes through the language-model trainer. `device` comes
 from placement (a GPU worker's trial gets "cuda"); only the PyTorch families use it.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from contracts.types import Metric, ModelFamily, Task
-from services.ml import families
+from services.ml import registry
 from services.ml.featureset import load_featureset
+from services.ml.fitted import FitRequest
 from services.ml.metrics import score
 from services.ml.transform import TRAIN, VALIDATION
 
@@ -44,56 +46,29 @@ def _train_text(uri: str, sha256: str, params: dict[str, Any], budget: int, seed
     )
 
 
-def _fit_table(uri, sha256, family, params, budget, task, seed, device):
-    data = load_featureset(uri, sha256)
-    x_train, y_train = data.split(TRAIN)
-    x_valid, y_valid = data.split(VALIDATION)
-    fitted = families.fit(
-        ModelFamily(family), params, budget, Task(task), data.n_classes, seed,
-        x_train, y_train, x_valid, y_valid, device=device,
-    )
-    predictor = families.Predictor(fitted.estimator_format, fitted.estimator_bytes, Task(task), data.n_classes)
-    return fitted, predictor.predict(x_valid), y_valid, data.n_classes
+@dataclass(frozen=True)
+class TrialSpec:
+    """One fit to run on a worker: plain values, so Dask ships it cheaply and any worker can run it."""
+
+    featureset_uri: str
+    featureset_sha256: str
+    family: str
+    params: dict[str, Any]
+    budget: int
+    task: str
+    metric: str
+    seed: int
+    device: str = "cpu"
 
 
-def run_trial(
-    featureset_uri: str,
-    featureset_sha256: str,
-    family: str,
-    params: dict[str, Any],
-    budget: int,
-    task: str,
-    metric: str,
-    seed: int,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """Fit on the training split, score on validation. Returns plain data (cheap to ship back)."""
-    started = time.perf_counter()
-    if ModelFamily(family) is ModelFamily.transformer:
-        result = _train_text(featureset_uri, featureset_sha256, params, budget, seed, device)
-        value, rounds = float(result.metrics["val_perplexity"]), int(result.metrics["steps"])
-    else:
-        fitted, prediction, y_valid, _ = _fit_table(
-            featureset_uri, featureset_sha256, family, params, budget, task, seed, device
-        )
-        value, rounds = score(Metric(metric), Task(task), y_valid, prediction), fitted.rounds_used
-    return {"score": value, "rounds": rounds, "duration_s": time.perf_counter() - started}
+def fit_final(spec: TrialSpec) -> dict[str, Any]:
+    """Fit on the training split, score on validation; returns the native model bytes too.
 
-
-def fit_final(
-    featureset_uri: str,
-    featureset_sha256: str,
-    family: str,
-    params: dict[str, Any],
-    budget: int,
-    task: str,
-    metric: str,
-    seed: int,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """The final model: the winning configuration at full budget; returns the native model bytes."""
-    if ModelFamily(family) is ModelFamily.transformer:
-        result = _train_text(featureset_uri, featureset_sha256, params, budget, seed, device)
+    The one code path for trials and for the final model (the winning configuration at full budget).
+    """
+    family, budget, seed, device = ModelFamily(spec.family), spec.budget, spec.seed, spec.device
+    if family is ModelFamily.transformer:
+        result = _train_text(spec.featureset_uri, spec.featureset_sha256, spec.params, budget, seed, device)
         return {
             "estimator": result.checkpoint,
             "format": "gpt-safetensors",
@@ -102,13 +77,30 @@ def fit_final(
             "n_classes": 0,
             "validation_score": float(result.metrics["val_perplexity"]),
         }
-    fitted, prediction, y_valid, n_classes = _fit_table(
-        featureset_uri, featureset_sha256, family, params, budget, task, seed, device
+    task = Task(spec.task)
+    data = load_featureset(spec.featureset_uri, spec.featureset_sha256)
+    x_train, y_train = data.split(TRAIN)
+    x_valid, y_valid = data.split(VALIDATION)
+    request = FitRequest(
+        spec.params, budget, task, data.n_classes, seed, x_train, y_train, x_valid, y_valid, device
     )
+    fitted = registry.fit(family, request)
+    model = registry.predictor(fitted.estimator_format, fitted.estimator_bytes, task, data.n_classes)
     return {
         "estimator": fitted.estimator_bytes,
         "format": fitted.estimator_format,
         "rounds": fitted.rounds_used,
-        "n_classes": n_classes,
-        "validation_score": score(Metric(metric), Task(task), y_valid, prediction),
+        "n_classes": data.n_classes,
+        "validation_score": score(Metric(spec.metric), task, y_valid, model.predict(x_valid)),
+    }
+
+
+def run_trial(spec: TrialSpec) -> dict[str, Any]:
+    """`fit_final` without the model bytes: plain data, cheap to ship back."""
+    started = time.perf_counter()
+    fitted = fit_final(spec)
+    return {
+        "score": fitted["validation_score"],
+        "rounds": fitted["rounds"],
+        "duration_s": time.perf_counter() - started,
     }

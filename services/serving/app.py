@@ -169,7 +169,7 @@ class InferenceServer:
 
     async def on_deployment(self, data: bytes) -> None:
         try:
-            event = decode(data, {"cairn.model.deployed.v1"})
+            event = decode(data, {ModelDeployed.EVENT_TYPE})
         except ContractError as exc:
             log.warning("ignoring malformed deployment event: %s", exc.reason[:300])
             return
@@ -204,7 +204,7 @@ class InferenceServer:
                     next_seq = (await js.stream_info(self.settings.stream)).state.last_seq + 1
                 inbox = self.nc.new_inbox()
                 sub = await self.nc.subscribe(inbox)
-                await js._jsm.add_consumer(  # noqa: SLF001 - the public wrapper cannot set a name
+                await js.add_consumer(  # the manager API: unlike subscribe, it sets the consumer's name
                     self.settings.stream,
                     ConsumerConfig(
                         name=f"serve-{uuid.uuid4().hex[:16]}",
@@ -368,9 +368,11 @@ class InferenceServer:
     def app(self) -> Starlette:
         @contextlib.asynccontextmanager
         async def lifespan(_: Starlette):
-            await self.startup()
-            yield
-            await self.shutdown()
+            try:  # a startup that fails half-way (MLflow unreachable) still closes NATS and the watch
+                await self.startup()
+                yield
+            finally:
+                await self.shutdown()
 
         return Starlette(
             routes=[

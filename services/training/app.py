@@ -8,10 +8,12 @@ infrastructure errors (a lost worker, a closed connection) are retried by the bu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
@@ -35,9 +37,10 @@ from services.bus.consumer import Delivery
 from services.compute import Compute, open_compute, trial_concurrency
 from services.ml.bundle import save_bundle
 from services.ml.placement import cluster_resources_async, trial_device, trial_resources
-from services.ml.trial import fit_final, run_trial
+from services.ml.trial import TrialSpec, fit_final, run_trial
 from services.runtime import Route, Service
 from services.tracking import Tracker
+from services.training import logic
 
 TRANSIENT = (KilledWorker, FutureCancelledError, OSError, TimeoutError, asyncio.TimeoutError)
 
@@ -59,7 +62,7 @@ def log_run_once(tracker: Tracker, *, check_existing: bool = False, **run: Any) 
     """
     if check_existing and (existing := tracker.find_run(run["experiment"], run["event_id"])):
         info = tracker.client.get_run(existing).info
-        if info.status in ("FINISHED", "FAILED"):
+        if logic.run_settled(info.status):
             return existing
         now = int(time.time() * 1000)
         tracker.client.log_batch(
@@ -67,12 +70,23 @@ def log_run_once(tracker: Tracker, *, check_existing: bool = False, **run: Any) 
             metrics=[MlflowMetric(k, float(v), now, 0) for k, v in run["metrics"].items() if v is not None],
             params=[MlflowParam(k, str(v)) for k, v in run["params"].items()],
         )
-        tracker.client.set_terminated(existing, status="FAILED" if run.get("failed") else "FINISHED")
+        tracker.client.set_terminated(existing, status=logic.run_end_status(bool(run.get("failed"))))
         return existing
     return tracker.log_run(**run)
 
 
-class Training(Service):
+@dataclass(frozen=True)
+class TrainingContext:
+    """What a running training service holds."""
+
+    store: ArtifactStore
+    compute: Compute
+    available: dict[str, float]  # the cluster's resources, for placement
+    tracker: Tracker
+    versions: dict[str, str]
+
+
+class Training(Service[TrainingContext]):
     name = "training"
 
     def routes(self) -> Sequence[Route]:
@@ -88,35 +102,37 @@ class Training(Service):
             Route(TuningCompleted, self.on_tuning_completed, handler_timeout_s=timeout),
         ]
 
-    async def start(self) -> None:
-        self.store = ArtifactStore(self.settings.artifacts)
-        self.tracker = await asyncio.to_thread(Tracker, self.settings.tracking_uri)
-        self.compute: Compute = await open_compute(self.settings)
-        self.available = await cluster_resources_async(self.compute.client)
-        self.versions = library_versions()
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[TrainingContext]:
+        """Dask first (the slow one), then MLflow: should MLflow be unreachable, the cluster closes."""
+        async with contextlib.AsyncExitStack() as opened:
+            compute = await open_compute(self.settings)
+            opened.push_async_callback(compute.close)
+            available = await cluster_resources_async(compute.client)
+            tracker = await asyncio.to_thread(Tracker, self.settings.tracking_uri)
+            yield TrainingContext(
+                store=ArtifactStore(self.settings.artifacts),
+                compute=compute,
+                available=available,
+                tracker=tracker,
+                versions=library_versions(),
+            )
 
-    async def stop(self) -> None:
-        await self.compute.close()
-
-    async def on_trial_requested(self, event: Envelope[TrialRequested], delivery: Delivery) -> list[Envelope[Any]]:
+    async def on_trial_requested(
+        self, event: Envelope[TrialRequested], delivery: Delivery
+    ) -> list[Envelope[Any]]:
         """Run one trial on Dask and log it to MLflow."""
         req = event.data
+        ctx = self.context
         self.metrics.trials_running.inc()
         try:
-            future = self.compute.client.submit(
-                run_trial,
-                req.featureset.uri,
-                req.featureset.sha256,
-                req.family.value,
-                dict(req.params),
-                req.budget,
-                req.task.value,
-                req.metric.value,
-                req.seed,
-                trial_device(placement := trial_resources(req.family.value, self.available)),
-                key=f"trial-{event.id}",
-                pure=False,
-                resources=placement or None,
+            placement = trial_resources(req.family.value, ctx.available)
+            spec = TrialSpec(
+                req.featureset.uri, req.featureset.sha256, req.family.value, dict(req.params), req.budget,
+                req.task.value, req.metric.value, req.seed, trial_device(placement),
+            )
+            future = ctx.compute.client.submit(
+                run_trial, spec, key=f"trial-{event.id}", pure=False, resources=placement or None
             )
             result = await future
             status, error = TrialStatus.ok, None
@@ -125,12 +141,12 @@ class Training(Service):
             # match its hash: dead-lettered at once by the policy, not recorded as a model failure.
             raise
         except Exception as exc:  # noqa: BLE001 - a model that cannot fit is a result, not an outage
-            result, status, error = {"score": None, "duration_s": 0.0, "rounds": 0}, TrialStatus.failed, repr(exc)
+            result, status, error = logic.failed_trial(exc)
         finally:
             self.metrics.trials_running.dec()
         run_id = await asyncio.to_thread(
             log_run_once,
-            self.tracker,
+            ctx.tracker,
             experiment=req.model_name,
             run_name=f"{req.study_id}/t{req.trial_id}/r{req.rung}",
             event_id=event.id,
@@ -167,29 +183,23 @@ class Training(Service):
     ) -> list[Envelope[Any]]:
         """Fit the winner at full budget, store it content-addressed, log it to MLflow."""
         tuned = event.data
-        best = tuned.leaderboard[0]
+        best, budget = logic.final_fit(tuned)
         ctx = tuned.context
+        held = self.context
         features = tuned.features
-        budget = ctx.tuning.max_budget
-        fitted = await self.compute.client.submit(
-            fit_final,
-            features.featureset.uri,
-            features.featureset.sha256,
-            best.family.value,
-            dict(best.params),
-            budget,
-            ctx.task.value,
-            tuned.metric.value,
-            ctx.seed,
-            trial_device(placement := trial_resources(best.family.value, self.available)),
-            key=f"final-{event.id}",
-            pure=False,
-            resources=placement or None,
+        placement = trial_resources(best.family.value, held.available)
+        spec = TrialSpec(
+            features.featureset.uri, features.featureset.sha256, best.family.value, dict(best.params), budget,
+            ctx.task.value, tuned.metric.value, ctx.seed, trial_device(placement),
         )
-        spec = json.loads(await asyncio.to_thread(read_verified, features.transform.uri, features.transform.sha256))
+        fitted = await held.compute.client.submit(
+            fit_final, spec, key=f"final-{event.id}", pure=False, resources=placement or None
+        )
+        transform = features.transform
+        spec = json.loads(await asyncio.to_thread(read_verified, transform.uri, transform.sha256))
         bundle = await asyncio.to_thread(
             save_bundle,
-            self.store,
+            held.store,
             estimator=fitted["estimator"],
             estimator_format=fitted["format"],
             spec=spec,
@@ -200,7 +210,7 @@ class Training(Service):
         )
         run_id = await asyncio.to_thread(
             log_run_once,
-            self.tracker,
+            held.tracker,
             experiment=ctx.model_name,
             run_name=f"{tuned.study_id}/final",
             event_id=event.id,
@@ -214,7 +224,7 @@ class Training(Service):
                 "cairn.model_uri": bundle.uri,
                 "cairn.dataset_sha256": features.dataset.sha256,
                 "cairn.featureset_sha256": features.featureset.sha256,
-                **{f"cairn.version.{k}": v for k, v in self.versions.items()},
+                **{f"cairn.version.{k}": v for k, v in held.versions.items()},
             },
             check_existing=delivery.redelivered,
         )
@@ -231,6 +241,6 @@ class Training(Service):
             transform=features.transform,
             dataset=features.dataset,
             mlflow_run_id=run_id,
-            versions=self.versions,
+            versions=held.versions,
         )
         return [new_event(trained, source=self.source, cause=event, subject=ctx.model_name)]

@@ -82,28 +82,14 @@ class Tuning(Service):
         done = event.data
         kv = await self._kv()
         rung_state = await _record(kv, done, event.id)
-        if len(rung_state["results"]) < len(rung_state["expected"]):
+        if not rung_state.complete:
             return []
         plan_state = json.loads((await kv.get(f"{done.study_id}.plan")).value)
         plan_event = Envelope[TuningRequested].model_validate(plan_state["plan_event"])
         plan = plan_event.data
-        results = {int(t): r["score"] for t, r in rung_state["results"].items()}
-        evidence = [
-            r["event_id"] for _, r in sorted(rung_state["results"].items(), key=lambda kv_: int(kv_[0]))
-        ]
-        last_rung = done.rung + 1 >= len(plan.rungs)
-        promoted = [] if last_rung else logic.promote(plan, done.rung, results)
-        if last_rung or not promoted:
+        decision = logic.decide_rung(plan, done.rung, rung_state)
+        if decision is None:
             return [await self._complete(kv, plan, plan_event, event, plan_state["started"])]
-        decision = TrialsPromoted(
-            study_id=plan.study_id,
-            from_rung=done.rung,
-            to_rung=done.rung + 1,
-            budget=plan.rungs[done.rung + 1].budget,
-            evidence=results,
-            evidence_event_ids=evidence,
-            promoted=promoted,
-        )
         decision_event = new_event(
             decision,
             source=self.source,
@@ -111,7 +97,7 @@ class Tuning(Service):
             event_id=derive_id(plan.study_id, event_type_of(TrialsPromoted), f"rung{done.rung}"),
             subject=plan.study_id,
         )
-        await _create_rung(kv, plan.study_id, done.rung + 1, promoted)
+        await _create_rung(kv, plan.study_id, decision.to_rung, decision.promoted)
         return [decision_event] + [
             new_event(
                 r,
@@ -120,7 +106,7 @@ class Tuning(Service):
                 key=f"{r.study_id}:{r.rung}:{r.trial_id}",
                 subject=r.study_id,
             )
-            for r in logic.trial_requests(plan, done.rung + 1, promoted)
+            for r in logic.trial_requests(plan, decision.to_rung, decision.promoted)
         ]
 
     async def _complete(
@@ -130,12 +116,13 @@ class Tuning(Service):
         failed = 0
         for rung in range(len(plan.rungs)):
             try:
-                state = json.loads((await kv.get(f"{plan.study_id}.rung.{rung}")).value)
+                entry = await kv.get(f"{plan.study_id}.rung.{rung}")
+                state = logic.RungState.from_json(json.loads(entry.value))
             except KeyNotFoundError:
                 break
-            for trial_id, r in state["results"].items():
-                completed.append((int(trial_id), rung, r["budget"], r["score"]))
-                failed += r["score"] is None
+            for trial_id, r in state.results.items():
+                completed.append((trial_id, rung, r.budget, r.score))
+                failed += r.score is None
         board = logic.leaderboard(plan, completed)
         if not board:
             raise PermanentError(f"every trial of {plan.study_id} failed")
@@ -162,24 +149,18 @@ class Tuning(Service):
 
 async def _create_rung(kv, study_id: str, rung: int, trial_ids: list[int]) -> None:
     with contextlib.suppress(KeyWrongLastSequenceError):
-        await kv.create(
-            f"{study_id}.rung.{rung}", json.dumps({"expected": trial_ids, "results": {}}).encode()
-        )
+        await kv.create(f"{study_id}.rung.{rung}", json.dumps(logic.RungState(trial_ids).to_json()).encode())
 
 
-async def _record(kv, done: TrialCompleted, event_id: str) -> dict[str, Any]:
+async def _record(kv, done: TrialCompleted, event_id: str) -> logic.RungState:
     """Compare-and-set loop: concurrent results for one rung never overwrite each other."""
     key = f"{done.study_id}.rung.{done.rung}"
+    result = logic.TrialResult(done.score, event_id, done.budget)
     while True:
         entry = await kv.get(key)
-        state = json.loads(entry.value)
-        state["results"][str(done.trial_id)] = {
-            "score": done.score,
-            "event_id": event_id,
-            "budget": done.budget,
-        }
+        state = logic.RungState.from_json(json.loads(entry.value)).with_result(done.trial_id, result)
         try:
-            await kv.update(key, json.dumps(state).encode(), last=entry.revision)
+            await kv.update(key, json.dumps(state.to_json()).encode(), last=entry.revision)
             return state
         except KeyWrongLastSequenceError:
             continue

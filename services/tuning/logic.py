@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from contracts import (
     Task,
     TrialConfig,
     TrialRequested,
+    TrialsPromoted,
     TuningRequested,
 )
 from services.ml.families import default_metric
@@ -150,6 +152,68 @@ def rank(metric: Metric, results: dict[int, float | None]) -> list[int]:
 def promote(plan: TuningRequested, rung: int, results: dict[int, float | None]) -> list[int]:
     keep = plan.rungs[rung + 1].keep
     return [t for t in rank(plan.metric, results) if results[t] is not None][:keep]
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One trial's report at a rung: its score (None: failed), the event that carried it, its budget."""
+
+    score: float | None
+    event_id: str
+    budget: int
+
+
+@dataclass(frozen=True)
+class RungState:
+    """A rung as kept in the study bucket: the trials it waits for and the results so far."""
+
+    expected: list[int]
+    results: dict[int, TrialResult] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.results) >= len(self.expected)
+
+    def with_result(self, trial_id: int, result: TrialResult) -> RungState:
+        return replace(self, results={**self.results, trial_id: result})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "expected": self.expected,
+            "results": {
+                str(t): {"score": r.score, "event_id": r.event_id, "budget": r.budget}
+                for t, r in self.results.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> RungState:
+        return cls(
+            expected=list(doc["expected"]),
+            results={
+                int(t): TrialResult(r["score"], r["event_id"], r["budget"]) for t, r in doc["results"].items()
+            },
+        )
+
+
+def decide_rung(plan: TuningRequested, rung: int, state: RungState) -> TrialsPromoted | None:
+    """The decision on a complete rung: the trials promoted to the next one, with the evidence;
+    None when the study ends here (the last rung, or no trial of this one succeeded)."""
+    scores = {t: r.score for t, r in state.results.items()}
+    if rung + 1 >= len(plan.rungs):
+        return None
+    promoted = promote(plan, rung, scores)
+    if not promoted:
+        return None
+    return TrialsPromoted(
+        study_id=plan.study_id,
+        from_rung=rung,
+        to_rung=rung + 1,
+        budget=plan.rungs[rung + 1].budget,
+        evidence=scores,
+        evidence_event_ids=[state.results[t].event_id for t in sorted(state.results)],
+        promoted=promoted,
+    )
 
 
 def leaderboard(

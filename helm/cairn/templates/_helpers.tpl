@@ -303,37 +303,44 @@ envFrom:
 {{- end -}}
 {{- end -}}
 
-{{/* Volumes of a cairn pod: writable home and /tmp (read-only root), artifacts, NATS CA. */}}
+{{/*
+Volumes of a cairn pod: writable home and /tmp (read-only root), the shared artifact volume, the
+NATS CA. (dict "ctx" $ "artifacts" true): artifacts false leaves the artifact volume out (a
+service with services.<name>.artifacts=false).
+*/}}
 {{- define "cairn.volumes" -}}
+{{- $ := .ctx -}}
 - name: home
   emptyDir: {}
 - name: tmp
   emptyDir: {}
-{{- if include "cairn.artifactsVolume" . }}
+{{- if and .artifacts (include "cairn.artifactsVolume" $) }}
 - name: artifacts
   persistentVolumeClaim:
-    claimName: {{ include "cairn.artifactsClaim" . }}
+    claimName: {{ include "cairn.artifactsClaim" $ }}
 {{- end }}
-{{- if .Values.nats.tls.enabled }}
+{{- if $.Values.nats.tls.enabled }}
 - name: nats-tls
   secret:
-    secretName: {{ .Values.nats.tls.secretName }}
+    secretName: {{ $.Values.nats.tls.secretName }}
     items:
       - key: ca.crt
         path: ca.crt
 {{- end }}
 {{- end -}}
 
+{{/* The mounts of cairn.volumes: (dict "ctx" $ "artifacts" true). */}}
 {{- define "cairn.volumeMounts" -}}
+{{- $ := .ctx -}}
 - name: home
   mountPath: /var/lib/cairn/home
 - name: tmp
   mountPath: /tmp
-{{- if include "cairn.artifactsVolume" . }}
+{{- if and .artifacts (include "cairn.artifactsVolume" $) }}
 - name: artifacts
   mountPath: /var/lib/cairn/artifacts
 {{- end }}
-{{- if .Values.nats.tls.enabled }}
+{{- if $.Values.nats.tls.enabled }}
 - name: nats-tls
   mountPath: /etc/cairn/nats-tls
   readOnly: true
@@ -353,6 +360,104 @@ prometheus.io/path: /metrics
 imagePullSecrets:
 {{ toYaml . }}
 {{- end -}}
+{{- end -}}
+
+{{/*
+Deep-merges .src into .dst in place: (dict "dst" $map "src" $map). Maps merge key by key; lists
+and scalars (false and 0 included) replace; a null removes the key. Unlike mergeOverwrite, the
+result does not depend on the Helm version's merge library.
+*/}}
+{{- define "cairn.deepMerge" -}}
+{{- $dst := .dst -}}
+{{- range $key, $value := .src -}}
+{{- if kindIs "invalid" $value -}}
+{{- $_ := unset $dst $key -}}
+{{- else if and (kindIs "map" $value) (kindIs "map" (get $dst $key)) -}}
+{{- include "cairn.deepMerge" (dict "dst" (get $dst $key) "src" $value) -}}
+{{- else -}}
+{{- $_ := set $dst $key (deepCopy $value) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The values of one service: serviceDefaults with services.<name> deep-merged over them (cairn.deepMerge),
+so a service lists only what differs. Written into .out, which keeps the values' own types:
+  {{- $svc := dict }}{{- $_ := include "cairn.service" (dict "ctx" $ "name" $name "out" $svc) }}
+*/}}
+{{- define "cairn.service" -}}
+{{- $_ := include "cairn.deepMerge" (dict "dst" .out "src" .ctx.Values.serviceDefaults) -}}
+{{- $_ = include "cairn.deepMerge" (dict "dst" .out "src" (index .ctx.Values.services .name)) -}}
+{{- end -}}
+
+{{/*
+A probe of a service container: the service's probe (services.<name>.<kind>Probe over
+serviceDefaults.<kind>Probe) over the timings of probes.<kind>, the ones the inference endpoint
+uses too. (dict "probe" $svc.livenessProbe "timings" $.Values.probes.liveness)
+*/}}
+{{- define "cairn.probe" -}}
+{{- $probe := deepCopy .timings -}}
+{{- $_ := include "cairn.deepMerge" (dict "dst" $probe "src" .probe) -}}
+{{- toYaml $probe -}}
+{{- end -}}
+
+{{/*
+The NATS users' passwords the chart generates, {"<user>-password": base64}: the ones the cluster
+holds (upgrades; `lookup`), new random ones otherwise. Computed once per render and kept in
+.Values (the one object every template of a render shares), so the Secret and the pods'
+checksum/nats-auth annotation see the same passwords.
+*/}}
+{{- define "cairn.natsGeneratedPasswords" -}}
+{{- if not (hasKey .Values "__cairnNatsPasswords") -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "cairn.natsSecretName" .) -}}
+{{- $data := dict -}}
+{{- range $user := include "cairn.natsUsers" . | fromJsonArray -}}
+{{- $key := printf "%s-password" $user -}}
+{{- $_ := set $data $key ((and $existing $existing.data (index $existing.data $key)) | default (randAlphaNum 32 | b64enc)) -}}
+{{- end -}}
+{{- $_ := set .Values "__cairnNatsPasswords" $data -}}
+{{- end -}}
+{{- toJson (get .Values "__cairnNatsPasswords") -}}
+{{- end -}}
+
+{{/*
+Checksum of a Secret the chart does not render (an existingSecret, a TLS secret): its name and
+its data as the cluster holds it at install/upgrade time (`lookup`). Where lookup sees no cluster
+(`helm template`, Argo CD) it hashes the name alone. (dict "ctx" $ "name" "cairn-dask-tls")
+*/}}
+{{- define "cairn.secretChecksum" -}}
+{{- $secret := lookup "v1" "Secret" .ctx.Release.Namespace .name -}}
+{{- printf "%s %s" .name (dig "data" dict $secret | toJson) | sha256sum -}}
+{{- end -}}
+
+{{/*
+checksum/* annotations of a pod, one per Secret it reads, so that a changed Secret rolls it on
+the next install/upgrade: (dict "ctx" $ "nats" true "daskTLS" false "lineageDB" false).
+  nats-auth   the NATS users' passwords (the generated Secret's rendered text, or an existingSecret)
+  nats-tls    nats.tls.secretName (the CA every client mounts; the server's certificate)
+  dask-tls    dask.tls.secretName (a Dask client: services.<name>.dask)
+  lineage-db  lineage.database.existingSecret (the lineage store's URL: services.<name>.lineageStore)
+*/}}
+{{- define "cairn.checksums" -}}
+{{- $ := .ctx -}}
+{{- $out := dict -}}
+{{- if and .nats $.Values.nats.auth.enabled -}}
+{{- if $.Values.nats.auth.existingSecret -}}
+{{- $_ := set $out "checksum/nats-auth" (include "cairn.secretChecksum" (dict "ctx" $ "name" $.Values.nats.auth.existingSecret)) -}}
+{{- else -}}
+{{- $_ := set $out "checksum/nats-auth" (include (print $.Template.BasePath "/common/nats-auth-secret.yaml") $ | sha256sum) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .nats $.Values.nats.tls.enabled $.Values.nats.tls.secretName -}}
+{{- $_ := set $out "checksum/nats-tls" (include "cairn.secretChecksum" (dict "ctx" $ "name" $.Values.nats.tls.secretName)) -}}
+{{- end -}}
+{{- if and .daskTLS (include "cairn.daskTLS" $) $.Values.dask.tls.secretName -}}
+{{- $_ := set $out "checksum/dask-tls" (include "cairn.secretChecksum" (dict "ctx" $ "name" $.Values.dask.tls.secretName)) -}}
+{{- end -}}
+{{- if and .lineageDB $.Values.lineage.database.existingSecret -}}
+{{- $_ := set $out "checksum/lineage-db" (include "cairn.secretChecksum" (dict "ctx" $ "name" $.Values.lineage.database.existingSecret)) -}}
+{{- end -}}
+{{- with $out }}{{ toYaml . }}{{ end -}}
 {{- end -}}
 
 {{/*
@@ -414,14 +519,19 @@ Combinations the schema cannot express; each fails the render with the reason.
 {{- if and .Values.nats.auth.enabled (ne .Values.config.stream $generated.stream) -}}
 {{- $errors = append $errors (printf "nats: files/nats-permissions.json grants stream %s, config.stream is %s; regenerate it for the new stream" $generated.stream .Values.config.stream) -}}
 {{- end -}}
-{{- $lineage := .Values.services.lineage -}}
-{{- if and $lineage.enabled (not .Values.lineage.database.existingSecret) (gt (int $lineage.replicas) 1) -}}
-{{- $errors = append $errors "lineage: the SQLite lineage store takes one replica; set lineage.database.existingSecret to run more" -}}
+{{- $lineageStores := list -}}
+{{- range $name, $_ := .Values.services -}}
+{{- $svc := dict -}}
+{{- $_ := include "cairn.service" (dict "ctx" $ "name" $name "out" $svc) -}}
+{{- if and $svc.ordered $svc.enabled (gt (int $svc.replicas) 1) -}}
+{{- $errors = append $errors (printf "%s: one replica records the log in order; more would split the deliveries between them and stall the chain" $name) -}}
 {{- end -}}
-{{- if $lineage.autoscaling.enabled -}}
-{{- $errors = append $errors "lineage: services.lineage.autoscaling must stay off (it reads the log in order)" -}}
+{{- if and $svc.ordered $svc.autoscaling.enabled -}}
+{{- $errors = append $errors (printf "%s: services.%s.autoscaling must stay off (it reads the log in order)" $name $name) -}}
 {{- end -}}
-{{- range $name, $svc := .Values.services -}}
+{{- if and $svc.enabled $svc.lineageStore -}}
+{{- $lineageStores = append $lineageStores $name -}}
+{{- end -}}
 {{- if and $svc.enabled $svc.autoscaling.enabled -}}
 {{- if gt (int $svc.autoscaling.minReplicas) (int $svc.autoscaling.maxReplicas) -}}
 {{- $errors = append $errors (printf "services.%s.autoscaling: minReplicas > maxReplicas" $name) -}}
@@ -436,6 +546,9 @@ Combinations the schema cannot express; each fails the render with the reason.
 {{- $errors = append $errors (printf "services.%s.autoscaling: KEDA reads consumer lag from NATS monitoring; set nats.external.monitoringEndpoint" $name) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+{{- if gt (len $lineageStores) 1 -}}
+{{- $errors = append $errors (printf "lineage: one service writes the lineage store; services %s all set lineageStore" (join ", " $lineageStores)) -}}
 {{- end -}}
 {{- if and .Values.inference.autoscaling.enabled (gt (int .Values.inference.autoscaling.minReplicas) (int .Values.inference.autoscaling.maxReplicas)) -}}
 {{- $errors = append $errors "inference.autoscaling: minReplicas > maxReplicas" -}}
@@ -491,12 +604,12 @@ containers:
     securityContext:
       {{- toYaml $.Values.securityContext | nindent 6 }}
     volumeMounts:
-      {{- include "cairn.volumeMounts" $ | nindent 6 }}
+      {{- include "cairn.volumeMounts" (dict "ctx" $ "artifacts" true) | nindent 6 }}
       {{- if include "cairn.daskTLS" $ }}
       {{- include "cairn.daskTLSMount" $ | nindent 6 }}
       {{- end }}
 volumes:
-  {{- include "cairn.volumes" $ | nindent 2 }}
+  {{- include "cairn.volumes" (dict "ctx" $ "artifacts" true) | nindent 2 }}
   {{- if include "cairn.daskTLS" $ }}
   {{- include "cairn.daskTLSVolume" $ | nindent 2 }}
   {{- end }}

@@ -153,11 +153,6 @@ def train_flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> float:
     return 6.0 * n_params(cfg, include_position=False) + 12.0 * cfg.n_layers * cfg.d_model * t
 
 
-def save_checkpoint(model: GPT) -> bytes:
-    """The model's weights as safetensors bytes (float32, CPU, deterministic layout)."""
-    return state_to_bytes(model.state_dict())
-
-
 def state_to_bytes(state: dict[str, torch.Tensor]) -> bytes:
     """A GPT state_dict (any device/dtype) -> safetensors bytes (float32, CPU)."""
     import safetensors.torch

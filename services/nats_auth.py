@@ -1,4 +1,4 @@
-"""Least-privilege NATS credentials, derived from the contracts, plus TLS material.
+"""Least-privilege NATS credentials, derived from the contracts (TLS material: services.tls).
 
 `write_nats_config(out, tls)` (behind `cairn nats-config`) writes:
 
@@ -10,10 +10,10 @@
 - with --tls, `tls/`: a CA, a server certificate (SAN 127.0.0.1, ::1, localhost) and a client
   certificate for mutual TLS, generated with `cryptography`.
 
-Nothing here is hand-copied from the services: what a service may publish comes from
-`contracts.schemas.PRODUCERS`; which consumers it binds (durable name and filter subject) is read
-off the subscribers its own code registers on a broker that is never connected. A new route or a
-new event type changes the permissions the next time the config is generated.
+Nothing here is hand-copied from the services: what a service may publish comes from each payload
+class's `PRODUCER` (`contracts.PRODUCERS`); which consumers it binds (durable name and filter
+subject) is read off the subscribers its own code registers on a broker that is never connected.
+A new route or a new event type changes the permissions the next time the config is generated.
 
 The permission model (subjects for namespace `cairn`, stream `CAIRN`):
 
@@ -30,29 +30,28 @@ The permission model (subjects for namespace `cairn`, stream `CAIRN`):
 
 from __future__ import annotations
 
-import datetime as _dt
-import ipaddress
 import json
-import os
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from contracts import ModelDeployed, subject_for
-from contracts.schemas import PRODUCERS
-from contracts.subjects import dead_letter_subject
+from contracts import (
+    PRODUCERS,
+    UPSTREAM,
+    EventRejected,
+    ModelDeployed,
+    dead_letter_subject,
+    subject_for,
+)
 from services.bus.connection import inbox_prefix
 from services.bus.consumer import durable_name
 from services.bus.provision import champion_bucket, handled_bucket, study_bucket
 from services.settings import CairnSettings
+from services.tls import write_file, write_tls
 
 ADMIN = "admin"
-UPSTREAM = "upstream"
 SERVE = "serve"
-ANY_SERVICE = "any service"
-REJECTED = "cairn.event.rejected.v1"
 
 # Grants no contract can express: the key-value bucket tuning keeps its study state in (its
 # subjects and the JetStream API calls the KV client makes), and the serving process's watch on
@@ -165,7 +164,7 @@ def derive_permissions(settings: CairnSettings | None = None) -> dict[str, Grant
         # Built as it runs under its own user, so the inboxes are the ones it will really use.
         consumers = service_consumers(name, base.model_copy(update={"nats_user": name}))
         if any(c.routed for c in consumers):  # the consumer policy may reject and dead-letter
-            g.add_pub(subject_for(REJECTED, ns), dead_letter_subject(name, ns))
+            g.add_pub(subject_for(EventRejected, ns), dead_letter_subject(name, ns))
             _ledger_grants(g, handled_bucket(ns), name)
         for consumer in consumers:
             _jetstream_consumer_grants(g, stream, consumer)
@@ -178,7 +177,7 @@ def derive_permissions(settings: CairnSettings | None = None) -> dict[str, Grant
     # The inference endpoint: reads deployments through its own short-lived push consumers, whose
     # names are random but whose filter is pinned to the deployed subject; stream info gives it
     # the sequence to start from.
-    serve = Grants(SERVE, role="the inference endpoint (reads cairn.model.deployed.v1 only)")
+    serve = Grants(SERVE, role=f"the inference endpoint (reads {subject_for(ModelDeployed)} only)")
     deployed = subject_for(ModelDeployed, ns)
     serve.add_sub(f"{inbox_prefix(SERVE)}.>")
     serve.add_pub(f"$JS.API.CONSUMER.CREATE.{stream}.*.{deployed}", f"$JS.API.STREAM.INFO.{stream}")
@@ -259,15 +258,6 @@ include "auth.conf"
 """
 
 
-def _write(path: Path, data: str | bytes, mode: int = 0o644) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.chmod(path, mode)
-    return path
-
-
 def _passwords(path: Path, users: Iterable[str]) -> dict[str, str]:
     """Keep the passwords already issued (no silent rotation); make new ones for new users."""
     existing: dict[str, str] = {}
@@ -282,12 +272,12 @@ def write_nats_config(out: Path, tls: bool = False, settings: CairnSettings | No
     users = derive_permissions(settings)
     secrets_path = out / "secrets.json"
     passwords = _passwords(secrets_path, users)
-    written = [_write(secrets_path, json.dumps(passwords, indent=2) + "\n", 0o600)]
+    written = [write_file(secrets_path, json.dumps(passwords, indent=2) + "\n", 0o600)]
     tls_dir = out / "tls" if tls else None
     if tls_dir is not None:
         written += write_tls(tls_dir)
-    written.append(_write(out / "auth.conf", render_auth(users, passwords, tls_dir), 0o600))
-    written.append(_write(out / "nats-server.conf", render_server(out), 0o600))
+    written.append(write_file(out / "auth.conf", render_auth(users, passwords, tls_dir), 0o600))
+    written.append(write_file(out / "nats-server.conf", render_server(out), 0o600))
     return written
 
 
@@ -306,106 +296,3 @@ def credentials_env(out: Path, user: str) -> dict[str, str]:
             "CAIRN_NATS_TLS_KEY": str(tls_dir / "client-key.pem"),
         }
     return env
-
-
-# TLS -----------------------------------------------------------------------------------------
-def write_tls(folder: Path, days: int = 825) -> list[Path]:
-    """A CA, a server certificate for loopback names and a client certificate, all ECDSA P-256.
-
-    An existing CA is kept (certificates it signed stay valid); leaf certificates are reissued.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    folder.mkdir(parents=True, exist_ok=True)
-    now = _dt.datetime.now(_dt.UTC)
-
-    def pem_key(key: Any) -> bytes:
-        return key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cairn"),
-                x509.NameAttribute(NameOID.COMMON_NAME, cn),
-            ]
-        )
-
-    ca_key_path, ca_path = folder / "ca-key.pem", folder / "ca.pem"
-    if ca_key_path.exists() and ca_path.exists():
-        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
-        ca_cert = x509.load_pem_x509_certificate(ca_path.read_bytes())
-    else:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(name("cairn CA"))
-            .issuer_name(name("cairn CA"))
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _dt.timedelta(minutes=5))
-            .not_valid_after(now + _dt.timedelta(days=days * 2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        _write(ca_key_path, pem_key(ca_key), 0o600)
-        _write(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM))
-
-    def leaf(cn: str, usage: Any, sans: list[x509.GeneralName] | None) -> tuple[bytes, bytes]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _dt.timedelta(minutes=5))
-            .not_valid_after(now + _dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-            )
-        )
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
-        return cert.public_bytes(serialization.Encoding.PEM), pem_key(key)
-
-    server_cert, server_key = leaf(
-        "cairn nats-server",
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        [
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.IPAddress(ipaddress.ip_address("::1")),
-            x509.DNSName("localhost"),
-        ],
-    )
-    client_cert, client_key = leaf("cairn client", ExtendedKeyUsageOID.CLIENT_AUTH, None)
-    return [
-        ca_path,
-        ca_key_path,
-        _write(folder / "server-cert.pem", server_cert),
-        _write(folder / "server-key.pem", server_key, 0o600),
-        _write(folder / "client-cert.pem", client_cert),
-        _write(folder / "client-key.pem", client_key, 0o600),
-    ]

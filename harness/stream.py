@@ -1,0 +1,222 @@
+"""The event log read as a test or a benchmark needs it: incrementally, by run, with its lineage."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from contracts import TrialCompleted, is_dead_letter, stream_filter, type_ends_run  # noqa: E402
+from services.bus.connection import connect
+from services.settings import CairnSettings
+
+GIB = 1024**3
+
+@dataclass
+class Record:
+    seq: int
+    subject: str
+    ts: datetime
+    doc: dict[str, Any] | None
+    headers: dict[str, str]
+
+    @property
+    def type(self) -> str | None:
+        return self.doc.get("type") if self.doc else None
+
+    @property
+    def correlation(self) -> str | None:
+        return self.doc.get("correlationid") if self.doc else None
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return (self.doc or {}).get("data") or {}
+
+
+@dataclass
+class StreamLog:
+    """The stream read incrementally, each poll on a fresh connection (survives server restarts)."""
+
+    settings: CairnSettings
+    records: list[Record] = field(default_factory=list)
+    next_seq: int = 1
+
+    async def poll(self) -> list[Record]:
+        try:
+            nc = await connect(self.settings, "bench-reader")
+        except Exception:  # noqa: BLE001 - the server is restarting: nothing new yet
+            return []
+        new: list[Record] = []
+        try:
+            js = nc.jetstream()
+            last = (await js.stream_info(self.settings.stream)).state.last_seq
+            if last < self.next_seq:
+                return []
+            sub = await js.subscribe(
+                stream_filter(),
+                ordered_consumer=True,
+                config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.next_seq
+                ),
+            )
+            while self.next_seq <= last:
+                msg = await sub.next_msg(timeout=10)
+                meta = msg.metadata
+                try:
+                    doc = json.loads(msg.data) if not is_dead_letter(msg.subject) else None
+                except (ValueError, RecursionError):
+                    doc = None
+                if not isinstance(doc, dict):
+                    doc = None
+                new.append(
+                    Record(meta.sequence.stream, msg.subject, meta.timestamp, doc, dict(msg.headers or {}))
+                )
+                self.next_seq = meta.sequence.stream + 1
+            await sub.unsubscribe()
+        except Exception:  # noqa: BLE001 - a restart mid-read: keep what we have, read on next poll
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        self.records.extend(new)
+        return new
+
+    async def wait(
+        self, done: Callable[[StreamLog], Any], timeout: float, what: str, every: float = 0.5
+    ) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            await self.poll()
+            value = done(self)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            await asyncio.sleep(every)
+
+    # Views ----------------------------------------------------------------------------------
+    def of_type(self, event_type: str) -> list[Record]:
+        return [r for r in self.records if r.type == event_type]
+
+    def on(self, subject: str) -> list[Record]:
+        return [r for r in self.records if r.subject == subject]
+
+    def run(self, correlation: str) -> list[Record]:
+        return [r for r in self.records if r.correlation == correlation]
+
+    def terminal(self, correlation: str) -> Record | None:
+        for r in self.records:
+            if r.correlation != correlation:
+                continue
+            if type_ends_run(r.type, r.data.get("passed")):
+                return r
+        return None
+
+    def terminals(self, correlations: set[str]) -> dict[str, Record]:
+        out: dict[str, Record] = {}
+        for r in self.records:
+            c = r.correlation
+            if (
+                c in correlations
+                and c not in out
+                and type_ends_run(r.type, r.data.get("passed"))
+            ):
+                out[c] = r
+        return out
+
+    def trial_counts(self) -> Counter[tuple[str, int, int]]:
+        """trial-completed events per (study, trial, rung): each must be exactly 1."""
+        return Counter(
+            (r.data["study_id"], r.data["trial_id"], r.data["rung"])
+            for r in self.of_type(TrialCompleted.EVENT_TYPE)
+        )
+
+
+@dataclass
+class LineageWatch:
+    """The lineage store seen from outside: its last sequence polled every `every` seconds, and the
+    wall-clock time each sequence was first seen there (the service itself records nothing extra)."""
+
+    settings: CairnSettings
+    every: float = 0.05
+    seen: int = 0
+    first_seen: dict[int, datetime] = field(default_factory=dict)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def run(self) -> None:
+        from services.lineage.store import LineageStore
+
+        store = await asyncio.to_thread(LineageStore, self.settings.lineage_url)
+        try:
+            while True:
+                try:
+                    last = await asyncio.to_thread(store.last_seq)
+                except Exception:  # noqa: BLE001 - a write holds the SQLite lock: ask again
+                    last = self.seen
+                now = datetime.now(UTC)
+                for seq in range(self.seen + 1, last + 1):
+                    self.first_seen[seq] = now
+                self.seen = max(self.seen, last)
+                async with self.changed:
+                    self.changed.notify_all()
+                await asyncio.sleep(self.every)
+        finally:
+            store.close()
+
+    async def reached(self, seq: int, timeout: float) -> bool:
+        """Wait until the store holds `seq` (True), or `timeout` passes (False)."""
+        async with self.changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait_for(lambda: self.seen >= seq), timeout)
+        return self.seen >= seq
+
+    def lags(self, records: list[Record]) -> list[float]:
+        """Seconds from each record's stream timestamp to its first sighting in the store."""
+        return [(self.first_seen[r.seq] - r.ts).total_seconds() for r in records if r.seq in self.first_seen]
+
+
+async def publish_all(settings: CairnSettings, events: list[Any], concurrency: int = 64) -> dict[str, float]:
+    """Publish with PubAcks, many in flight; returns event id -> seconds since the first publish."""
+    nc = await connect(settings, "bench-publisher")
+    js = nc.jetstream()
+    sent: dict[str, float] = {}
+    started = time.perf_counter()
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(event: Any) -> None:
+        async with gate:
+            subject = event.type  # subjects equal types in the live namespace
+            await js.publish(subject, event.encode(), headers={"Nats-Msg-Id": event.id}, timeout=30)
+            sent[event.id] = time.perf_counter() - started
+
+    try:
+        await asyncio.gather(*(one(e) for e in events))
+    finally:
+        await nc.close()
+    return sent
+
+
+async def wait_streamed(settings: CairnSettings, n: int, subject: str, timeout: float = 30) -> None:
+    nc = await connect(settings, "bench")
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = await js.stream_info(settings.stream, subjects_filter=subject)
+            if (info.state.subjects or {}).get(subject, 0) >= n:
+                return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"{subject}: fewer than {n} stored after {timeout}s")
+    finally:
+        await nc.close()
+
+
+# Data ----------------------------------------------------------------------------------------

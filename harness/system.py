@@ -1,0 +1,152 @@
+"""A running system: nats-server, every service as its own process, the endpoint; its processes' memory."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from services import supervisor
+from services.bus.embedded import EmbeddedNats
+from services.settings import RUNTIME_FILE, CairnSettings
+
+# A running system ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _environ(extra: dict[str, str]) -> Iterator[None]:
+    saved = dict(os.environ)
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@dataclass
+class System:
+    """nats-server, the services `cairn up` starts (each its own process) and the endpoint."""
+
+    home: Path
+    settings: CairnSettings
+    server: EmbeddedNats
+    runtime: dict[str, Any]
+    env: dict[str, str]
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {**self.runtime["pids"], "nats-server": self.server.process.pid}  # type: ignore[union-attr]
+
+    def health_url(self, name: str) -> str:
+        return self.runtime["health"][name]
+
+    def respawn(self, name: str) -> int:
+        """Start a service again on the same health port, as its supervisor would after a crash."""
+        port = self.runtime["health"][name].rsplit(":", 1)[1]
+        proc = supervisor.spawn(
+            ["run", name],
+            {**self.env, **self.service_env.get(name, {}), "CAIRN_HTTP_PORT": port},
+            self.settings.home_dir / "logs" / f"{name}.log",
+        )
+        self.runtime["pids"][name] = proc.pid
+        (self.settings.home_dir / RUNTIME_FILE).write_text(json.dumps(self.runtime, indent=2))
+        return proc.pid
+
+    def kill(self, name: str) -> None:
+        """kill -9 a service and everything it started (its Dask workers): a crashed container."""
+        pid = self.runtime["pids"][name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+    def not_ready(self, timeout: float = 180.0) -> dict[str, str]:
+        return supervisor.wait_ready(self.runtime, timeout)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM every process group at once (supervisor.down does one after the other), then
+        SIGKILL what is left; nats-server last."""
+        pids = dict(self.runtime["pids"])
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for pid in pids.values():
+            while supervisor.alive(pid) and time.monotonic() < deadline:  # noqa: SLF001
+                time.sleep(0.05)
+            if supervisor.alive(pid):  # noqa: SLF001
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(FileNotFoundError):
+            (self.settings.home_dir / RUNTIME_FILE).unlink()
+        self.server.stop()
+
+
+def start_system(
+    home: Path,
+    *,
+    services: list[str] | None = None,
+    serve: bool = True,
+    nats_port: int = -1,
+    extra_env: dict[str, str] | None = None,
+    service_env: dict[str, dict[str, str]] | None = None,
+    ready_timeout: float = 180.0,
+    **overrides: Any,
+) -> System:
+    """`service_env`: variables for one service only (that one is started after the others)."""
+    from services.catalog import SERVICES
+
+    home = Path(home)
+    service_env = service_env or {}
+    names = [n for n in (services or list(SERVICES)) if n not in service_env]
+    server = EmbeddedNats(home / "nats", port=nats_port)
+    server.start()
+    base: dict[str, Any] = {
+        "home": home / "state",  # data files go in `home`, beside cairn's state and never in it
+        "nats_url": server.url,
+        "allowed_roots": [str(home)],
+        "serve_port": 0,
+    }
+    settings = CairnSettings(**{**base, **overrides})
+    env = {**settings.to_env(), **(extra_env or {})}
+    try:
+        with _environ(env):
+            runtime = supervisor.up(settings, services=names, serve=serve)
+            full_env = {**os.environ, "CAIRN_NATS_URL": settings.nats_url or ""}
+        system = System(home, settings, server, runtime, full_env, service_env)
+        for name in service_env:
+            runtime["health"][name] = f"http://127.0.0.1:{supervisor.free_port()}"  # noqa: SLF001
+            system.respawn(name)
+        not_ready = system.not_ready(ready_timeout)
+        if not_ready:
+            raise RuntimeError(f"not ready: {not_ready}; logs in {settings.home_dir / 'logs'}")
+    except BaseException:
+        supervisor.down(settings)
+        server.stop()
+        raise
+    return system
+
+
+def rss(system: System) -> dict[str, int]:
+    """Resident memory of every process, Dask workers (children of training) each on their own."""
+    out: dict[str, int] = {}
+    for name, pid in system.pids.items():
+        try:
+            proc = psutil.Process(pid)
+            out[name] = proc.memory_info().rss
+            for child in proc.children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    out[f"{name}/{child.pid}"] = child.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return out

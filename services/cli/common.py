@@ -1,0 +1,143 @@
+"""What every command shares: the app, user errors, settings, the connection, the lineage store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import typer
+
+from services.settings import CairnSettings
+
+HELP = """The `cairn` command line: run the system, feed it data, watch it, query it.
+
+Exit codes: 0 success (a run deployed), 1 failure (a run failed, a server unreachable),
+2 usage error (a bad option, an unknown name), 3 a run's model was not promoted by the gate.
+"""
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=HELP,
+    pretty_exceptions_show_locals=False,  # locals can hold secrets (passwords, keys)
+)
+
+EXIT_DEPLOYED, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_PROMOTED = 0, 1, 2, 3
+
+
+class CliError(Exception):
+    """A user error: one line on stderr saying what is wrong and what to do, and an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def settings() -> CairnSettings:
+    from pydantic import ValidationError
+
+    try:
+        return CairnSettings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"CAIRN_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        raise CliError(f"invalid setting: {problems}", EXIT_USAGE) from None
+
+
+async def connect_nats(s: CairnSettings, name: str):
+    """A NATS connection for a command, or a one-line error saying how to get one."""
+    from services.bus.connection import connect
+
+    try:
+        url = s.resolved_nats_url()
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
+
+    async def quiet(_: Exception) -> None:
+        """nats-py logs a traceback per failed attempt by default; the one line below says it all."""
+
+    try:
+        return await connect(s, name, error_cb=quiet, max_reconnect_attempts=1, reconnect_time_wait=0.5)
+    except Exception as exc:  # noqa: BLE001 - nats-py raises several kinds for one cause
+        raise CliError(
+            f"cannot reach NATS at {url} ({type(exc).__name__}): start it with `cairn up`, "
+            "or point CAIRN_NATS_URL at a running server"
+        ) from None
+
+
+def stream_missing(s: CairnSettings) -> CliError:
+    return CliError(f"stream {s.stream} not found on the NATS server: run `cairn provision` first")
+
+
+def configure_logging(s: CairnSettings) -> None:
+    logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def client_for(s: CairnSettings, name: str) -> Any:
+    """A client whose connection errors are one line (see `_connect`)."""
+    from services.client import Client
+
+    await (await connect_nats(s, name)).close()
+    return Client(s, name, max_reconnect_attempts=1, reconnect_time_wait=0.5)
+
+
+LINEAGE_WAIT_S = 30.0
+FULL_ID_LENGTH = 36  # a uuid as text: event ids published by cairn itself
+
+
+def lineage_store(s: CairnSettings, wait: bool = True):
+    """The lineage store; by default first caught up with the stream, so a query reads its writes."""
+    from services.lineage.store import LineageStore
+
+    store = LineageStore(s.lineage_url)
+    if wait:
+        from services.lineage.catchup import wait_until_caught_up
+
+        def behind(at: int, last: int) -> None:
+            typer.echo(
+                f"waiting for the lineage store to reach the stream ({at} of {last} events)...", err=True
+            )
+
+        async def go() -> tuple[int, int]:
+            from nats.js.errors import NotFoundError
+
+            await (await connect_nats(s, "lineage-query")).close()  # a clear error when NATS is not there
+            try:
+                return await wait_until_caught_up(s, store, LINEAGE_WAIT_S, behind)
+            except NotFoundError:
+                raise stream_missing(s) from None
+
+        at, last = asyncio.run(go())
+        if at < last:
+            typer.echo(
+                f"the lineage store is still behind the stream ({at} of {last} events) after "
+                f"{LINEAGE_WAIT_S:.0f}s: is the lineage service running? Answers may be incomplete.",
+                err=True,
+            )
+    return store
+
+
+def full_id(store: Any, ident: str) -> str:
+    """The one event id that starts with `ident`, as git resolves a short hash; ident if none does."""
+    matches = store.event_ids_starting(ident, limit=6)
+    if len(matches) > 1:
+        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+        raise CliError(f"{ident!r} is ambiguous: it starts {shown}; give more characters", EXIT_USAGE)
+    return matches[0] if matches else ident
+
+
+async def stream_messages(s: CairnSettings) -> list[tuple[int, str, bytes]]:
+    from nats.js.errors import NotFoundError
+
+    from services.lineage.audit import stream_records
+
+    nc = await connect_nats(s, "audit")
+    try:
+        return await stream_records(nc.jetstream(), s.stream)
+    except NotFoundError:
+        raise stream_missing(s) from None
+    finally:
+        await nc.close()

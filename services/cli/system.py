@@ -1,0 +1,257 @@
+"""Running cairn: the supervisor, single services, the endpoint, provisioning, status, settings."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from services.cli.common import (
+    EXIT_USAGE,
+    CliError,
+    app,
+    configure_logging,
+    connect_nats,
+    settings,
+    stream_missing,
+)
+from services.settings import CairnSettings
+
+
+@app.command()
+def run(
+    service: Annotated[
+        str, typer.Argument(help="ingestion, features, tuning, training, evaluation, deployment or lineage.")
+    ],
+) -> None:
+    """Run one service (an operator runs one process per replica); waits for NATS and the stream."""
+    from services.catalog import SERVICES, build_service
+    from services.runtime import ServiceRunner
+
+    if service not in SERVICES:
+        raise CliError(f"unknown service {service!r}; choose one of: {', '.join(SERVICES)}", EXIT_USAGE)
+    s = settings()
+    try:
+        s.resolved_nats_url()
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
+    configure_logging(s)
+    asyncio.run(ServiceRunner(build_service(service, s)).run_forever())
+
+
+@app.command()
+def serve(
+    port: Annotated[int | None, typer.Option(help="Port; default CAIRN_SERVE_PORT.")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address; default CAIRN_SERVE_HOST.")] = None,
+) -> None:
+    """Run the inference endpoint for every model's champion."""
+    import uvicorn
+
+    from services.serving.app import InferenceServer
+    from services.supervisor import PortInUse, check_port
+
+    s = settings()
+    host, port = host or s.serve_host, s.serve_port if port is None else port
+    try:
+        s.resolved_nats_url()
+        if port:
+            check_port(host, port)
+    except (RuntimeError, PortInUse) as exc:
+        raise CliError(str(exc)) from None
+    configure_logging(s)
+    server = InferenceServer(s)
+    uvicorn.run(server.app(), host=host, port=port, log_level="warning", limit_concurrency=256)
+
+
+@app.command()
+def provision() -> None:
+    """The admin step: create or update the stream, the buckets, the MLflow and lineage schemas."""
+    from services.provisioning import provision_everything
+
+    s = settings()
+
+    async def go() -> dict[str, str]:
+        nc = await connect_nats(s, "admin")  # a clear error when NATS is not there
+        await nc.close()
+        return await provision_everything(s)
+
+    for part, done in asyncio.run(go()).items():
+        typer.echo(f"{part}: {done}")
+
+
+@app.command()
+def up(
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Return once everything is ready.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.")] = 180.0,
+) -> None:
+    """Start NATS (unless CAIRN_NATS_URL is set), every service and the inference endpoint.
+
+    In the foreground, SIGINT or SIGTERM stops everything; so does SIGKILL (children die with it)."""
+    import signal
+
+    from services import supervisor
+
+    s = settings()
+    if running := supervisor.still_running(s):
+        raise CliError(
+            f"cairn is already up from {s.home_dir} ({', '.join(running)}): stop it with `cairn down`"
+        )
+    supervisor.down(s)  # the record a crashed start left behind
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+    keep = False
+    try:
+        try:
+            runtime = supervisor.up(s, tied=not detach)
+        except supervisor.PortInUse as exc:
+            raise CliError(str(exc)) from None
+        not_ready = supervisor.wait_ready(runtime, timeout)
+        if not_ready:
+            detail = "; ".join(f"{n}: {why}" for n, why in not_ready.items())
+            raise CliError(f"not ready: {detail}; logs in {s.home_dir / 'logs'}")
+        typer.echo(f"cairn is up: NATS {runtime['nats_url']}, inference {runtime.get('serve_url')}")
+        typer.echo(f"state in {s.home_dir}; stop with `cairn down`" + ("" if detach else " or Ctrl-C"))
+        if detach:
+            keep = True
+            return
+        _watch_children(runtime)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if not keep:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if stopped := supervisor.down(s):
+                typer.echo("stopped: " + ", ".join(stopped), err=True)
+
+
+def _watch_children(runtime: dict) -> None:
+    """Block until a signal; say once when a child exits on its own (its log says why)."""
+    from services import supervisor
+
+    reported: set[str] = set()
+    while True:
+        time.sleep(1)
+        for name in runtime["pids"]:
+            if name not in reported and (why := supervisor.exited(runtime, name)):
+                typer.echo(f"{name}: {why}", err=True)
+                reported.add(name)
+
+
+@app.command()
+def down() -> None:
+    """Stop what `cairn up` started from this home."""
+    from services import supervisor
+
+    s = settings()
+    stopped = []
+    if (pid := supervisor.running_supervisor(s)) is not None:
+        import signal
+
+        stopped = [f"cairn up (pid {pid}) and its children"]
+        os.kill(pid, signal.SIGTERM)  # it stops its children itself, NATS last
+        deadline = time.monotonic() + 30
+        while supervisor.alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    stopped += supervisor.down(s)
+    typer.echo("stopped: " + (", ".join(stopped) or "nothing was running"))
+
+
+@app.command()
+def status() -> None:
+    """Each service's consumers: bound, live, pending (lag). Exit 0 only when all are live."""
+    from services.catalog import SERVICES, durables
+
+    s = settings()
+
+    async def go() -> bool:
+        from nats.js.errors import NotFoundError
+
+        nc = await connect_nats(s, "status")
+        js = nc.jetstream()
+        all_live = True
+        try:
+            try:
+                await js.stream_info(s.stream)
+            except NotFoundError:
+                raise stream_missing(s) from None
+            for name in SERVICES:
+                for durable in durables(name, s):
+                    try:
+                        info = await js.consumer_info(s.stream, durable)
+                    except NotFoundError:
+                        typer.echo(f"{name:<11} {durable:<34} MISSING")
+                        all_live = False
+                        continue
+                    live = (info.num_waiting or 0) > 0 or (info.num_ack_pending or 0) > 0
+                    all_live &= live
+                    typer.echo(
+                        f"{name:<11} {durable:<34} {'live' if live else 'IDLE-NO-PULLERS':<16} "
+                        f"pending={info.num_pending} in-flight={info.num_ack_pending} "
+                        f"redelivered={info.num_redelivered}"
+                    )
+        finally:
+            await nc.close()
+        return all_live
+
+    ok = asyncio.run(go())
+    serve_url = s.runtime().get("serve_url")
+    if serve_url:
+        import httpx
+
+        try:
+            ready = httpx.get(serve_url + "/readyz", timeout=3).status_code == 200
+        except httpx.HTTPError:
+            ready = False
+        typer.echo(f"{'serve':<11} {serve_url:<34} {'live' if ready else 'DOWN'}")
+        ok &= ready
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command("nats-config")
+def nats_config(
+    out: Annotated[Path, typer.Option(help="Folder for the server config, passwords and TLS files.")] = Path(
+        ".cairn/nats-auth"
+    ),
+    tls: Annotated[bool, typer.Option(help="Also generate a CA, a server and client certificates.")] = False,
+) -> None:
+    """Generate a nats-server config with one user per service and least-privilege permissions."""
+    from services.nats_auth import write_nats_config
+
+    for path in write_nats_config(out, tls=tls):
+        typer.echo(str(path))
+
+
+@app.command("dask-tls")
+def dask_tls(
+    out: Annotated[Path, typer.Option("--out", help="Folder for ca.crt, ca.key, tls.crt, tls.key.")],
+) -> None:
+    """Certificates for Dask's mutual TLS between services, scheduler and workers (keep ca.key offline)."""
+    from services.dask_tls import write_dask_tls
+
+    for path in write_dask_tls(out):
+        typer.echo(str(path))
+
+
+@app.command()
+def schemas() -> None:
+    """Write the JSON Schemas and the AsyncAPI document into contracts/."""
+    from contracts.schemas import write_all
+
+    for path in write_all():
+        typer.echo(str(path))
+
+
+@app.command("settings")
+def show_settings() -> None:
+    """Every CAIRN_ variable: type, default, meaning."""
+    for name, field in CairnSettings.model_fields.items():
+        typer.echo(f"CAIRN_{name.upper():<22} default={field.default!r:<28} {field.description or ''}")

@@ -1,0 +1,213 @@
+"""The Python client of a cairn deployment: publish an arrival, follow a run to its end, ask the
+inference endpoint.
+
+The one place that knows how to watch a run: the CLI, replay, the benchmarks and the tests use it,
+and an upstream Python system imports it to publish arrivals (any other language publishes the
+JSON Schema'd event itself).
+
+    async with Client(CairnSettings()) as client:
+        end = await client.run(new_event(DataArrived(uri=..., target="price"), source="/my/system"))
+        print(end.code, end.event.type)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from contracts import (
+    Envelope,
+    ModelDeployed,
+    ModelEvaluated,
+    decode,
+    ends_run,
+    is_dead_letter,
+    stream_filter,
+    subject_for,
+)
+from services.bus.connection import connect
+from services.bus.publisher import event_headers
+from services.settings import CairnSettings
+
+DEPLOYED, FAILED, NOT_PROMOTED = 0, 1, 3  # also the CLI's exit codes
+
+
+def outcome(event: Envelope[Any]) -> int | None:
+    """How a run ends with this event (DEPLOYED, FAILED, NOT_PROMOTED), or None if it goes on."""
+    if not ends_run(event):
+        return None
+    if isinstance(event.data, ModelDeployed):
+        return DEPLOYED
+    return NOT_PROMOTED if isinstance(event.data, ModelEvaluated) else FAILED
+
+
+@dataclass
+class RunEnd:
+    """A followed run: its terminal event, the exit code it means, and every event of it seen."""
+
+    event: Envelope[Any]
+    code: int
+    events: list[Envelope[Any]] = field(default_factory=list)
+
+
+class RunTimeout(TimeoutError):
+    def __init__(self, correlation: str, timeout: float, events: list[Envelope[Any]]):
+        super().__init__(f"run {correlation} did not end within {timeout:.0f}s ({len(events)} events seen)")
+        self.events = events
+
+
+class EndpointError(RuntimeError):
+    """The inference endpoint is unreachable or refused a request; the message says which."""
+
+
+OnEvent = Callable[[Envelope[Any]], None]
+
+
+class Client:
+    """A connection to one deployment (its NATS and, for predictions, its endpoint)."""
+
+    def __init__(self, settings: CairnSettings, name: str = "client", **connect_options: Any):
+        self.settings = settings
+        self.name = name
+        self.connect_options = connect_options
+        self.nc: Any = None
+
+    async def __aenter__(self) -> Client:
+        self.nc = await connect(self.settings, self.name, **self.connect_options)
+        self.js = self.nc.jetstream()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.nc.close()
+
+    # Publishing and following ---------------------------------------------------------------
+    async def publish(self, event: Envelope[Any]) -> int:
+        """Publish one event (deduplicated by its id); returns its stream sequence."""
+        ack = await self.js.publish(
+            subject_for(event.type, self.settings.namespace),
+            event.encode(),
+            headers=event_headers(event),
+            stream=self.settings.stream,
+        )
+        return ack.seq
+
+    async def watch(self, from_start: bool = False) -> Any:
+        """An ordered subscription to the namespace: new events only, or the whole log."""
+        from nats.js.api import DeliverPolicy
+
+        policy = DeliverPolicy.ALL if from_start else DeliverPolicy.NEW
+        return await self.js.subscribe(
+            stream_filter(self.settings.namespace), ordered_consumer=True, deliver_policy=policy
+        )
+
+    async def run(
+        self, event: Envelope[Any], timeout: float = 1800.0, on_event: OnEvent | None = None
+    ) -> RunEnd:
+        """Publish an arrival and follow its run to the end (watching first, so nothing is missed)."""
+        sub = await self.watch()
+        try:
+            await self.publish(event)
+            return await self.follow_on(sub, event.correlationid, timeout, on_event)
+        finally:
+            await sub.unsubscribe()
+
+    async def follow(
+        self, correlation: str, timeout: float = 1800.0, on_event: OnEvent | None = None
+    ) -> RunEnd:
+        """Follow a run already published, from the start of the log."""
+        sub = await self.watch(from_start=True)
+        try:
+            return await self.follow_on(sub, correlation, timeout, on_event)
+        finally:
+            await sub.unsubscribe()
+
+    async def follow_on(
+        self, sub: Any, correlation: str, timeout: float, on_event: OnEvent | None = None
+    ) -> RunEnd:
+        """Read `sub` until the run's terminal event; `on_event` sees each of the run's events."""
+        deadline = time.monotonic() + timeout
+        seen: list[Envelope[Any]] = []
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=min(5.0, max(0.1, left)))
+            except TimeoutError:
+                continue
+            event = _run_event(msg, correlation)
+            if event is None:
+                continue
+            seen.append(event)
+            if on_event is not None:
+                on_event(event)
+            if (code := outcome(event)) is not None:
+                return RunEnd(event, code, seen)
+        raise RunTimeout(correlation, timeout, seen)
+
+    # The inference endpoint -----------------------------------------------------------------
+    def endpoint(self, url: str | None = None) -> str:
+        s = self.settings
+        return (url or s.runtime().get("serve_url") or f"http://{s.serve_host}:{s.serve_port}").rstrip("/")
+
+    def models(self, url: str | None = None) -> dict[str, Any]:
+        return _http("get", self.endpoint(url) + "/v1/models", timeout=10).json()
+
+    def only_model(self, fits: Callable[[dict[str, Any]], bool], what: str, url: str | None = None) -> str:
+        names = [n for n, m in self.models(url).items() if fits(m)]
+        if len(names) != 1:
+            raise EndpointError(
+                f"choose a {what} with --model: {', '.join(names) or f'no {what} deployed yet'}"
+            )
+        return names[0]
+
+    def predict(self, rows: str | bytes, model: str | None = None, url: str | None = None) -> Any:
+        """Predictions for raw rows (a JSON object or list of objects) from a model's champion."""
+        model = model or self.only_model(lambda _: True, "model", url)
+        body = rows.encode() if isinstance(rows, str) else rows
+        headers = {"content-type": "application/json"}
+        return _http(
+            "post",
+            f"{self.endpoint(url)}/v1/models/{model}/predict",
+            content=body,
+            headers=headers,
+            timeout=30,
+        ).json()
+
+    def generate(self, prompt: str, model: str | None = None, url: str | None = None, **sampling: Any) -> str:
+        """A continuation of `prompt` from a deployed text model (max_tokens, temperature, top_k, seed)."""
+        model = model or self.only_model(lambda m: m.get("task") == "text_generation", "text model", url)
+        body = {"prompt": prompt, **sampling}
+        return _http(
+            "post", f"{self.endpoint(url)}/v1/models/{model}/generate", json=body, timeout=120
+        ).json()["text"]
+
+
+def _run_event(msg: Any, correlation: str) -> Envelope[Any] | None:
+    """The message as an event of this run, or None (another run, a dead letter, an invalid event)."""
+    if is_dead_letter(msg.subject):
+        return None
+    try:
+        event = decode(msg.data)
+    except Exception:  # noqa: BLE001 - the log may hold invalid events; they belong to no run
+        return None
+    return event if event.correlationid == correlation else None
+
+
+def _http(method: str, url: str, **kwargs: Any) -> Any:
+    import httpx
+
+    try:
+        response = httpx.request(method, url, **kwargs)
+    except httpx.HTTPError as exc:
+        base = url.split("/v1/")[0]
+        raise EndpointError(
+            f"no inference endpoint at {base} ({type(exc).__name__}): start one with `cairn up` or "
+            "`cairn serve`, or pass --url"
+        ) from None
+    if response.status_code != 200:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        raise EndpointError(f"{response.status_code} from {url}: {str(detail)[:500]}")
+    return response

@@ -1,0 +1,96 @@
+"""A start that fails half-way closes what it had opened: services' lifespans and the runner."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import psutil
+import pytest
+
+from services import compute as compute_module
+from services.runtime import Service, ServiceRunner
+from services.settings import CairnSettings
+from services.training import app as training_app
+from services.training.app import Training
+
+
+def worker_processes() -> list[psutil.Process]:
+    """Children of this process but multiprocessing's own helpers (resource tracker, forkserver)."""
+    helpers = ("resource_tracker", "forkserver", "semaphore_tracker")
+    return [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.is_running() and not any(h in " ".join(p.cmdline()) for h in helpers)
+    ]
+
+
+async def test_training_closes_its_cluster_when_mlflow_is_unreachable(tmp_path, monkeypatch):
+    opened: list[compute_module.Compute] = []
+
+    async def recording_open_compute(settings: CairnSettings) -> compute_module.Compute:
+        opened.append(await compute_module.open_compute(settings))
+        return opened[-1]
+
+    monkeypatch.setattr(training_app, "open_compute", recording_open_compute)
+    settings = CairnSettings(home=tmp_path, dask="local", dask_workers=1, mlflow_uri="nope://unreachable")
+    service = Training(settings)
+    with pytest.raises(Exception):  # noqa: B017 - whatever MLflow raises for the URI
+        async with service.running():
+            pytest.fail("the lifespan opened with an unusable tracking URI")
+    assert len(opened) == 1, "the cluster opened before MLflow failed"
+    assert opened[0].client.status == "closed"
+    assert not worker_processes(), "a Dask worker process is left"
+    with pytest.raises(RuntimeError):
+        _ = service.context
+
+
+class Recorder(Service[str]):
+    name = "recorder"
+
+    def __init__(self, settings: CairnSettings, log: list[str]):
+        super().__init__(settings)
+        self.log = log
+
+    def routes(self):
+        return []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[str]:
+        self.log.append("open")
+        try:
+            yield "clients"
+        finally:
+            self.log.append("close")
+
+    async def attach(self, broker) -> None:
+        self.log.append(f"attach with {self.context}")
+        raise ConnectionError("attach failed")
+
+    async def detach(self) -> None:
+        self.log.append("detach")
+
+
+async def test_runner_start_that_fails_closes_what_it_opened(tmp_path, monkeypatch):
+    async def no_wait(settings, name):
+        return None
+
+    monkeypatch.setattr("services.runtime.wait_for_stream", no_wait)
+    log: list[str] = []
+    runner = ServiceRunner(Recorder(CairnSettings(home=tmp_path, nats_url="nats://127.0.0.1:1"), log))
+    started: list[str] = []
+
+    async def fake_broker_start() -> None:
+        started.append("broker")
+
+    async def fake_broker_stop() -> None:
+        log.append("broker stop")
+
+    monkeypatch.setattr(runner.broker, "start", fake_broker_start)
+    monkeypatch.setattr(runner.broker, "stop", fake_broker_stop)
+    with pytest.raises(ConnectionError):
+        await runner.start()
+    assert started == ["broker"]
+    assert log == ["open", "attach with clients", "detach", "broker stop", "close"]
+    await runner.stop()  # nothing left to close
+    assert log[-1] == "close"
