@@ -48,3 +48,51 @@ def test_a_stale_pass_goes_back_to_evaluation_against_the_current_champion():
 def test_a_stale_pass_without_its_dataset_fails_the_deployment():
     failed = reevaluation(evaluated(None), 4)
     assert isinstance(failed, DeploymentFailed) and failed.model_name == "houses"
+
+
+# serving ----------------------------------------------------------------------------------------
+SCHEMA = {"rooms": "numeric", "city": "categorical"}
+
+
+def test_rows_arrive_as_one_object_a_list_or_rows():
+    from services.serving.logic import parse_rows
+
+    row = {"rooms": 3, "city": "x"}
+    for body in (row, [row], {"rows": [row]}):
+        frame = parse_rows(body, SCHEMA)
+        assert list(frame.columns) == ["rooms", "city"] and frame.shape == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ([], "non-empty"),
+        ({"rooms": 1, "area": 2}, "unknown column 'area'"),
+        ({"rooms": "three"}, "must be a number"),
+        ({"rooms": float("nan")}, "finite"),
+        ({"city": ["a"]}, "scalar"),
+        ([{"rooms": 1}] * 10_001, "at most"),
+    ],
+)
+def test_a_bad_request_is_refused_with_the_reason(body, says):
+    from services.serving.logic import RequestProblem, parse_rows
+
+    with pytest.raises(RequestProblem, match=says):
+        parse_rows(body, SCHEMA)
+
+
+def test_only_a_higher_version_replaces_what_is_served():
+    from services.serving.logic import newer
+
+    served = SimpleNamespace(version=3)
+    assert newer(None, 1) and newer(served, 4)
+    assert not newer(served, 3) and not newer(served, 2)
+
+
+# lineage ----------------------------------------------------------------------------------------
+def test_the_chain_takes_the_next_run_and_holds_what_is_past_a_gap():
+    from services.lineage.logic import plan
+
+    step = plan(10, [9, 11, 12, 14, 10, 15])
+    assert step.recorded == [9, 10] and step.run == [11, 12] and step.waiting == [14, 15]
+    assert plan(0, []).run == [] and plan(3, [4]).run == [4]

@@ -25,6 +25,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from contracts import stream_filter
 from services.bus.consumer import pull_inbox_prefix
+from services.lineage.logic import plan
 from services.lineage.openlineage import STEPS, OpenLineageSink, run_events
 from services.lineage.store import LineageStore, OutOfOrder, Record
 from services.runtime import Route, Service
@@ -49,25 +50,6 @@ def consumer_config(settings: CairnSettings) -> ConsumerConfig:
         deliver_policy=DeliverPolicy.ALL,
         filter_subject=SUBJECT,
     )
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What to do with the held messages, given the store's last sequence."""
-
-    recorded: list[int]  # at or below the head: a redelivery of something stored, only to ack
-    run: list[int]  # head+1, head+2, ...: the next records, in order
-    waiting: list[int]  # past a gap: held until the missing message is delivered (again)
-
-
-def plan(head: int, seqs: Iterable[int]) -> Plan:
-    ordered = sorted(set(seqs))
-    run: list[int] = []
-    for seq in ordered:
-        if seq == head + len(run) + 1:
-            run.append(seq)
-    nxt = head + len(run) + 1
-    return Plan([s for s in ordered if s <= head], run, [s for s in ordered if s >= nxt])
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,14 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -32,12 +30,11 @@ from services.bus.connection import connect
 from services.ml.bundle import BUNDLE_MEDIA_TYPE, LoadedModel
 from services.ml.transform import input_schema
 from services.model_loading import load_champion, load_from_store
+from services.serving.logic import GenerateRequest, RequestProblem, newer, parse_rows
 from services.settings import CairnSettings
 from services.tracking import Tracker
 
 log = logging.getLogger(__name__)
-MAX_ROWS = 10_000
-MAX_TEXT = 10_000
 WATCH_HEARTBEAT_S = 2.0
 
 
@@ -46,56 +43,6 @@ class Served:
     name: str
     version: int
     model: LoadedModel
-
-
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str = Field(max_length=20_000)
-    max_tokens: int = Field(64, ge=1, le=2048)
-    temperature: float = Field(0.8, ge=0.0, le=5.0)
-    top_k: int | None = Field(40, ge=1)
-    seed: int = Field(0, ge=0, lt=2**32)
-
-
-class RequestProblem(ValueError):
-    pass
-
-
-def parse_rows(body: Any, schema: dict[str, str]) -> pd.DataFrame:
-    """Accept one object, a list of objects, or {"rows": [...]}; refuse unknown columns and bad types."""
-    rows = body.get("rows") if isinstance(body, dict) and "rows" in body else body
-    if isinstance(rows, dict):
-        rows = [rows]
-    if not isinstance(rows, list) or not rows:
-        raise RequestProblem("send a JSON object, a non-empty list of objects, or {\"rows\": [...]}")
-    if len(rows) > MAX_ROWS:
-        raise RequestProblem(f"{len(rows)} rows; at most {MAX_ROWS} per request")
-    problems = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            problems.append(f"row {i}: not an object")
-            continue
-        for key, value in row.items():
-            kind = schema.get(key)
-            if kind is None:
-                problems.append(f"row {i}: unknown column {key!r}")
-            elif value is not None and kind != "categorical" and (
-                isinstance(value, str) or not isinstance(value, int | float)
-            ):
-                problems.append(f"row {i}: column {key!r} must be a number or null")
-            elif isinstance(value, list | dict):
-                problems.append(f"row {i}: column {key!r} must be a scalar")
-            elif isinstance(value, float) and not math.isfinite(value):
-                # json.loads accepts NaN and Infinity; a prediction from them is not JSON either.
-                problems.append(f"row {i}: column {key!r} must be a finite number")
-            elif isinstance(value, str) and len(value) > MAX_TEXT:
-                problems.append(f"row {i}: column {key!r} is longer than {MAX_TEXT} characters")
-        if len(problems) > 20:
-            break
-    if problems:
-        raise RequestProblem("; ".join(problems[:20]))
-    return pd.DataFrame.from_records(rows, columns=list(schema))
 
 
 class InferenceServer:
@@ -139,8 +86,7 @@ class InferenceServer:
         self, name: str, version: int, uri: str, sha256: str, load: Callable[[], LoadedModel] | None = None
     ) -> None:
         """`load` overrides where the bundle comes from (a registry champion may live in MLflow)."""
-        current = self.models.get(name)
-        if current is not None and current.version >= version:
+        if not newer(self.models.get(name), version):
             return
         if load is None:
             served = await asyncio.to_thread(self._load, name, version, uri, sha256)
