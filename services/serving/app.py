@@ -236,14 +236,22 @@ class InferenceServer:
             )
         return served
 
-    async def predict(self, request: Request) -> Response:
+    async def _request(self, request: Request, task: str | None) -> tuple[str, Served, bytes] | Response:
+        """The model a request names (of `task`, if given) and its body, or the error response."""
         name = request.path_params["name"]
-        served = self._served(name, None)
+        served = self._served(name, task)
         if isinstance(served, Response):
             return served
         body = await self._read_body(request, name)
         if isinstance(body, Response):
             return body
+        return name, served, body
+
+    async def predict(self, request: Request) -> Response:
+        got = await self._request(request, None)
+        if isinstance(got, Response):
+            return got
+        name, served, body = got
         try:
             frame = parse_rows(json.loads(body), input_schema(served.model.spec))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -266,13 +274,10 @@ class InferenceServer:
 
     async def generate(self, request: Request) -> Response:
         """Continue a prompt: {prompt, max_tokens, temperature, top_k, seed} (the seed fixes the text)."""
-        name = request.path_params["name"]
-        served = self._served(name, "text_generation")
-        if isinstance(served, Response):
-            return served
-        body = await self._read_body(request, name)
-        if isinstance(body, Response):
-            return body
+        got = await self._request(request, "text_generation")
+        if isinstance(got, Response):
+            return got
+        name, served, body = got
         try:
             ask = GenerateRequest.model_validate_json(body)
         except ValidationError as exc:
