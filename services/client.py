@@ -68,14 +68,16 @@ OnEvent = Callable[[Envelope[Any]], None]
 class Client:
     """A connection to one deployment (its NATS and, for predictions, its endpoint)."""
 
-    def __init__(self, settings: CairnSettings, name: str = "client", **connect_options: Any):
+    def __init__(self, settings: CairnSettings, name: str = "client", nc: Any = None, **connect_options: Any):
+        """`nc`: a NATS connection already open (the client closes it); else one is opened on entry."""
         self.settings = settings
         self.name = name
         self.connect_options = connect_options
-        self.nc: Any = None
+        self.nc: Any = nc
 
     async def __aenter__(self) -> Client:
-        self.nc = await connect(self.settings, self.name, **self.connect_options)
+        if self.nc is None:
+            self.nc = await connect(self.settings, self.name, **self.connect_options)
         self.js = self.nc.jetstream()
         return self
 

@@ -77,11 +77,10 @@ def configure_logging(s: CairnSettings) -> None:
 
 
 async def client_for(s: CairnSettings, name: str) -> Any:
-    """A client whose connection errors are one line (see `_connect`)."""
+    """A client on a connection whose errors are one line (see `connect_nats`)."""
     from services.client import Client
 
-    await (await connect_nats(s, name)).close()
-    return Client(s, name, max_reconnect_attempts=1, reconnect_time_wait=0.5)
+    return Client(s, name, nc=await connect_nats(s, name))
 
 
 LINEAGE_WAIT_S = 30.0
