@@ -244,3 +244,41 @@ async def test_replay_reproduces_every_artifact_bit_identically(audited):
     # and the champion's lineage still names the live deployment, not the replay's
     store = await _caught_up(settings)
     assert graph.resolve(store, "audited").subject == "cairn.model.deployed.v1"
+
+
+async def test_an_ed25519_signed_bundle_is_checked_offline_with_the_public_key_alone(audited, tmp_path):
+    """`cairn audit keygen`, a bundle signed with the private key, then `cairn audit verify --bundle
+    --key PUBLIC` in a process with no NATS, no home and no secret: an edit or another key fails."""
+    import subprocess
+    import sys
+
+    settings, _, _ = audited
+    await _caught_up(settings)
+    cairn = str(Path(sys.executable).with_name("cairn"))
+    env = {"PATH": "/usr/bin:/bin", "CAIRN_HOME": str(tmp_path / "auditor-home")}  # nothing of the system
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([cairn, *args], env=env, capture_output=True, text=True, timeout=60)
+
+    assert run("audit", "keygen", "--out", str(tmp_path / "keys")).returncode == 0
+    private, public = tmp_path / "keys" / "audit-private.pem", tmp_path / "keys" / "audit-public.pem"
+    assert private.stat().st_mode & 0o777 == 0o600
+    bundle = tmp_path / "signed.jsonl"
+    export_bundle(LineageStore(settings.lineage_url).all(), bundle, settings.stream, private.read_bytes())
+    assert json.loads(bundle.read_text().splitlines()[0])["signature"]["alg"] == "ed25519"
+
+    ok = run("audit", "verify", "--bundle", str(bundle), "--key", str(public))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+    lines = bundle.read_text().splitlines()
+    header = json.loads(lines[0])
+    forged = tmp_path / "forged.jsonl"  # a verifier cannot re-sign: changing the header breaks it
+    changed = json.dumps({**header, "stream": "ELSEWHERE"}, sort_keys=True)
+    forged.write_text("\n".join([changed, *lines[1:]]) + "\n")
+    refused = run("audit", "verify", "--bundle", str(forged), "--key", str(public))
+    assert refused.returncode == 1 and "signature" in refused.stdout, refused.stdout + refused.stderr
+
+    assert run("audit", "keygen", "--out", str(tmp_path / "other")).returncode == 0
+    other = tmp_path / "other" / "audit-public.pem"
+    wrong = run("audit", "verify", "--bundle", str(bundle), "--key", str(other))
+    assert wrong.returncode == 1, wrong.stdout

@@ -60,7 +60,14 @@ def lineage(
 @audit_app.command("verify")
 def audit_verify(
     bundle: Annotated[Path | None, typer.Option(help="Verify an exported bundle offline instead.")] = None,
-    key_file: Annotated[Path | None, typer.Option(help="Key that signed the bundle off (HMAC).")] = None,
+    key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--key",
+            "--key-file",
+            help="The Ed25519 public key (or the HMAC secret) that checks the sign-off.",
+        ),
+    ] = None,
 ) -> None:
     """Check the hash chain against the stream; name the first modified, missing or reordered record.
 
@@ -85,7 +92,12 @@ def _readable(path: Path) -> Path:
 @audit_app.command("export")
 def audit_export(
     out: Annotated[Path, typer.Argument(help="Bundle file (JSON lines).")],
-    key_file: Annotated[Path | None, typer.Option(help="Sign the head off with this key (HMAC).")] = None,
+    key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--key", "--key-file", help="Sign with this Ed25519 private key (`cairn audit keygen`)."
+        ),
+    ] = None,
 ) -> None:
     """Write events + chain head to a bundle that `cairn audit verify --bundle` checks offline."""
     from services.lineage.audit import export_bundle
@@ -130,3 +142,14 @@ def replay(
     )
     typer.echo(render(reports))
     raise typer.Exit(0 if reports and all(r.identical for r in reports) else EXIT_FAILED)
+
+
+@audit_app.command("keygen")
+def audit_keygen(
+    out: Annotated[Path, typer.Option("--out", help="Folder for audit-private.pem and audit-public.pem.")],
+) -> None:
+    """An Ed25519 key pair: export signs with the private key; an auditor verifies with the public one."""
+    from services.lineage.signing import keygen
+
+    for path in keygen(out):
+        typer.echo(str(path))

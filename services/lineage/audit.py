@@ -19,6 +19,7 @@ from typing import Any
 from nats.js.api import DeliverPolicy
 
 from contracts import stream_filter
+from services.lineage import signing
 from services.lineage.store import GENESIS, LineageStore, Record, chain_hash, decode_body, make_record
 
 
@@ -148,7 +149,9 @@ def export_bundle(records: list[Record], path: Path, stream: str, key: bytes | N
         "records": verdict.checked,
         "head": verdict.head,
     }
-    if key:
+    if key and signing.is_ed25519_private(key):
+        header["signature"] = {"alg": signing.ALGORITHM, "value": signing.sign(key, _signed_part(header))}
+    elif key:  # a shared secret (HMAC): the verifier needs the same secret
         header["signoff"] = hmac.new(key, f"{verdict.head}|{verdict.checked}".encode(), "sha256").hexdigest()
     with path.open("w") as f:
         f.write(json.dumps(header, sort_keys=True) + "\n")
@@ -190,11 +193,22 @@ def verify_bundle(path: Path, key: bytes | None = None) -> Verdict:
             f"signed-off head {header['head'][:16]} over {header['records']}: records were removed "
             "or added",
         )
-    if key is not None:
-        expected = hmac.new(key, f"{header['head']}|{header['records']}".encode(), "sha256").hexdigest()
-        if not hmac.compare_digest(expected, header.get("signoff", "")):
-            return Verdict(False, verdict.checked, verdict.head, "the sign-off does not match the key")
+    if key is None:
+        return verdict
+    if "signature" in header:
+        if not signing.verify(key, _signed_part(header), header["signature"].get("value", "")):
+            problem = "the Ed25519 signature does not match the public key"
+            return Verdict(False, verdict.checked, verdict.head, problem)
+        return verdict
+    expected = hmac.new(key, f"{header['head']}|{header['records']}".encode(), "sha256").hexdigest()
+    if not hmac.compare_digest(expected, header.get("signoff", "")):
+        return Verdict(False, verdict.checked, verdict.head, "the sign-off does not match the key")
     return verdict
+
+
+def _signed_part(header: dict) -> bytes:
+    """What the Ed25519 signature covers: every header field but the signature itself."""
+    return json.dumps({k: v for k, v in header.items() if k != "signature"}, sort_keys=True).encode()
 
 
 def rebuild(store: LineageStore, stream: list[tuple[int, str, bytes]]) -> int:
