@@ -11,7 +11,7 @@ import logging
 
 from nats.js.errors import NotFoundError
 
-from services.bus.connection import connect
+from services.bus.connection import connect_once
 from services.settings import CairnSettings
 
 log = logging.getLogger(__name__)
@@ -20,13 +20,8 @@ log = logging.getLogger(__name__)
 async def stream_state(settings: CairnSettings, who: str) -> str | None:
     """None when the stream is there; otherwise one line saying what is missing and what to do."""
     url = settings.resolved_nats_url()
-    async def quiet(_: Exception) -> None:
-        """One line per reason is logged by the caller, not a traceback per attempt."""
-
     try:
-        nc = await connect(
-            settings, f"{who}-boot", error_cb=quiet, max_reconnect_attempts=1, reconnect_time_wait=0.5
-        )
+        nc = await connect_once(settings, f"{who}-boot")
     except Exception as exc:  # noqa: BLE001 - nats-py raises several kinds for "nobody there"
         return f"cannot reach NATS at {url} ({type(exc).__name__}); waiting for it"
     try:

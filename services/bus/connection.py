@@ -81,3 +81,13 @@ async def connect(
     if ctx is not None:
         options["tls"] = ctx
     return await nats.connect(settings.resolved_nats_url(), **options)
+
+
+async def _silent(_: Exception) -> None:
+    """nats-py logs a traceback per failed attempt by default; `connect_once` callers say it in one line."""
+
+
+async def connect_once(settings: CairnSettings, name: str) -> nats.NATS:
+    """A connection for a check or a short command: two quick attempts, no traceback per attempt, so
+    "nobody there" surfaces in about a second as the exception the caller turns into one line."""
+    return await connect(settings, name, error_cb=_silent, max_reconnect_attempts=1, reconnect_time_wait=0.5)

@@ -48,48 +48,54 @@ async def provision(js: JetStreamContext, settings: CairnSettings) -> str:
     return "updated"
 
 
+def _namespaced(base: str, namespace: str) -> str:
+    """A bucket's name in a namespace: the live one keeps `base`, each replay gets its own."""
+    return base if is_live(namespace) else f"{base}_" + namespace.replace(".", "_")
+
+
+async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> None:
+    """Create a key-value bucket unless it exists (provisioning is idempotent)."""
+    try:
+        await js.key_value(config.bucket)
+    except (NotFoundError, BucketNotFoundError):
+        await js.create_key_value(config)
+
+
 async def provision_study_bucket(js: JetStreamContext, settings: CairnSettings, bucket: str) -> None:
     """Tuning's study state: one key per study plan and rung, compare-and-set updated."""
-    try:
-        await js.key_value(bucket)
-    except (NotFoundError, BucketNotFoundError):
-        await js.create_key_value(
-            KeyValueConfig(
-                bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.stream_replicas
-            )
-        )
+    config = KeyValueConfig(
+        bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.stream_replicas
+    )
+    await _ensure_bucket(js, config)
 
 
 def study_bucket(namespace: str) -> str:
     """Tuning's key-value bucket; replays get their own."""
-    return "cairn_studies" if is_live(namespace) else "cairn_studies_" + namespace.replace(".", "_")
+    return _namespaced("cairn_studies", namespace)
 
 
 def champion_bucket(namespace: str) -> str:
     """Deployment's champion record per model name (services.deployment.lock); replays get their own."""
-    return "cairn_champions" if is_live(namespace) else "cairn_champions_" + namespace.replace(".", "_")
+    return _namespaced("cairn_champions", namespace)
 
 
 async def provision_champion_bucket(js: JetStreamContext, settings: CairnSettings) -> None:
     """One key per model name; its revision is the compare-and-set token for moving the champion."""
-    bucket = champion_bucket(settings.namespace)
-    try:
-        await js.key_value(bucket)
-    except (NotFoundError, BucketNotFoundError):
-        await js.create_key_value(
-            KeyValueConfig(
-                bucket=bucket,
-                description="cairn deployment: the champion decided for each model name",
-                history=1,
-                storage=StorageType.FILE,
-                replicas=settings.stream_replicas,
-            )
-        )
+    await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=champion_bucket(settings.namespace),
+            description="cairn deployment: the champion decided for each model name",
+            history=1,
+            storage=StorageType.FILE,
+            replicas=settings.stream_replicas,
+        ),
+    )
 
 
 def handled_bucket(namespace: str) -> str:
     """The consumer policy's record of handled inputs (services.bus.ledger); replays get their own."""
-    return "cairn_handled" if is_live(namespace) else "cairn_handled_" + namespace.replace(".", "_")
+    return _namespaced("cairn_handled", namespace)
 
 
 async def provision_handled_bucket(js: JetStreamContext, settings: CairnSettings) -> None:

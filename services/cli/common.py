@@ -49,18 +49,15 @@ def settings() -> CairnSettings:
 
 async def connect_nats(s: CairnSettings, name: str):
     """A NATS connection for a command, or a one-line error saying how to get one."""
-    from services.bus.connection import connect
+    from services.bus.connection import connect_once
 
     try:
         url = s.resolved_nats_url()
     except RuntimeError as exc:
         raise CliError(str(exc)) from None
 
-    async def quiet(_: Exception) -> None:
-        """nats-py logs a traceback per failed attempt by default; the one line below says it all."""
-
     try:
-        return await connect(s, name, error_cb=quiet, max_reconnect_attempts=1, reconnect_time_wait=0.5)
+        return await connect_once(s, name)
     except Exception as exc:  # noqa: BLE001 - nats-py raises several kinds for one cause
         raise CliError(
             f"cannot reach NATS at {url} ({type(exc).__name__}): start it with `cairn up`, "
