@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -32,10 +33,33 @@ class PortInUse(RuntimeError):
 
 
 def free_port() -> int:
-    """A port free on loopback now (a health or endpoint port a child binds right after)."""
-    with socket.socket() as s:
+    """A port free now for a child to bind right after (a health or endpoint port).
+
+    Chosen below the kernel's ephemeral range: outgoing connections (NATS clients, Dask, MLflow)
+    take their local ports from that range, and one of them took a port picked from it before the
+    child bound it (a service then died with "address already in use").
+    """
+    low = _ephemeral_range_start()
+    pick = random.SystemRandom()
+    for _ in range(200):
+        port = pick.randrange(10_000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded machine: any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_range_start() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32_768  # Linux's default; other systems start higher
+    return max(low, 10_001)
 
 
 def check_port(host: str, port: int) -> None:
