@@ -4,9 +4,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CAIRN := $(VENV)/bin/cairn
 
-.PHONY: install demo up down test test-fast lint bench schemas clean
+.PHONY: install system-deps demo up down test test-fast lint bench schemas clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed system-deps
+
+# Debian's chromium (the auditor's page is tested in a real browser through Playwright, which
+# uses this system browser and downloads none) and wrk (load for bench/serve.py).
+system-deps:
+	@command -v chromium >/dev/null && command -v wrk >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q chromium wrk >/dev/null || { apt-get update -q && apt-get install -y -q chromium wrk; }; \
+	  else echo "install Debian's chromium and wrk (sudo apt-get install chromium wrk) for the browser test and bench/serve.py"; fi; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
