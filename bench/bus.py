@@ -1,11 +1,20 @@
-"""The bus: one service hop with acks, cairn's consumer policy against raw nats-py, in the same run.
+"""The bus: one service hop with manual acks, cairn's consumer policy against raw nats-py.
 
-Each side consumes data-arrived events from a durable pull consumer, parses the JSON, publishes one
-output event into the stream (waiting for the PubAck) and acks the input. cairn's side adds the
-typed envelope, validation, deterministic ids, the lease keeper and the metrics; the ratio is the
-price of those. Each side gets a fresh nats-server (file storage, fsync always).
+Three sides, each on a fresh nats-server (file storage) and each consuming data-arrived events
+from a durable pull consumer, publishing one output event into the stream and acking the input:
 
-    .venv/bin/python bench/bus.py [--events 2000] [--latency-samples 500]
+- `raw_awaited`: nats-py, one message fetched, its output's PubAck awaited, then the ack;
+- `raw_pipelined`: nats-py, batches fetched, outputs published with `publish_async` and the PubAcks
+  gathered, then the acks: the fastest honest hop, the baseline the issue names;
+- `cairn`: a cairn Service under the consumer policy (typed envelope, validation, deterministic
+  ids, the handled-inputs ledger, the lease keeper, metrics).
+
+Throughput: N events are in the stream before the consumer starts; the rate is taken from the
+first output to the last. Latency: events published open-loop at half of raw_pipelined's median
+rate, publish-to-output per event. Every side runs once per round, rounds interleaved (A B C A B
+C ...), and each figure is a median with its spread (bench/repeat.py).
+
+    .venv/bin/python bench/bus.py [--events 2000] [--repeats 3] [--latency-events 400]
 """
 
 from __future__ import annotations
@@ -13,21 +22,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-
-from contracts import DataArrived, DataRejected  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nats  # noqa: E402
 from nats.js.api import ConsumerConfig  # noqa: E402
 
-from contracts import Envelope, new_event  # noqa: E402
+from bench.repeat import column, interleave, ratio_spread, rounded, spread  # noqa: E402
+from contracts import DataArrived, DataRejected, Envelope, new_event  # noqa: E402
 from services.bus.connection import connect  # noqa: E402
 from services.bus.consumer import Delivery  # noqa: E402
 from services.bus.embedded import EmbeddedNats  # noqa: E402
@@ -52,109 +60,178 @@ class Echo(Service):
         return [new_event(DataRejected(uri=event.data.uri, reason="echo"), source=self.source, cause=event)]
 
 
-async def raw_consumer(url: str, stop: asyncio.Event) -> None:
+def _output(doc: dict[str, Any]) -> tuple[str, bytes]:
+    out = {"id": doc["id"] + "-out", "causationid": doc["id"], "data": {"uri": doc["data"]["uri"]}}
+    return out["id"], json.dumps(out).encode()
+
+
+async def raw_consumer(url: str, stop: asyncio.Event, pipelined: bool) -> None:
     """The baseline: the same hop written directly with nats-py."""
     nc = await nats.connect(url)
     js = nc.jetstream()
     sub = await js.pull_subscribe(IN, durable="raw", config=ConsumerConfig(ack_wait=30, max_deliver=-1))
+    batch = 256 if pipelined else 1
     while not stop.is_set():
         try:
-            msgs = await sub.fetch(1, timeout=1)
+            msgs = await sub.fetch(batch, timeout=0.5)
         except (TimeoutError, nats.errors.TimeoutError):
             continue
-        for msg in msgs:
-            doc = json.loads(msg.data)
-            out = {"id": doc["id"] + "-out", "causationid": doc["id"], "data": {"uri": doc["data"]["uri"]}}
-            await js.publish(OUT, json.dumps(out).encode(), headers={"Nats-Msg-Id": out["id"]})
-            await msg.ack()
+        if pipelined:
+            acks = []
+            for msg in msgs:
+                out_id, body = _output(json.loads(msg.data))
+                acks.append(await js.publish_async(OUT, body, headers={"Nats-Msg-Id": out_id}))
+            await asyncio.gather(*acks)
+            for msg in msgs:
+                await msg.ack()
+        else:
+            for msg in msgs:
+                out_id, body = _output(json.loads(msg.data))
+                await js.publish(OUT, body, headers={"Nats-Msg-Id": out_id})
+                await msg.ack()
     await nc.close()
 
 
-def arrivals(n: int) -> list[bytes]:
-    return [
-        new_event(DataArrived(uri=f"file:///data/{i}.csv", target="y"), source="/bench").encode()
-        for i in range(n)
-    ]
+def arrivals(n: int, tag: str) -> list[tuple[str, bytes]]:
+    payloads = [DataArrived(uri=f"file:///data/{tag}-{i}.csv", target="y") for i in range(n)]
+    events = [new_event(p, source="/bench") for p in payloads]
+    return [(e.id, e.encode()) for e in events]
 
 
-async def measure(url: str, events: int, samples: int) -> dict[str, float]:
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    received: asyncio.Queue[float] = asyncio.Queue()
+class Outputs:
+    """Outputs seen on the core subject: arrival time per input id (from `causationid`)."""
 
-    async def on_output(_msg: Any) -> None:
-        received.put_nowait(time.perf_counter())
+    def __init__(self) -> None:
+        self.seen: dict[str, float] = {}
+        self.first = 0.0
+        self.changed = asyncio.Event()
 
-    await nc.subscribe(OUT, cb=on_output)
+    async def on_message(self, msg: Any) -> None:
+        now = time.perf_counter()
+        cause = json.loads(msg.data).get("causationid")
+        if not self.seen:
+            self.first = now
+        self.seen[cause] = now
+        self.changed.set()
 
-    async def send(body: bytes) -> None:
-        await js.publish(IN, body, headers={"Nats-Msg-Id": json.loads(body)["id"]})
+    async def wait_for(self, count: int, timeout: float) -> float:
+        """The time the `count`-th output arrived."""
+        async with asyncio.timeout(timeout):
+            while len(self.seen) < count:
+                self.changed.clear()
+                await self.changed.wait()
+        return max(self.seen.values())
 
-    latencies = []
-    for body in arrivals(samples):
-        t0 = time.perf_counter()
-        await send(body)
-        latencies.append(await asyncio.wait_for(received.get(), 30) - t0)
-    bodies = arrivals(events)
-    started = time.perf_counter()
-    for i in range(0, len(bodies), 100):
-        await asyncio.gather(*(send(b) for b in bodies[i : i + 100]))
-    last = started
-    for _ in range(events):
-        last = await asyncio.wait_for(received.get(), 60)
-    await nc.close()
-    latencies.sort()
+
+async def throughput(js: Any, outputs: Outputs, start: Callable[[], Awaitable[None]], events: int) -> float:
+    """Events in the stream first, then the consumer: its drain rate, first output to last."""
+    for event_id, body in arrivals(events, "load"):
+        await js.publish_async(IN, body, headers={"Nats-Msg-Id": event_id})
+    await js.publish_async_completed()
+    await start()
+    last = await outputs.wait_for(events, 300)
+    return (events - 1) / (last - outputs.first)
+
+
+async def latency(js: Any, outputs: Outputs, rate: float, events: int) -> dict[str, float]:
+    """Open-loop at `rate` events/s: each event's time from its publish to its output."""
+    sent: dict[str, float] = {}
+    bodies = arrivals(events, f"paced-{rate:.0f}")
+    began = time.perf_counter()
+    for i, (event_id, body) in enumerate(bodies):
+        delay = began + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent[event_id] = time.perf_counter()
+        await js.publish_async(IN, body, headers={"Nats-Msg-Id": event_id})
+    await js.publish_async_completed()
+    async with asyncio.timeout(120):
+        while not all(i in outputs.seen for i in sent):
+            outputs.changed.clear()
+            await outputs.changed.wait()
+    samples = sorted(1000 * (outputs.seen[i] - t) for i, t in sent.items())
     return {
-        "events_per_s": events / (last - started),
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
+        "p50_ms": samples[len(samples) // 2],
+        "p99_ms": samples[int(0.99 * (len(samples) - 1))],
+        "offered_per_s": rate,
     }
 
 
-async def run_side(kind: str, events: int, samples: int, workers: int = 1) -> dict[str, float]:
+async def run_side(
+    kind: str, events: int, latency_rate: float | None, latency_events: int
+) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedNats(Path(tmp) / "nats")
         server.start()
         settings = CairnSettings(home=Path(tmp), nats_url=server.url)
-        nc = await connect(settings, "admin")
-        await provision_all(nc.jetstream(), settings)
-        await nc.close()
+        admin = await connect(settings, "admin")
+        await provision_all(admin.jetstream(), settings)
+        await admin.close()
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        outputs = Outputs()
+        await nc.subscribe(OUT, cb=outputs.on_message)
         stop = asyncio.Event()
-        runner = None
-        if kind == "raw":
-            task = asyncio.create_task(raw_consumer(server.url, stop))
-        else:
-            runner = ServiceRunner(Echo(settings, workers))
-            await runner.start()
+        runner: ServiceRunner | None = None
+        task: asyncio.Task[None] | None = None
+
+        async def start() -> None:
+            nonlocal runner, task
+            if kind == "cairn":
+                runner = ServiceRunner(Echo(settings, 1))
+                await runner.start()
+            else:
+                task = asyncio.create_task(raw_consumer(server.url, stop, kind == "raw_pipelined"))
+
         try:
-            return await measure(server.url, events, samples)
+            result: dict[str, float] = {"events_per_s": await throughput(js, outputs, start, events)}
+            if latency_rate:
+                result.update(await latency(js, outputs, latency_rate, latency_events))
+            return result
         finally:
             stop.set()
             if runner:
                 await runner.stop()
-            else:
+            if task:
                 await task
+            await nc.close()
             server.stop()
+
+
+SIDES = ("raw_awaited", "raw_pipelined", "cairn")
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=2000)
-    parser.add_argument("--latency-samples", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latency-events", type=int, default=400)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bus.json"))
     args = parser.parse_args()
-    raw = await run_side("raw", args.events, args.latency_samples)
-    cairn = await run_side("cairn", args.events, args.latency_samples)
-    cairn8 = await run_side("cairn", args.events, args.latency_samples, workers=8)
+    rates = await interleave(
+        {kind: (lambda k=kind: run_side(k, args.events, None, 0)) for kind in SIDES}, args.repeats
+    )
+    half = spread(column(rates["raw_pipelined"], "events_per_s"))["median"] / 2
+    paced = await interleave(
+        {
+            kind: (lambda k=kind: run_side(k, 200, half, args.latency_events))
+            for kind in ("raw_pipelined", "cairn")
+        },
+        args.repeats,
+    )
+    cairn_rate = column(rates["cairn"], "events_per_s")
     result = {
-        "raw_nats_py": raw,
-        "cairn_1_worker": cairn,
-        "cairn_8_workers": cairn8,
-        "throughput_ratio_cairn_vs_raw": cairn["events_per_s"] / raw["events_per_s"],
-        "p50_ratio_cairn_vs_raw": cairn["p50_ms"] / raw["p50_ms"],
-        "p99_ratio_cairn_vs_raw": cairn["p99_ms"] / raw["p99_ms"],
+        "events": args.events,
+        "repeats": args.repeats,
+        "events_per_s": {kind: spread(column(rates[kind], "events_per_s")) for kind in SIDES},
+        "bus_vs_raw_pipelined": ratio_spread(cairn_rate, column(rates["raw_pipelined"], "events_per_s")),
+        "bus_vs_raw_awaited": ratio_spread(cairn_rate, column(rates["raw_awaited"], "events_per_s")),
+        "latency_offered_per_s": half,
+        "bus_p99_ms": spread(column(paced["cairn"], "p99_ms")),
+        "bus_p50_ms": spread(column(paced["cairn"], "p50_ms")),
+        "raw_pipelined_p99_ms": spread(column(paced["raw_pipelined"], "p99_ms")),
     }
-    result = json.loads(json.dumps(result), parse_float=lambda v: round(float(v), 3))
+    result = rounded(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
