@@ -2,10 +2,12 @@
 the same 80 trials submitted straight to Dask without the bus, in the same run.
 
 Shell's reference: 80 trials in about 90 s on Kubeflow. Here: a generated 50,000 x 10 table, every
-trial at full budget (strategy random), on this machine's cores; then 1 vs 2 Dask workers, and the
-default successive-halving search against the full random search.
+trial at full budget (strategy random), on this machine's cores. Each round runs the pipeline, then
+the same trials straight to Dask on 2 and on 1 worker (rounds interleaved; every ratio is a median
+of paired rounds with its spread, bench/repeat.py); the CPU of every process outside the Dask
+workers is reported per trial; last, the default successive-halving search once.
 
-    .venv/bin/python bench/shell_80.py [--rows 50000] [--budget 100]
+    .venv/bin/python bench/shell_80.py [--rows 50000] [--budget 100] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from contracts import FeaturesBuilt, ModelEvaluated, TrialCompleted, TuningCompl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.repeat import ratio_spread, rounded, spread  # noqa: E402
 from contracts import DataArrived, SearchStrategy, TuningSpec, new_event  # noqa: E402
 from services import supervisor  # noqa: E402
 from services.bus.embedded import EmbeddedNats  # noqa: E402
@@ -80,6 +83,8 @@ async def pipeline_run(settings: CairnSettings, arrived: DataArrived) -> dict:
 
     async with CairnClient(settings, "bench") as client:
         run = (await client.run(new_event(arrived, source="/bench"), timeout=600, on_event=mark)).events
+    if not any(e.type == TuningRequested.EVENT_TYPE for e in run):
+        raise SystemExit(f"the run ended without tuning: {run[-1].type}: {run[-1].data}")
     plan = next(e.data for e in run if e.type == TuningRequested.EVENT_TYPE)
     tuned = next(e.data for e in run if e.type == TuningCompleted.EVENT_TYPE)
     evaluated = next(e.data for e in run if e.type == ModelEvaluated.EVENT_TYPE)
@@ -135,38 +140,58 @@ async def direct_dask(plan, features, workers: int) -> float:
         await cluster.close()
 
 
+def service_cpu_ms_per_trial(
+    before: dict[str, float], after: dict[str, float], trials: int
+) -> dict[str, float]:
+    """CPU of each process outside the Dask workers during one run, per trial run (nats-server too)."""
+    names = [n for n in after if n != "dask-workers"]
+    per = {n: 1000 * (after[n] - before.get(n, 0.0)) / max(trials, 1) for n in names}
+    per["total"] = sum(per.values())
+    return per
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--trials", type=int, default=80)
     parser.add_argument("--budget", type=int, default=100, help="boosting rounds (forest: budget/3 trees)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "shell_80.json"))
     args = parser.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="cairn-bench-"))
-    csv = make_table(home / "table.csv", args.rows)
-    server = EmbeddedNats(home / "nats")
+    scratch = Path(tempfile.mkdtemp(prefix="cairn-bench-"))
+    home, data = scratch / "home", scratch / "data"  # cairn refuses to read data inside its own home
+    data.mkdir()
+    csv = make_table(data / "table.csv", args.rows)
+    server = EmbeddedNats(scratch / "nats")
     server.start()
     settings = CairnSettings(
-        home=home, nats_url=server.url, allowed_roots=[str(home)], serve_port=0, dask_workers=os.cpu_count()
+        home=home, nats_url=server.url, allowed_roots=[str(data)], serve_port=0, dask_workers=os.cpu_count()
     )
+    spec = dict(trials=args.trials, families=["xgboost", "random_forest"], max_budget=args.budget)
+    runs, cpu, two, one = [], [], [], []
     try:
         runtime = supervisor.up(settings)
         assert not supervisor.wait_ready(runtime, 180), "system not ready"
-        spec = dict(trials=args.trials, families=["xgboost", "random_forest"], max_budget=args.budget)
         pids = {**runtime["pids"], "nats-server": server.process.pid}
-        cpu_before = cpu_seconds(pids)
-        full = asyncio.run(
-            pipeline_run(
-                settings,
-                DataArrived(
-                    uri=csv.as_uri(),
-                    target="y",
-                    model_name="shell-random",
-                    tuning=TuningSpec(strategy=SearchStrategy.random, **spec),
-                ),
+        for round_ in range(args.repeats):
+            # One round: the pipeline, then the same trials straight to Dask on 2 and on 1 worker.
+            # The services stay up (idle) during the direct runs, as they would in production.
+            before = cpu_seconds(pids)
+            run = asyncio.run(
+                pipeline_run(
+                    settings,
+                    DataArrived(
+                        uri=csv.as_uri(),
+                        target="y",
+                        model_name=f"shell-random-{round_}",
+                        tuning=TuningSpec(strategy=SearchStrategy.random, **spec),
+                    ),
+                )
             )
-        )
-        cpu_after = cpu_seconds(pids)
+            cpu.append(service_cpu_ms_per_trial(before, cpu_seconds(pids), run["trials_run"]))
+            runs.append(run)
+            two.append(asyncio.run(direct_dask(run["plan"], run["features"], 2))[0])
+            one.append(asyncio.run(direct_dask(run["plan"], run["features"], 1))[0])
         asha = asyncio.run(
             pipeline_run(
                 settings,
@@ -178,34 +203,36 @@ def main() -> None:
                 ),
             )
         )
-        supervisor.down(settings)
-        two, two_cpu = asyncio.run(direct_dask(full["plan"], full["features"], 2))
-        one, _ = asyncio.run(direct_dask(full["plan"], full["features"], 1))
     finally:
         supervisor.down(settings)
         server.stop()
-    result = {
-        "machine": f"{os.cpu_count()} cores",
-        "rows": args.rows,
-        "trials": args.trials,
-        "budget": args.budget,
-        "pipeline_end_to_end_s": round(full["end_to_end_s"], 2),
-        "pipeline_trial_phase_s": round(full["trial_phase_s"], 2),
-        "direct_dask_2_workers_s": round(two, 2),
-        "direct_dask_1_worker_s": round(one, 2),
-        "direct_dask_2_workers_cpu_s": round(two_cpu, 2),
-        "trial_phase_overhead_vs_direct": round(full["trial_phase_s"] / two - 1, 4),
-        "end_to_end_vs_direct": round(full["end_to_end_s"] / two - 1, 4),
-        "speedup_1_to_2_workers": round(one / two, 3),
-        "random_best_validation_rmse": round(full["best_validation"], 4),
-        "random_holdout": {k: round(v, 4) for k, v in full["holdout"].items()},
-        "asha_end_to_end_s": round(asha["end_to_end_s"], 2),
-        "asha_trials_run": asha["trials_run"],
-        "asha_best_validation_rmse": round(asha["best_validation"], 4),
-        "asha_holdout": {k: round(v, 4) for k, v in asha["holdout"].items()},
-        "cpu_s_during_random_run": {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 2) for k in cpu_after},
-        "marks": full["marks"],
-    }
+    phase = [r["trial_phase_s"] for r in runs]
+    per_service = {name: spread([c.get(name, 0.0) for c in cpu]) for name in cpu[0]}
+    result = rounded(
+        {
+            "machine": f"{os.cpu_count()} cores",
+            "rows": args.rows,
+            "trials": args.trials,
+            "budget": args.budget,
+            "repeats": args.repeats,
+            "pipeline_end_to_end_s": spread([r["end_to_end_s"] for r in runs]),
+            "pipeline_trial_phase_s": spread(phase),
+            "direct_dask_2_workers_s": spread(two),
+            "direct_dask_1_worker_s": spread(one),
+            "trial_phase_overhead_vs_direct": spread([p / t - 1 for p, t in zip(phase, two, strict=True)]),
+            "speedup_1_to_2_workers": ratio_spread(one, two),
+            "service_cpu_ms_per_trial": per_service.pop("total"),
+            "service_cpu_ms_per_trial_by_process": per_service,
+            "random_best_validation_rmse": runs[0]["best_validation"],
+            "random_holdout": runs[0]["holdout"],
+            "asha_end_to_end_s": asha["end_to_end_s"],
+            "asha_trials_run": asha["trials_run"],
+            "asha_best_validation_rmse": asha["best_validation"],
+            "asha_holdout": asha["holdout"],
+            "marks": runs[0]["marks"],
+        },
+        4,
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "marks"}, indent=2))
