@@ -107,7 +107,26 @@ class CairnSettings(BaseSettings):
     serve_port: int = Field(8080, ge=0, description="Inference endpoint port.")
     max_request_bytes: int = Field(1024 * 1024, gt=0, description="Largest inference request.")
 
+    # Step cache and retention (services.cache, services.gc)
+    cache: bool = Field(True, description="Serve step outputs from the content-keyed cache (cairn_cache).")
+    cache_libraries: dict[str, str] = Field(
+        default_factory=dict,
+        description='Library versions to key the cache with instead of the installed ones, e.g. {"xgboost": '
+        '"9.0"}: shows what an upgrade would recompute.',
+    )
+    gc_keep_champions: int = Field(3, ge=0, description="`cairn gc` keeps this many past champions.")
+    gc_keep_runs: int = Field(5, ge=0, description="`cairn gc` keeps the last N runs per model.")
+    gc_grace_s: float = Field(3600.0, ge=0, description="`cairn gc` never deletes artifacts this recent.")
+
     lineage_db: str | None = Field(None, description="Lineage store URL; default SQLite under home.")
+    # Stream retention (services.lineage.archive): events leave the stream only once archived.
+    retention_max_age_s: float = Field(0.0, ge=0, description="Older events leave the stream; 0: never.")
+    retention_max_bytes: int = Field(0, ge=0, description="The stream is trimmed to this size; 0: no limit.")
+    archive_interval_s: float = Field(30.0, gt=0, description="How often lineage archives and trims.")
+    archive_segment_records: int = Field(5000, ge=1, description="Records per archive segment at most.")
+    archive_key: Path | None = Field(
+        None, description="Ed25519 private key (PEM) signing archive segments; default made under home."
+    )
     openlineage_url: str | None = Field(None, description="file:// path or http(s) endpoint for OL events.")
     log_level: str = Field("INFO", description="Python logging level.")
 
