@@ -44,6 +44,8 @@ lint: install
 bench: install
 	$(PY) bench/bus.py
 	$(PY) bench/shell_80.py
+	$(PY) bench/serve.py
+	$(PY) bench/cache.py
 
 schemas: install
 	$(CAIRN) schemas

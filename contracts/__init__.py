@@ -2,10 +2,12 @@
 
 from contracts.envelope import (
     CONTENT_TYPE,
+    OLDER_TYPES,
     TYPES,
     ContractError,
     Envelope,
     decode,
+    decode_document,
     derive_id,
     envelope_model,
     event_type_of,

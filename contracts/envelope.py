@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any, Generic, Literal, TypeVar
@@ -25,6 +26,7 @@ from pydantic import (
 
 from contracts.events import PAYLOADS
 from contracts.types import Contract, EventId
+from contracts.upcasters import Upcast, older_types, upcast
 
 CONTENT_TYPE = "application/cloudevents+json"
 ID_NAMESPACE = uuid.UUID("6f1c7a3e-8d0b-5b6e-9a51-0c3a1e2b9f10")
@@ -89,6 +91,8 @@ def envelope_model(payload_cls: type[Contract]) -> type[Envelope[Any]]:
 
 
 TYPES: dict[str, type[Contract]] = {event_type_of(p): p for p in PAYLOADS}
+# Superseded types still in the log, each read through its upcasters as today's model.
+OLDER_TYPES = older_types(PAYLOADS)
 
 
 def derive_id(cause_id: str, event_type: str, key: str = "") -> str:
@@ -134,22 +138,49 @@ def _problems(err: ValidationError, prefix: str = "") -> list[str]:
 
 
 def decode(raw: bytes, expected: frozenset[str] | set[str] | None = None) -> Envelope[Any]:
-    """Parse wire bytes into the typed envelope, or raise ContractError naming every problem."""
+    """Parse wire bytes into the typed envelope, or raise ContractError naming every problem.
+
+    An event of a superseded version is upcast first: what comes back is today's model, with
+    today's `type` (so `expected` names current types only).
+    """
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ContractError(f"not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise ContractError(f"a CloudEvent must be a JSON object, got {type(doc).__name__}")
+    return decode_document(doc, expected)
+
+
+def decode_document(
+    doc: dict[str, Any],
+    expected: frozenset[str] | set[str] | None = None,
+    *,
+    types: Mapping[str, type[Contract]] = TYPES,
+    older: Mapping[str, tuple[type[Contract], tuple[Upcast, ...]]] = OLDER_TYPES,
+) -> Envelope[Any]:
+    """`decode` for an already parsed JSON object; `types` and `older` default to cairn's models."""
     event_type = doc.get("type")
-    payload_cls = TYPES.get(event_type) if isinstance(event_type, str) else None
+    written_as = event_type
+    if isinstance(event_type, str) and event_type in older:
+        payload_cls, steps = older[event_type]
+        event_type = event_type_of(payload_cls)
+        try:
+            doc = {**doc, "type": event_type, "data": upcast(doc.get("data"), steps)}
+        except Exception as exc:  # noqa: BLE001 - an upcaster meeting data it cannot read
+            reason = f"cannot upcast {written_as} to {event_type}: {type(exc).__name__}: {exc}"
+            raise ContractError(reason, [f"data: {exc}"], raw=doc) from None
+    payload_cls = types.get(event_type) if isinstance(event_type, str) else None
     if payload_cls is None:
-        known = ", ".join(sorted(expected or TYPES))
+        known = ", ".join(sorted(expected or types))
         raise ContractError(f"unknown event type {event_type!r}; expected one of: {known}", raw=doc)
-    if expected is not None and event_type not in expected:
-        raise ContractError(f"event type {event_type!r} is not handled here", raw=doc)
+    if expected is not None and event_type not in expected and written_as not in expected:
+        # (A route that still consumes an older version expects the type as written.)
+        raise ContractError(f"event type {written_as!r} is not handled here", raw=doc)
     try:
         return envelope_model(payload_cls).model_validate(doc)
     except ValidationError as exc:
         problems = _problems(exc)
-        raise ContractError(f"invalid {event_type}: " + "; ".join(problems[:5]), problems, raw=doc) from None
+        read_as = f" (read as {event_type})" if written_as != event_type else ""
+        reason = f"invalid {written_as}{read_as}: " + "; ".join(problems[:5])
+        raise ContractError(reason, problems, raw=doc) from None

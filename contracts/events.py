@@ -8,9 +8,9 @@ it) and, with ``ENDS_RUN``, that it always ends a pipeline run (see ``contracts.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, model_validator
 
 from contracts.types import (
     ArtifactRef,
@@ -30,6 +30,7 @@ from contracts.types import (
     Task,
     TrialStatus,
     Uri,
+    strict_door,
 )
 
 # Producers that are not one of cairn's services: the NATS permissions grant them differently.
@@ -55,19 +56,27 @@ class TuningSpec(Contract):
     vocab_size: int = Field(512, ge=256, le=65536, description="Text only: BPE vocabulary (256 = bytes).")
 
 
+# In the strict door a TuningSpec refuses unknown fields too; inside, it is as tolerant as the rest.
+StrictTuningSpec = Annotated[TuningSpec, BeforeValidator(strict_door(TuningSpec))]
+
+
 class DataArrived(Contract):
     """An upstream system says a dataset is ready. The only event outsiders usually publish."""
+
+    # The strict door: unlike the internal events it refuses unknown fields (nested ones too),
+    # naming them, so an outsider's typo ("trails": 8) is an error, not a silently ignored wish.
 
     EVENT_TYPE: ClassVar[str] = "cairn.data.arrived.v1"
     PRODUCER: ClassVar[str] = UPSTREAM
     model_config = ConfigDict(
+        extra="forbid",
         json_schema_extra={
             "anyOf": [
                 {"required": ["target"]},
                 {"required": ["task"], "properties": {"task": {"const": "text_generation"}}},
                 {"required": ["format"], "properties": {"format": {"const": "text"}}},
             ]
-        }
+        },
     )
 
     uri: Uri = Field(description="Where the data is: file://, s3://, ... or a local path.")
@@ -81,7 +90,7 @@ class DataArrived(Contract):
     sha256: Sha256 | None = Field(None, description="Expected SHA-256 of the file; verified when given.")
     model_name: ModelName | None = Field(None, description="Champion scope; default <dataset>-<target>.")
     seed: int = Field(0, ge=0, lt=2**32, description="Seed for splits and every trial.")
-    tuning: TuningSpec = Field(default_factory=TuningSpec)
+    tuning: StrictTuningSpec = Field(default_factory=TuningSpec)
 
     @property
     def is_text(self) -> bool:

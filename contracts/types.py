@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -47,9 +48,57 @@ ParamValue = bool | int | float | str
 
 
 class Contract(BaseModel):
-    """Base for every payload: immutable, unknown fields refused, so typos surface at the edge."""
+    """Base for every payload: immutable, and a tolerant reader.
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+    Unknown fields are accepted and kept (``model_extra``, and they are re-encoded): during a rolling
+    upgrade a newer producer may add an optional field that older consumers do not know yet, and
+    lineage keeps what was said. The one door outsiders use stays strict (see ``strict_door``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow", use_enum_values=False)
+
+
+def is_strict(model: type[BaseModel]) -> bool:
+    """A strict door: the payload refuses unknown fields, its nested models included."""
+    return model.model_config.get("extra") == "forbid"
+
+
+def unknown_fields(model: type[BaseModel], data: Any, prefix: str = "") -> list[str]:
+    """Dotted names in `data` that `model` (and the models nested in its fields) does not declare."""
+    if not isinstance(data, dict):
+        return []
+    known: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        known[name] = field.annotation
+        if field.alias:
+            known[field.alias] = field.annotation
+    out = []
+    for key, value in data.items():
+        if key not in known:
+            out.append(f"{prefix}{key}")
+            continue
+        for nested in _models_in(known[key]):
+            out += unknown_fields(nested, value, f"{prefix}{key}.")
+    return out
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def strict_door(model: type[BaseModel]) -> Callable[[Any], Any]:
+    """A before-validator for a nested field of a strict payload: refuse, naming, unknown fields."""
+
+    def check(value: Any) -> Any:
+        unknown = unknown_fields(model, value)
+        if unknown:
+            names = ", ".join(repr(u) for u in unknown)
+            raise ValueError(f"unknown field {names}: events from outside may carry only published fields")
+        return value
+
+    return check
 
 
 class Task(StrEnum):

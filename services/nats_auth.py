@@ -44,9 +44,10 @@ from contracts import (
     dead_letter_subject,
     subject_for,
 )
+from contracts.records import record_subject
 from services.bus.connection import inbox_prefix
 from services.bus.consumer import durable_name
-from services.bus.provision import champion_bucket, handled_bucket, study_bucket
+from services.bus.provision import cache_bucket, champion_bucket, handled_bucket, study_bucket
 from services.settings import CairnSettings
 from services.tls import write_file, write_tls
 
@@ -105,6 +106,14 @@ def service_consumers(name: str, settings: CairnSettings) -> list[ConsumerGrant]
         inbox = prefix.decode() if isinstance(prefix, bytes) else str(prefix)
         out.append(ConsumerGrant(durable, filter_subject, inbox, durable in routed))
     return out
+
+
+def cache_steps(name: str, settings: CairnSettings) -> set[str]:
+    """The steps whose outputs a service keeps in the step cache (its routes' `cache_version`)."""
+    from services.catalog import build_service
+
+    routes = build_service(name, settings).routes()
+    return {r.cache_version.step for r in routes if r.cache_version is not None}
 
 
 def _jetstream_consumer_grants(g: Grants, stream: str, consumer: ConsumerGrant) -> None:
@@ -168,6 +177,8 @@ def derive_permissions(settings: CairnSettings | None = None) -> dict[str, Grant
             _ledger_grants(g, handled_bucket(ns), name)
         for consumer in consumers:
             _jetstream_consumer_grants(g, stream, consumer)
+        for step in sorted(cache_steps(name, base)):
+            _ledger_grants(g, cache_bucket(ns), step)  # the step cache: its own `<step>.>` keys only
         if name in KV_USERS:
             _kv_grants(g, study_bucket(ns))
         if name in CHAMPION_KV_USERS:
@@ -181,6 +192,7 @@ def derive_permissions(settings: CairnSettings | None = None) -> dict[str, Grant
     deployed = subject_for(ModelDeployed, ns)
     serve.add_sub(f"{inbox_prefix(SERVE)}.>")
     serve.add_pub(f"$JS.API.CONSUMER.CREATE.{stream}.*.{deployed}", f"$JS.API.STREAM.INFO.{stream}")
+    serve.add_pub(record_subject(ns))  # sampled request records, on their own stream
     users[SERVE] = serve
 
     upstream = Grants(UPSTREAM, role="an outside system that announces data")

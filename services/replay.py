@@ -18,8 +18,10 @@ from contracts import (
     ContractError,
     DataArrived,
     DatasetIngested,
+    DeploymentFailed,
     Envelope,
     FeaturesBuilt,
+    ModelDeployed,
     ModelEvaluated,
     ModelTrained,
     TrialCompleted,
@@ -36,7 +38,7 @@ from services import supervisor
 from services.bus.connection import connect
 from services.bus.provision import provision_handled_bucket, provision_study_bucket, study_bucket
 from services.client import Client, RunTimeout
-from services.lineage.audit import stream_records
+from services.lineage.audit import history_records
 from services.settings import CairnSettings
 
 
@@ -46,10 +48,11 @@ class Comparison:
     what: str
     original: Any
     replay: Any
+    kind: str = "artifact"  # shadow: decision, metric, artifact; "context" is shown, never a verdict
 
     @property
     def same(self) -> bool:
-        return self.original == self.replay
+        return self.kind == "context" or self.original == self.replay
 
 
 @dataclass
@@ -57,6 +60,7 @@ class RunReport:
     original_correlation: str
     replay_correlation: str
     comparisons: list[Comparison] = field(default_factory=list)
+    shadow: bool = False
 
     @property
     def identical(self) -> bool:
@@ -71,6 +75,7 @@ def select_roots(
     correlation: str | None,
     since: datetime | None,
     from_seq: int | None,
+    until: datetime | None = None,
 ) -> list[Envelope[Any]]:
     roots = []
     for seq, ev in events:
@@ -79,6 +84,8 @@ def select_roots(
         if correlation and ev.correlationid != correlation:
             continue
         if since and ev.time < since:
+            continue
+        if until and ev.time >= until:
             continue
         if from_seq and seq < from_seq:
             continue
@@ -151,10 +158,107 @@ def compare_runs(original: list[Envelope[Any]], replay: list[Envelope[Any]]) -> 
     return out
 
 
+def _all(run: list[Envelope[Any]], event_type: str) -> list[Any]:
+    return [e.data for e in run if e.type == event_type]
+
+
+def _outcome(run: list[Envelope[Any]]) -> str:
+    """How the run ended after its gate: deployed, not deployed (gate failed) or deployment failed."""
+    if _one(run, ModelDeployed.EVENT_TYPE) is not None:
+        return "deployed"
+    if _one(run, DeploymentFailed.EVENT_TYPE) is not None:
+        return "deployment failed"
+    return "not deployed"
+
+
+def shadow_compare(original: list[Envelope[Any]], replay: list[Envelope[Any]]) -> list[Comparison]:
+    """What a pipeline upgrade would have changed: each decision (rung promotions, the chosen model,
+    the gate outcome, the deployment), each metric and each artifact hash, same or changed.
+
+    The gate's reasons and the champion it was compared with are context, not verdicts: the replay
+    namespace has its own registry, so a replayed run meets the champions of the replayed window only.
+    """
+    out: list[Comparison] = []
+
+    def add(kind: str, step: str, what: str, a: Any, b: Any) -> None:
+        out.append(Comparison(step, what, a, b, kind))
+
+    promotions_a = {d.from_rung: sorted(d.promoted) for d in _all(original, TrialsPromoted.EVENT_TYPE)}
+    promotions_b = {d.from_rung: sorted(d.promoted) for d in _all(replay, TrialsPromoted.EVENT_TYPE)}
+    for rung in sorted(set(promotions_a) | set(promotions_b)):
+        add("decision", "tuning", f"promotions rung {rung}", promotions_a.get(rung), promotions_b.get(rung))
+
+    def chosen(run: list[Envelope[Any]]) -> Any:
+        d = _one(run, ModelTrained.EVENT_TYPE)
+        return None if d is None else f"{d.family.value} budget {d.budget} {dict(sorted(d.params.items()))}"
+
+    add("decision", "training", "chosen model", chosen(original), chosen(replay))
+    gate_a, gate_b = _one(original, ModelEvaluated.EVENT_TYPE), _one(replay, ModelEvaluated.EVENT_TYPE)
+
+    def verdict(d: Any) -> str | None:
+        return None if d is None else ("passed" if d.passed else "failed")
+
+    add("decision", "evaluation", "gate outcome", verdict(gate_a), verdict(gate_b))
+    add("decision", "deployment", "outcome", _outcome(original), _outcome(replay))
+    add(
+        "context",
+        "evaluation",
+        "gate reasons",
+        "; ".join(gate_a.reasons) if gate_a else None,
+        "; ".join(gate_b.reasons) if gate_b else None,
+    )
+
+    trained_a, trained_b = _one(original, ModelTrained.EVENT_TYPE), _one(replay, ModelTrained.EVENT_TYPE)
+    add(
+        "metric",
+        "training",
+        "validation score",
+        trained_a.validation_score if trained_a else None,
+        trained_b.validation_score if trained_b else None,
+    )
+    holdout_a = gate_a.metrics if gate_a else {}
+    holdout_b = gate_b.metrics if gate_b else {}
+    for name in sorted(set(holdout_a) | set(holdout_b)):
+        add("metric", "evaluation", f"holdout {name}", holdout_a.get(name), holdout_b.get(name))
+    trials_a = {(d.trial_id, d.rung): d.score for d in _all(original, TrialCompleted.EVENT_TYPE)}
+    trials_b = {(d.trial_id, d.rung): d.score for d in _all(replay, TrialCompleted.EVENT_TYPE)}
+    if trials_a or trials_b:
+        add("metric", "training", f"{len(trials_a)} trial scores", trials_a, trials_b)
+
+    for c in compare_runs(original, replay):
+        if c.what.endswith("sha256"):
+            add("artifact", c.step, c.what, c.original, c.replay)
+    return out
+
+
+def with_cached_sources(
+    run: list[Envelope[Any]], by_id: dict[str, Envelope[Any]], by_corr: dict[str, list[Envelope[Any]]]
+) -> list[Envelope[Any]]:
+    """A run served from the step cache, completed by the run that computed it.
+
+    A cache hit republishes a step's outputs (marked `cachedfrom`) and skips the work, so the run
+    has no plan or trials of its own; a replay computes them. The recorded computation is the
+    run that first produced the outputs: its events of the types this run lacks stand in.
+    """
+    sources = {
+        by_id[origin].correlationid
+        for ev in run
+        if (origin := (ev.model_extra or {}).get("cachedfrom")) and origin in by_id
+    }
+    have = {ev.type for ev in run}
+    extra = [
+        ev
+        for corr in sorted(sources - {run[0].correlationid if run else ""})
+        for ev in by_corr.get(corr, [])
+        if ev.type not in have
+    ]
+    return run + extra
+
+
 async def _history(settings: CairnSettings) -> list[tuple[int, Envelope[Any]]]:
     nc = await connect(settings, "replay")
     try:
-        raw = await stream_records(nc.jetstream(), settings.stream)
+        raw = await history_records(nc.jetstream(), settings)
     finally:
         await nc.close()
     events = []
@@ -189,10 +293,14 @@ async def replay(
     correlation: str | None = None,
     since: datetime | None = None,
     from_seq: int | None = None,
+    until: datetime | None = None,
+    shadow: bool = False,
     timeout: float = 1800,
 ) -> list[RunReport]:
+    """Replay the slice's runs one after another (so a window meets the champions it made); with
+    `shadow`, compare decisions, metrics and hashes instead of requiring bit-identity throughout."""
     history = await _history(settings)
-    roots = select_roots(history, correlation, since, from_seq)
+    roots = select_roots(history, correlation, since, from_seq, until)
     if not roots:
         raise LookupError("no data-arrived event in that slice of history")
     rid = uuid.uuid4().hex[:10]
@@ -225,19 +333,56 @@ async def replay(
         by_corr: dict[str, list[Envelope[Any]]] = {}
         for _, ev in history:
             by_corr.setdefault(ev.correlationid, []).append(ev)
+        by_id = {ev.id: ev for _, ev in history}
         for root in roots:
             replayed = await _run_one(settings, replay_settings, root, rid, timeout)
-            report = RunReport(root.correlationid, replayed[0].id)
-            report.comparisons = compare_runs(by_corr.get(root.correlationid, []), replayed)
+            report = RunReport(root.correlationid, replayed[0].id, shadow=shadow)
+            compare = shadow_compare if shadow else compare_runs
+            original = with_cached_sources(by_corr.get(root.correlationid, []), by_id, by_corr)
+            report.comparisons = compare(original, replayed)
             reports.append(report)
     finally:
         await asyncio.to_thread(supervisor.down, replay_settings)
     return reports
 
 
+def _short(value: Any, width: int = 60) -> str:
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def render_shadow(report: RunReport) -> list[str]:
+    """The diff of one shadow run: by kind, one line a verdict, `same` or `changed`."""
+    lines = [f"shadow run of {report.original_correlation} (replayed as {report.replay_correlation})"]
+    for kind, title in (("decision", "decisions"), ("metric", "metrics"), ("artifact", "artifact hashes")):
+        lines.append(f"  {title}")
+        for c in (c for c in report.comparisons if c.kind == kind):
+            if c.same:
+                lines.append(f"    same     {c.step:<10} {c.what:<22} {_short(c.original)}")
+            else:
+                lines.append(
+                    f"    changed  {c.step:<10} {c.what:<22} {_short(c.original)} -> {_short(c.replay)}"
+                )
+    for c in (c for c in report.comparisons if c.kind == "context"):
+        lines.append(f"  recorded {c.what}: {c.original}")
+        lines.append(f"  shadow   {c.what}: {c.replay}")
+    verdicts = [c for c in report.comparisons if c.kind != "context"]
+    changed = [c for c in verdicts if not c.same]
+    lines.append(
+        f"  verdict: same ({len(verdicts)} of {len(verdicts)} verdicts)"
+        if not changed
+        else f"  verdict: CHANGED ({len(changed)} of {len(verdicts)}): "
+        + ", ".join(f"{c.step} {c.what}" for c in changed)
+    )
+    return lines
+
+
 def render(reports: list[RunReport]) -> str:
     lines = []
     for report in reports:
+        if report.shadow:
+            lines += render_shadow(report)
+            continue
         lines.append(f"run {report.original_correlation} replayed as {report.replay_correlation}")
         for c in report.comparisons:
             shown = c.original if isinstance(c.original, str) else ("identical" if c.same else "see below")

@@ -14,7 +14,7 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as HttpRoute
 
+from contracts import Envelope
 from contracts.types import Contract
 from services.artifact_policy import foreign_artifacts
 from services.artifacts import IntegrityError
@@ -36,6 +37,7 @@ from services.bus.consumer import EventConsumer, Handler, durable_name, subscrib
 from services.bus.ledger import HandledLedger
 from services.bus.metrics import ServiceMetrics
 from services.bus.publisher import EventPublisher
+from services.cache import StepCache, StepVersion, carry_no_cache, missing_artifacts, served, wants_cache
 from services.settings import CairnSettings
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,12 @@ class Route:
     max_workers: int = 1
     ack_wait_s: float | None = None
     handler_timeout_s: float | None = None
+    # Content-keyed cache (services.cache): what the step computes with, and the input event's
+    # parts that determine its output as JSON (None: this input is not cacheable). `cache_store`
+    # False: the step keeps its own result later (tuning keeps a study's end, not its plan).
+    cache_version: StepVersion | None = None
+    cache_inputs: Callable[[Envelope[Any]], Any] | None = None
+    cache_store: bool = True
 
 
 class Service(Generic[C]):
@@ -71,6 +79,7 @@ class Service(Generic[C]):
         self.publisher: EventPublisher | None = None
         self.metrics = ServiceMetrics(self.name)
         self.source = f"/cairn/{self.name}"
+        self.cache: StepCache | None = None  # set by the runner: its KV handle needs the broker
         self._context: C | None = None
 
     @property
@@ -127,11 +136,12 @@ class ServiceRunner:
         self._ready_cache: tuple[float, bool, str] = (0.0, False, "not started")
         self.http_port: int | None = None
         self._opened = contextlib.AsyncExitStack()
+        self.service.cache = StepCache(lambda: self.broker.config.connection_state.stream, self.settings)
         for route in service.routes():
             consumer = EventConsumer(
                 service=service.name,
                 payload_cls=route.payload_cls,
-                handler=route.handler,
+                handler=self._cached(route),
                 settings=self.settings,
                 publisher=self.service.publisher,
                 metrics=service.metrics,
@@ -145,6 +155,38 @@ class ServiceRunner:
             self.durables.append(durable_name(service.name, route.payload_cls, self.settings.namespace))
         service.subscribe_extra(self.broker)
         self.durables.extend(service.extra_durables())
+
+    def _cached(self, route: Route) -> Handler:
+        """The route's handler behind the step cache; every output carries a run's `nocache` on.
+
+        A hit republishes the kept outputs as events of this run (marked `cachedfrom`) and runs
+        nothing; a miss runs the handler and keeps what it returned (unless `cache_store` is off).
+        """
+        service, cache = self.service, self.service.cache
+        assert cache is not None
+        step = route.cache_version
+
+        @functools.wraps(route.handler)
+        async def handle(event: Envelope[Any], delivery: Any) -> Sequence[Envelope[Any]]:
+            key = None
+            if step is not None and route.cache_inputs is not None and cache.enabled:
+                inputs = route.cache_inputs(event)
+                key = step.key(inputs) if inputs is not None else None
+            if key is not None and wants_cache(event):
+                entry = await cache.get(step.step, key)  # type: ignore[union-attr]
+                outputs = served(entry, event, service.source)
+                if outputs and not await asyncio.to_thread(missing_artifacts, outputs):
+                    service.metrics.cache_hits.labels(service.name, step.step).inc()  # type: ignore[union-attr]
+                    log.info("%s: %s served from cache (%s)", service.name, event.id, key[:12])
+                    return carry_no_cache(event, outputs)
+            if key is not None:
+                service.metrics.cache_misses.labels(service.name, step.step).inc()  # type: ignore[union-attr]
+            outputs = await route.handler(event, delivery)
+            if key is not None and route.cache_store:
+                await cache.put(step.step, key, outputs)  # type: ignore[union-attr]
+            return carry_no_cache(event, outputs)
+
+        return handle
 
     async def start(self) -> None:
         """Open the service, the broker, `attach` and HTTP in order; a failure (or a cancel) closes

@@ -106,6 +106,17 @@ class CairnSettings(BaseSettings):
     serve_host: str = Field("127.0.0.1", description="Inference endpoint bind address.")
     serve_port: int = Field(8080, ge=0, description="Inference endpoint port.")
     max_request_bytes: int = Field(1024 * 1024, gt=0, description="Largest inference request.")
+    serve_workers: int = Field(1, ge=0, description="Endpoint worker processes; 0: one per CPU.")
+    serve_batch_wait_ms: float = Field(
+        1.0, ge=0, le=50, description="Longest a request waits to share a predict call with others."
+    )
+    serve_batch_rows: int = Field(4096, ge=1, description="Most rows gathered into one predict call.")
+    request_record_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of requests recorded to the request-record stream; 0: off."
+    )
+    request_record_max_age_s: int = Field(
+        7 * 86400, gt=0, description="How long the request-record stream keeps a record."
+    )
 
     # Step cache and retention (services.cache, services.gc)
     cache: bool = Field(True, description="Serve step outputs from the content-keyed cache (cairn_cache).")

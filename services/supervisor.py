@@ -131,7 +131,8 @@ def up(
         runtime["health"][name] = f"http://127.0.0.1:{port}"
         path.write_text(json.dumps(runtime, indent=2))
     if serve:
-        proc = spawn(["serve", "--port", str(serve_port)], env, home / "logs" / "serve.log", tied)
+        # `serving start`: the endpoint with its CAIRN_SERVE_WORKERS worker processes
+        proc = spawn(["serving", "start", "--port", str(serve_port)], env, home / "logs" / "serve.log", tied)
         runtime["pids"]["serve"] = proc.pid
         runtime["serve_url"] = f"http://{settings.serve_host}:{serve_port}"
     path.write_text(json.dumps(runtime, indent=2))

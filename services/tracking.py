@@ -86,12 +86,23 @@ class Tracker:
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
                 try:
-                    self._experiments[name] = self.client.create_experiment(name)
+                    self._experiments[name] = self.client.create_experiment(
+                        name, artifact_location=self._artifact_location(name)
+                    )
                 except MlflowException:  # another replica created it first
                     self._experiments[name] = self.client.get_experiment_by_name(name).experiment_id
             else:
                 self._experiments[name] = exp.experiment_id
         return self._experiments[name]
+
+    def _artifact_location(self, experiment: str) -> str | None:
+        """Run artifacts of a local SQLite registry beside its database, not in the working directory
+        (MLflow's default, ./mlruns); a tracking server decides its own."""
+        parts = urlsplit(self.tracking_uri)
+        if parts.scheme != "sqlite" or not self.tracking_uri.startswith("sqlite:///"):
+            return None
+        db = Path(self.tracking_uri.removeprefix("sqlite:///")).resolve()
+        return (db.parent / "mlflow-artifacts" / experiment).as_uri()
 
     def find_run(self, experiment: str, event_id: str) -> str | None:
         runs = self.client.search_runs(
@@ -157,9 +168,10 @@ class Tracker:
     ) -> int:
         """Register (idempotently, keyed by the evaluation event) and return the version.
 
-        `source` is the bundle in cairn's store (kept in a tag). Against a tracking server `files`
-        (the verified bundle bytes by name) are logged as artifacts of the model's run and the
-        version points at `runs:/<run>/cairn-model`, the source MLflow accepts and can serve.
+        `source` is the bundle in cairn's store (kept in a tag). With `files` (the verified bundle
+        bytes by name; required against a tracking server) the version is a real MLflow model:
+        `runs:/<run>/cairn-model` holds the bundle as it is, beside an `MLmodel` whose pyfunc is
+        services/serving/mlflow_model.py (models-from-code, no pickle; it verifies the hash on load).
         """
         with contextlib.suppress(MlflowException):
             self.client.create_registered_model(
@@ -169,10 +181,10 @@ class Tracker:
             if mv.tags.get("cairn.evidence_event_id") == evidence_event_id:
                 return int(mv.version)
         registered = source
-        if self.remote:
-            if not files:
-                raise ValueError("a tracking server needs the bundle files to register a model")
-            self._log_files(run_id, files)
+        if self.remote and not files:
+            raise ValueError("a tracking server needs the bundle files to register a model")
+        if files:  # an MLflow model around the bundle: models:/NAME@champion loads and serves it
+            self._log_files(run_id, mlflow_model_files(files, sha256))
             registered = f"runs:/{run_id}/{BUNDLE_DIR}"
         mv = self.client.create_model_version(
             model_name,
@@ -193,6 +205,7 @@ class Tracker:
             folder = Path(tmp) / BUNDLE_DIR
             folder.mkdir()
             for name, data in files.items():
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
                 (folder / name).write_bytes(data)
             self.client.log_artifacts(run_id, str(folder), BUNDLE_DIR)
 
@@ -220,3 +233,42 @@ class Tracker:
             if (c := self.champion(rm.name)) is not None:
                 out[rm.name] = c
         return out
+
+
+MLFLOW_MODEL_CODE = "services.serving.mlflow_model"  # the pyfunc, found by module name (not imported)
+MANIFEST_NAME, ESTIMATOR_NAME = "bundle.json", "estimator"
+
+
+def mlflow_model_files(files: Mapping[str, bytes], sha256: str) -> dict[str, bytes]:
+    """The files of an MLflow model directory around a verified bundle: MLflow's own (`MLmodel`,
+    the code file, environment files) and the bundle's two files at the top, as they were before
+    (MLmodel names them as the pyfunc's artifacts, with the manifest's hash in the model config)."""
+    import importlib.util
+
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    code = importlib.util.find_spec(MLFLOW_MODEL_CODE)
+    if code is None or code.origin is None:
+        raise RuntimeError(f"{MLFLOW_MODEL_CODE} is not importable: cairn is not installed properly")
+    with tempfile.TemporaryDirectory(prefix="cairn-pyfunc-") as tmp:
+        src, dst = Path(tmp) / "bundle", Path(tmp) / "model"
+        src.mkdir()
+        for name in (MANIFEST_NAME, ESTIMATOR_NAME):
+            (src / name).write_bytes(files[name])
+        mlflow.pyfunc.save_model(
+            path=str(dst),
+            python_model=code.origin,
+            artifacts={"manifest": str(src / MANIFEST_NAME), "estimator": str(src / ESTIMATOR_NAME)},
+            model_config={"cairn_sha256": sha256},
+            pip_requirements=["cairn", f"mlflow=={mlflow.__version__}"],
+        )
+        model = Model.load(str(dst / "MLmodel"))
+        artifacts = model.flavors["python_function"]["artifacts"]
+        for key, name in (("manifest", MANIFEST_NAME), ("estimator", ESTIMATOR_NAME)):
+            (dst / artifacts[key]["path"]).rename(dst / name)
+            artifacts[key]["path"] = name
+        model.save(str(dst / "MLmodel"))
+        return {
+            str(p.relative_to(dst)): p.read_bytes() for p in sorted(dst.rglob("*")) if p.is_file()
+        }

@@ -217,3 +217,24 @@ def postgresql_url(postgresql_server: PostgresServer) -> Iterator[str]:
     finally:
         with postgresql_server.admin() as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+
+
+@pytest.fixture(scope="session")
+def retention_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One `cairn up` on a fresh home for the cache and gc journeys (tests/test_cache.py, test_gc.py).
+
+    A gate margin no challenger can beat: a model's first run deploys, a different model after it
+    ends at the gate, and the champion's own bytes are confirmed (so which run is champion is fixed)."""
+    from tests.test_journeys import Up, user_env
+
+    root = tmp_path_factory.mktemp("retention")
+    up = Up(root / "home", cwd=root, CAIRN_GATE_MARGIN="5")
+    try:
+        health = up.wait_up()["health"]
+        yield {"root": root, "home": root / "home", "env": user_env(root / "home"), "health": health}
+    finally:
+        up.proc.terminate()
+        try:
+            up.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            up.kill_all()

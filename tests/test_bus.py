@@ -157,7 +157,7 @@ async def test_two_replicas_share_one_durable_consumer_exactly_once(settings, js
             await js.publish("cairn.data.arrived.v1", event.encode(), headers={"Nats-Msg-Id": event.id})
         msgs = await collect(js, "cairn.dataset.ingested.v1", lambda m: len(m) >= 500, timeout=240)
         async def settled() -> bool:
-            info = await js.consumer_info("CAIRN", "ingestion-data-arrived")
+            info = await js.consumer_info("CAIRN", "ingestion-data-arrived-v1")
             return info.num_ack_pending == 0 and info.num_pending == 0
 
         await wait_for(settled, 60, "the consumer to settle")  # a handler publishes, then acks
@@ -182,7 +182,7 @@ async def test_killed_mid_event_is_redelivered_with_one_result(settings, js, tmp
 
     async def in_flight() -> bool:
         try:
-            return (await js.consumer_info("CAIRN", "probe-data-arrived")).num_ack_pending == 1
+            return (await js.consumer_info("CAIRN", "probe-data-arrived-v1")).num_ack_pending == 1
         except nats.js.errors.NotFoundError:
             return False
 
@@ -194,12 +194,12 @@ async def test_killed_mid_event_is_redelivered_with_one_result(settings, js, tmp
         msgs = await collect(js, "cairn.data.rejected.v1", lambda m: len(m) >= 1, timeout=60)
 
         async def settled() -> bool:
-            info = await js.consumer_info("CAIRN", "probe-data-arrived")
+            info = await js.consumer_info("CAIRN", "probe-data-arrived-v1")
             return info.num_ack_pending == 0 and info.num_pending == 0
 
         await wait_for(settled, 30, "the consumer to settle")
         stored = await subject_count(js, "cairn.data.rejected.v1")
-        info = await js.consumer_info("CAIRN", "probe-data-arrived")
+        info = await js.consumer_info("CAIRN", "probe-data-arrived-v1")
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(30)

@@ -65,6 +65,7 @@ def test_hand_written_event_valid_against_published_schema_and_models():
         (lambda d: d.update(type="cairn.data.arrived.v9"), "unknown event type"),
         (lambda d: d.update(time="yesterday"), "time"),
         (lambda d: d["data"].update(surprise=1), "data.surprise"),
+        (lambda d: d["data"]["tuning"].update(trails=8), "unknown field 'trails'"),  # the strict door
         (lambda d: d.update(specversion="0.3"), "specversion"),
         (lambda d: d.update({"Bad-Ext": 1}), "extension attribute"),
     ],

@@ -241,7 +241,7 @@ async def test_training_killed_mid_trial_is_redelivered_and_each_trial_completes
     run = await arrive(system, heavy(system, "training-killed"))
     await log.wait(lambda lg: [r for r in lg.run(run) if r.type == "cairn.trial.requested.v1"], 120, "trials")
     await busy_worker(system)
-    held = await consumer(system, "training-trial-requested")
+    held = await consumer(system, "training-trial-requested-v1")
     assert held.num_ack_pending >= 1
     system.kill("training")  # kill -9 the service and its Dask workers mid-trial: no ack, no nak
     system.respawn("training")
@@ -250,7 +250,7 @@ async def test_training_killed_mid_trial_is_redelivered_and_each_trial_completes
     await deployed(log, run)
     study = study_of(log, run)
     exactly_once_per_trial(log, study, 2)
-    info = await consumer(system, "training-trial-requested")
+    info = await consumer(system, "training-trial-requested-v1")
     requested = len(log.of_type("cairn.trial.requested.v1"))
     assert info.delivered.consumer_seq > requested, "the trial held by the killed process was delivered again"
     runs = MlflowClient(mlflow.url).search_runs(

@@ -202,6 +202,10 @@ def check_scaled_object(obj: dict[str, Any]) -> None:
     assert spec["minReplicaCount"] <= spec["maxReplicaCount"]
     assert spec["triggers"]
     for trigger in spec["triggers"]:
+        if trigger["type"] == "prometheus":  # the inference endpoint's request rate / latency
+            assert set(trigger["metadata"]) == {"serverAddress", "query", "threshold"}
+            assert all(isinstance(v, str) and v for v in trigger["metadata"].values()), trigger
+            continue
         assert trigger["type"] == "nats-jetstream"
         meta = trigger["metadata"]
         assert set(meta) == {
@@ -441,7 +445,8 @@ def test_each_service_is_its_own_deployment_with_its_own_replicas() -> None:
     inference = one(objs, "Deployment", f"{RELEASE}-inference")
     assert inference["spec"]["replicas"] == 9
     (container,) = inference["spec"]["template"]["spec"]["containers"]
-    assert container["args"] == ["serve", "--host", "0.0.0.0", "--port", "8080"]
+    assert container["args"] == ["serving", "start", "--host", "0.0.0.0", "--port", "8080"]
+    assert env_of(container)["CAIRN_SERVE_WORKERS"] == "2"
     assert {
         container["livenessProbe"]["httpGet"]["path"],
         container["readinessProbe"]["httpGet"]["path"],
@@ -451,13 +456,36 @@ def test_each_service_is_its_own_deployment_with_its_own_replicas() -> None:
     assert service["spec"]["ports"][0]["targetPort"] == "http"
 
 
+def test_inference_scales_on_its_request_rate_through_an_hpa_or_keda() -> None:
+    """type requests: an HPA on the Pods metric prometheus-adapter serves (docs/KUBERNETES.md);
+    type keda: KEDA's Prometheus scaler on the rate and the p99 of the endpoint's own metrics."""
+    on = {"enabled": True, "requests": {"targetPerPod": 300}}
+    hpa_objs = objects(render({"inference": {"autoscaling": {**on, "type": "requests"}}}))
+    validate_all(hpa_objs)
+    hpa = one(hpa_objs, "HorizontalPodAutoscaler", f"{RELEASE}-inference")["spec"]
+    assert hpa["metrics"] == [{"type": "Pods", "pods": {
+        "metric": {"name": "cairn_inference_requests_per_second"},
+        "target": {"type": "AverageValue", "averageValue": "300"}}}]
+    assert "replicas" not in one(hpa_objs, "Deployment", f"{RELEASE}-inference")["spec"]
+    keda = {**on, "type": "keda", "keda": {"prometheusUrl": "http://prometheus:9090", "p99Seconds": "0.01"}}
+    keda_objs = objects(render({"inference": {"autoscaling": keda}}))
+    validate_all(keda_objs)
+    assert not find(keda_objs, "HorizontalPodAutoscaler", f"{RELEASE}-inference")
+    scaled = one(keda_objs, "ScaledObject", f"{RELEASE}-inference")["spec"]
+    rate, p99 = (t["metadata"] for t in scaled["triggers"])
+    assert rate["threshold"] == "300" and 'rate(cairn_inference_requests_total{namespace=' in rate["query"]
+    assert p99["threshold"] == "0.01" and "histogram_quantile(0.99" in p99["query"]
+    with pytest.raises(Exception, match="prometheusUrl"):
+        render({"inference": {"autoscaling": {**on, "type": "keda"}}})
+
+
 def test_autoscaling_per_service(everything_objects: list[dict[str, Any]]) -> None:
     training = one(everything_objects, "Deployment", f"{RELEASE}-training")
     assert "replicas" not in training["spec"]  # the ScaledObject owns the count
     scaled = one(everything_objects, "ScaledObject", f"{RELEASE}-training")
     consumers = {t["metadata"]["consumer"] for t in scaled["spec"]["triggers"]}
     durables = json.loads(PERMISSIONS.read_text())["durables"]["training"]
-    assert consumers == set(durables) == {"training-trial-requested", "training-tuning-completed"}
+    assert consumers == set(durables) == {"training-trial-requested-v1", "training-tuning-completed-v1"}
     for trigger in scaled["spec"]["triggers"]:
         assert trigger["metadata"]["stream"] == "CAIRN"
         assert trigger["metadata"]["account"] == "$G"
@@ -1144,9 +1172,9 @@ async def _exercise_permissions(url: str, passwords: dict[str, str], users: dict
     )  # cairn events
     assert (await log.next_msg(timeout=3)).subject.startswith("cairn.")
     await op_js.publish("cairn.data.arrived.v1", b"{}", stream=stream)  # cairn submit
-    info = await op_js.consumer_info(stream, "training-trial-requested")  # cairn status
-    assert info.name == "training-trial-requested"
-    await denied(operator, "operator", f"$JS.API.CONSUMER.MSG.NEXT.{stream}.training-trial-requested")
+    info = await op_js.consumer_info(stream, "training-trial-requested-v1")  # cairn status
+    assert info.name == "training-trial-requested-v1"
+    await denied(operator, "operator", f"$JS.API.CONSUMER.MSG.NEXT.{stream}.training-trial-requested-v1")
     await denied(operator, "operator", "cairn.model.deployed.v1")
     await denied(operator, "operator", f"$JS.API.STREAM.PURGE.{stream}")
     await operator.close()

@@ -206,6 +206,7 @@ async def test_openlineage_events_are_valid(audited):
         "version": "DatasetVersionDatasetFacet.json",
         "jobType": "JobTypeJobFacet.json",
         "errorMessage": "ErrorMessageRunFacet.json",
+        "tags": "TagsRunFacet.json",  # the openlineage client's own: its version, as a run tag
     }
     events = [
         json.loads(line)
@@ -222,6 +223,9 @@ async def test_openlineage_events_are_valid(audited):
             for name, facet in group.items():
                 schema = json.loads((OPENLINEAGE / facet_schemas[name]).read_text())
                 Draft202012Validator(schema, registry=registry).validate({name: facet})
+    # written by the official client (its file transport), not by hand
+    tags = [{t["key"] for t in e["run"]["facets"]["tags"]["tags"]} for e in events]
+    assert all("openlineage_client_version" in t for t in tags)
     trained = [e for e in events if e["job"]["name"] == "training" and e["eventType"] == "COMPLETE"]
     assert trained[0]["outputs"] and all(
         o["facets"]["version"]["datasetVersion"] for o in trained[0]["outputs"]

@@ -124,3 +124,16 @@ def test_subject_helpers() -> None:
     assert is_dead_letter(dead_letter_subject("ingestion", replay_namespace("ab12")))
     assert not is_dead_letter("cairn.data.arrived.v1")
     assert replay_namespace("ab12") == "cairn.replay.ab12"
+
+
+def test_every_routed_durable_carries_its_event_version(tmp_path) -> None:
+    """docs/CONTRACTS.md: a v1 and a v2 route are two consumers, never one re-pointed durable."""
+    from services.bus.consumer import durable_name
+    from services.catalog import build_service
+    from services.settings import CairnSettings
+
+    settings = CairnSettings(home=tmp_path)
+    for name in SERVICES:
+        for route in build_service(name, settings).routes():
+            version = route.payload_cls.EVENT_TYPE.rsplit(".", 1)[1]
+            assert durable_name(name, route.payload_cls, ROOT).endswith(f"-{version}"), (name, route)

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARRIVED = "cairn.data.arrived.v1"
 RESULT = "cairn.data.rejected.v1"  # what the probe answers each data-arrived with
 REJECTED = "cairn.event.rejected.v1"
-DURABLE = "probe-data-arrived"
+DURABLE = "probe-data-arrived-v1"
 
 
 @contextlib.asynccontextmanager

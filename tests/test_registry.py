@@ -347,7 +347,11 @@ async def test_two_deployment_replicas_never_let_a_stale_decision_win(settings, 
     m0 = models[names[0]]
     assert lab.rmse(m0["mid"]) > lab.rmse(m0["good"]) > lab.rmse(m0["best"])  # the premise
     log = StreamLog(settings)
-    durables = ["evaluation-model-trained", "evaluation-evaluation-requested", "deployment-model-evaluated"]
+    durables = [
+        "evaluation-model-trained-v1",
+        "evaluation-evaluation-requested-v1",
+        "deployment-model-evaluated-v1",
+    ]
     async with running(Evaluation(settings), Deployment(settings), Deployment(settings)):
         for n in names:
             await publish(settings, models[n]["mid"])
@@ -454,7 +458,7 @@ async def test_every_artifact_outside_the_store_is_refused(settings, js, tmp_pat
     async with running(Evaluation(settings), Deployment(settings)):
         ids = [await publish(settings, e) for e in (challenger, sneaky, passing_pass)]
         await log.wait(lambda lg: set(ids) <= caused(lg), WAIT, "an answer to each")
-        idle = ["evaluation-model-trained", "deployment-model-evaluated"]
+        idle = ["evaluation-model-trained-v1", "deployment-model-evaluated-v1"]
         await wait_for(lambda: consumers_idle(settings, idle), WAIT, "nothing left in flight")
         await log.poll()
 
@@ -500,7 +504,7 @@ async def test_registry_on_a_real_mlflow_server_with_postgresql(
             assert champion.source == f"runs:/{first.mlflow_run_id}/cairn-model", champion
             assert champion.model_uri == first.model.uri and champion.model_sha256 == first.model.sha256
             kept = sorted(p.name for p in server.artifacts.rglob("cairn-model/*"))
-            assert kept == ["bundle.json", "estimator"], kept
+            assert {"bundle.json", "estimator", "MLmodel"} <= set(kept), kept
 
             first_rmse = lab.rmse(first)
             forget(first.model)  # cairn's store no longer has it: only MLflow does

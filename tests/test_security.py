@@ -177,7 +177,7 @@ def test_permissions_are_derived_from_the_contracts():
         assert not [s for s in grants.subscribe if s.startswith("cairn.")], name
     assert users["upstream"].publish == ["cairn.data.arrived.v1"]
     assert (
-        "$JS.API.CONSUMER.CREATE.CAIRN.ingestion-data-arrived.cairn.data.arrived.v1"
+        "$JS.API.CONSUMER.CREATE.CAIRN.ingestion-data-arrived-v1.cairn.data.arrived.v1"
         in users["ingestion"].publish
     )
 
@@ -224,13 +224,13 @@ async def test_a_service_cannot_read_what_it_should_not(secure):
             "$JS.API.CONSUMER.CREATE.CAIRN.spy.cairn.model.deployed.v1": ConsumerConfig(
                 name="spy", filter_subject="cairn.model.deployed.v1"
             ),
-            "$JS.API.CONSUMER.CREATE.CAIRN.ingestion-data-arrived.cairn.model.deployed.v1": ConsumerConfig(
-                name="ingestion-data-arrived",
-                durable_name="ingestion-data-arrived",
+            "$JS.API.CONSUMER.CREATE.CAIRN.ingestion-data-arrived-v1.cairn.model.deployed.v1": ConsumerConfig(
+                name="ingestion-data-arrived-v1",
+                durable_name="ingestion-data-arrived-v1",
                 filter_subject="cairn.model.deployed.v1",
             ),
-            "$JS.API.CONSUMER.DURABLE.CREATE.CAIRN.ingestion-data-arrived": ConsumerConfig(
-                durable_name="ingestion-data-arrived", filter_subject="cairn.model.deployed.v1"
+            "$JS.API.CONSUMER.DURABLE.CREATE.CAIRN.ingestion-data-arrived-v1": ConsumerConfig(
+                durable_name="ingestion-data-arrived-v1", filter_subject="cairn.model.deployed.v1"
             ),
         }
         api, config = next(iter(attempts.items()))
@@ -242,7 +242,7 @@ async def test_a_service_cannot_read_what_it_should_not(secure):
             for api, c in attempts.items()
         }
         for api in (
-            "$JS.API.CONSUMER.MSG.NEXT.CAIRN.training-trial-requested",  # another service's work
+            "$JS.API.CONSUMER.MSG.NEXT.CAIRN.training-trial-requested-v1",  # another service's work
             "$JS.API.DIRECT.GET.CAIRN",
             "$JS.API.STREAM.MSG.GET.CAIRN",
             "$KV.cairn_studies.x",
@@ -268,7 +268,7 @@ async def test_provisioning_needs_admin(secure):
                 "$JS.API.STREAM.UPDATE.CAIRN",
                 "$JS.API.STREAM.DELETE.CAIRN",
                 "$JS.API.STREAM.PURGE.CAIRN",
-                "$JS.API.CONSUMER.DELETE.CAIRN.training-trial-requested",
+                "$JS.API.CONSUMER.DELETE.CAIRN.training-trial-requested-v1",
             ):
                 await nc.publish(api, b"{}", reply=nc.new_inbox())
                 await errors.wait_for(f'Permissions Violation for Publish to "{api}"')

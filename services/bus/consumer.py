@@ -107,8 +107,13 @@ InputCheck = Callable[[Any], list[str]]
 
 
 def durable_name(service: str, payload_cls: type[Contract], namespace: str) -> str:
-    """`<service>-<event>`; replays get their own consumers so they never steal live work."""
-    event = event_type_of(payload_cls).split(".")[1:-1]
+    """`<service>-<event>-v<N>`; replays get their own consumers so they never steal live work.
+
+    The version is part of the name: a v1 and a v2 route of one service are two consumers, and an
+    upgrade from v1 to v2 creates a new durable instead of re-pointing the old one at another
+    filter (docs/CONTRACTS.md, "Moving a route from v1 to v2").
+    """
+    event = event_type_of(payload_cls).split(".")[1:]
     name = "-".join([service, *event])
     if not is_live(namespace):
         name += "-" + re.sub(r"[^A-Za-z0-9_-]", "_", namespace)

@@ -31,6 +31,18 @@ class ServiceMetrics:
             ["service", "consumer"],
             registry=self.registry,
         )
+        self.cache_hits = Counter(
+            "cairn_cache_hits_total",
+            "Inputs served from the step cache.",
+            ["service", "step"],
+            registry=self.registry,
+        )
+        self.cache_misses = Counter(
+            "cairn_cache_misses_total",
+            "Cacheable inputs computed (cache miss or --no-cache).",
+            ["service", "step"],
+            registry=self.registry,
+        )
         self.trials_running = Gauge(
             "cairn_trials_running", "Trials running on Dask from this replica.", registry=self.registry
         )

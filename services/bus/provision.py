@@ -8,6 +8,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
+from contracts.records import record_subject
 from contracts.subjects import is_live, stream_subjects
 from services.settings import CairnSettings
 
@@ -129,4 +130,54 @@ async def provision_all(js: JetStreamContext, settings: CairnSettings) -> str:
     await provision_study_bucket(js, settings, study_bucket(settings.namespace))
     await provision_champion_bucket(js, settings)
     await provision_handled_bucket(js, settings)
+    await provision_record_stream(js, settings)
+    await provision_cache_bucket(js, settings)
     return done
+
+
+def cache_bucket(namespace: str) -> str:
+    """The step cache's key-value bucket; replays would get their own (they do not use it)."""
+    return _namespaced("cairn_cache", namespace)
+
+
+async def provision_cache_bucket(js: JetStreamContext, settings: CairnSettings) -> None:
+    """One key per (step, cache key), kept until overwritten: content keys never go stale."""
+    await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=cache_bucket(settings.namespace),
+            description="cairn step cache: outputs of each step by the hash of what determines them",
+            history=1,
+            storage=StorageType.FILE,
+            replicas=settings.stream_replicas,
+            direct=True,  # reads name their key, so NATS permissions can pin a service to `<step>.>`
+        ),
+    )
+
+
+def record_stream(settings: CairnSettings) -> str:
+    """The endpoint's request records: `CAIRN_REQUESTS`, or `CAIRN_REQUESTS_<replay>` in a replay."""
+    return _namespaced(f"{settings.stream}_REQUESTS", settings.namespace)
+
+
+async def provision_record_stream(js: JetStreamContext, settings: CairnSettings) -> str:
+    """Request records (contracts.records) apart from the event log: their own subject outside
+    `cairn.>`, and their own retention (CAIRN_REQUEST_RECORD_MAX_AGE_S), applied again on each run."""
+    config = StreamConfig(
+        name=record_stream(settings),
+        description="cairn inference endpoint: sampled request records (model version, input hash, output)",
+        subjects=[record_subject(settings.namespace)],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        max_age=float(settings.request_record_max_age_s),
+        num_replicas=settings.stream_replicas,
+        allow_direct=True,
+    )
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
+        await js.add_stream(config)
+        return "created"
+    await js.update_stream(config)
+    return "updated"

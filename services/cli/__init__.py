@@ -22,6 +22,8 @@ from services.cli import system  # noqa: E402, F401
 from services.cli import data  # noqa: E402, F401
 from services.cli import models  # noqa: E402, F401
 from services.cli import audit  # noqa: E402, F401
+from services.cli import store  # noqa: E402, F401
+from services.cli import serving  # noqa: E402, F401
 # isort: on
 
 __all__ = ["app", "main"]

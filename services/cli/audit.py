@@ -114,32 +114,60 @@ def replay(
     correlation: Annotated[
         str | None, typer.Option("--correlation", help="One run (its id or a unique prefix).")
     ] = None,
-    since: Annotated[str | None, typer.Option(help="Runs started at or after this ISO time.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Runs started at or after this ISO time (no zone: UTC).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Runs started before this ISO time (no zone: UTC).")
+    ] = None,
     from_seq: Annotated[
         int | None, typer.Option("--from-seq", help="Runs from this stream sequence.")
     ] = None,
+    shadow: Annotated[
+        bool,
+        typer.Option(
+            "--shadow",
+            help="Through the code and settings installed now: diff each decision, metric and artifact "
+            "hash against the recorded run.",
+        ),
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds per run.")] = 1800.0,
 ) -> None:
-    """Re-run history in an isolated namespace; exit 0 only if every artifact is bit-identical (else 1)."""
-    from datetime import datetime
-
+    """Re-run history in an isolated namespace; exit 0 only if every artifact is bit-identical (with
+    --shadow: every verdict the same), else 1."""
+    from services.lineage.timeline import instant
     from services.replay import render
     from services.replay import replay as run_replay
 
-    if not (correlation or since or from_seq):
-        raise CliError("give --correlation, --since or --from-seq", EXIT_USAGE)
-    try:
-        start = datetime.fromisoformat(since) if since else None
-    except ValueError:
-        raise CliError(
-            f"--since {since!r} is not an ISO time (e.g. 2026-11-30T15:00:00+00:00)", EXIT_USAGE
-        ) from None
+    if not (correlation or since or until or from_seq):
+        raise CliError("give --correlation, --since, --until or --from-seq", EXIT_USAGE)
+
+    def when(option: str, text: str | None):
+        try:
+            return instant(text) if text else None
+        except ValueError:
+            raise CliError(
+                f"{option} {text!r} is not an ISO time (e.g. 2026-11-30T15:00:00+00:00)", EXIT_USAGE
+            ) from None
+
+    start, end = when("--since", since), when("--until", until)
     s = settings()
     if correlation:
         correlation = full_id(lineage_store(s), correlation)
-    reports = asyncio.run(
-        run_replay(s, correlation=correlation, since=start, from_seq=from_seq, timeout=timeout)
-    )
+    try:
+        reports = asyncio.run(
+            run_replay(
+                s,
+                correlation=correlation,
+                since=start,
+                until=end,
+                from_seq=from_seq,
+                shadow=shadow,
+                timeout=timeout,
+            )
+        )
+    except LookupError as exc:
+        raise CliError(str(exc)) from None
     typer.echo(render(reports))
     raise typer.Exit(0 if reports and all(r.identical for r in reports) else EXIT_FAILED)
 
@@ -153,3 +181,85 @@ def audit_keygen(
 
     for path in keygen(out):
         typer.echo(str(path))
+
+
+def _timeline_docs() -> list:
+    from services.lineage.timeline import load
+
+    return load(lineage_store(settings()))
+
+
+def _format(fmt: str) -> str:
+    if fmt not in {"text", "json"}:
+        raise CliError("--format must be text or json", EXIT_USAGE)
+    return fmt
+
+
+@audit_app.command("at")
+def audit_at(
+    when: Annotated[
+        str, typer.Argument(metavar="TIME", help="ISO 8601 (no zone: UTC), to the millisecond, or 'now'.")
+    ],
+    model: Annotated[str | None, typer.Option("--model", help="One model; default every model.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+) -> None:
+    """Who was champion at TIME (since, until, the gate and evidence, whom it displaced, the raw data).
+
+    Answered from the event log alone: the version in place at that instant, to the millisecond;
+    the gate decision and evidence that put it there; the champion it displaced; and the chain
+    back to the raw data's sha256."""
+    from services.lineage import timeline
+
+    _format(fmt)
+    try:
+        moment = timeline.instant(when)
+    except ValueError:
+        raise CliError(
+            f"TIME {when!r} is not an ISO 8601 time (e.g. 2026-11-30T15:04:05.123Z) or 'now'", EXIT_USAGE
+        ) from None
+    everything = timeline.reigns(_timeline_docs())
+    if model is not None and model not in everything:
+        known = ", ".join(sorted(everything)) or "none yet"
+        raise CliError(f"no champion of {model!r} was ever deployed (deployed models: {known})", EXIT_USAGE)
+    chosen = {model: everything[model]} if model else everything
+    answers = {m: timeline.champion_at(h, moment) for m, h in sorted(chosen.items())}
+    if fmt == "json":
+        typer.echo(timeline.at_json(moment, answers))
+    elif not answers:
+        typer.echo(f"at {timeline.stamp(moment)} (UTC): no model has ever been deployed")
+    else:
+        typer.echo(timeline.at_text(moment, answers, {m: h[0].since for m, h in chosen.items()}))
+
+
+@audit_app.command("history")
+def audit_history(
+    model: Annotated[str, typer.Argument(help="The model name (its champion scope).")],
+    fmt: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+) -> None:
+    """Every champion change of a model with its time, cause and evidence; a failed gate as 'no change'."""
+    from services.lineage import timeline
+
+    _format(fmt)
+    docs = _timeline_docs()
+    changes = timeline.history(docs, model)
+    if not changes:
+        known = ", ".join(sorted(timeline.reigns(docs))) or "none yet"
+        raise CliError(f"no gate decision or deployment of {model!r} (deployed models: {known})", EXIT_USAGE)
+    typer.echo(
+        timeline.history_json(model, changes) if fmt == "json" else timeline.history_text(model, changes)
+    )
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8090,
+    host: Annotated[str, typer.Option(help="Address to bind (default: this machine only).")] = "127.0.0.1",
+) -> None:
+    """The auditor's view, read-only: runs, a run's lineage graph, champion timelines, chain status."""
+    import uvicorn
+
+    from services.lineage.web import app as web_app
+
+    s = settings()
+    typer.echo(f"cairn ui on http://{host}:{port}/ (read-only, store {s.lineage_url})", err=True)
+    uvicorn.run(web_app(s.lineage_url), host=host, port=port, log_level="warning")

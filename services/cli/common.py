@@ -128,12 +128,15 @@ def full_id(store: Any, ident: str) -> str:
 async def stream_messages(s: CairnSettings) -> list[tuple[int, str, bytes]]:
     from nats.js.errors import NotFoundError
 
-    from services.lineage.audit import stream_records
+    from services.lineage.archive import ArchiveError
+    from services.lineage.audit import history_records
 
     nc = await connect_nats(s, "audit")
     try:
-        return await stream_records(nc.jetstream(), s.stream)
+        return await history_records(nc.jetstream(), s)
     except NotFoundError:
         raise stream_missing(s) from None
+    except ArchiveError as exc:
+        raise CliError(f"the archive is not intact: {exc}") from None
     finally:
         await nc.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 import typer
@@ -19,6 +20,7 @@ from contracts import (
     TuningSpec,
     new_event,
 )
+from services.cache import NO_CACHE
 from services.cli.common import (
     EXIT_DEPLOYED,
     EXIT_FAILED,
@@ -53,9 +55,13 @@ def events(
         async with await client_for(s, "events") as client:
             try:
                 sub = await client.watch(from_start=True)
-                last = (await client.js.stream_info(s.stream)).state.last_seq
+                state = (await client.js.stream_info(s.stream)).state
             except NotFoundError:
                 raise stream_missing(s) from None
+            last = state.last_seq
+            for seq, subject, body in await archived_before(s, state.first_seq):
+                kept = SimpleNamespace(subject=subject, data=body, headers=None)
+                print_event(kept, seq, correlation, as_json)
             while True:
                 try:
                     msg = await sub.next_msg(timeout=1.0 if not follow else 3600)
@@ -69,6 +75,18 @@ def events(
                     return
 
     asyncio.run(go())
+
+
+async def archived_before(s: CairnSettings, first_seq: int) -> list[tuple[int, str, bytes]]:
+    """What retention moved from the stream to the archive: the start of the log."""
+    if first_seq <= 1:
+        return []
+    from services.lineage.archive import Archive, ArchiveError, public_key
+
+    try:
+        return await asyncio.to_thread(Archive.of(s).messages, public_key(s), first_seq)
+    except ArchiveError as exc:
+        raise CliError(f"the archive is not intact: {exc}") from None
 
 
 TABLE_FAMILIES = "xgboost,random_forest,linear"
@@ -110,6 +128,10 @@ def submit(
     ] = True,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the run to its end.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 1800.0,
+    no_cache: Annotated[
+        bool,
+        typer.Option("--no-cache", help="Compute every step again, even what the step cache holds."),
+    ] = False,
 ) -> None:
     """Publish a data-arrival event; with --wait, follow it (exit 0 deployed, 3 not promoted, 1 failed)."""
     s = settings()
@@ -140,6 +162,8 @@ def submit(
     uri, digest = _locate(s, path, sha256, upload)
     arrived = arrived.model_copy(update={"uri": uri, "sha256": digest})
     event = new_event(arrived, source="/cairn/cli", subject=model_name)
+    if no_cache:  # a CloudEvents extension: every service carries it on to the run's next events
+        event = event.model_copy(update={NO_CACHE: "true"})
     code = asyncio.run(_submit(s, event, wait, timeout))
     raise typer.Exit(code)
 

@@ -48,10 +48,8 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port; default CAIRN_SERVE_PORT.")] = None,
     host: Annotated[str | None, typer.Option(help="Bind address; default CAIRN_SERVE_HOST.")] = None,
 ) -> None:
-    """Run the inference endpoint for every model's champion."""
-    import uvicorn
-
-    from services.serving.app import InferenceServer
+    """Run the inference endpoint for every model's champion (same as `cairn serving start`)."""
+    from services.serving.launch import run_endpoint
     from services.supervisor import PortInUse, check_port
 
     s = settings()
@@ -63,8 +61,7 @@ def serve(
     except (RuntimeError, PortInUse) as exc:
         raise CliError(str(exc)) from None
     configure_logging(s)
-    server = InferenceServer(s)
-    uvicorn.run(server.app(), host=host, port=port, log_level="warning", limit_concurrency=256)
+    run_endpoint(s, host, port)
 
 
 @app.command()
@@ -242,10 +239,33 @@ def dask_tls(
 
 
 @app.command()
-def schemas() -> None:
-    """Write the JSON Schemas and the AsyncAPI document into contracts/."""
+def schemas(
+    check: Annotated[
+        bool, typer.Option("--check", help="Only compare the models with the released schemas.")
+    ] = False,
+) -> None:
+    """Write the JSON Schemas and the AsyncAPI document into contracts/, if the change is compatible.
+
+    The committed schemas are the released contract: a change old events or not-yet-upgraded
+    consumers could not follow (docs/CONTRACTS.md) is refused, naming each field; exit 1."""
+    from contracts.schemas import check as check_schemas
     from contracts.schemas import write_all
 
+    reports = check_schemas()
+    breaking = [line for r in reports for line in r.lines()[: len(r.breaking)]]
+    additive = [line for r in reports for line in r.lines()[len(r.breaking) :]]
+    for line in additive:
+        typer.echo(line)
+    if breaking:
+        for line in breaking:
+            typer.echo(line, err=True)
+        raise CliError(
+            f"{len(breaking)} backward-incompatible change(s): publish a new vN with an upcaster "
+            "instead (docs/CONTRACTS.md)"
+        )
+    if check:
+        typer.echo("compatible with the released schemas" + (" (additive changes above)" if additive else ""))
+        return
     for path in write_all():
         typer.echo(str(path))
 

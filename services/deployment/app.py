@@ -43,6 +43,11 @@ def verified_files(evaluated: ModelEvaluated, settings: Any) -> dict[str, bytes]
         ) from None
 
 
+def same_as_champion(evaluated: ModelEvaluated) -> bool:
+    """The candidate has the bytes of the champion it was compared with."""
+    return evaluated.champion is not None and evaluated.champion.model_sha256 == evaluated.model.sha256
+
+
 async def promote(
     event: Envelope[ModelEvaluated], files: dict[str, bytes], lock: ChampionLock, tracker: Tracker
 ) -> ModelDeployed | EvaluationRequested:
@@ -67,6 +72,10 @@ async def promote(
             if record is not None:  # the re-evaluation reads the registry: let it show the record
                 await settle_alias(lock, tracker, name)
             return request
+        if action is Action.DEPLOY and same_as_champion(evaluated):
+            # The champion itself, computed again (a resubmission): no new version, no churn.
+            assert current is not None
+            return deployed(event, ChampionRecord(current, evaluated.model.sha256, event.id, current))
         if action is Action.DEPLOY:
             version = await asyncio.to_thread(
                 tracker.register,

@@ -123,6 +123,11 @@ def evaluate(challenger: Challenger, tracker: Tracker, settings: Any) -> ModelEv
         min_r2=settings.gate_min_r2,
         min_accuracy=settings.gate_min_accuracy,
     )
+    if snapshot is not None and snapshot.model_sha256 == challenger.model.sha256:
+        # The same bytes as the champion (a resubmission served from the cache): it stays champion;
+        # deployment confirms it without registering a new version.
+        passed = True
+        reasons.append("the challenger is the champion itself (same model sha256): it stays")
     return ModelEvaluated(
         context=ctx,
         model=challenger.model,

@@ -10,15 +10,26 @@ from typing import Any
 from contracts import DatasetIngested, Envelope, Task, new_event
 from services.artifacts import ArtifactStore
 from services.bus.consumer import Delivery, PermanentError
+from services.cache import StepVersion
 from services.features import logic
 from services.runtime import Route, Service
+
+LIBRARIES = ("pandas", "pyarrow", "numpy", "scikit-learn", "safetensors")
+
+
+def cache_inputs(event: Envelope[DatasetIngested]) -> dict[str, Any]:
+    """The snapshot (by sha256) and the run's context: all a feature build depends on."""
+    return event.data.model_dump(mode="json")
 
 
 class Features(Service[ArtifactStore]):
     name = "features"
 
     def routes(self) -> Sequence[Route]:
-        return [Route(DatasetIngested, self.on_dataset_ingested)]
+        version = StepVersion.of("features", ["features", "ml"], LIBRARIES, self.settings)
+        return [
+            Route(DatasetIngested, self.on_dataset_ingested, cache_version=version, cache_inputs=cache_inputs)
+        ]
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[ArtifactStore]:

@@ -10,6 +10,7 @@ from typing import Any
 from contracts import DataArrived, DataRejected, DatasetIngested, Envelope, new_event
 from services.artifacts import ArtifactStore
 from services.bus.consumer import Delivery, PermanentError
+from services.cache import StepVersion
 from services.ingestion import logic, sources
 from services.runtime import Route, Service
 
@@ -36,11 +37,29 @@ def ingest(event: DataArrived, store: ArtifactStore, settings: Any) -> DatasetIn
     )
 
 
+LIBRARIES = ("pandas", "pyarrow", "numpy")
+
+
+def cache_inputs(event: Envelope[DataArrived]) -> dict[str, Any] | None:
+    """The whole arrival (where, what, seed, tuning spec) with its sha256; without one, the
+    content is unknown until read: not cacheable."""
+    return event.data.model_dump(mode="json") if event.data.sha256 else None
+
+
 class Ingestion(Service[ArtifactStore]):
     name = "ingestion"
 
     def routes(self) -> Sequence[Route]:
-        return [Route(DataArrived, self.on_data_arrived, max_workers=2)]
+        version = StepVersion.of("ingestion", ["ingestion"], LIBRARIES, self.settings)
+        return [
+            Route(
+                DataArrived,
+                self.on_data_arrived,
+                max_workers=2,
+                cache_version=version,
+                cache_inputs=cache_inputs,
+            )
+        ]
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[ArtifactStore]:

@@ -1,5 +1,5 @@
 """lineage: every stream message (`cairn.>`), strictly in stream order, into the hash-chained
-lineage store; OpenLineage run events derived on the way.
+lineage store; OpenLineage run events derived on the way and emitted with the openlineage client.
 
 The service runs its own pull loop on the broker's connection instead of FastStream's batch
 subscriber. That subscriber gathers a batch over several nats-py fetches and lets the bare
@@ -25,8 +25,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from contracts import stream_filter
 from services.bus.consumer import pull_inbox_prefix
+from services.lineage.archive import Archive, archive_and_trim, signing_key
 from services.lineage.logic import plan
-from services.lineage.openlineage import STEPS, OpenLineageSink, run_events
+from services.lineage.openlineage import STEPS, OpenLineageSink, make_client, run_events
 from services.lineage.store import LineageStore, OutOfOrder, Record
 from services.runtime import Route, Service
 from services.settings import CairnSettings
@@ -76,14 +77,24 @@ class Lineage(Service[LineageContext]):
         self._task: asyncio.Task[None] | None = None
         self._sub: Any = None
         self._gap = 0  # the sequence the chain waits for, once logged
+        self._archiver: asyncio.Task[None] | None = None
+        self._js: Any = None
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[LineageContext]:
         store = await asyncio.to_thread(LineageStore, self.settings.lineage_url)
+        sink = None
         try:
-            sink = OpenLineageSink(self.settings.openlineage_url) if self.settings.openlineage_url else None
+            try:
+                client = await asyncio.to_thread(make_client, self.settings.openlineage_url)
+                sink = OpenLineageSink(client) if client is not None else None
+            except Exception:  # noqa: BLE001 - a bad OpenLineage config never stops the record
+                log.exception("OpenLineage client not configured; recording without emitting")
             yield LineageContext(store, sink)
         finally:
+            if sink is not None:
+                with contextlib.suppress(Exception):  # a transport that cannot flush loses no record
+                    await asyncio.to_thread(sink.close)
             store.close()
 
     @property
@@ -117,10 +128,18 @@ class Lineage(Service[LineageContext]):
             config=consumer_config(self.settings),
             inbox_prefix=pull_inbox_prefix(self.settings),
         )
+        self._js = js
         self._stopping.clear()
         self._task = asyncio.create_task(self._follow(), name="lineage-follow")
+        if self.settings.retention_max_age_s or self.settings.retention_max_bytes:
+            self._archiver = asyncio.create_task(self._archive(js), name="lineage-archive")
 
     async def detach(self) -> None:
+        archiver, self._archiver = self._archiver, None
+        if archiver is not None:
+            archiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await archiver
         task, self._task = getattr(self, "_task", None), None
         if task is None:
             return
@@ -133,11 +152,43 @@ class Lineage(Service[LineageContext]):
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
 
+    # Retention ------------------------------------------------------------------------------
+    async def _archive(self, js: Any) -> None:
+        """Every CAIRN_ARCHIVE_INTERVAL_S: archive what retention sends out, then trim the stream."""
+        archive = Archive.of(self.settings)
+        key = await asyncio.to_thread(signing_key, self.settings)
+        while not self._stopping.is_set():
+            await self._pause(self.settings.archive_interval_s)
+            if self._stopping.is_set():
+                return
+            try:
+                trim = await archive_and_trim(js, self.settings, self.store, archive, key)
+                if trim.held_by:
+                    log.info("retention held back: %s", trim.held_by)
+            except Exception:  # noqa: BLE001 - the stream keeps everything until the next try
+                log.exception("archiving failed; the stream keeps its events")
+
+    async def _from_archive(self, head: int, js: Any) -> int:
+        """A store newer than the archive (rebuilt, or a new database) first reads what the stream
+        no longer holds from the archive, so the chain starts at sequence 1."""
+        info = await js.stream_info(self.settings.stream)
+        if head + 1 >= info.state.first_seq:
+            return head
+        archive = Archive.of(self.settings)
+        messages = await asyncio.to_thread(archive.messages, None, info.state.first_seq)
+        added = await asyncio.to_thread(self.store.append_many, [m for m in messages if m[0] > head])
+        return added[-1].seq if added else head
+
     # The loop ------------------------------------------------------------------------------
     async def _follow(self) -> None:
         """Fetch, record what continues the chain, ack after the commit; hold what comes early."""
         held: dict[int, Msg] = {}
         head = await self._head()
+        if head is not None and (self.settings.retention_max_age_s or self.settings.retention_max_bytes):
+            try:
+                head = await self._from_archive(head, self._js)
+            except Exception:  # noqa: BLE001 - without the archive the chain waits for the gap, loudly
+                log.exception("could not read the archive")
         while not self._stopping.is_set() and head is not None:
             try:
                 for msg in await self._fetch():

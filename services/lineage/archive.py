@@ -342,7 +342,7 @@ async def archive_and_trim(
         ):
             await asyncio.to_thread(archive.write, batch, private_pem)
             written += len(batch)
-    if cutoff >= first:
+    if cutoff >= max(first, 1):
         # Purge keeps every message at or above `seq`: what is gone from the stream is archived.
         await js.purge_stream(settings.stream, seq=cutoff + 1)  # type: ignore[attr-defined]
         log.info("retention: archived up to %d, the stream now starts at %d", cutoff, cutoff + 1)

@@ -100,6 +100,19 @@ async def stream_records(
         await sub.unsubscribe()
 
 
+async def history_records(js: Any, settings: Any) -> list[tuple[int, str, bytes]]:
+    """The whole history: the archive (what retention took out of the stream), then the stream.
+
+    Archive segments are checked on the way (chain, and signatures when the public key is at hand);
+    a gap between archive and stream is an error, never a silent hole."""
+    import asyncio
+
+    from services.lineage.archive import Archive, history, public_key
+
+    live = await stream_records(js, settings.stream)
+    return await asyncio.to_thread(history, Archive.of(settings), live, public_key(settings))
+
+
 def verify_against_stream(store_records: list[Record], stream: list[tuple[int, str, bytes]]) -> Verdict:
     """The chain must hold, and every stream message must be recorded with the same bytes."""
     verdict = verify_records(store_records)

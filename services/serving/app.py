@@ -2,7 +2,12 @@
 
 A request takes a reference to the model it started with; a swap replaces the reference only
 after the new bundle is loaded and verified, so in-flight requests finish on the old model and
-no request sees a half-loaded one.
+no request sees a half-loaded one. Each model has its own micro-batcher (services.serving.batching):
+concurrent requests share one predict call. Several worker processes (CAIRN_SERVE_WORKERS) each
+run one InferenceServer with its own deployment watch, so each swaps by itself.
+
+Routes: cairn's own (/v1/models...), and the Open Inference Protocol v2 (/v2/...) that KServe,
+Triton and MLServer clients speak.
 """
 
 from __future__ import annotations
@@ -12,37 +17,67 @@ import contextlib
 import functools
 import json
 import logging
+import os
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from contracts import ArtifactRef, ContractError, ModelDeployed, decode, subject_for
+from contracts.records import RequestRecord
 from services.bus.connection import connect
 from services.ml.bundle import BUNDLE_MEDIA_TYPE, LoadedModel
 from services.ml.transform import input_schema
 from services.model_loading import load_champion, load_from_store
-from services.serving.logic import GenerateRequest, RequestProblem, newer, parse_rows
+from services.serving.batching import MicroBatcher, fast_predict
+from services.serving.logic import (
+    GenerateRequest,
+    RequestProblem,
+    checked_rows,
+    features,
+    newer,
+    present,
+    v2_outputs,
+    v2_rows,
+)
+from services.serving.records import RequestRecorder, input_hash
+from services.serving.textstream import TextDecoder, TextModel
 from services.settings import CairnSettings
 from services.tracking import Tracker
 
 log = logging.getLogger(__name__)
 WATCH_HEARTBEAT_S = 2.0
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by the launcher when several workers share /metrics
+V2_TYPES = {"numeric": "FP64", "boolean": "BOOL", "categorical": "BYTES"}
+
+
+def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(doc), status, headers, media_type="application/json")
 
 
 @dataclass(frozen=True)
 class Served:
+    """One loaded champion and what serves it: its batcher (tables) or its loaded GPT (text)."""
+
     name: str
     version: int
     model: LoadedModel
+    batcher: MicroBatcher | None = None
+    text: TextModel | None = None
+
+    @property
+    def task(self) -> str:
+        return self.model.spec["task"]
 
 
 class InferenceServer:
@@ -50,6 +85,7 @@ class InferenceServer:
         self.settings = settings
         self.models: dict[str, Served] = {}
         self.registry = CollectorRegistry()
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         self.requests = Counter(
             "cairn_inference_requests_total",
             "Inference requests.",
@@ -57,7 +93,11 @@ class InferenceServer:
             registry=self.registry,
         )
         self.latency = Histogram(
-            "cairn_inference_seconds", "Inference latency.", ["model"], registry=self.registry
+            "cairn_inference_seconds",
+            "Inference latency.",
+            ["model"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.swaps = Counter("cairn_model_swaps_total", "Champion swaps.", ["model"], registry=self.registry)
         self.refused = Counter(
@@ -66,13 +106,16 @@ class InferenceServer:
             ["model"],
             registry=self.registry,
         )
+        self.recorder = RequestRecorder(settings)
+        self.worker = {"x-cairn-worker": str(os.getpid())}  # which worker process answered
+        self._closing: set[asyncio.Task[None]] = set()  # swapped-out batchers finishing their queue
         self.nc = None
         self._watch: asyncio.Task[Any] | None = None
         self.loaded = asyncio.Event()
         self.watching = asyncio.Event()
 
     # Model state --------------------------------------------------------------------------
-    def _load(self, name: str, version: int, uri: str, sha256: str) -> Served:
+    def _load(self, name: str, version: int, uri: str, sha256: str) -> LoadedModel:
         """Only from the artifact store, only bytes that match their hash, never a pickle.
 
         The URIs come from events: the bundle's and its estimator's are checked against the store
@@ -80,7 +123,18 @@ class InferenceServer:
         hash-verified and parsed as JSON / XGBoost UBJSON (services.model_loading).
         """
         ref = ArtifactRef(uri=uri, sha256=sha256, size=0, media_type=BUNDLE_MEDIA_TYPE)
-        return Served(name, version, load_from_store(ref, self.settings))
+        return load_from_store(ref, self.settings)
+
+    def _ready(self, name: str, version: int, model: LoadedModel) -> Served:
+        """Everything a request needs, built before the swap (a text model's GPT is loaded here)."""
+        if model.task.value == "text_generation":
+            config = model.manifest["estimator"]["config"]
+            text = TextModel.load(model.checkpoint, config, model.spec["tokenizer"])
+            return Served(name, version, model, text=text)
+        batcher = MicroBatcher(
+            fast_predict(model), self.settings.serve_batch_wait_ms / 1000, self.settings.serve_batch_rows
+        )
+        return Served(name, version, model, batcher=batcher)
 
     async def swap(
         self, name: str, version: int, uri: str, sha256: str, load: Callable[[], LoadedModel] | None = None
@@ -88,12 +142,17 @@ class InferenceServer:
         """`load` overrides where the bundle comes from (a registry champion may live in MLflow)."""
         if not newer(self.models.get(name), version):
             return
-        if load is None:
-            served = await asyncio.to_thread(self._load, name, version, uri, sha256)
-        else:
-            served = Served(name, version, await asyncio.to_thread(load))
+        loader = load or functools.partial(self._load, name, version, uri, sha256)
+        served = await asyncio.to_thread(lambda: self._ready(name, version, loader()))
+        if not newer(self.models.get(name), version):  # a newer one won while this one loaded
+            return
+        old = self.models.get(name)
         self.models = {**self.models, name: served}
         self.swaps.labels(name).inc()
+        if old is not None and old.batcher is not None:
+            task = asyncio.get_running_loop().create_task(old.batcher.close())  # answers its queue, then ends
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         log.info("serving %s v%d (%s)", name, version, sha256[:12])
 
     async def load_champions(self) -> None:
@@ -189,6 +248,7 @@ class InferenceServer:
     async def startup(self) -> None:
         self.nc = await connect(self.settings, "serve", persistent=True)
         self._watch = asyncio.create_task(self.watch_deployments())
+        self.recorder.start(self.nc)
         await self.load_champions()
         self.loaded.set()
 
@@ -197,43 +257,43 @@ class InferenceServer:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
+        await self.recorder.stop()
+        for served in self.models.values():
+            if served.batcher is not None:
+                await served.batcher.close()
         if self.nc:
             await self.nc.close()
 
-    # HTTP ---------------------------------------------------------------------------------
+    # HTTP helpers -------------------------------------------------------------------------
+    def _error(self, name: str, status: int, message: str, **extra: Any) -> Response:
+        self.requests.labels(name, str(status)).inc()
+        return json_response({"error": message, **extra}, status)
+
     async def _read_body(self, request: Request, name: str) -> bytes | Response:
         """The request body, bounded by CAIRN_MAX_REQUEST_BYTES (chunked bodies are counted too)."""
         limit = self.settings.max_request_bytes
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            status = 413 if length.isdigit() else 400
-            self.requests.labels(name, str(status)).inc()
-            error = f"body over {limit} bytes" if status == 413 else "bad Content-Length"
-            return JSONResponse({"error": error}, status)
+            if length.isdigit():
+                return self._error(name, 413, f"body over {limit} bytes")
+            return self._error(name, 400, "bad Content-Length")
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.stream():  # chunked bodies have no Content-Length: count
             size += len(chunk)
             if size > limit:
-                self.requests.labels(name, "413").inc()
-                return JSONResponse({"error": f"body over {limit} bytes"}, 413)
+                return self._error(name, 413, f"body over {limit} bytes")
             chunks.append(chunk)
-        return b"".join(chunks)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _served(self, name: str, task: str | None) -> Served | Response:
         served = self.models.get(name)
         if served is None:
-            self.requests.labels(name, "404").inc()
-            return JSONResponse(
-                {"error": f"no champion for model {name!r}", "models": sorted(self.models)}, 404
-            )
-        is_text = served.model.spec["task"] == "text_generation"
+            return self._error(name, 404, f"no champion for model {name!r}", models=sorted(self.models))
+        is_text = served.task == "text_generation"
         if (task == "text_generation") != is_text:
-            self.requests.labels(name, "409").inc()
             verb = "generate" if is_text else "predict"
-            return JSONResponse(
-                {"error": f"model {name!r} is a {served.model.spec['task']} model: use /{verb}"}, 409
-            )
+            return self._error(name, 409, f"model {name!r} is a {served.task} model: use /{verb}")
         return served
 
     async def _request(self, request: Request, task: str | None) -> tuple[str, Served, bytes] | Response:
@@ -247,33 +307,113 @@ class InferenceServer:
             return body
         return name, served, body
 
-    async def predict(self, request: Request) -> Response:
-        got = await self._request(request, None)
-        if isinstance(got, Response):
-            return got
-        name, served, body = got
+    @staticmethod
+    def _json(body: bytes) -> Any:
+        """orjson first (fast); the standard parser only for what orjson refuses, so that NaN and
+        Infinity are told apart from broken JSON (a 422 about the value, not a 400)."""
         try:
-            frame = parse_rows(json.loads(body), input_schema(served.model.spec))
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return json.loads(body)
+
+    async def _admitted(self, request: Request, handle: Callable[..., Any]) -> Response:
+        """A table request, counted in flight on its model's batcher until answered (so a batch
+        waits for requests still being parsed, and only for them)."""
+        served = self._served(request.path_params["name"], None)
+        if isinstance(served, Response):
+            return served
+        served.batcher.inflight += 1
+        try:
+            return await handle(request, served)
+        finally:
+            served.batcher.inflight -= 1
+
+    async def _rows(self, request: Request, served: Served, v2: bool) -> tuple[str, bytes, Any] | Response:
+        name = served.name
+        body = await self._read_body(request, name)
+        if isinstance(body, Response):
+            return body
+        try:
+            doc = self._json(body)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            self.requests.labels(name, "400").inc()
-            return JSONResponse({"error": "body is not JSON"}, 400)
+            return self._error(name, 400, "body is not JSON")
+        try:
+            schema = input_schema(served.model.spec)
+            rows = v2_rows(doc, schema) if v2 else checked_rows(doc, schema)
         except RequestProblem as exc:
-            self.requests.labels(name, "422").inc()
-            return JSONResponse({"error": str(exc)}, 422)
-        with self.latency.labels(name).time():
-            predictions = await asyncio.to_thread(served.model.present, frame)
-        self.requests.labels(name, "200").inc()
-        return JSONResponse(
-            {
-                "model": name,
-                "version": served.version,
-                "sha256": served.model.ref.sha256,
-                "predictions": predictions,
-            }
+            return self._error(name, 422, str(exc))
+        return name, body, (doc, rows)
+
+    def _record(self, served: Served, route: str, body: bytes, rows: int, output: Any, start: float,
+                request_id: str) -> None:
+        if not self.recorder.sampled():
+            return
+        self.recorder.add(
+            RequestRecord(
+                request_id=request_id, model_name=served.name, model_version=served.version,
+                model_sha256=served.model.ref.sha256, route=route, input_sha256=input_hash(body), rows=rows,
+                output=output, received_at=time.time() - (time.perf_counter() - start),
+                latency_ms=(time.perf_counter() - start) * 1000,
+            )
         )
 
+    # Tables -------------------------------------------------------------------------------
+    async def predict(self, request: Request) -> Response:
+        return await self._admitted(request, self._predict)
+
+    async def _predict(self, request: Request, served: Served) -> Response:
+        start = time.perf_counter()
+        got = await self._rows(request, served, v2=False)
+        if isinstance(got, Response):
+            return got
+        name, body, (_, rows) = got
+        out = await served.batcher(features(served.model.spec, rows))
+        predictions = present(served.task, served.model.spec["classes"], out)
+        self.latency.labels(name).observe(time.perf_counter() - start)
+        self.requests.labels(name, "200").inc()
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        self._record(served, "predict", body, len(rows), predictions, start, request_id)
+        return json_response(
+            {"model": name, "version": served.version, "sha256": served.model.ref.sha256,
+             "predictions": predictions},
+            headers=self.worker,
+        )
+
+    async def v2_infer(self, request: Request) -> Response:
+        """Open Inference Protocol: named tensors in, named tensors out (JSON)."""
+        return await self._admitted(request, self._v2_infer)
+
+    async def _v2_infer(self, request: Request, served: Served) -> Response:
+        start = time.perf_counter()
+        got = await self._rows(request, served, v2=True)
+        if isinstance(got, Response):
+            return got
+        name, body, (doc, rows) = got
+        if not rows:
+            return self._error(name, 422, "no rows")
+        out = await served.batcher(features(served.model.spec, rows))
+        outputs = v2_outputs(served.task, served.model.spec["classes"], out)
+        wanted = {o.get("name") for o in doc.get("outputs") or [] if isinstance(o, dict)}
+        if wanted:
+            outputs = [o for o in outputs if o["name"] in wanted]
+        self.latency.labels(name).observe(time.perf_counter() - start)
+        self.requests.labels(name, "200").inc()
+        request_id = str(doc.get("id") or request.headers.get("x-request-id") or uuid.uuid4().hex)
+        self._record(served, "infer", body, len(rows), outputs, start, request_id)
+        return json_response(
+            {"model_name": name, "model_version": str(served.version), "id": request_id, "outputs": outputs,
+             "parameters": {"sha256": served.model.ref.sha256}},
+            headers=self.worker,
+        )
+
+    # Text ---------------------------------------------------------------------------------
     async def generate(self, request: Request) -> Response:
-        """Continue a prompt: {prompt, max_tokens, temperature, top_k, seed} (the seed fixes the text)."""
+        """Continue a prompt: {prompt, max_tokens, temperature, top_k, seed, stream}.
+
+        `tokens` counts the tokens really generated; with `stream: true` the answer is server-sent
+        events, one per token, then a final one with the counts. The seed fixes the text either way.
+        """
+        start = time.perf_counter()
         got = await self._request(request, "text_generation")
         if isinstance(got, Response):
             return got
@@ -281,25 +421,56 @@ class InferenceServer:
         try:
             ask = GenerateRequest.model_validate_json(body)
         except ValidationError as exc:
-            self.requests.labels(name, "422").inc()
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            return JSONResponse({"error": problems}, 422)
-        with self.latency.labels(name).time():
-            text = await asyncio.to_thread(
-                served.model.generate, ask.prompt, ask.max_tokens, ask.temperature, ask.top_k, ask.seed
+            return self._error(name, 422, problems)
+        text = served.text
+        prompt_ids = text.prompt_ids(ask.prompt)
+        head = {"model": name, "version": served.version, "sha256": served.model.ref.sha256}
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        tokens = text.tokens(prompt_ids, ask.max_tokens, ask.temperature, ask.top_k, ask.seed)
+        if ask.stream:
+            return StreamingResponse(
+                self._events(served, head, tokens, len(prompt_ids), body, start, request_id),
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache"},
             )
+        ids = await asyncio.to_thread(list, tokens)
+        decoder = TextDecoder(text.tokenizer)
+        out = "".join(decoder.piece(i) for i in ids) + decoder.end()
+        self.latency.labels(name).observe(time.perf_counter() - start)
         self.requests.labels(name, "200").inc()
-        return JSONResponse({"model": name, "version": served.version, "sha256": served.model.ref.sha256,
-                             "text": text, "tokens": ask.max_tokens})
+        self._record(served, "generate", body, 1, out, start, request_id)
+        return json_response({**head, "text": out, "tokens": len(ids), "prompt_tokens": len(prompt_ids)})
 
+    async def _events(self, served: Served, head: dict, tokens: Any, prompt_tokens: int, body: bytes,
+                      start: float, request_id: str) -> AsyncIterator[bytes]:
+        """One SSE event per token as it is produced; a client that leaves stops the generation."""
+        decoder = TextDecoder(served.text.tokenizer)
+        count, parts = 0, []
+        done = object()
+        while (token := await asyncio.to_thread(next, tokens, done)) is not done:
+            count += 1
+            piece = decoder.piece(token)
+            parts.append(piece)
+            yield b"data: " + orjson.dumps({"token": token, "text": piece}) + b"\n\n"
+        tail = decoder.end()
+        parts.append(tail)
+        final = {**head, "done": True, "text": "".join(parts), "tail": tail, "tokens": count,
+                 "prompt_tokens": prompt_tokens}
+        self.latency.labels(served.name).observe(time.perf_counter() - start)
+        self.requests.labels(served.name, "200").inc()
+        self._record(served, "generate", body, 1, final["text"], start, request_id)
+        yield b"event: done\ndata: " + orjson.dumps(final) + b"\n\n"
+
+    # Listing, health, metrics -------------------------------------------------------------
     async def list_models(self, _: Request) -> Response:
-        return JSONResponse(
+        return json_response(
             {
                 name: {
                     "version": s.version,
                     "sha256": s.model.ref.sha256,
                     "family": s.model.manifest["family"],
-                    "task": s.model.spec["task"],
+                    "task": s.task,
                     "columns": input_schema(s.model.spec) if "columns" in s.model.spec else None,
                 }
                 for name, s in sorted(self.models.items())
@@ -307,13 +478,60 @@ class InferenceServer:
         )
 
     async def healthz(self, _: Request) -> Response:
-        return JSONResponse({"alive": True})
+        return json_response({"alive": True})
+
+    def _is_ready(self) -> bool:
+        return self.loaded.is_set() and self.nc is not None and self.nc.is_connected
 
     async def readyz(self, _: Request) -> Response:
-        ok = self.loaded.is_set() and self.nc is not None and self.nc.is_connected
-        return JSONResponse({"ready": ok, "models": sorted(self.models)}, 200 if ok else 503)
+        ok = self._is_ready()
+        return json_response({"ready": ok, "models": sorted(self.models)}, 200 if ok else 503)
+
+    async def v2_live(self, _: Request) -> Response:
+        return json_response({"live": True})
+
+    async def v2_ready(self, _: Request) -> Response:
+        ok = self._is_ready()
+        return json_response({"ready": ok}, 200 if ok else 503)
+
+    async def v2_server(self, _: Request) -> Response:
+        return json_response({"name": "cairn", "version": "1", "extensions": []})
+
+    async def v2_model(self, request: Request) -> Response:
+        """Model metadata: the input tensors are the model's columns, in the order a 2-D tensor uses."""
+        name = request.path_params["name"]
+        served = self.models.get(name)
+        if served is None:
+            return json_response({"error": f"no champion for model {name!r}"}, 404)
+        if served.task == "text_generation":
+            inputs = [{"name": "prompt", "datatype": "BYTES", "shape": [1]}]
+            outputs = [{"name": "text", "datatype": "BYTES", "shape": [1]}]
+        else:
+            inputs = [{"name": c, "datatype": V2_TYPES.get(k, "FP64"), "shape": [-1]}
+                      for c, k in input_schema(served.model.spec).items()]
+            outputs = [{"name": "predict", "datatype": "FP64", "shape": [-1]}]
+            if served.task == "classification":
+                outputs = [{"name": "predict", "datatype": "BYTES", "shape": [-1]},
+                           {"name": "probabilities", "datatype": "FP64",
+                            "shape": [-1, len(served.model.spec["classes"])]}]
+        return json_response(
+            {"name": name, "versions": [str(served.version)],
+             "platform": f"cairn-{served.model.manifest['family']}",
+             "inputs": inputs, "outputs": outputs,
+             "parameters": {"sha256": served.model.ref.sha256, "task": served.task}}
+        )
+
+    async def v2_model_ready(self, request: Request) -> Response:
+        ready = request.path_params["name"] in self.models
+        return json_response({"name": request.path_params["name"], "ready": ready}, 200 if ready else 404)
 
     async def metrics(self, _: Request) -> Response:
+        if self.multiprocess:  # every worker's counters, from prometheus_client's shared files
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
     def app(self) -> Starlette:
@@ -330,9 +548,22 @@ class InferenceServer:
                 Route("/v1/models", self.list_models),
                 Route("/v1/models/{name}/predict", self.predict, methods=["POST"]),
                 Route("/v1/models/{name}/generate", self.generate, methods=["POST"]),
+                Route("/v2", self.v2_server),
+                Route("/v2/health/live", self.v2_live),
+                Route("/v2/health/ready", self.v2_ready),
+                Route("/v2/models/{name}", self.v2_model),
+                Route("/v2/models/{name}/ready", self.v2_model_ready),
+                Route("/v2/models/{name}/versions/{version}", self.v2_model),
+                Route("/v2/models/{name}/infer", self.v2_infer, methods=["POST"]),
+                Route("/v2/models/{name}/versions/{version}/infer", self.v2_infer, methods=["POST"]),
                 Route("/healthz", self.healthz),
                 Route("/readyz", self.readyz),
                 Route("/metrics", self.metrics),
             ],
             lifespan=lifespan,
         )
+
+
+def create_app() -> Starlette:
+    """The app factory each worker process calls (settings from its CAIRN_ environment)."""
+    return InferenceServer(CairnSettings()).app()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,6 +31,7 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(0.8, ge=0.0, le=5.0)
     top_k: int | None = Field(40, ge=1)
     seed: int = Field(0, ge=0, lt=2**32)
+    stream: bool = Field(False, description="Answer with server-sent events, one per token.")
 
 
 class RequestProblem(ValueError):
@@ -38,6 +40,12 @@ class RequestProblem(ValueError):
 
 def parse_rows(body: Any, schema: dict[str, str]) -> pd.DataFrame:
     """Accept one object, a list of objects, or {"rows": [...]}; refuse unknown columns and bad types."""
+    rows = checked_rows(body, schema)
+    return pd.DataFrame.from_records(rows, columns=list(schema))
+
+
+def checked_rows(body: Any, schema: dict[str, str]) -> list[dict[str, Any]]:
+    """The rows of a request body, validated against the input schema (no pandas: the hot path)."""
     rows = body.get("rows") if isinstance(body, dict) and "rows" in body else body
     if isinstance(rows, dict):
         rows = [rows]
@@ -45,6 +53,8 @@ def parse_rows(body: Any, schema: dict[str, str]) -> pd.DataFrame:
         raise RequestProblem('send a JSON object, a non-empty list of objects, or {"rows": [...]}')
     if len(rows) > MAX_ROWS:
         raise RequestProblem(f"{len(rows)} rows; at most {MAX_ROWS} per request")
+    if _plainly_valid(rows, schema):
+        return rows
     problems = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
@@ -71,4 +81,126 @@ def parse_rows(body: Any, schema: dict[str, str]) -> pd.DataFrame:
             break
     if problems:
         raise RequestProblem("; ".join(problems[:20]))
-    return pd.DataFrame.from_records(rows, columns=list(schema))
+    return rows
+
+
+def _plainly_valid(rows: list[Any], schema: dict[str, str]) -> bool:
+    """The common case in one tight pass: known columns, finite numbers, short strings where the
+    column is categorical. Anything else takes the detailed pass, which says what is wrong."""
+    numeric = {k for k, kind in schema.items() if kind != "categorical"}
+    for row in rows:
+        if type(row) is not dict:
+            return False
+        for key, value in row.items():
+            t = type(value)
+            if t is float:
+                if value - value != 0.0 or key not in schema:  # NaN and infinities fail the first test
+                    return False
+            elif t is int or t is bool or value is None:
+                if key not in schema:
+                    return False
+            elif t is str:
+                if key in numeric or key not in schema or len(value) > MAX_TEXT:
+                    return False
+            else:
+                return False
+    return True
+
+
+def features(spec: dict[str, Any], rows: list[dict[str, Any]]) -> np.ndarray:
+    """Checked rows -> the float32 feature matrix, as services.ml.transform.apply builds it from a
+    DataFrame (missing numerics: the training mean; unknown or missing categories: -1), without one.
+
+    A DataFrame costs ~1 ms per request before any model runs; a column at a time in numpy does not.
+    """
+    out = np.empty((len(rows), len(spec["columns"])), dtype=np.float32)
+    for j, col in enumerate(spec["columns"]):
+        name = col["name"]
+        values = [row.get(name) for row in rows]
+        if col["kind"] == "categorical":
+            lookup = {c: i for i, c in enumerate(col["categories"])}
+            out[:, j] = [-1 if v is None else lookup.get(str(v), -1) for v in values]
+        else:
+            numeric = np.array(values, dtype=np.float64)  # None -> NaN
+            out[:, j] = np.where(np.isnan(numeric), col["fill"], numeric)
+    return out
+
+
+V2_DATATYPES = {"FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64",
+                "BOOL", "BYTES"}
+
+
+def v2_rows(body: Any, schema: dict[str, str]) -> list[dict[str, Any]]:
+    """An Open Inference Protocol (v2) request's tensors as checked rows.
+
+    Either one tensor per column (its name is the column, shape [n] or [n, 1]), or one 2-D tensor
+    of shape [n, len(columns)] whose columns are in the order the model's metadata lists them.
+    """
+    inputs = body.get("inputs") if isinstance(body, dict) else None
+    if not isinstance(inputs, list) or not inputs:
+        raise RequestProblem('a v2 request is {"inputs": [{"name", "shape", "datatype", "data"}, ...]}')
+    tensors = []
+    for t in inputs:
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not isinstance(t.get("shape"), list):  # noqa: E501
+            raise RequestProblem("each input needs a name, a shape and data")
+        if t.get("datatype") not in V2_DATATYPES:
+            raise RequestProblem(f"input {t.get('name')!r}: datatype must be one of {sorted(V2_DATATYPES)}")
+        shape = t["shape"]
+        if not shape or len(shape) > 2 or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise RequestProblem(f"input {t['name']!r}: shape must be [n] or [n, k]")
+        data = _flat(t.get("data"))
+        if math.prod(shape) != len(data):
+            raise RequestProblem(f"input {t['name']!r}: {len(data)} values for shape {shape}")
+        tensors.append((t["name"], shape, data))
+    columns = list(schema)
+    if len(tensors) == 1 and len(tensors[0][1]) == 2 and tensors[0][0] not in schema:
+        name, (n, k), data = tensors[0]
+        if k != len(columns):
+            raise RequestProblem(f"input {name!r}: {k} columns; the model takes {len(columns)}: {columns}")
+        rows = [dict(zip(columns, data[i * k : (i + 1) * k], strict=True)) for i in range(n)]
+    else:
+        lengths = {shape[0] for _, shape, _ in tensors}
+        if len(lengths) != 1:
+            raise RequestProblem("every input tensor must have the same number of rows")
+        unknown = [name for name, _, _ in tensors if name not in schema]
+        if unknown:
+            raise RequestProblem(f"unknown inputs {unknown}; the model takes {columns}")
+        if any(len(shape) == 2 and shape[1] != 1 for _, shape, _ in tensors):
+            raise RequestProblem("a per-column input has shape [n] or [n, 1]")
+        n = lengths.pop()
+        rows = [{name: data[i] for name, _, data in tensors} for i in range(n)]
+    return checked_rows(rows, schema) if rows else rows
+
+
+def _flat(data: Any) -> list[Any]:
+    """v2 data may be flat or nested row-major lists."""
+    if not isinstance(data, list):
+        raise RequestProblem("input data must be a list")
+    if data and isinstance(data[0], list):
+        return [v for part in data for v in _flat(part)]
+    return data
+
+
+def v2_outputs(task: str, classes: list[Any], out: np.ndarray) -> list[dict[str, Any]]:
+    """Named output tensors: `predict` (values, or class labels) and, for classifiers, `probabilities`."""
+    n = len(out)
+    if task == "regression":
+        return [{"name": "predict", "shape": [n], "datatype": "FP64", "data": out.astype(float).tolist()}]
+    labels = [classes[i] for i in out.argmax(axis=1).tolist()]
+    kind = "BYTES" if any(isinstance(c, str) for c in classes) else "FP64"
+    return [
+        {"name": "predict", "shape": [n], "datatype": kind, "data": labels},
+        {"name": "probabilities", "shape": [n, len(classes)], "datatype": "FP64",
+         "data": out.astype(float).ravel().tolist(), "parameters": {"classes": classes}},
+    ]
+
+
+def present(task: str, classes: list[Any], out: np.ndarray) -> list[Any]:
+    """Predictions as the v1 routes return them: numbers, or {label, probabilities}."""
+    if task == "regression":
+        return out.astype(float).tolist()
+    return [
+        {"label": classes[int(max(range(len(row)), key=row.__getitem__))],
+         "probabilities": dict(zip(classes, row, strict=True))}
+        for row in out.astype(float).tolist()
+    ]

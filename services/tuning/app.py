@@ -8,6 +8,7 @@ rung), so when two replicas both see a rung complete, the server keeps one decis
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -28,16 +29,39 @@ from contracts import (
 )
 from services.bus.consumer import Delivery, PermanentError
 from services.bus.provision import study_bucket
+from services.cache import StepVersion
 from services.runtime import Route, Service
 from services.tuning import logic
+
+# A study's outcome is computed by training's trial functions: their code and libraries count too.
+CODE = ("tuning", "training", "ml")
+LIBRARIES = ("xgboost", "scikit-learn", "numpy", "pandas", "pyarrow", "torch", "safetensors")
+
+
+def cache_inputs(features: FeaturesBuilt) -> dict[str, Any]:
+    """Feature set, transform and dataset (by sha256), the seed and the tuning spec: the whole
+    features-built payload, which is also what a study plan carries (`plan.features`)."""
+    return features.model_dump(mode="json")
 
 
 class Tuning(Service):
     name = "tuning"
 
+    @functools.cached_property
+    def version(self) -> StepVersion:
+        return StepVersion.of("tuning", CODE, LIBRARIES, self.settings)
+
     def routes(self) -> Sequence[Route]:
         return [
-            Route(FeaturesBuilt, self.on_features_built),
+            # A hit serves the study's end (tuning-completed): no plan, no trial. A miss plans the
+            # study; its end is kept when the last rung is decided (`_complete`).
+            Route(
+                FeaturesBuilt,
+                self.on_features_built,
+                cache_version=self.version,
+                cache_inputs=lambda event: cache_inputs(event.data),
+                cache_store=False,
+            ),
             Route(TuningRequested, self.on_tuning_requested),
             Route(TrialCompleted, self.on_trial_completed, max_workers=4),
         ]
@@ -138,13 +162,16 @@ class Tuning(Service):
             leaderboard=board,
             duration_s=max(duration, 0.0),
         )
-        return new_event(
+        completed = new_event(
             result,
             source=self.source,
             cause=cause,
             event_id=derive_id(plan.study_id, event_type_of(TuningCompleted)),
             subject=plan.context.model_name,
         )
+        if self.cache is not None and self.cache.enabled:
+            await self.cache.put("tuning", self.version.key(cache_inputs(plan.features)), [completed])
+        return completed
 
 
 async def _create_rung(kv, study_id: str, rung: int, trial_ids: list[int]) -> None:

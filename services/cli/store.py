@@ -1,0 +1,155 @@
+"""The artifact store's retention: gc, hold."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Annotated, Any
+
+import typer
+
+from services.cli.common import EXIT_USAGE, CliError, app, connect_nats, settings, stream_missing
+
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `30m`, `1h`, `7d` -> seconds."""
+    found = DURATION.match(text.lower())
+    if not found:
+        raise CliError(f"--grace {text!r} is not a duration: give e.g. 90s, 30m, 1h or 7d", EXIT_USAGE)
+    return float(found[1]) * UNITS[found[2]]
+
+
+def _caught_up_runs(s: Any) -> dict[str, Any]:
+    """The runs of the lineage store, which must first have every event of the stream: a reference
+    gc does not see would be a file it deletes."""
+    from services import gc
+    from services.lineage.catchup import wait_until_caught_up
+    from services.lineage.store import LineageStore, artifact_refs
+
+    store = LineageStore(s.lineage_url)
+
+    async def go() -> tuple[int, int]:
+        from nats.js.errors import NotFoundError
+
+        await (await connect_nats(s, "gc")).close()
+        try:
+            return await wait_until_caught_up(s, store, 60.0)
+        except NotFoundError:
+            raise stream_missing(s) from None
+
+    at, last = asyncio.run(go())
+    if at < last:
+        raise CliError(
+            f"the lineage store is behind the stream ({at} of {last} events): is the lineage service "
+            "running? gc deletes nothing it cannot see the references of"
+        )
+    events = []
+    for record in store.all():
+        doc = record.event()
+        if doc is not None:
+            events.append((record.seq, doc, [ref["sha256"] for _, ref in artifact_refs(doc.get("data"))]))
+    return gc.runs_of(events)
+
+
+@app.command("gc")
+def collect_garbage(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would go; delete nothing.")] = False,
+    keep_champions: Annotated[
+        int | None,
+        typer.Option(help="Past champions kept per model, beside the current one (CAIRN_GC_KEEP_CHAMPIONS)."),
+    ] = None,
+    keep_runs: Annotated[
+        int | None, typer.Option(help="Latest runs kept per model (CAIRN_GC_KEEP_RUNS).")
+    ] = None,
+    grace: Annotated[
+        str | None, typer.Option(help="Never delete files younger than this, e.g. 1h (CAIRN_GC_GRACE_S).")
+    ] = None,
+) -> None:
+    """Delete the artifacts no champion, recent run, hold or unfinished run reaches; print bytes freed."""
+    from services import gc
+    from services.tracking import Tracker
+
+    s = settings()
+    if (keep_champions is not None and keep_champions < 0) or (keep_runs is not None and keep_runs < 0):
+        raise CliError("--keep-champions and --keep-runs must be 0 or more", EXIT_USAGE)
+    policy = gc.Policy(
+        keep_champions=s.gc_keep_champions if keep_champions is None else keep_champions,
+        keep_runs=s.gc_keep_runs if keep_runs is None else keep_runs,
+        grace_s=s.gc_grace_s if grace is None else parse_duration(grace),
+    )
+    runs = _caught_up_runs(s)
+    try:
+        tracker = Tracker.from_settings(s)
+        champions = [c.model_sha256 for c in tracker.champions().values() if c.model_sha256]
+    except Exception as exc:  # noqa: BLE001 - without the registry gc cannot know every champion
+        raise CliError(
+            f"cannot read the model registry at {s.tracking_uri}: {type(exc).__name__}: {exc}"
+        ) from None
+    keep = gc.keep_set(runs, gc.read_holds(s.home_dir), policy, champions)
+    files = gc.collect(s.artifacts)
+    now = time.time()
+    doomed, kept = gc.plan(files, keep, now, policy.grace_s)
+    # A kept bundle names its estimator file: keep that too.
+    named = gc.bundle_references(s.artifacts, [f for f, _ in kept])
+    doomed, saved = [f for f in doomed if f.sha256 not in named], [f for f in doomed if f.sha256 in named]
+    kept += [(f, "named by a kept model bundle") for f in saved]
+    size = sum(f.size for f in doomed)
+    verb = "would delete" if dry_run else "deleting"
+    for f in doomed:
+        typer.echo(f"{verb} {f.sha256[:12]} {f.size:>10} {f.path}")
+    if dry_run:
+        typer.echo(f"would free {size} bytes in {len(doomed)} files; {len(kept)} files kept")
+        return
+    freed = gc.delete(s.artifacts, doomed)
+    marked = 0
+    for run_id in gc.removed_runs(runs, {f.sha256 for f in doomed}):
+        try:
+            tracker.client.set_tag(run_id, "cairn.gc", gc.gc_tag_value(now))
+            marked += 1
+        except Exception as exc:  # noqa: BLE001 - a run deleted from MLflow by hand: say so, go on
+            typer.echo(f"could not tag MLflow run {run_id}: {type(exc).__name__}", err=True)
+    typer.echo(
+        f"freed {freed} bytes in {len(doomed)} files; {len(kept)} files kept; {marked} MLflow runs marked"
+    )
+
+
+@app.command()
+def hold(
+    ident: Annotated[
+        str | None,
+        typer.Argument(help="Event id or unique prefix (holds its run), artifact sha256, or model@version."),
+    ] = None,
+    release: Annotated[bool, typer.Option("--release", help="Release the hold on ID.")] = False,
+    list_: Annotated[bool, typer.Option("--list", help="List the holds.")] = False,
+) -> None:
+    """Keep a run, an artifact or a model version from `cairn gc` until released (a legal hold)."""
+    from services import gc
+
+    s = settings()
+    holds = gc.read_holds(s.home_dir)
+    if list_:
+        for h in holds:
+            what = f"run {h.correlation}" if h.correlation else f"artifact {h.sha256}"
+            typer.echo(f"{h.id}\t{what}\tsince {gc.gc_tag_value(h.at).split(' ', 1)[1]}")
+        return
+    if not ident:
+        raise CliError("give an ID to hold (or --release ID, or --list)", EXIT_USAGE)
+    if release:
+        left = [h for h in holds if h.id != ident]
+        if len(left) == len(holds):
+            raise CliError(f"no hold on {ident!r} (see `cairn hold --list`)", EXIT_USAGE)
+        gc.write_holds(s.home_dir, left)
+        typer.echo(f"released {ident}")
+        return
+    try:
+        held = gc.resolve_hold(ident, _caught_up_runs(s))
+    except LookupError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    gc.write_holds(s.home_dir, [h for h in holds if h.id != ident] + [held])
+    typer.echo(
+        f"held {ident}: " + (f"run {held.correlation}" if held.correlation else f"artifact {held.sha256}")
+    )

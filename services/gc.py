@@ -1,0 +1,308 @@
+"""`cairn gc`: delete the artifacts nothing worth keeping reaches; `cairn hold`: keep something for good.
+
+Content addressing makes every artifact a file named by its sha256, shared by every run that
+produced the same bytes (a resubmission served from the step cache names the first run's files).
+So what to keep is a set of hashes, computed from the lineage store (every event ever published,
+and each artifact it names) and the model registry:
+
+- every artifact of the runs of the current and the last `keep_champions` past champions of each
+  model (from model-deployed events, and the registry's `champion` alias), so an audit of a kept
+  model finds its data, features, transform and bundle;
+- every artifact of the last `keep_runs` runs of each model;
+- every artifact of a run, event or model version under a legal hold, and every held hash;
+- every artifact of a run that has not ended (no terminal event yet: a step may be using it), and
+  every file younger than the grace period (a step may be writing it before any event names it);
+- the files a kept model bundle names (its estimator).
+
+Everything else in the store (sha256/ and landing/) is deleted, and the MLflow runs whose model
+was removed get the tag `cairn.gc` (time of removal). Holds live in `<home>/holds.json`.
+The pure functions decide; `collect` and `delete` are the only ones that touch the store.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from contracts import ModelDeployed, ModelTrained
+from contracts.runs import type_ends_run
+
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MODEL_VERSION = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)@(?P<version>\d+)$")
+DEPLOYED: str = ModelDeployed.EVENT_TYPE  # type: ignore[attr-defined]
+TRAINED: str = ModelTrained.EVENT_TYPE  # type: ignore[attr-defined]
+HOLDS_FILE = "holds.json"
+
+
+@dataclass
+class Run:
+    """One pipeline run as the lineage recorded it."""
+
+    correlation: str
+    first_seq: int
+    model_name: str | None = None
+    ended: bool = False
+    artifacts: set[str] = field(default_factory=set)
+    event_ids: set[str] = field(default_factory=set)
+    deployed: list[tuple[int, int]] = field(default_factory=list)  # (seq, registry version)
+    mlflow_runs: dict[str, str] = field(default_factory=dict)  # model sha256 -> MLflow run id
+
+
+@dataclass(frozen=True)
+class Policy:
+    keep_champions: int = 3
+    keep_runs: int = 5
+    grace_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class Hold:
+    """What `cairn hold ID` resolved ID to: a whole run, or one artifact."""
+
+    id: str
+    correlation: str | None = None
+    sha256: str | None = None
+    at: float = 0.0
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: str
+    sha256: str
+    size: int
+    mtime: float
+
+
+def _model_name(data: Mapping[str, Any]) -> str | None:
+    context = data.get("context")
+    if isinstance(context, dict) and isinstance(context.get("model_name"), str):
+        return context["model_name"]
+    name = data.get("model_name")
+    return name if isinstance(name, str) else None
+
+
+def runs_of(events: Iterable[tuple[int, Mapping[str, Any], Iterable[str]]]) -> dict[str, Run]:
+    """Runs by correlation id, from (seq, event, artifact hashes it names) in stream order."""
+    runs: dict[str, Run] = {}
+    for seq, event, shas in events:
+        correlation = event.get("correlationid")
+        if not isinstance(correlation, str):
+            continue
+        run = runs.setdefault(correlation, Run(correlation, seq))
+        data = event.get("data") if isinstance(event.get("data"), dict) else {}
+        run.model_name = run.model_name or _model_name(data)
+        run.artifacts.update(shas)
+        run.event_ids.add(str(event.get("id")))
+        event_type = str(event.get("type"))
+        run.ended = run.ended or type_ends_run(event_type, data.get("passed"))
+        if event_type == DEPLOYED and isinstance(data.get("version"), int):
+            run.deployed.append((seq, data["version"]))
+        if event_type == TRAINED and isinstance(data.get("model"), dict) and data.get("mlflow_run_id"):
+            run.mlflow_runs[data["model"]["sha256"]] = data["mlflow_run_id"]
+    return runs
+
+
+def champion_runs(runs: Mapping[str, Run], keep: int) -> dict[str, str]:
+    """Correlation -> why, for the runs that deployed each model's current champion or one of its
+    last `keep` past ones (versions ordered by their latest deployment, newest first)."""
+    by_model: dict[str, list[tuple[int, int, str]]] = {}
+    for run in runs.values():
+        for seq, version in run.deployed:
+            by_model.setdefault(run.model_name or "?", []).append((seq, version, run.correlation))
+    out: dict[str, str] = {}
+    for name, deployments in by_model.items():
+        versions: list[int] = []
+        for _, version, _ in sorted(deployments, reverse=True):
+            if version not in versions:
+                versions.append(version)
+        kept = versions[: keep + 1]
+        for _, version, correlation in sorted(deployments, reverse=True):
+            if version in kept:
+                role = "champion" if version == kept[0] else "past champion"
+                out.setdefault(correlation, f"{name}@{version} {role}")
+    return out
+
+
+def keep_set(
+    runs: Mapping[str, Run],
+    holds: Iterable[Hold],
+    policy: Policy,
+    registry_champions: Iterable[str] = (),
+) -> dict[str, str]:
+    """sha256 -> the first reason it is kept. Pure: the lineage, the holds and the registry decide."""
+    why_run: dict[str, str] = dict(champion_runs(runs, policy.keep_champions))
+    by_model: dict[str, list[Run]] = {}
+    for run in runs.values():
+        by_model.setdefault(run.model_name or "?", []).append(run)
+        if not run.ended:
+            why_run.setdefault(run.correlation, "run in progress")
+    for name, model_runs in by_model.items():
+        recent = sorted(model_runs, key=lambda r: r.first_seq, reverse=True)[: policy.keep_runs]
+        for run in recent:
+            why_run.setdefault(run.correlation, f"one of the last {policy.keep_runs} runs of {name}")
+    keep: dict[str, str] = {}
+    for hold in holds:
+        if hold.correlation in runs:
+            why_run.setdefault(hold.correlation, f"hold {hold.id}")  # type: ignore[arg-type]
+        if hold.sha256:
+            keep.setdefault(hold.sha256, f"hold {hold.id}")
+    for sha in registry_champions:
+        keep.setdefault(sha, "registry champion")
+    for correlation, why in why_run.items():
+        for sha in runs[correlation].artifacts:
+            keep.setdefault(sha, f"{why} (run {correlation[:8]})")
+    return keep
+
+
+def plan(
+    files: Iterable[StoredFile], keep: Mapping[str, str], now: float, grace_s: float
+) -> tuple[list[StoredFile], list[tuple[StoredFile, str]]]:
+    """(to delete, kept with why): kept when its hash is kept or it is younger than the grace."""
+    delete, kept = [], []
+    for f in files:
+        if f.sha256 in keep:
+            kept.append((f, keep[f.sha256]))
+        elif now - f.mtime < grace_s:
+            kept.append((f, f"younger than the grace period ({grace_s:g} s)"))
+        else:
+            delete.append(f)
+    return delete, kept
+
+
+# Holds ----------------------------------------------------------------------------------------
+def resolve_hold(ident: str, runs: Mapping[str, Run], now: float | None = None) -> Hold:
+    """An id to hold: an artifact sha256 (64 hex), `model@version`, or an event id or unique
+    prefix (at least 8 characters), which holds that event's whole run (a run's id is its first
+    event's). LookupError says what matched nothing or too much."""
+    at = time.time() if now is None else now
+    ident = ident.strip()
+    if SHA256.match(ident.lower()):
+        return Hold(ident, sha256=ident.lower(), at=at)
+    if found := MODEL_VERSION.match(ident):
+        version = int(found["version"])
+        for run in runs.values():
+            if run.model_name == found["name"] and any(v == version for _, v in run.deployed):
+                return Hold(ident, correlation=run.correlation, at=at)
+        raise LookupError(f"no deployment of {ident} in the lineage")
+    if len(ident) < 8:
+        raise LookupError(f"{ident!r} is too short: give at least 8 characters of an id")
+    matches = {
+        run.correlation
+        for run in runs.values()
+        for eid in run.event_ids | {run.correlation}
+        if eid.startswith(ident)
+    }
+    if not matches:
+        raise LookupError(f"no event, run, artifact or model version matches {ident!r}")
+    if len(matches) > 1:
+        raise LookupError(f"{ident!r} is ambiguous: it matches {len(matches)} runs; give more characters")
+    return Hold(ident, correlation=matches.pop(), at=at)
+
+
+def read_holds(home: Path) -> list[Hold]:
+    path = home / HOLDS_FILE
+    if not path.exists():
+        return []
+    return [Hold(**doc) for doc in json.loads(path.read_text())]
+
+
+def write_holds(home: Path, holds: Iterable[Hold]) -> None:
+    """Written to a temporary name, then moved: a crash never leaves half a holds file."""
+    path = home / HOLDS_FILE
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([h.__dict__ for h in holds], indent=1))
+    tmp.replace(path)
+
+
+# The store ------------------------------------------------------------------------------------
+def sha_of(path: str, root: str) -> str | None:
+    """`sha256/<hh>/<hash><suffix>` or `landing/sha256/<hh>/<hash>/<name>` -> the hash."""
+    parts = path[len(root) :].strip("/").split("/")
+    if len(parts) == 3 and parts[0] == "sha256":
+        candidate = parts[2][:64]
+    elif len(parts) == 5 and parts[:2] == ["landing", "sha256"]:
+        candidate = parts[3]
+    else:
+        return None
+    return candidate if SHA256.match(candidate) else None
+
+
+def collect(store_url: str) -> list[StoredFile]:
+    """Every content-addressed file in the store (temporary upload names are not: grace covers them)."""
+    fs, root = fsspec.core.url_to_fs(store_url.rstrip("/"))
+    root = root.rstrip("/")
+    out = []
+    for prefix in (f"{root}/sha256", f"{root}/landing/sha256"):
+        if not fs.exists(prefix):
+            continue
+        for path, info in fs.find(prefix, detail=True).items():
+            sha = sha_of(path, root)
+            if sha is None or path.split("/")[-1].count(".tmp-"):
+                continue
+            mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
+            if isinstance(mtime, datetime):
+                mtime = mtime.timestamp()
+            out.append(StoredFile(path, sha, int(info.get("size") or 0), float(mtime)))
+    return out
+
+
+def bundle_references(store_url: str, kept: Iterable[StoredFile]) -> set[str]:
+    """Hashes named inside kept JSON artifacts (a model bundle names its estimator file)."""
+    fs, _ = fsspec.core.url_to_fs(store_url.rstrip("/"))
+    found: set[str] = set()
+
+    def walk(doc: Any) -> None:
+        if isinstance(doc, dict):
+            if isinstance(doc.get("sha256"), str) and SHA256.match(doc["sha256"]):
+                found.add(doc["sha256"])
+            for value in doc.values():
+                walk(value)
+        elif isinstance(doc, list):
+            for value in doc:
+                walk(value)
+
+    for f in kept:
+        if f.path.endswith(".json") and f.size < 16 * 1024 * 1024:
+            try:
+                walk(json.loads(fs.cat_file(f.path)))
+            except (ValueError, OSError):
+                continue
+    return found
+
+
+def delete(store_url: str, files: Iterable[StoredFile]) -> int:
+    """Remove the files (and a landing file's now empty folder); returns the bytes freed."""
+    fs, _ = fsspec.core.url_to_fs(store_url.rstrip("/"))
+    freed = 0
+    for f in files:
+        try:
+            fs.rm_file(f.path)
+        except FileNotFoundError:
+            continue
+        freed += f.size
+        if "/landing/" in f.path:
+            folder = f.path.rsplit("/", 1)[0]
+            try:
+                if not fs.ls(folder):
+                    fs.rmdir(folder)
+            except OSError:
+                pass
+    return freed
+
+
+def removed_runs(runs: Mapping[str, Run], removed: set[str]) -> dict[str, str]:
+    """MLflow run id -> model sha256, for the final fits whose model bundle was removed."""
+    return {run_id: sha for run in runs.values() for sha, run_id in run.mlflow_runs.items() if sha in removed}
+
+
+def gc_tag_value(now: float) -> str:
+    return "removed " + datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds")

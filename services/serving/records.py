@@ -1,0 +1,109 @@
+"""Request records: which model version answered which request, off the hot path.
+
+A sampled request leaves a `contracts.records.RequestRecord` in a bounded buffer; a background
+task publishes the buffer every `FLUSH_S` on the record stream's subject (core NATS publish:
+JetStream stores it, nothing waits for an ack). A full buffer drops records and counts them;
+a publish that fails drops that batch. Neither ever delays or fails a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+from typing import Any
+
+import orjson
+
+from contracts.records import RequestRecord, record_subject
+from services.bus.provision import record_stream
+from services.settings import CairnSettings
+
+log = logging.getLogger(__name__)
+FLUSH_S = 0.5
+MAX_BUFFERED = 10_000
+
+
+def input_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+class RequestRecorder:
+    def __init__(self, settings: CairnSettings, rng: random.Random | None = None):
+        self.rate = settings.request_record_rate
+        self.subject = record_subject(settings.namespace)
+        self.buffer: list[bytes] = []
+        self.dropped = 0
+        self.published = 0
+        self.rng = rng or random.Random()  # noqa: S311 - sampling, not security
+        self.nc: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    def sampled(self) -> bool:
+        return self.rate > 0 and (self.rate >= 1 or self.rng.random() < self.rate)
+
+    def add(self, record: RequestRecord) -> None:
+        if len(self.buffer) >= MAX_BUFFERED:
+            self.dropped += 1
+            return
+        self.buffer.append(orjson.dumps(record.model_dump(mode="json")))
+
+    def start(self, nc: Any) -> None:
+        if self.rate > 0:
+            self.nc = nc
+            self._task = asyncio.create_task(self._flush_forever())
+
+    async def flush(self) -> None:
+        batch, self.buffer = self.buffer, []
+        if not batch or self.nc is None:
+            return
+        try:
+            for data in batch:
+                await self.nc.publish(self.subject, data)
+            await self.nc.flush(timeout=2)
+            self.published += len(batch)
+        except Exception as exc:  # noqa: BLE001 - records are best effort by design
+            self.dropped += len(batch)
+            log.warning("dropped %d request records: %s", len(batch), type(exc).__name__)
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            await self.flush()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            await self.flush()
+
+
+async def read_records(
+    js: Any, settings: CairnSettings, *, model: str | None = None, last: int = 100
+) -> list[RequestRecord]:
+    """The newest `last` records of the record stream (of one model if named), oldest first.
+
+    The reader behind a `cairn serving requests` command: direct gets by sequence, no consumer.
+    """
+    from nats.js.errors import NotFoundError
+
+    try:
+        state = (await js.stream_info(record_stream(settings))).state
+    except NotFoundError:
+        return []
+    out: list[RequestRecord] = []
+    seq = state.last_seq
+    while seq >= max(state.first_seq, 1) and len(out) < last:
+        try:
+            msg = await js.get_msg(record_stream(settings), seq, direct=True)
+        except NotFoundError:
+            seq -= 1
+            continue
+        record = RequestRecord.model_validate_json(msg.data)
+        if model is None or record.model_name == model:
+            out.append(record)
+        seq -= 1
+    return out[::-1]

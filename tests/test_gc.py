@@ -1,0 +1,180 @@
+"""Retention: what `cairn gc` keeps and frees on a real store, and `cairn hold`.
+
+The decisions are pure functions over the lineage (tested directly); the journey runs four real
+runs through `cairn up` and collects the store with the `cairn` executable.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+
+from services import gc
+from services.artifacts import read_verified
+from tests.test_cache import of_type, submit
+from tests.test_journeys import cairn, write_table
+
+SHA = "a" * 64
+
+
+def run(correlation: str, seq: int, model: str, shas: set[str], *, ended=True, deployed=()) -> gc.Run:
+    return gc.Run(correlation, seq, model, ended, set(shas), {correlation}, list(deployed))
+
+
+# Pure decisions ----------------------------------------------------------------------------------
+def test_keep_set_champions_recent_runs_holds_and_unfinished_runs() -> None:
+    runs = {
+        "r1": run("r1", 1, "m", {"d1", "m1"}, deployed=[(9, 1)]),
+        "r2": run("r2", 10, "m", {"d2", "m2"}, deployed=[(19, 2)]),
+        "r3": run("r3", 20, "m", {"d3"}),
+        "r4": run("r4", 30, "m", {"d4"}),
+        "r5": run("r5", 40, "m", {"d5"}, ended=False),
+        "r6": run("r6", 50, "other", {"d6"}),
+    }
+    keep = gc.keep_set(runs, [gc.Hold("r3", correlation="r3"), gc.Hold(SHA, sha256=SHA)], gc.Policy(0, 1, 0))
+    assert {"m2", "d2"} <= keep.keys() and "champion" in keep["m2"]
+    assert {"m1", "d1"}.isdisjoint(keep), "past champions beyond the depth go"
+    assert "d3" in keep and "hold" in keep["d3"]
+    assert "d4" not in keep, "neither the latest run nor held nor a champion"
+    assert "d5" in keep, "the latest run, and unfinished"
+    assert "d6" in keep, "the last run is kept per model"
+    assert SHA in keep
+    deeper = gc.keep_set(runs, [], gc.Policy(1, 0, 0))
+    assert "m1" in deeper and "past champion" in deeper["m1"]
+    assert "d5" in deeper and "in progress" in deeper["d5"]
+
+
+def test_plan_keeps_what_is_younger_than_the_grace() -> None:
+    files = [gc.StoredFile("/s/a", "a", 10, 1000.0), gc.StoredFile("/s/b", "b", 20, 1990.0)]
+    delete, kept = gc.plan(files, {}, now=2000.0, grace_s=60)
+    assert [f.sha256 for f in delete] == ["a"]
+    assert kept[0][0].sha256 == "b" and "grace" in kept[0][1]
+
+
+def test_store_paths_name_their_hash() -> None:
+    assert gc.sha_of(f"/st/sha256/aa/{SHA}.parquet", "/st") == SHA
+    assert gc.sha_of(f"/st/landing/sha256/aa/{SHA}/houses.csv", "/st") == SHA
+    assert gc.sha_of("/st/landing/tmp/abc", "/st") is None
+
+
+def test_holds_resolve_runs_artifacts_and_model_versions() -> None:
+    runs = {"3f2a9b1c-0000": run("3f2a9b1c-0000", 1, "houses", {"d"}, deployed=[(5, 2)])}
+    runs["3f2a9b1c-0000"].event_ids.add("77aa00bb-1111")
+    assert gc.resolve_hold("3f2a9b1c", runs).correlation == "3f2a9b1c-0000"
+    assert gc.resolve_hold("77aa00bb", runs).correlation == "3f2a9b1c-0000", "an event holds its run"
+    assert gc.resolve_hold("houses@2", runs).correlation == "3f2a9b1c-0000"
+    assert gc.resolve_hold(SHA.upper(), runs).sha256 == SHA
+    for bad in ("houses@3", "nothing-like-it", "3f2a"):
+        with pytest.raises(LookupError):
+            gc.resolve_hold(bad, runs)
+
+
+# The user's path ---------------------------------------------------------------------------------
+@pytest.fixture
+def system(retention_system: dict) -> dict:
+    return retention_system
+
+
+def artifacts_of(events: list[dict[str, Any]]) -> dict[str, str]:
+    """sha256 -> uri of every artifact a run's events name."""
+    from services.lineage.store import artifact_refs
+
+    return {ref["sha256"]: ref["uri"] for e in events for _, ref in artifact_refs(e["data"])}
+
+
+def exists(uri: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.exists(path)
+
+
+@pytest.mark.slow
+def test_gc_frees_what_nothing_keeps_and_an_audit_of_the_champion_stays_complete(
+    system: dict, tmp_path: Path
+) -> None:
+    env, root = system["env"], system["root"]
+    runs = []
+    for seed in range(4):
+        code, events = submit(
+            system, write_table(tmp_path / f"d{seed}", rows=120, seed=seed), "--model-name", "gcm"
+        )
+        assert code == (0 if seed == 0 else 3), events
+        runs.append(events)
+    champion, doomed, held, latest = runs
+    assert of_type(champion, "cairn.model.deployed.v1")
+
+    # Everything is younger than the default grace period: nothing would go.
+    young = cairn("gc", "--dry-run", "--keep-runs", "0", "--keep-champions", "0", env=env, cwd=root)
+    assert young.returncode == 0, young.stderr
+    assert "would free 0 bytes" in young.stdout
+
+    hold_id = held[0]["correlationid"][:8]
+    assert cairn("hold", hold_id, env=env, cwd=root).returncode == 0
+    listed = cairn("hold", "--list", env=env, cwd=root)
+    assert hold_id in listed.stdout and held[0]["correlationid"] in listed.stdout
+
+    policy = ["--keep-runs", "1", "--keep-champions", "0", "--grace", "0s"]
+    dry = cairn("gc", "--dry-run", *policy, env=env, cwd=root)
+    assert dry.returncode == 0, dry.stderr
+    gone = artifacts_of(doomed)
+    keep = {**artifacts_of(champion), **artifacts_of(held), **artifacts_of(latest)}
+    doomed_only = {sha: uri for sha, uri in gone.items() if sha not in keep}
+    assert doomed_only, "the second run has artifacts of its own"
+    for sha in doomed_only:
+        assert sha[:12] in dry.stdout, f"dry run does not list {sha}"
+    for sha in keep:
+        assert sha[:12] not in dry.stdout
+    assert all(exists(uri) for uri in doomed_only.values()), "a dry run deletes nothing"
+
+    real = cairn("gc", *policy, env=env, cwd=root)
+    assert real.returncode == 0, real.stderr
+    freed = int(re.search(r"freed (\d+) bytes", real.stdout).group(1))
+    assert freed > 0 and not any(exists(uri) for uri in doomed_only.values())
+    assert int(re.search(r"(\d+) MLflow runs marked", real.stdout).group(1)) >= 1
+
+    # The champion's audit is complete: every artifact of its run reads back with its hash, the
+    # model bundle's estimator too, and the chain verifies.
+    for sha, uri in keep.items():
+        read_verified(uri, sha)
+    [deployed] = of_type(champion, "cairn.model.deployed.v1")
+    bundle = deployed["data"]["model"]
+    estimator = json.loads(read_verified(bundle["uri"], bundle["sha256"]))["estimator"]
+    read_verified(estimator["uri"], estimator["sha256"])
+    lineage = cairn("lineage", deployed["id"], env=env, cwd=root)
+    assert lineage.returncode == 0, lineage.stderr
+    assert cairn("audit", "verify", env=env, cwd=root).returncode == 0
+
+    # The MLflow run of the removed model says so.
+    from mlflow import MlflowClient
+
+    [trained] = of_type(doomed, "cairn.model.trained.v1")
+    client = MlflowClient(tracking_uri=f"sqlite:///{system['home'] / 'mlflow.db'}")
+    assert client.get_run(trained["data"]["mlflow_run_id"]).data.tags["cairn.gc"].startswith("removed ")
+
+    # Released, the held run goes on the next collection.
+    assert cairn("hold", "--release", hold_id, env=env, cwd=root).returncode == 0
+    again = cairn("gc", *policy, env=env, cwd=root)
+    assert again.returncode == 0, again.stderr
+    [ingested] = of_type(held, "cairn.dataset.ingested.v1")
+    assert not exists(ingested["data"]["dataset"]["uri"])
+    assert exists(deployed["data"]["model"]["uri"]), "the champion stays"
+
+
+def test_grace_durations() -> None:
+    from services.cli.common import CliError
+    from services.cli.store import parse_duration
+
+    assert [parse_duration(t) for t in ("90", "90s", "30m", "1h", "7d", "0s")] == [
+        90,
+        90,
+        1800,
+        3600,
+        604800,
+        0,
+    ]
+    with pytest.raises(CliError):
+        parse_duration("soon")

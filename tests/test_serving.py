@@ -1,0 +1,435 @@
+"""The inference endpoint as its users drive it, on real parts: a real nats-server, MLflow on SQLite,
+models trained for real, `cairn serving start` with two worker processes in a subprocess.
+
+- The registered champion is a real MLflow model: `mlflow.pyfunc.load_model("models:/NAME@champion")`
+  predicts what the endpoint predicts, and a tampered bundle is refused on load.
+- The Open Inference Protocol v2 answers a plain HTTP client and KServe/Triton's own client library.
+- A deployment under load: no request fails, each answer comes whole from the old or the new
+  model, and afterwards every worker serves the new one.
+- Request records name the version that answered; /metrics counts every worker's requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from contracts import ModelDeployed, new_event
+from services.bus.connection import connect
+from services.bus.provision import record_stream
+from services.ml.transform import apply
+from services.model_loading import bundle_files
+from services.serving.logic import RequestProblem, checked_rows, features, v2_rows
+from services.supervisor import free_port
+from tests.test_registry import BEST, GOOD, make_lab
+
+CAIRN = Path(sys.executable).parent / "cairn"
+ROW = {"a": 0.3, "b": -1.2}
+
+
+def test_features_match_the_pandas_transform_and_v2_tensors_match_rows():
+    """The hot path's numpy features equal services.ml.transform.apply's, and both v2 forms give the rows."""
+    import pandas as pd
+
+    spec = {
+        "task": "regression",
+        "classes": [],
+        "columns": [
+            {"name": "x", "kind": "numeric", "fill": 2.5},
+            {"name": "c", "kind": "categorical", "categories": ["red", "blue"]},
+            {"name": "f", "kind": "boolean", "fill": 0.5},
+        ],
+    }
+    schema = {"x": "numeric", "c": "categorical", "f": "boolean"}
+    rows = checked_rows(
+        [{"x": 1, "c": "blue", "f": True}, {"x": None, "c": "green"}, {"c": None, "f": 0}], schema
+    )
+    expected = apply(spec, pd.DataFrame.from_records(rows, columns=list(schema)))
+    np.testing.assert_array_equal(features(spec, rows), expected)
+
+    per_column = {
+        "inputs": [
+            {"name": "x", "shape": [2], "datatype": "FP64", "data": [1.0, 2.0]},
+            {"name": "c", "shape": [2, 1], "datatype": "BYTES", "data": [["red"], ["blue"]]},
+        ]
+    }
+    assert v2_rows(per_column, schema) == [{"x": 1.0, "c": "red"}, {"x": 2.0, "c": "blue"}]
+    matrix = {"inputs": [{"name": "input-0", "shape": [1, 3], "datatype": "BYTES", "data": [[1, "red", 1]]}]}
+    assert v2_rows(matrix, schema) == [{"x": 1, "c": "red", "f": 1}]
+    for bad in (
+        {"inputs": []},
+        {"inputs": [{"name": "zz", "shape": [1], "datatype": "FP32", "data": [1]}]},
+        {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1]}]},
+        {"inputs": [{"name": "x", "shape": [1], "datatype": "FLOAT", "data": [1]}]},
+    ):
+        with pytest.raises(RequestProblem):
+            v2_rows(bad, schema)
+
+
+async def _publish_deployed(settings, trained, version: int, previous: int | None) -> None:
+    """What deployment publishes once the alias has moved."""
+    payload = ModelDeployed(
+        model_name=trained.context.model_name,
+        version=version,
+        model=trained.model,
+        previous_version=previous,
+        mlflow_run_id=trained.mlflow_run_id,
+        metrics={},
+        evidence_event_id=f"test-evidence-{version}",
+    )
+    event = new_event(payload, source="/test/serving", subject=payload.model_name)
+    nc = await connect(settings, "test")
+    try:
+        await nc.jetstream().publish(event.type, event.encode(), headers={"Nats-Msg-Id": event.id})
+    finally:
+        await nc.close()
+
+
+def _register(lab, trained, evidence: str) -> int:
+    files = bundle_files(trained.model, lab.settings)
+    version = lab.tracker.register(
+        trained.context.model_name,
+        source=trained.model.uri,
+        run_id=trained.mlflow_run_id,
+        sha256=trained.model.sha256,
+        evidence_event_id=evidence,
+        size=trained.model.size,
+        files=files,
+    )
+    lab.tracker.set_champion(trained.context.model_name, version)
+    return version
+
+
+@contextlib.contextmanager
+def endpoint(settings, port: int, workers: int):
+    env = {
+        **os.environ,
+        **settings.to_env(),
+        "CAIRN_SERVE_WORKERS": str(workers),
+        "CAIRN_REQUEST_RECORD_RATE": "1",
+    }
+    log = settings.home_dir / "serve-test.log"
+    settings.home_dir.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [str(CAIRN), "serving", "start", "--port", str(port), "--host", "127.0.0.1"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+@pytest.mark.slow
+async def test_champion_served_by_mlflow_and_cairn_v2_protocol_and_hot_swap_under_load(
+    settings, js, tmp_path, monkeypatch
+):
+    from tests.conftest import data_dir
+
+    lab = make_lab(settings, data_dir(settings))
+    first, second = lab.train("srv", GOOD), lab.train("srv", BEST)
+    assert _register(lab, first, "e1") == 1
+
+    # The champion is an MLflow model: loaded through the registry alias, it predicts as cairn does.
+    import mlflow.pyfunc
+    import pandas as pd
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/srv@champion")
+    rows = [ROW, {"a": 1.5, "b": 0.2}, {"a": None, "b": 0.0}]
+    by_mlflow = [float(v) for v in pyfunc.predict(pd.DataFrame(rows, columns=["a", "b"]))]
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with endpoint(settings, port, workers=2) as proc:
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def up() -> bool:
+                assert proc.poll() is None, (settings.home_dir / "serve-test.log").read_text()[-3000:]
+                with contextlib.suppress(httpx.TransportError):
+                    return (await client.get(url + "/v2/health/ready")).status_code == 200
+                return False
+
+            await _wait(up, "the endpoint ready")
+            v1 = (await client.post(url + "/v1/models/srv/predict", json={"rows": rows})).json()
+            assert v1["version"] == 1 and v1["sha256"] == first.model.sha256
+            assert v1["predictions"] == pytest.approx(by_mlflow, rel=1e-6)
+
+            # Open Inference Protocol v2, plain HTTP: metadata, readiness, both tensor layouts.
+            meta = (await client.get(url + "/v2/models/srv")).json()
+            assert meta["name"] == "srv" and meta["versions"] == ["1"]
+            assert [i["name"] for i in meta["inputs"]] == ["a", "b"]
+            assert (await client.get(url + "/v2/models/srv/ready")).json()["ready"] is True
+            assert (await client.get(url + "/v2/models/nope/ready")).status_code == 404
+            assert (await client.get(url + "/v2/health/live")).json()["live"] is True
+            per_column = {
+                "id": "q1",
+                "inputs": [
+                    {"name": "a", "shape": [3], "datatype": "FP64", "data": [r["a"] for r in rows]},
+                    {"name": "b", "shape": [3], "datatype": "FP64", "data": [r["b"] for r in rows]},
+                ],
+            }
+            infer = (await client.post(url + "/v2/models/srv/infer", json=per_column)).json()
+            assert infer["model_name"] == "srv" and infer["model_version"] == "1" and infer["id"] == "q1"
+            assert infer["outputs"][0]["name"] == "predict"
+            assert infer["outputs"][0]["data"] == pytest.approx(by_mlflow, rel=1e-6)
+            matrix = {
+                "inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP64", "data": [ROW["a"], ROW["b"]]}]
+            }
+            infer = (await client.post(url + "/v2/models/srv/infer", json=matrix)).json()
+            assert infer["outputs"][0]["data"] == pytest.approx(by_mlflow[:1], rel=1e-6)
+            bad = await client.post(url + "/v2/models/srv/infer", json={"inputs": [{"name": "zz"}]})
+            assert bad.status_code == 422 and "error" in bad.json()
+
+            # A KServe/Triton client library speaks to it unchanged.
+            triton = await asyncio.to_thread(_triton_infer, port, rows[:2])
+            assert triton == pytest.approx(by_mlflow[:2], rel=1e-6)
+
+            # Both workers answer (fresh connections land on either).
+            pids = set()
+
+            async def both_workers() -> bool:
+                async with httpx.AsyncClient(
+                    timeout=30, limits=httpx.Limits(max_keepalive_connections=0)
+                ) as c:
+                    r = await c.post(url + "/v1/models/srv/predict", json=ROW)
+                    pids.add(r.headers["x-cairn-worker"])
+                return len(pids) == 2
+
+            await _wait(both_workers, "answers from both workers")
+
+            # Deploy v2 under load: nothing fails, nothing mixes, every worker ends on v2.
+            p1 = v1["predictions"][0]
+            answers: list[tuple[int, str, str, float]] = []
+            stop = asyncio.Event()
+
+            async def load() -> None:
+                async with httpx.AsyncClient(
+                    timeout=60, limits=httpx.Limits(max_keepalive_connections=0)
+                ) as c:
+                    while not stop.is_set():
+                        r = await c.post(url + "/v1/models/srv/predict", json=ROW)
+                        doc = r.json() if r.status_code == 200 else {"version": -r.status_code}
+                        answers.append(
+                            (
+                                doc["version"],
+                                doc.get("sha256", ""),
+                                r.headers.get("x-cairn-worker", ""),
+                                (doc.get("predictions") or [None])[0],
+                            )
+                        )
+
+            loaders = [asyncio.create_task(load()) for _ in range(8)]
+            await _wait(lambda: len(answers) >= 40, "load before the deployment")
+            version = await asyncio.to_thread(_register, lab, second, "e2")
+            assert version == 2
+            await _publish_deployed(settings, second, 2, 1)
+
+            def all_on_v2() -> bool:
+                on_v2 = {w for v, _, w, _ in answers if v == 2}
+                return on_v2 == pids
+
+            await _wait(all_on_v2, "both workers on v2")
+            swapped_at = len(answers)
+            await _wait(lambda: len(answers) >= swapped_at + 40, "load after the swap")
+            stop.set()
+            await asyncio.gather(*loaders)
+
+            assert {v for v, *_ in answers} == {1, 2}, sorted({v for v, *_ in answers})  # no errors (<0)
+            p2 = (await client.post(url + "/v1/models/srv/predict", json=ROW)).json()["predictions"][0]
+            assert p1 != p2
+            expected = {1: (first.model.sha256, p1), 2: (second.model.sha256, p2)}
+            assert all((sha, pred) == expected[v] for v, sha, _, pred in answers), (
+                "an answer mixed two models"
+            )
+            last_per_worker = {}
+            for v, _, w, _ in answers:
+                last_per_worker[w] = v
+            assert last_per_worker == dict.fromkeys(pids, 2)
+
+            # /metrics, whichever worker answers, counts every worker's requests.
+            text = (await client.get(url + "/metrics")).text
+            counted = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith('cairn_inference_requests_total{model="srv",status="200"}')
+            )
+            assert counted >= len(answers), (counted, len(answers))
+
+        # Request records: which version answered, readable with the CLI.
+        env = {**os.environ, **settings.to_env()}
+
+        def recorded() -> list[dict]:
+            out = subprocess.run(
+                [str(CAIRN), "serving", "requests", "--model", "srv", "--last", "500"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert out.returncode == 0, out.stderr
+            return [json.loads(line) for line in out.stdout.splitlines()]
+
+        records = await _wait(lambda: [r for r in recorded() if r["model_version"] == 2], "records of v2")
+        stream = await js.stream_info(record_stream(settings))  # their own stream, their own retention
+        assert stream.config.max_age == settings.request_record_max_age_s
+        assert stream.config.subjects == ["requests.cairn"]
+        assert all(r["model_sha256"] == second.model.sha256 and r["route"] == "predict" for r in records)
+
+    # A tampered copy in MLflow's artifacts is refused on load (the manifest hash is the identity).
+    manifests = list(settings.home_dir.rglob("cairn-model/bundle.json"))
+    assert manifests, "the registered MLflow model holds the bundle"
+    for path in manifests:
+        path.write_bytes(path.read_bytes().replace(b'"budget"', b'"budgeT"'))
+    with pytest.raises(Exception, match="does not match"):
+        mlflow.pyfunc.load_model("models:/srv@champion")
+
+
+def _triton_infer(port: int, rows: list[dict]) -> list[float]:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}")
+    try:
+        assert client.is_server_live() and client.is_model_ready("srv")
+        inputs = []
+        for column in ("a", "b"):
+            tensor = httpclient.InferInput(column, [len(rows)], "FP64")
+            tensor.set_data_from_numpy(
+                np.array([r[column] for r in rows], dtype=np.float64), binary_data=False
+            )
+            inputs.append(tensor)
+        result = client.infer(
+            "srv", inputs, outputs=[httpclient.InferRequestedOutput("predict", binary_data=False)]
+        )
+        return [float(v) for v in result.as_numpy("predict")]
+    finally:
+        client.close()
+
+
+async def _wait(predicate, what: str, timeout: float = 180.0):
+    from tests.conftest import wait_for
+
+    async def check():
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        return value
+
+    return await wait_for(check, timeout, what)
+
+
+async def test_generation_counts_real_tokens_and_streams_them_as_server_sent_events(settings):
+    """The endpoint's token loop gives the text services.ml.textgen.generate gives for the same seed;
+    `tokens` counts what was generated; `stream: true` sends one event per token, then the counts."""
+    import torch
+
+    from contracts import ArtifactRef
+    from services.ml.bundle import LoadedModel
+    from services.ml.textgen.generate import generate
+    from services.ml.textgen.model import GPT, GPTConfig, state_to_bytes
+    from services.ml.textgen.tokenizer import byte_tokenizer
+    from services.serving.app import InferenceServer
+
+    tok = byte_tokenizer()
+    config = {"vocab_size": 256, "context": 32, "d_model": 32, "n_layers": 1, "n_heads": 2}
+    torch.manual_seed(0)
+    checkpoint = state_to_bytes(GPT(GPTConfig.from_dict(config)).state_dict())
+    manifest = {
+        "family": "transformer",
+        "transform": {"task": "text_generation", "tokenizer": tok},
+        "estimator": {"config": config},
+    }
+    ref = ArtifactRef(uri="file:///tmp/lm.json", sha256="0" * 64, size=1, media_type="application/json")
+    server = InferenceServer(settings)
+    server.models = {"lm": server._ready("lm", 1, LoadedModel(ref, manifest, checkpoint=checkpoint))}
+    ask = {"prompt": "def ", "max_tokens": 9, "temperature": 0.8, "top_k": 20, "seed": 7}
+    expected = generate(checkpoint, config, tok, ask["prompt"], 9, 0.8, 20, 7)
+
+    transport = httpx.ASGITransport(app=server.app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://cairn") as client:
+        plain = (await client.post("/v1/models/lm/generate", json=ask)).json()
+        assert plain["text"] == expected and plain["tokens"] == 9 and plain["prompt_tokens"] == 4
+        streamed = await client.post("/v1/models/lm/generate", json={**ask, "stream": True})
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        events = [e for e in streamed.text.split("\n\n") if e]
+        tokens = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+        final = json.loads(events[-1].split("data: ", 1)[1])
+        assert events[-1].startswith("event: done") and final["done"] is True
+        assert len(tokens) == final["tokens"] == 9
+        assert "".join(t["text"] for t in tokens) + final["tail"] == final["text"] == expected
+        refused = await client.post("/v1/models/lm/generate", json={**ask, "max_tokens": 0})
+        assert refused.status_code == 422
+
+
+async def test_bad_requests_get_their_status_on_v1_and_v2(settings):
+    """orjson on the hot path keeps the answers: 400 for broken JSON, 422 for NaN/Infinity and bad
+    values, 413 over the size limit, 404 for an unknown model; a good request still answers."""
+    from contracts import ArtifactRef, Task
+    from services.ml.bundle import LoadedModel
+    from services.ml.families import LinearPredictor
+    from services.serving.app import InferenceServer
+
+    spec = {
+        "task": "regression",
+        "classes": [],
+        "columns": [
+            {"name": "a", "kind": "numeric", "fill": 0.0},
+            {"name": "b", "kind": "numeric", "fill": 1.0},
+        ],
+    }
+    linear = {"mean": [0, 0], "std": [1, 1], "coef": [[1.0, 2.0]], "intercept": [0.5], "classes": [0]}
+    model = LoadedModel(
+        ArtifactRef(uri="file:///tmp/m.json", sha256="1" * 64, size=1, media_type="application/json"),
+        {"family": "linear", "transform": spec},
+        LinearPredictor(json.dumps(linear).encode(), Task.regression, 1),
+    )
+    small = settings.model_copy(update={"max_request_bytes": 4096})
+    server = InferenceServer(small)
+    server.models = {"m": server._ready("m", 3, model)}
+    transport = httpx.ASGITransport(app=server.app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://cairn") as client:
+        cases = {
+            b"not json": 400,
+            b"[" * 5000 + b"]" * 5000: 413,
+            b"[" * 2000 + b"]" * 2000: 400,
+            b'{"a": "seven", "b": 1}': 422,
+            b'{"a": 1, "zodiac": "leo"}': 422,
+            b'{"a": NaN, "b": 1}': 422,
+            b'{"a": Infinity, "b": 1}': 422,
+            b'{"a": [1, 2], "b": 1}': 422,
+            b"[]": 422,
+            b'"just a string"': 422,
+        }
+        for body, status in cases.items():
+            response = await client.post("/v1/models/m/predict", content=body)
+            assert response.status_code == status, (body[:30], response.status_code, response.text)
+            assert "error" in response.json()
+        v2_bad = {"inputs": [{"name": "a", "shape": [1], "datatype": "FP64", "data": ["x"]}]}
+        assert (await client.post("/v2/models/m/infer", json=v2_bad)).status_code == 422
+        assert (await client.post("/v2/models/zz/infer", json=v2_bad)).status_code == 404
+        ok = await client.post("/v1/models/m/predict", json=[{"a": 1.0, "b": 2.0}, {"a": None}])
+        assert ok.json()["predictions"] == pytest.approx([5.5, 2.5]) and ok.json()["version"] == 3
+        v2 = await client.post(
+            "/v2/models/m/infer",
+            json={"inputs": [{"name": "a", "shape": [1], "datatype": "FP64", "data": [1.0]}]},
+        )
+        assert v2.json()["outputs"][0]["data"] == pytest.approx([3.5])
