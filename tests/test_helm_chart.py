@@ -364,7 +364,25 @@ INCONSISTENT = {
         "dask": {"mode": "external", "external": {"address": "tls://dask:8786"}}
     },
     "regenerate it for the new stream": {"config": {"stream": "OTHER"}},
+    "lineage.retention: a retention limit needs": {"lineage": {"retention": {"maxBytes": 1000000}}},
 }
+
+
+def test_retention_reaches_only_the_lineage_service_with_its_signing_key() -> None:
+    """Retention is the lineage service's job: its env and the archive key's secret, nobody else's."""
+    retention = {"maxAgeSeconds": 86400, "signingKey": {"existingSecret": "archive-key", "key": "k.pem"}}
+    objs = objects(render({"lineage": {"retention": retention}}))
+    validate_all(objs)
+    for obj in (o for o in objs if o["kind"] == "Deployment"):
+        pod = obj["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for c in pod["containers"] for e in c.get("env", [])}
+        secrets = {v.get("secret", {}).get("secretName") for v in pod.get("volumes", [])}
+        if obj["metadata"]["name"].endswith("-lineage"):
+            assert env["CAIRN_RETENTION_MAX_AGE_S"] == "86400"
+            assert env["CAIRN_ARCHIVE_KEY"] == "/var/run/cairn/archive-key/k.pem"
+            assert "archive-key" in secrets
+        else:
+            assert "CAIRN_RETENTION_MAX_AGE_S" not in env and "archive-key" not in secrets
 
 
 @pytest.mark.parametrize(("reason", "values"), list(INCONSISTENT.items()), ids=list(INCONSISTENT))

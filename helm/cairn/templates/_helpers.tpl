@@ -547,6 +547,11 @@ Combinations the schema cannot express; each fails the render with the reason.
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- with .Values.lineage.retention -}}
+{{- if and (or .maxAgeSeconds .maxBytes) (not .signingKey.existingSecret) -}}
+{{- $errors = append $errors "lineage.retention: a retention limit needs lineage.retention.signingKey.existingSecret (the Ed25519 key that signs the archive; cairn audit keygen)" -}}
+{{- end -}}
+{{- end -}}
 {{- if gt (len $lineageStores) 1 -}}
 {{- $errors = append $errors (printf "lineage: one service writes the lineage store; services %s all set lineageStore" (join ", " $lineageStores)) -}}
 {{- end -}}
