@@ -100,7 +100,9 @@ def faulty(tmp_path_factory):
     deployment registers with a file:// artifact store (docs/RELIABILITY.md, known limits).
     """
     home = tmp_path_factory.mktemp("faults")
-    mlflow = MlflowServer(home, f"sqlite:///{home / 'mlflow.db'}")
+    state = home / "state"  # cairn's home in start_system: deployment registers on this same file
+    state.mkdir()
+    mlflow = MlflowServer(home, f"sqlite:///{state / 'mlflow.db'}")
     mlflow.start()
     try:
         system = start_system(

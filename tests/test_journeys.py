@@ -314,6 +314,16 @@ def test_submit_from_another_directory_then_lineage_by_short_id(provisioned: dic
     assert ambiguous.returncode == 2 and "ambiguous" in ambiguous.stderr, ambiguous.stderr
 
 
+def _served(url: str) -> list[str]:
+    import httpx
+
+    try:
+        listing = httpx.get(url + "/v1/models", timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        return []
+    return list(listing) if isinstance(listing, dict) else []  # {name: what is served}
+
+
 def test_text_corpus_from_the_cli_to_generate(provisioned: dict, tmp_path: Path) -> None:
     env = provisioned["env"]
     corpus = write_corpus(tmp_path / "texts")
@@ -338,6 +348,9 @@ def test_text_corpus_from_the_cli_to_generate(provisioned: dict, tmp_path: Path)
         timeout=510,
     )
     assert run.returncode == 0, run.stdout + run.stderr
+    # The endpoint swaps to a deployed champion on its own time (it loads and verifies the bundle):
+    # `--wait` ends at model.deployed, so wait until the endpoint lists the model.
+    wait_until(lambda: "stdlib-text" in _served(provisioned["url"]), 60, "the endpoint to serve stdlib-text")
     generated = cairn(
         "generate",
         "def ",

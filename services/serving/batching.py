@@ -48,8 +48,14 @@ class MicroBatcher:
         self.task: asyncio.Task[None] | None = None
         self.batches = 0
         self.inflight = 0  # requests admitted for this model and not yet answered (set by the server)
+        self.closed = False
+
 
     async def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.closed:
+            # Admitted with this model just before a swap closed its batcher: still this model's
+            # answer, alone (the queue is no longer read; a put now would wait forever).
+            return await asyncio.to_thread(self.predict, x)
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._run())
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
@@ -58,6 +64,7 @@ class MicroBatcher:
 
     async def close(self) -> None:
         """Answer everything queued, then stop (a swapped-out model's batcher)."""
+        self.closed = True
         if self.task is not None:
             self.queue.put_nowait(None)
             with contextlib.suppress(asyncio.CancelledError):
