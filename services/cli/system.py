@@ -49,19 +49,9 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address; default CAIRN_SERVE_HOST.")] = None,
 ) -> None:
     """Run the inference endpoint for every model's champion (same as `cairn serving start`)."""
-    from services.serving.launch import run_endpoint
-    from services.supervisor import PortInUse, check_port
+    from services.cli.serving import start
 
-    s = settings()
-    host, port = host or s.serve_host, s.serve_port if port is None else port
-    try:
-        s.resolved_nats_url()
-        if port:
-            check_port(host, port)
-    except (RuntimeError, PortInUse) as exc:
-        raise CliError(str(exc)) from None
-    configure_logging(s)
-    run_endpoint(s, host, port)
+    start(port=port, host=host, workers=None)
 
 
 @app.command()
