@@ -62,12 +62,16 @@ async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> None:
         await js.create_key_value(config)
 
 
+def _kv_config(settings: CairnSettings, bucket: str, **options: object) -> KeyValueConfig:
+    """What every cairn bucket shares: the latest value only, on file, replicated like the stream."""
+    return KeyValueConfig(
+        bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.stream_replicas, **options
+    )
+
+
 async def provision_study_bucket(js: JetStreamContext, settings: CairnSettings, bucket: str) -> None:
     """Tuning's study state: one key per study plan and rung, compare-and-set updated."""
-    config = KeyValueConfig(
-        bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.stream_replicas
-    )
-    await _ensure_bucket(js, config)
+    await _ensure_bucket(js, _kv_config(settings, bucket))
 
 
 def study_bucket(namespace: str) -> str:
@@ -82,16 +86,9 @@ def champion_bucket(namespace: str) -> str:
 
 async def provision_champion_bucket(js: JetStreamContext, settings: CairnSettings) -> None:
     """One key per model name; its revision is the compare-and-set token for moving the champion."""
-    await _ensure_bucket(
-        js,
-        KeyValueConfig(
-            bucket=champion_bucket(settings.namespace),
-            description="cairn deployment: the champion decided for each model name",
-            history=1,
-            storage=StorageType.FILE,
-            replicas=settings.stream_replicas,
-        ),
-    )
+    description = "cairn deployment: the champion decided for each model name"
+    config = _kv_config(settings, champion_bucket(settings.namespace), description=description)
+    await _ensure_bucket(js, config)
 
 
 def handled_bucket(namespace: str) -> str:
@@ -109,17 +106,10 @@ async def provision_handled_bucket(js: JetStreamContext, settings: CairnSettings
     try:
         info = await js.stream_info(f"KV_{bucket}")
     except NotFoundError:
-        await js.create_key_value(
-            KeyValueConfig(
-                bucket=bucket,
-                description="cairn consumer policy: inputs each service has handled, and their outputs",
-                history=1,
-                ttl=settings.handled_ttl_s,
-                storage=StorageType.FILE,
-                replicas=settings.stream_replicas,
-                direct=True,
-            )
-        )
+        description = "cairn consumer policy: inputs each service has handled, and their outputs"
+        ttl = settings.handled_ttl_s
+        config = _kv_config(settings, bucket, description=description, ttl=ttl, direct=True)
+        await js.create_key_value(config)
         return
     if info.config.max_age != settings.handled_ttl_s:
         await js.update_stream(replace(info.config, max_age=settings.handled_ttl_s))
@@ -142,17 +132,10 @@ def cache_bucket(namespace: str) -> str:
 
 async def provision_cache_bucket(js: JetStreamContext, settings: CairnSettings) -> None:
     """One key per (step, cache key), kept until overwritten: content keys never go stale."""
-    await _ensure_bucket(
-        js,
-        KeyValueConfig(
-            bucket=cache_bucket(settings.namespace),
-            description="cairn step cache: outputs of each step by the hash of what determines them",
-            history=1,
-            storage=StorageType.FILE,
-            replicas=settings.stream_replicas,
-            direct=True,  # reads name their key, so NATS permissions can pin a service to `<step>.>`
-        ),
-    )
+    description = "cairn step cache: outputs of each step by the hash of what determines them"
+    # Direct get: reads name their key, so NATS permissions can pin a service to `<step>.>`.
+    config = _kv_config(settings, cache_bucket(settings.namespace), description=description, direct=True)
+    await _ensure_bucket(js, config)
 
 
 def record_stream(settings: CairnSettings) -> str:
