@@ -7,7 +7,9 @@ from a durable pull consumer, publishing one output event into the stream and ac
 - `raw_pipelined`: nats-py, batches fetched, outputs published with `publish_async` and the PubAcks
   gathered, then the acks: the fastest honest hop, the baseline the issue names;
 - `cairn`: a cairn Service under the consumer policy (typed envelope, validation, deterministic
-  ids, the handled-inputs ledger, the lease keeper, metrics).
+  ids, the handled-inputs ledger, the lease keeper, metrics), its route given as many handler
+  slots as raw_pipelined fetches at once (`Route.max_workers`, 256);
+- `cairn_serial`: the same service with one slot, the default of a route (one message at a time).
 
 Throughput: N events are in the stream before the consumer starts; the rate is taken from the
 first output to the last. Latency: events published open-loop at half of raw_pipelined's median
@@ -44,6 +46,7 @@ from services.runtime import Route, Service, ServiceRunner  # noqa: E402
 from services.settings import CairnSettings  # noqa: E402
 
 IN, OUT = DataArrived.EVENT_TYPE, DataRejected.EVENT_TYPE
+BATCH = 256  # raw_pipelined's fetch, and the cairn route's handler slots
 
 
 class Echo(Service):
@@ -70,7 +73,7 @@ async def raw_consumer(url: str, stop: asyncio.Event, pipelined: bool) -> None:
     nc = await nats.connect(url)
     js = nc.jetstream()
     sub = await js.pull_subscribe(IN, durable="raw", config=ConsumerConfig(ack_wait=30, max_deliver=-1))
-    batch = 256 if pipelined else 1
+    batch = BATCH if pipelined else 1
     while not stop.is_set():
         try:
             msgs = await sub.fetch(batch, timeout=0.5)
@@ -177,8 +180,8 @@ async def run_side(
 
         async def start() -> None:
             nonlocal runner, task
-            if kind == "cairn":
-                runner = ServiceRunner(Echo(settings, 1))
+            if kind.startswith("cairn"):
+                runner = ServiceRunner(Echo(settings, 1 if kind == "cairn_serial" else BATCH))
                 await runner.start()
             else:
                 task = asyncio.create_task(raw_consumer(server.url, stop, kind == "raw_pipelined"))
@@ -198,7 +201,7 @@ async def run_side(
             server.stop()
 
 
-SIDES = ("raw_awaited", "raw_pipelined", "cairn")
+SIDES = ("raw_awaited", "raw_pipelined", "cairn", "cairn_serial")
 
 
 async def main() -> None:
@@ -226,6 +229,9 @@ async def main() -> None:
         "events_per_s": {kind: spread(column(rates[kind], "events_per_s")) for kind in SIDES},
         "bus_vs_raw_pipelined": ratio_spread(cairn_rate, column(rates["raw_pipelined"], "events_per_s")),
         "bus_vs_raw_awaited": ratio_spread(cairn_rate, column(rates["raw_awaited"], "events_per_s")),
+        "bus_serial_vs_raw_awaited": ratio_spread(
+            column(rates["cairn_serial"], "events_per_s"), column(rates["raw_awaited"], "events_per_s")
+        ),
         "latency_offered_per_s": half,
         "bus_p99_ms": spread(column(paced["cairn"], "p99_ms")),
         "bus_p50_ms": spread(column(paced["cairn"], "p50_ms")),

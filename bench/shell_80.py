@@ -5,7 +5,9 @@ Shell's reference: 80 trials in about 90 s on Kubeflow. Here: a generated 50,000
 trial at full budget (strategy random), on this machine's cores. Each round runs the pipeline, then
 the same trials straight to Dask on 2 and on 1 worker (rounds interleaved; every ratio is a median
 of paired rounds with its spread, bench/repeat.py); the CPU of every process outside the Dask
-workers is reported per trial; last, the default successive-halving search once.
+workers is reported per trial, over the trial phase (first trial requested to last completed) and
+over the whole run; last, the default successive-halving search once. The machine's own 1 -> 2
+process speedup on pure CPU work is measured first: the ceiling for the workers' speedup.
 
     .venv/bin/python bench/shell_80.py [--rows 50000] [--budget 100] [--repeats 3]
 """
@@ -27,7 +29,14 @@ import pandas as pd
 import psutil
 from distributed import Client, LocalCluster
 
-from contracts import FeaturesBuilt, ModelEvaluated, TrialCompleted, TuningCompleted, TuningRequested  # noqa: E402
+from contracts import (  # noqa: E402
+    FeaturesBuilt,
+    ModelEvaluated,
+    TrialCompleted,
+    TrialRequested,
+    TuningCompleted,
+    TuningRequested,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -72,14 +81,22 @@ def make_table(path: Path, rows: int, seed: int = 0) -> Path:
     return path
 
 
-async def pipeline_run(settings: CairnSettings, arrived: DataArrived) -> dict:
+async def pipeline_run(settings: CairnSettings, arrived: DataArrived, pids: dict[str, int]) -> dict:
+    """One run through the services; the CPU of every process is read when the first trial is
+    requested and when the last one completes, so the trial phase's own cost can be told from the
+    run's fixed costs (ingestion, features, the final fit, evaluation, deployment)."""
     marks: dict[str, float] = {}
+    cpu: dict[str, dict[str, float]] = {"start": cpu_seconds(pids)}
     started = time.perf_counter()
 
     def mark(ev: Any) -> None:
         now = time.perf_counter() - started
         marks.setdefault(f"first:{ev.type}", now)
         marks[f"last:{ev.type}"] = now
+        if ev.type == TrialRequested.EVENT_TYPE and "trials_start" not in cpu:
+            cpu["trials_start"] = cpu_seconds(pids)
+        elif ev.type == TrialCompleted.EVENT_TYPE:
+            cpu["trials_end"] = cpu_seconds(pids)
 
     async with CairnClient(settings, "bench") as client:
         run = (await client.run(new_event(arrived, source="/bench"), timeout=600, on_event=mark)).events
@@ -90,7 +107,9 @@ async def pipeline_run(settings: CairnSettings, arrived: DataArrived) -> dict:
     evaluated = next(e.data for e in run if e.type == ModelEvaluated.EVENT_TYPE)
     features = next(e.data for e in run if e.type == FeaturesBuilt.EVENT_TYPE)
     trials = [e.data for e in run if e.type == TrialCompleted.EVENT_TYPE]
+    cpu["end"] = cpu_seconds(pids)
     return {
+        "cpu": cpu,
         "end_to_end_s": marks[f"last:{run[-1].type}"],
         "terminal": run[-1].type,
         "trial_phase_s": marks["last:cairn.trial.completed.v1"] - marks["first:cairn.trial.requested.v1"],
@@ -124,8 +143,14 @@ async def direct_dask(plan, features, workers: int) -> float:
             client.submit(
                 run_trial,
                 TrialSpec(
-                    fs.uri, fs.sha256, c.family.value, dict(c.params), plan.rungs[0].budget,
-                    plan.context.task.value, plan.metric.value, plan.context.seed,
+                    fs.uri,
+                    fs.sha256,
+                    c.family.value,
+                    dict(c.params),
+                    plan.rungs[0].budget,
+                    plan.context.task.value,
+                    plan.metric.value,
+                    plan.context.seed,
                 ),
                 pure=False,
             )
@@ -140,10 +165,31 @@ async def direct_dask(plan, features, workers: int) -> float:
         await cluster.close()
 
 
+def busy(seconds: float) -> int:
+    """Pure-Python CPU work for a fixed time: the loop count says how fast one core ran."""
+    count, until = 0, time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        for _ in range(10_000):
+            count += 1
+    return count
+
+
+def machine_speedup_1_to_2(seconds: float = 3.0) -> float:
+    """What this machine gives two processes against one, measured on pure CPU work with nothing
+    else to share: the ceiling for speedup_1_to_2_workers (2 vCPUs may be one core's two threads)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(busy, [0.2, 0.2]))  # both workers started
+        one = pool.submit(busy, seconds).result()
+        two = sum(pool.map(busy, [seconds, seconds]))
+    return two / one
+
+
 def service_cpu_ms_per_trial(
     before: dict[str, float], after: dict[str, float], trials: int
 ) -> dict[str, float]:
-    """CPU of each process outside the Dask workers during one run, per trial run (nats-server too)."""
+    """CPU of each process outside the Dask workers between two readings, per trial (nats-server too)."""
     names = [n for n in after if n != "dask-workers"]
     per = {n: 1000 * (after[n] - before.get(n, 0.0)) / max(trials, 1) for n in names}
     per["total"] = sum(per.values())
@@ -168,7 +214,8 @@ def main() -> None:
         home=home, nats_url=server.url, allowed_roots=[str(data)], serve_port=0, dask_workers=os.cpu_count()
     )
     spec = dict(trials=args.trials, families=["xgboost", "random_forest"], max_budget=args.budget)
-    runs, cpu, two, one = [], [], [], []
+    runs, cpu, whole, two, one = [], [], [], [], []
+    ceiling = machine_speedup_1_to_2()
     try:
         runtime = supervisor.up(settings)
         assert not supervisor.wait_ready(runtime, 180), "system not ready"
@@ -176,7 +223,6 @@ def main() -> None:
         for round_ in range(args.repeats):
             # One round: the pipeline, then the same trials straight to Dask on 2 and on 1 worker.
             # The services stay up (idle) during the direct runs, as they would in production.
-            before = cpu_seconds(pids)
             run = asyncio.run(
                 pipeline_run(
                     settings,
@@ -186,9 +232,13 @@ def main() -> None:
                         model_name=f"shell-random-{round_}",
                         tuning=TuningSpec(strategy=SearchStrategy.random, **spec),
                     ),
+                    pids,
                 )
             )
-            cpu.append(service_cpu_ms_per_trial(before, cpu_seconds(pids), run["trials_run"]))
+            marks = run.pop("cpu")
+            n = run["trials_run"]
+            cpu.append(service_cpu_ms_per_trial(marks["trials_start"], marks["trials_end"], n))
+            whole.append(service_cpu_ms_per_trial(marks["start"], marks["end"], n))
             runs.append(run)
             two.append(asyncio.run(direct_dask(run["plan"], run["features"], 2))[0])
             one.append(asyncio.run(direct_dask(run["plan"], run["features"], 1))[0])
@@ -201,8 +251,10 @@ def main() -> None:
                     model_name="shell-asha",
                     tuning=TuningSpec(strategy=SearchStrategy.asha, **spec),
                 ),
+                pids,
             )
         )
+        asha.pop("cpu")
     finally:
         supervisor.down(settings)
         server.stop()
@@ -221,8 +273,10 @@ def main() -> None:
             "direct_dask_1_worker_s": spread(one),
             "trial_phase_overhead_vs_direct": spread([p / t - 1 for p, t in zip(phase, two, strict=True)]),
             "speedup_1_to_2_workers": ratio_spread(one, two),
+            "machine_speedup_1_to_2_processes": ceiling,
             "service_cpu_ms_per_trial": per_service.pop("total"),
             "service_cpu_ms_per_trial_by_process": per_service,
+            "service_cpu_ms_per_trial_whole_run": spread([w["total"] for w in whole]),
             "random_best_validation_rmse": runs[0]["best_validation"],
             "random_holdout": runs[0]["holdout"],
             "asha_end_to_end_s": asha["end_to_end_s"],

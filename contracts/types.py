@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import StrEnum
+from functools import cache
 from typing import Annotated, Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -67,19 +68,28 @@ def unknown_fields(model: type[BaseModel], data: Any, prefix: str = "") -> list[
     """Dotted names in `data` that `model` (and the models nested in its fields) does not declare."""
     if not isinstance(data, dict):
         return []
-    known: dict[str, Any] = {}
-    for name, field in model.model_fields.items():
-        known[name] = field.annotation
-        if field.alias:
-            known[field.alias] = field.annotation
+    known = _declared(model)
     out = []
     for key, value in data.items():
-        if key not in known:
+        nested_models = known.get(key)
+        if nested_models is None:
             out.append(f"{prefix}{key}")
             continue
-        for nested in _models_in(known[key]):
+        for nested in nested_models:
             out += unknown_fields(nested, value, f"{prefix}{key}.")
     return out
+
+
+@cache
+def _declared(model: type[BaseModel]) -> dict[str, tuple[type[BaseModel], ...]]:
+    """Each declared name (and alias) of a model, with the models nested in its type: once per class,
+    as every event through the strict door asks."""
+    known: dict[str, tuple[type[BaseModel], ...]] = {}
+    for name, field in model.model_fields.items():
+        known[name] = tuple(_models_in(field.annotation))
+        if field.alias:
+            known[field.alias] = known[name]
+    return known
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:

@@ -6,6 +6,8 @@ runtime, so the bus knows nothing of artifacts) and by model loading to registry
 
 from __future__ import annotations
 
+import typing
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,7 @@ def foreign_artifacts(payload: Any, settings: CairnSettings) -> list[str]:
             except ArtifactLocationError as exc:
                 found.append(str(exc))
         elif isinstance(value, BaseModel):
-            for name in type(value).model_fields:
+            for name in _fields_with_refs(type(value)):
                 walk(getattr(value, name))
         elif isinstance(value, list | tuple):
             for item in value:
@@ -78,3 +80,23 @@ def foreign_artifacts(payload: Any, settings: CairnSettings) -> list[str]:
 
     walk(payload)
     return found
+
+
+@cache
+def _fields_with_refs(model: type[BaseModel]) -> tuple[str, ...]:
+    """The fields of a model whose type can hold an ArtifactRef, worked out once per class: the
+    check runs on every message, and most payloads hold few references or none."""
+    return tuple(name for name, info in model.model_fields.items() if _can_hold_ref(info.annotation, set()))
+
+
+def _can_hold_ref(annotation: Any, seen: set[Any]) -> bool:
+    if annotation in seen:
+        return False
+    seen.add(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if issubclass(annotation, ArtifactRef):
+            return True
+        return any(_can_hold_ref(info.annotation, seen) for info in annotation.model_fields.values())
+    if annotation is Any or annotation is object:
+        return True  # unknown content: walk it
+    return any(_can_hold_ref(arg, seen) for arg in typing.get_args(annotation))

@@ -37,6 +37,7 @@ from services.bus.consumer import EventConsumer, Handler, durable_name, subscrib
 from services.bus.ledger import HandledLedger
 from services.bus.metrics import ServiceMetrics
 from services.bus.publisher import EventPublisher
+from services.bus.pull import PullLoop
 from services.cache import StepCache, StepVersion, carry_no_cache, missing_artifacts, served, wants_cache
 from services.settings import CairnSettings
 
@@ -129,8 +130,9 @@ class ServiceRunner:
         self.settings = service.settings
         self.broker: NatsBroker = make_broker(self.settings, service.name)
         self.service.publisher = EventPublisher(self.broker, self.settings)
-        self.ledger = HandledLedger(self.broker, self.settings, service.name)
+        self.ledger = HandledLedger(self.broker, self.settings, service.name, self.service.publisher)
         self.durables: list[str] = []
+        self.loops: list[PullLoop] = []
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[Any] | None = None
         self._ready_cache: tuple[float, bool, str] = (0.0, False, "not started")
@@ -151,7 +153,7 @@ class ServiceRunner:
                 input_check=functools.partial(foreign_artifacts, settings=self.settings),
                 permanent=(IntegrityError,),
             )
-            subscribe(self.broker, consumer, max_workers=route.max_workers)
+            self.loops.append(subscribe(self.broker, consumer, max_workers=route.max_workers))
             self.durables.append(durable_name(service.name, route.payload_cls, self.settings.namespace))
         service.subscribe_extra(self.broker)
         self.durables.extend(service.extra_durables())
@@ -200,6 +202,10 @@ class ServiceRunner:
             await self.broker.start()
             opened.push_async_callback(self.service.detach)
             await self.service.attach(self.broker)
+            js = self.broker.config.connection_state.stream
+            for loop in self.loops:
+                opened.push_async_callback(loop.stop)
+                await loop.start(js)
             if self.settings.http_port is not None:
                 opened.push_async_callback(self._stop_http)
                 await self._start_http(self.settings.http_port)

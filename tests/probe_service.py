@@ -71,11 +71,12 @@ def inject_faults(runner: ServiceRunner) -> None:
     home = runner.settings.home_dir
     publisher = runner.service.publisher
     assert publisher is not None
-    publish = publisher.publish
+    publish = publisher.publish_async
     uris: dict[str, str] = {}  # output id -> the uri of the event that caused it
 
-    async def publish_then_die(event: Envelope[Any]) -> Any:
-        ack = await publish(event)
+    async def publish_then_die(event: Envelope[Any], body: bytes | None = None) -> Any:
+        ack = await publish(event, body)
+        await ack  # stored: the crash comes after the output's PubAck
         uri = getattr(event.data, "uri", "")
         if event.causationid:
             uris[event.id] = uri
@@ -89,7 +90,7 @@ def inject_faults(runner: ServiceRunner) -> None:
             if "probe-kill-after-record" in uris.get(output_id, ""):
                 die_once(home, output_id)
 
-    publisher.publish = publish_then_die  # type: ignore[method-assign]
+    publisher.publish_async = publish_then_die  # type: ignore[method-assign]
     ledger = getattr(runner, "ledger", None)  # absent where the policy keeps no ledger
     if ledger is not None:
         done = ledger.done

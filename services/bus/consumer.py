@@ -2,9 +2,11 @@
 
 - Durable *pull* consumer, shared by every replica of the service (work is split, not copied).
   A new or recreated durable starts `handled_ttl_s` back in the stream, not at its beginning.
+  Messages are fetched in batches up to the route's free handler slots (services.bus.pull).
 - Manual acknowledgement: FastStream's NATS default (REJECT_ON_ERROR) would terminate a message
   on any exception; here a failure is retried with a delay instead.
-- A long step renews its lease with in-progress acks, so ack wait can stay short for crashes; but
+- A long step renews its lease with in-progress acks (the pull loop renews every message it holds),
+  so ack wait can stay short for crashes; but
   each attempt is bounded (`Route.handler_timeout_s`), so a hung step cannot hold a message forever.
 - Bounded attempts: past `max_deliver` (also after crashes, which the server counts) the message
   is dead-lettered on `<namespace>.dlq.<service>` with a rejection event naming the reason and, when
@@ -14,6 +16,10 @@
   store, and anything that raises before the handler runs.
 - Exactly one result per cause: inputs already handled are recognised by the ledger
   (services.bus.ledger), beyond the stream's duplicate window too.
+- Outputs are pipelined, in a fixed order on the one connection: the ledger's `pending` record,
+  then every output, sent without waiting in between, their PubAcks gathered; then `done`, then
+  the ack. A crash can cut that sequence only after what it already sent, so an output on the
+  wire always has its pending record before it.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from faststream.middlewares import AckPolicy
-from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from faststream.nats import JStream, NatsBroker, PullSub
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -48,6 +54,7 @@ from services.bus.connection import inbox_prefix
 from services.bus.ledger import OK, PENDING, REJECTED, HandledLedger, Record
 from services.bus.metrics import ServiceMetrics
 from services.bus.publisher import EventPublisher
+from services.bus.pull import PullLoop
 from services.settings import CairnSettings
 
 log = logging.getLogger(__name__)
@@ -79,7 +86,7 @@ class Delivery:
 
     attempt: int
     stream_sequence: int | None
-    message: NatsMessage = field(repr=False)
+    message: Msg = field(repr=False)
 
     @property
     def redelivered(self) -> bool:
@@ -94,7 +101,7 @@ class Inbound:
     subject: str
     seq: int | None
     attempt: int
-    message: NatsMessage = field(repr=False)
+    message: Msg = field(repr=False)
     event: Envelope[Any] | None = None
     raw_doc: dict[str, Any] | None = None  # the JSON object, when it parsed but did not validate
     problem: str | None = None  # why it is no valid event here
@@ -153,10 +160,17 @@ class EventConsumer:
         self.input_check = input_check or (lambda _payload: [])
         self.permanent = permanent
         self.source = f"/cairn/{service}"
+        # Metric children looked up once, not per message.
+        self._in_flight = metrics.in_flight.labels(service)
+        self._latency = metrics.latency.labels(service, self.event_type)
+        self._outcome = {
+            outcome: metrics.handled.labels(service, self.event_type, outcome)
+            for outcome in ("ok", "duplicate", "retried", "rejected")
+        }
 
-    async def __call__(self, body: bytes, message: NatsMessage) -> None:
+    async def __call__(self, message: Msg) -> None:
         """Every step from receipt to ack is inside the policy: nothing raised here escapes it."""
-        inbound = self._receive(body, message)
+        inbound = self._receive(message)
         try:
             record = await self.ledger.get(inbound.key)
         except Exception as exc:  # noqa: BLE001 - the ledger is infrastructure: retry, then dead-letter
@@ -187,10 +201,10 @@ class EventConsumer:
             return
         await self._handle(inbound, event)
 
-    def _receive(self, body: bytes, message: NatsMessage) -> Inbound:
-        raw = message.raw_message
-        meta = raw.metadata
-        inbound = Inbound(body, raw.subject, meta.sequence.stream, meta.num_delivered, message)
+    def _receive(self, message: Msg) -> Inbound:
+        meta = message.metadata
+        body = message.data
+        inbound = Inbound(body, message.subject, meta.sequence.stream, meta.num_delivered, message)
         try:
             inbound.event = _decode(body, self.event_type)
         except ContractError as exc:
@@ -207,28 +221,22 @@ class EventConsumer:
         if record.outcome == PENDING:
             # The outputs were kept but maybe not all published: publish exactly those again.
             try:
-                for out in record.outputs():
-                    await self.publisher.publish(out)
+                await self.publisher.publish_all(record.outputs())
                 await self.ledger.done(inbound.key, OK, record.output_ids)
             except Exception as exc:  # noqa: BLE001
                 await self._failed(inbound, f"republishing kept outputs: {type(exc).__name__}: {exc}")
                 return
         log.info("%s: seq %s already handled (%s); acked", self.service, inbound.seq, record.outcome)
         await inbound.message.ack()
-        self.metrics.handled.labels(self.service, self.event_type, "duplicate").inc()
+        self._outcome["duplicate"].inc()
 
     async def _handle(self, inbound: Inbound, event: Envelope[Any]) -> None:
         message = inbound.message
-        self.metrics.in_flight.labels(self.service).inc()
+        self._in_flight.inc()
         started = time.perf_counter()
-        keepalive = asyncio.create_task(self._keep_alive(message))
         try:
             outputs = await self._run_handler(event, Delivery(inbound.attempt, inbound.seq, message))
-            if outputs:
-                await self.ledger.pending(inbound.key, outputs, self.publisher.max_payload())
-            for out in outputs:
-                await self.publisher.publish(out)
-            await self.ledger.done(inbound.key, OK, [out.id for out in outputs])
+            await self._publish(inbound.key, outputs)
         except PermanentError as exc:
             await self._dead_letter(inbound, exc.reason, exc.problems, domain=exc.event)
             return
@@ -243,11 +251,22 @@ class EventConsumer:
             await self._failed(inbound, reason)
             return
         finally:
-            keepalive.cancel()
-            self.metrics.in_flight.labels(self.service).dec()
-            self.metrics.latency.labels(self.service, self.event_type).observe(time.perf_counter() - started)
+            self._in_flight.dec()
+            self._latency.observe(time.perf_counter() - started)
         await message.ack()
-        self.metrics.handled.labels(self.service, self.event_type, "ok").inc()
+        self._outcome["ok"].inc()
+
+    async def _publish(self, key: str, outputs: Sequence[Envelope[Any]]) -> None:
+        """Pending record and outputs sent back to back, PubAcks gathered, then `done`."""
+        if outputs:
+            encoded = [out.encode() for out in outputs]
+            kept = await self.ledger.pending_async(key, outputs, encoded, self.publisher.max_payload())
+            sent = [
+                await self.publisher.publish_async(out, body)
+                for out, body in zip(outputs, encoded, strict=True)
+            ]
+            await self.publisher.gathered([*kept, *sent])
+        await self.ledger.done(key, OK, [out.id for out in outputs])
 
     async def _run_handler(self, event: Envelope[Any], delivery: Delivery) -> Sequence[Envelope[Any]]:
         """The handler, bounded by `handler_timeout_s`; past it, cancelled and HandlerTimeout raised.
@@ -282,18 +301,8 @@ class EventConsumer:
         log.warning(
             "%s: %s failed (attempt %d), retry in %.1fs: %s", self.service, name, attempt, delay, reason
         )
-        self.metrics.handled.labels(self.service, self.event_type, "retried").inc()
-        await inbound.message.nack(delay=delay)
-
-    async def _keep_alive(self, message: NatsMessage) -> None:
-        """Renew the lease while the handler runs; a dead process stops renewing and loses it."""
-        interval = max(self.ack_wait_s / 3, 0.2)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await message.in_progress()
-            except Exception:  # noqa: BLE001 - connection blips: the next tick tries again
-                log.debug("in-progress ack failed", exc_info=True)
+        self._outcome["retried"].inc()
+        await inbound.message.nak(delay=delay)
 
     async def _dead_letter(
         self,
@@ -356,8 +365,8 @@ class EventConsumer:
             await self.ledger.done(inbound.key, REJECTED, [rejection.id])
         except Exception:  # noqa: BLE001 - the dead letter stands; a redelivery would only repeat it
             log.warning("%s: could not record the rejection of seq %s", self.service, seq, exc_info=True)
-        await inbound.message.reject()
-        self.metrics.handled.labels(self.service, self.event_type, "rejected").inc()
+        await inbound.message.term()
+        self._outcome["rejected"].inc()
         log.warning("%s: dead-lettered seq %s: %s", self.service, seq, reason)
 
 
@@ -397,17 +406,18 @@ def pull_inbox_prefix(settings: CairnSettings) -> bytes:
     return (inbox_prefix(settings.nats_user) + ".").encode() if settings.nats_user else b"_INBOX."
 
 
-def _raw_body(message: Any) -> bytes:
-    return message.body
-
-
 def subscribe(
     broker: NatsBroker,
     consumer: EventConsumer,
     *,
     max_workers: int = 1,
-) -> Any:
-    """Register the consumer on the broker as a durable pull subscriber bound to the stream."""
+) -> PullLoop:
+    """The route's durable pull consumer: its pull loop, started by the runner once connected.
+
+    The consumer is also declared on the broker, without a handler (FastStream opens nothing for
+    it): that declaration names the durable, filter and inbox the NATS permissions are derived
+    from (services.nats_auth), the same one the pull loop binds.
+    """
     settings = consumer.settings
     subject = subject_for(consumer.payload_cls, settings.namespace)
     durable = durable_name(consumer.service, consumer.payload_cls, settings.namespace)
@@ -425,29 +435,26 @@ def subscribe(
         opt_start_time=datetime.now(UTC) - timedelta(seconds=settings.handled_ttl_s),
         filter_subject=subject,
     )
-    options: dict[str, Any] = {}
-    if settings.nats_user:
-        # Pull deliveries arrive on this inbox; FastStream defaults to `_INBOX.` whatever the
-        # connection's prefix. Per-user inboxes let NATS permissions keep each service's
-        # deliveries private (services.nats_auth); without credentials nothing changes.
-        options["inbox_prefix"] = pull_inbox_prefix(settings)
-    if max_workers > 1:
-        options["max_workers"] = max_workers
-    sub = broker.subscriber(
+    # Pull deliveries arrive on this inbox. Per-user inboxes let NATS permissions keep each
+    # service's deliveries private (services.nats_auth); without credentials nothing changes.
+    inbox = pull_inbox_prefix(settings) if settings.nats_user else None
+    broker.subscriber(
         subject,
         stream=JStream(settings.stream, declare=False),
         durable=durable,
         config=config,
-        pull_sub=PullSub(batch_size=1, timeout=2.0),
-        ack_policy=AckPolicy.MANUAL,
-        decoder=_raw_body,
+        pull_sub=PullSub(batch_size=max_workers),
         title=f"{consumer.service}:{consumer.event_type}",
         description=consumer.handler.__doc__,
-        **options,
+        **({"inbox_prefix": inbox} if inbox else {}),
     )
-
-    @sub
-    async def _on_message(body: bytes, message: NatsMessage) -> None:
-        await consumer(body, message)
-
-    return sub
+    return PullLoop(
+        consumer,
+        subject=subject,
+        durable=durable,
+        stream=settings.stream,
+        config=config,
+        slots=max_workers,
+        inbox_prefix=inbox,
+        stop_grace_s=consumer.ack_wait_s,
+    )

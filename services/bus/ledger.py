@@ -8,29 +8,33 @@ namespace, entries kept `CAIRN_HANDLED_TTL_S`, a week by default), one key per s
 
 - `pending` + the encoded outputs, written after the handler and before the first publish: a
   redelivery republishes exactly these (same ids) without running the handler again;
-- `ok` / `rejected` + the output ids, written after the last publish: a redelivery is only acked.
+- `ok` / `rejected` + the output ids, written after the last PubAck, just before the input's ack
+  and without waiting for its own PubAck (both leave in one flush): a redelivery is only acked.
 
-The one gap left is a crash between an output's PubAck and the `ok` record whose redelivery then
-comes after the duplicate window: the stored outputs are republished and the log holds that event
-twice, under one id (consumers' own ledgers make the second copy a no-op).
+The one gap left is an `ok` record that is not stored (a crash between an output's PubAck and the
+record, or the server failing to store it) for an input that is delivered again after the
+duplicate window: the stored outputs are republished and the log holds that event twice, under one
+id (consumers' own ledgers make the second copy a no-op); a step without outputs runs again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from faststream.nats import NatsBroker
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from contracts import Envelope, decode
 from services.bus.provision import handled_bucket
+from services.bus.publisher import EventPublisher
 from services.settings import CairnSettings
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,7 @@ log = logging.getLogger(__name__)
 PENDING, OK, REJECTED = "pending", "ok", "rejected"
 # Room left in a record for everything but the outputs (the server's max_payload bounds a value).
 RECORD_HEADROOM = 64 * 1024
+LOOKUP_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -54,12 +59,14 @@ class Record:
 class HandledLedger:
     """One per service process; the KV handle is opened on first use (never at construction)."""
 
-    def __init__(self, broker: NatsBroker, settings: CairnSettings, service: str):
+    def __init__(self, broker: NatsBroker, settings: CairnSettings, service: str, publisher: EventPublisher):
         self.broker = broker
         self.settings = settings
         self.service = service
+        self.publisher = publisher  # its PubAck futures carry the records' writes
         self.bucket = handled_bucket(settings.namespace)
         self._kv: KeyValue | None = None
+        self._opening: asyncio.Future[KeyValue] | None = None
 
     def key(self, event: Envelope[Any] | None, stream_sequence: int | None) -> str:
         """`<service>.<digest of type and id>`; a message that is no event is known by its sequence.
@@ -73,40 +80,79 @@ class HandledLedger:
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            js = self.broker.config.connection_state.stream
-            try:
-                self._kv = await js.key_value(self.bucket)
-            except BucketNotFoundError:
-                raise LookupError(f"KV bucket {self.bucket} not found: run `cairn provision`") from None
+            # Many messages may ask at once on a cold start: one lookup serves them all.
+            if self._opening is None or (self._opening.done() and self._opening.exception()):
+                self._opening = asyncio.ensure_future(self._open())
+            self._kv = await asyncio.shield(self._opening)
         return self._kv
+
+    async def _open(self) -> KeyValue:
+        js = self.broker.config.connection_state.stream
+        try:
+            return await js.key_value(self.bucket)
+        except BucketNotFoundError:
+            raise LookupError(f"KV bucket {self.bucket} not found: run `cairn provision`") from None
 
     async def get(self, key: str) -> Record | None:
         kv = await self._bucket()
-        try:
-            entry = await kv.get(key)
-        except KeyNotFoundError:
+        if kv._direct:
+            # kv.get's own request, without the generic message parsing around it: the ledger is
+            # read once per message.
+            nc = self.broker.config.connection_state.connection
+            subject = f"{kv._js._prefix}.DIRECT.GET.{kv._stream}.{kv._pre}{key}"
+            reply = await nc.request(subject, b"", timeout=LOOKUP_TIMEOUT_S)
+            headers = reply.headers or {}
+            status = headers.get("Status")
+            if status == "404" or headers.get("KV-Operation") in ("DEL", "PURGE"):
+                return None
+            if status:
+                raise LookupError(f"ledger {self.bucket}: {status} {headers.get('Description', '')}")
+            value = reply.data
+        else:
+            try:
+                value = (await kv.get(key)).value
+            except KeyNotFoundError:
+                return None
+        if not value:
             return None
-        if not entry.value:
-            return None
-        doc = json.loads(entry.value)
+        doc = orjson.loads(value)
         return Record(doc["outcome"], doc.get("outputs", []), doc.get("encoded", []), doc.get("at", 0.0))
 
     async def pending(self, key: str, outputs: Sequence[Envelope[Any]], limit: int) -> bool:
         """Keep the outputs before publishing them; False (nothing kept) when they exceed `limit`
         bytes: a redelivery then runs the handler again, and only the duplicate window dedups."""
-        encoded = [out.encode().decode() for out in outputs]
-        if sum(len(text) for text in encoded) > limit - RECORD_HEADROOM:
+        kept = await self.pending_async(key, outputs, [out.encode() for out in outputs], limit)
+        for ack in kept:
+            await ack
+        return bool(kept)
+
+    async def pending_async(
+        self, key: str, outputs: Sequence[Envelope[Any]], encoded: Sequence[bytes], limit: int
+    ) -> list[asyncio.Future[Any]]:
+        """`pending`, sent without waiting: its PubAck as a future (none when nothing is kept), so
+        the outputs can follow it on the wire at once."""
+        if sum(len(body) for body in encoded) > limit - RECORD_HEADROOM:
             log.warning("%s: outputs of %s too large to keep; a redelivery would rerun it", self.service, key)
-            return False
-        await self._put(key, PENDING, [out.id for out in outputs], encoded)
-        return True
+            return []
+        value = _record_bytes(
+            self.service, PENDING, [out.id for out in outputs], [b.decode() for b in encoded]
+        )
+        return [await self._send(key, value)]
 
     async def done(self, key: str, outcome: str, output_ids: Sequence[str]) -> None:
-        await self._put(key, outcome, list(output_ids), [])
+        """The last record, stored before the input is acked: once it returns, a crash before the
+        ack costs nothing (the redelivery finds `ok` and is only acked)."""
+        value = _record_bytes(self.service, outcome, list(output_ids), [])
+        await self.publisher.gathered([await self._send(key, value)])
 
-    async def _put(self, key: str, outcome: str, output_ids: list[str], encoded: list[str]) -> None:
-        doc = {"service": self.service, "outcome": outcome, "outputs": output_ids, "at": time.time()}
-        if encoded:
-            doc["encoded"] = encoded
+    async def _send(self, key: str, value: bytes) -> asyncio.Future[Any]:
+        """kv.put, its PubAck as a future: the same subject (the bucket's prefix, domains included)."""
         kv = await self._bucket()
-        await kv.put(key, json.dumps(doc).encode())
+        return await self.publisher.acks.send(f"{kv._pre}{key}", value)
+
+
+def _record_bytes(service: str, outcome: str, output_ids: list[str], encoded: list[str]) -> bytes:
+    doc: dict[str, Any] = {"service": service, "outcome": outcome, "outputs": output_ids, "at": time.time()}
+    if encoded:
+        doc["encoded"] = encoded
+    return orjson.dumps(doc)

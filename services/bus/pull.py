@@ -1,0 +1,132 @@
+"""The pull loop under every typed route: fetch as many messages as there are free handler slots,
+run each as its own task under the consumer policy, keep their leases, drain on stop.
+
+It replaces FastStream's pull subscriber on the hot path (measured in bench/bus.py): that one
+pulls one message per request, wraps each in its own message object and middleware chain, and
+runs the decoder in a thread pool per message. Here a fetch asks for up to `slots` messages at
+once, so a light route with many slots drains a backlog in batches while a heavy one (training,
+one slot per trial it can run) never takes more than it can start: replicas still share the work.
+The consumer (services.bus.consumer.EventConsumer) keeps the policy: ledger, retries,
+dead letters, exactly one result per cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig
+
+log = logging.getLogger(__name__)
+
+FETCH_WAIT_S = 2.0  # one long poll; a stop is seen within it
+
+
+class PullLoop:
+    """One durable, one route: at most `slots` messages in flight, each acked by its own task."""
+
+    def __init__(
+        self,
+        consumer: Any,  # services.bus.consumer.EventConsumer: called with each message
+        *,
+        subject: str,
+        durable: str,
+        stream: str,
+        config: ConsumerConfig,
+        slots: int,
+        inbox_prefix: bytes | None,
+        stop_grace_s: float,
+    ):
+        self.consumer = consumer
+        self.subject, self.durable, self.stream, self.config = subject, durable, stream, config
+        self.slots = max(slots, 1)
+        self.inbox_prefix = inbox_prefix
+        self.stop_grace_s = stop_grace_s
+        self._in_flight: dict[asyncio.Task[None], tuple[Msg, float]] = {}
+        self._slot_free = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._sub: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, js: Any) -> None:
+        """Bind the durable (created when missing, so readiness sees it at once) and start pulling."""
+        options = {"inbox_prefix": self.inbox_prefix} if self.inbox_prefix else {}
+        self._sub = await js.pull_subscribe(
+            self.subject, durable=self.durable, stream=self.stream, config=self.config, **options
+        )
+        self._stopping.clear()
+        name = f"pull:{self.durable}"
+        self._tasks = [
+            asyncio.create_task(self._pull(), name=name),
+            asyncio.create_task(self._keep_leases(), name=name + ":leases"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop fetching, let in-flight messages finish (up to the grace), cancel the rest: those are
+        not acked and come back after their ack wait, to this replica or another."""
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._in_flight:
+            _, late = await asyncio.wait(set(self._in_flight), timeout=self.stop_grace_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=5.0)
+                log.warning(
+                    "%s: %d messages left unacked at stop (redelivered later)", self.durable, len(late)
+                )
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _pull(self) -> None:
+        while not self._stopping.is_set():
+            free = self.slots - len(self._in_flight)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            try:
+                messages = await self._sub.fetch(batch=free, timeout=FETCH_WAIT_S)
+            except TimeoutError:  # nats-py's own and asyncio's bare one: nothing new
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reconnecting, a JetStream API error: try again
+                log.warning("%s: fetch failed (%s: %s); retrying", self.durable, type(exc).__name__, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), 1.0)
+                continue
+            now = time.monotonic()
+            for msg in messages:
+                task = asyncio.create_task(self.consumer(msg))
+                self._in_flight[task] = (msg, now)
+                task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+        self._slot_free.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # The policy catches everything it can name; what escapes it is a bug, not a message fault.
+            log.error("%s: message task failed", self.durable, exc_info=exc)
+
+    async def _keep_leases(self) -> None:
+        """Renew the lease of every message in flight for longer than a third of its ack wait:
+        a long step keeps its message, a dead process stops renewing and loses it."""
+        interval = max(self.consumer.ack_wait_s / 3, 0.2)
+        while True:
+            await asyncio.sleep(interval)
+            due = time.monotonic() - interval
+            for msg, since in list(self._in_flight.values()):
+                if since <= due:
+                    with contextlib.suppress(Exception):  # connection blips: the next tick tries again
+                        await msg.in_progress()
