@@ -398,7 +398,7 @@ async def test_hostile_corpus_is_rejected_by_every_service_and_nothing_else_is_l
             run["cairn.trial.completed.v1"], lambda d: d.update(study_id="study-that-never-was")
         )
         await corpus.send(
-            "tuning", "cairn.trial.completed.v1", body, "tuning:unknown-study", "KeyNotFound", "event", eid
+            "tuning", "cairn.trial.completed.v1", body, "tuning:unknown-study", "never planned", "event", eid
         )
 
         # 4. Over the limit: nats-py refuses before sending; the server refuses on its own too.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contracts import Metric, Rung, TuningRequested
-from services.tuning.logic import RungState, TrialResult, decide_rung
+from services.tuning.logic import RungState, RungTally, TrialResult, decide_rung
 
 
 def plan(metric: Metric = Metric.rmse) -> TuningRequested:
@@ -63,3 +63,19 @@ def test_rung_state_round_trips_through_the_bucket_json():
     assert RungState.from_json(doc) == rung
     assert not rung.complete
     assert rung.with_result(0, TrialResult(None, "ev-0", 10)).complete
+
+
+def test_a_rung_tally_counts_each_awaited_trial_once_and_stays_small():
+    tally = RungTally.of([1, 4, 9_999])
+    assert tally.expected_ids == [1, 4, 9_999] and tally.count == 0
+    tally = tally.with_seen(4).with_seen(4).with_seen(2)  # a redelivery, and a trial not awaited
+    assert tally.count == 1 and tally.has(4) and not tally.complete
+    tally = tally.with_seen(1).with_seen(9_999)
+    assert tally.complete
+    assert RungTally.decode(tally.encode()) == tally
+    assert len(RungTally.of(list(range(10_000))).with_seen(9_999).encode()) < 4_000
+
+
+def test_a_trial_result_round_trips_through_its_key():
+    for result in (TrialResult(0.25, "ev-1", 10), TrialResult(None, "ev-2", 1)):
+        assert TrialResult.decode(result.encode()) == result

@@ -261,11 +261,7 @@ class EventConsumer:
         if outputs:
             encoded = [out.encode() for out in outputs]
             kept = await self.ledger.pending_async(key, outputs, encoded, self.publisher.max_payload())
-            sent = [
-                await self.publisher.publish_async(out, body)
-                for out, body in zip(outputs, encoded, strict=True)
-            ]
-            await self.publisher.gathered([*kept, *sent])
+            await self.publisher.publish_all(outputs, encoded, waiting=kept)
         await self.ledger.done(key, OK, [out.id for out in outputs])
 
     async def _run_handler(self, event: Envelope[Any], delivery: Delivery) -> Sequence[Envelope[Any]]:

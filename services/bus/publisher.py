@@ -18,6 +18,7 @@ from services.bus.acks import PubAcks
 from services.settings import CairnSettings
 
 PUBLISH_TIMEOUT_S = 10.0
+WINDOW = 256  # PubAcks outstanding per publishing step
 
 
 def event_headers(event: Envelope[Any]) -> dict[str, str]:
@@ -62,12 +63,27 @@ class EventPublisher:
         try:
             return [await ack for ack in acks]
         finally:
-            for ack in acks:
-                if not ack.done():
-                    ack.cancel()
+            _settle(acks)
 
-    async def publish_all(self, events: Iterable[Envelope[Any]]) -> list[Any]:
-        return await self.gathered([await self.publish_async(event) for event in events])
+    async def publish_all(
+        self,
+        events: Sequence[Envelope[Any]],
+        bodies: Sequence[bytes] | None = None,
+        waiting: Iterable[asyncio.Future[Any]] = (),
+    ) -> None:
+        """Publish in order with at most WINDOW PubAcks outstanding, then wait for all of them
+        (and for `waiting`, sent before): a step that emits 10,000 events (a study's trial
+        requests) must not have them all waiting on an fsync'ing server at once, past the timeout."""
+        acks = list(waiting)
+        try:
+            for i, event in enumerate(events):
+                if len(acks) >= WINDOW:
+                    await acks[len(acks) - WINDOW]
+                acks.append(await self.publish_async(event, bodies[i] if bodies else None))
+            for ack in acks:
+                await ack
+        finally:
+            _settle(acks)
 
     def max_payload(self) -> int:
         """The server's max_payload (8 MB for the embedded server); 1 MB, NATS' default, if unknown."""
@@ -77,3 +93,12 @@ class EventPublisher:
     async def publish_raw(self, body: bytes, subject: str, headers: dict[str, str]) -> Any:
         (ack,) = await self.gathered([await self.send(subject, body, headers)])
         return ack
+
+
+def _settle(acks: Sequence[asyncio.Future[Any]]) -> None:
+    """After a failure: stop waiting for the rest, and mark failures already in as seen."""
+    for ack in acks:
+        if not ack.done():
+            ack.cancel()
+        elif not ack.cancelled():
+            ack.exception()

@@ -41,6 +41,7 @@ from services.ml.trial import TrialSpec, fit_final, run_trial
 from services.runtime import Route, Service
 from services.tracking import Tracker
 from services.training import logic
+from services.trial_runs import TrialRun, TrialRunWriter
 
 TRANSIENT = (KilledWorker, FutureCancelledError, OSError, TimeoutError, asyncio.TimeoutError)
 
@@ -84,6 +85,7 @@ class TrainingContext:
     available: dict[str, float]  # the cluster's resources, for placement
     tracker: Tracker
     versions: dict[str, str]
+    trial_runs: TrialRunWriter | None  # batched trial runs on a SQL store; None: log_run_once per trial
 
 
 class Training(Service[TrainingContext]):
@@ -110,12 +112,16 @@ class Training(Service[TrainingContext]):
             opened.push_async_callback(compute.close)
             available = await cluster_resources_async(compute.client)
             tracker = await asyncio.to_thread(Tracker, self.settings.tracking_uri)
+            trial_runs = TrialRunWriter.for_tracker(tracker)
+            if trial_runs is not None:
+                opened.push_async_callback(trial_runs.close)
             yield TrainingContext(
                 store=ArtifactStore(self.settings.artifacts),
                 compute=compute,
                 available=available,
                 tracker=tracker,
                 versions=library_versions(),
+                trial_runs=trial_runs,
             )
 
     async def on_trial_requested(
@@ -128,8 +134,15 @@ class Training(Service[TrainingContext]):
         try:
             placement = trial_resources(req.family.value, ctx.available)
             spec = TrialSpec(
-                req.featureset.uri, req.featureset.sha256, req.family.value, dict(req.params), req.budget,
-                req.task.value, req.metric.value, req.seed, trial_device(placement),
+                req.featureset.uri,
+                req.featureset.sha256,
+                req.family.value,
+                dict(req.params),
+                req.budget,
+                req.task.value,
+                req.metric.value,
+                req.seed,
+                trial_device(placement),
             )
             future = ctx.compute.client.submit(
                 run_trial, spec, key=f"trial-{event.id}", pure=False, resources=placement or None
@@ -144,15 +157,16 @@ class Training(Service[TrainingContext]):
             result, status, error = logic.failed_trial(exc)
         finally:
             self.metrics.trials_running.dec()
-        run_id = await asyncio.to_thread(
-            log_run_once,
-            ctx.tracker,
+        run = TrialRun(
             experiment=req.model_name,
             run_name=f"{req.study_id}/t{req.trial_id}/r{req.rung}",
             event_id=event.id,
             params={**req.params, "family": req.family.value, "budget": req.budget, "rung": req.rung},
-            metrics={req.metric.value: result["score"], "duration_s": result["duration_s"],
-                     "rounds": result["rounds"]},
+            metrics={
+                req.metric.value: result["score"],
+                "duration_s": result["duration_s"],
+                "rounds": result["rounds"],
+            },
             tags={
                 "cairn.kind": "trial",
                 "cairn.study_id": req.study_id,
@@ -160,8 +174,22 @@ class Training(Service[TrainingContext]):
                 "cairn.featureset_sha256": req.featureset.sha256,
             },
             failed=status is TrialStatus.failed,
-            check_existing=delivery.redelivered,
         )
+        if ctx.trial_runs is not None:  # stored (committed) before the result is published
+            run_id = await ctx.trial_runs.log(run)
+        else:  # a tracking server: one run through its REST API
+            run_id = await asyncio.to_thread(
+                log_run_once,
+                ctx.tracker,
+                experiment=run.experiment,
+                run_name=run.run_name,
+                event_id=run.event_id,
+                params=dict(run.params),
+                metrics=dict(run.metrics),
+                tags=dict(run.tags),
+                failed=run.failed,
+                check_existing=delivery.redelivered,
+            )
         done = TrialCompleted(
             study_id=req.study_id,
             trial_id=req.trial_id,
@@ -189,8 +217,15 @@ class Training(Service[TrainingContext]):
         features = tuned.features
         placement = trial_resources(best.family.value, held.available)
         spec = TrialSpec(
-            features.featureset.uri, features.featureset.sha256, best.family.value, dict(best.params), budget,
-            ctx.task.value, tuned.metric.value, ctx.seed, trial_device(placement),
+            features.featureset.uri,
+            features.featureset.sha256,
+            best.family.value,
+            dict(best.params),
+            budget,
+            ctx.task.value,
+            tuned.metric.value,
+            ctx.seed,
+            trial_device(placement),
         )
         fitted = await held.compute.client.submit(
             fit_final, spec, key=f"final-{event.id}", pure=False, resources=placement or None

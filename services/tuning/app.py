@@ -1,20 +1,19 @@
 """tuning: features-built -> a study plan -> trial requests -> promotions -> tuning-completed.
 
-Stateless replicas: a study's results live in a JetStream key-value bucket, updated with
-compare-and-set, so any replica may take any trial result. Output ids derive from (study,
-rung), so when two replicas both see a rung complete, the server keeps one decision.
+Stateless replicas: a study's results live in a JetStream key-value bucket, one key per result
+and a small compare-and-set tally per rung (services.tuning.state), so any replica may take any
+trial result and a result costs the same at trial 10 as at trial 10,000. Output ids derive from
+(study, rung), so when two replicas both see a rung complete, the server keeps one decision.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError
 
 from contracts import (
     Envelope,
@@ -31,7 +30,7 @@ from services.bus.consumer import Delivery, PermanentError
 from services.bus.provision import study_bucket
 from services.cache import StepVersion
 from services.runtime import Route, Service
-from services.tuning import logic
+from services.tuning import logic, state
 
 # A study's outcome is computed by training's trial functions: their code and libraries count too.
 CODE = ("tuning", "training", "ml")
@@ -83,11 +82,9 @@ class Tuning(Service):
         """Record the plan and request the first rung's trials."""
         plan = event.data
         kv = await self._kv()
-        state = {"plan_event": json.loads(event.encode()), "started": event.time.isoformat()}
-        with contextlib.suppress(KeyWrongLastSequenceError):  # redelivered: the plan is already recorded
-            await kv.create(f"{plan.study_id}.plan", json.dumps(state).encode())
+        self.plans.put(plan, await state.record_plan(kv, event))
         first = [c.trial_id for c in plan.configurations]
-        await _create_rung(kv, plan.study_id, 0, first)
+        await state.create_rung(kv, plan.study_id, 0, first)
         return [
             new_event(
                 r,
@@ -99,21 +96,23 @@ class Tuning(Service):
             for r in logic.trial_requests(plan, 0, first)
         ]
 
+    @functools.cached_property
+    def plans(self) -> state.PlanCache:
+        return state.PlanCache()
+
     async def on_trial_completed(
         self, event: Envelope[TrialCompleted], delivery: Delivery
     ) -> list[Envelope[Any]]:
-        """Add one result; whoever completes a rung decides it."""
+        """Add one result (O(1): its own key and a bit); whoever completes a rung decides it."""
         done = event.data
         kv = await self._kv()
-        rung_state = await _record(kv, done, event.id)
-        if not rung_state.complete:
+        if not await state.record(kv, done, event.id):
             return []
-        plan_state = json.loads((await kv.get(f"{done.study_id}.plan")).value)
-        plan_event = Envelope[TuningRequested].model_validate(plan_state["plan_event"])
-        plan = plan_event.data
+        plan, started = await self.plans.get(kv, done.study_id)
+        rung_state = await state.read_rung(kv, done.study_id, done.rung)
         decision = logic.decide_rung(plan, done.rung, rung_state)
         if decision is None:
-            return [await self._complete(kv, plan, plan_event, event, plan_state["started"])]
+            return [await self._complete(kv, plan, event, started, {done.rung: rung_state})]
         decision_event = new_event(
             decision,
             source=self.source,
@@ -121,7 +120,7 @@ class Tuning(Service):
             event_id=derive_id(plan.study_id, event_type_of(TrialsPromoted), f"rung{done.rung}"),
             subject=plan.study_id,
         )
-        await _create_rung(kv, plan.study_id, decision.to_rung, decision.promoted)
+        await state.create_rung(kv, plan.study_id, decision.to_rung, decision.promoted)
         return [decision_event] + [
             new_event(
                 r,
@@ -134,23 +133,29 @@ class Tuning(Service):
         ]
 
     async def _complete(
-        self, kv, plan: TuningRequested, plan_event: Envelope[Any], cause: Envelope[Any], started: str
+        self,
+        kv,
+        plan: TuningRequested,
+        cause: Envelope[Any],
+        started: datetime,
+        known: dict[int, logic.RungState],
     ) -> Envelope[Any]:
+        """The study's end from every rung's results; `known` rungs were just read and are not
+        read again (a random search's only rung)."""
         completed: list[tuple[int, int, int, float | None]] = []
         failed = 0
         for rung in range(len(plan.rungs)):
             try:
-                entry = await kv.get(f"{plan.study_id}.rung.{rung}")
-                state = logic.RungState.from_json(json.loads(entry.value))
+                rung_state = known[rung] if rung in known else await state.read_rung(kv, plan.study_id, rung)
             except KeyNotFoundError:
                 break
-            for trial_id, r in state.results.items():
+            for trial_id, r in rung_state.results.items():
                 completed.append((trial_id, rung, r.budget, r.score))
                 failed += r.score is None
         board = logic.leaderboard(plan, completed)
         if not board:
             raise PermanentError(f"every trial of {plan.study_id} failed")
-        duration = (datetime.now(UTC) - datetime.fromisoformat(started)).total_seconds()
+        duration = (datetime.now(UTC) - started).total_seconds()
         result = TuningCompleted(
             study_id=plan.study_id,
             context=plan.context,
@@ -162,7 +167,7 @@ class Tuning(Service):
             leaderboard=board,
             duration_s=max(duration, 0.0),
         )
-        completed = new_event(
+        end = new_event(
             result,
             source=self.source,
             cause=cause,
@@ -170,24 +175,5 @@ class Tuning(Service):
             subject=plan.context.model_name,
         )
         if self.cache is not None and self.cache.enabled:
-            await self.cache.put("tuning", self.version.key(cache_inputs(plan.features)), [completed])
-        return completed
-
-
-async def _create_rung(kv, study_id: str, rung: int, trial_ids: list[int]) -> None:
-    with contextlib.suppress(KeyWrongLastSequenceError):
-        await kv.create(f"{study_id}.rung.{rung}", json.dumps(logic.RungState(trial_ids).to_json()).encode())
-
-
-async def _record(kv, done: TrialCompleted, event_id: str) -> logic.RungState:
-    """Compare-and-set loop: concurrent results for one rung never overwrite each other."""
-    key = f"{done.study_id}.rung.{done.rung}"
-    result = logic.TrialResult(done.score, event_id, done.budget)
-    while True:
-        entry = await kv.get(key)
-        state = logic.RungState.from_json(json.loads(entry.value)).with_result(done.trial_id, result)
-        try:
-            await kv.update(key, json.dumps(state.to_json()).encode(), last=entry.revision)
-            return state
-        except KeyWrongLastSequenceError:
-            continue
+            await self.cache.put("tuning", self.version.key(cache_inputs(plan.features)), [end])
+        return end

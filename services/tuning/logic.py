@@ -7,7 +7,9 @@ is still published (trials-promoted, with its evidence) so replay reads it inste
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -162,6 +164,14 @@ class TrialResult:
     event_id: str
     budget: int
 
+    def encode(self) -> bytes:
+        return json.dumps({"score": self.score, "event_id": self.event_id, "budget": self.budget}).encode()
+
+    @classmethod
+    def decode(cls, value: bytes) -> TrialResult:
+        doc = json.loads(value)
+        return cls(doc["score"], doc["event_id"], doc["budget"])
+
 
 @dataclass(frozen=True)
 class RungState:
@@ -193,6 +203,63 @@ class RungState:
             results={
                 int(t): TrialResult(r["score"], r["event_id"], r["budget"]) for t, r in doc["results"].items()
             },
+        )
+
+
+def _bits(trial_ids: list[int] | set[int]) -> int:
+    out = 0
+    for t in trial_ids:
+        out |= 1 << t
+    return out
+
+
+@dataclass(frozen=True)
+class RungTally:
+    """Which trials a rung waits for and which have reported, as two bitmaps over trial ids.
+
+    This is the only value of a rung that is rewritten per result (compare-and-set): ~2 x trials/8
+    bytes (2.5 kB for 10,000 trials) instead of every result so far, and setting a bit is
+    idempotent, so a redelivered result cannot count twice. A bit for a trial the rung does not
+    wait for is never counted.
+    """
+
+    expected: int
+    seen: int = 0
+
+    @classmethod
+    def of(cls, trial_ids: list[int]) -> RungTally:
+        return cls(_bits(trial_ids))
+
+    @property
+    def expected_ids(self) -> list[int]:
+        return [t for t in range(self.expected.bit_length()) if self.expected >> t & 1]
+
+    @property
+    def count(self) -> int:
+        return (self.seen & self.expected).bit_count()
+
+    @property
+    def complete(self) -> bool:
+        return self.count >= self.expected.bit_count()
+
+    def has(self, trial_id: int) -> bool:
+        return bool(self.seen >> trial_id & 1)
+
+    def with_seen(self, trial_id: int) -> RungTally:
+        return replace(self, seen=self.seen | 1 << trial_id)
+
+    def encode(self) -> bytes:
+        def b64(bits: int) -> str:
+            return base64.b64encode(bits.to_bytes((bits.bit_length() + 7) // 8, "little")).decode()
+
+        return f'{{"expected":"{b64(self.expected)}","seen":"{b64(self.seen)}"}}'.encode()
+
+    @classmethod
+    def decode(cls, value: bytes) -> RungTally:
+        doc = json.loads(value)
+        return cls(
+            int.from_bytes(base64.b64decode(doc["expected"]), "little"),
+            int.from_bytes(base64.b64decode(doc["seen"]), "little"),
         )
 
 

@@ -1,0 +1,128 @@
+"""A study's state in the key-value bucket, laid out so that one trial result costs O(1).
+
+Keys (the bucket is the only state shared by tuning replicas):
+
+- `<study>.plan`                the plan event and when it started, written once;
+- `<study>.rung.<n>.tally`      which trials rung n waits for and which have reported (two bitmaps,
+                                `logic.RungTally`), compare-and-set per result: ~2.5 kB at 10,000;
+- `<study>.rung.<n>.t.<trial>`  one trial's result at rung n, written once with `create`, so the
+                                first report wins and a redelivery cannot count twice.
+
+A result is stored before its bit is set, so whoever finds the tally complete can read every
+result of the rung, once, by key. Studies started under the previous layout (one JSON document
+per rung, `<study>.rung.<n>`) are not migrated: their next result is refused as permanent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import OrderedDict
+from datetime import datetime
+from typing import Any
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+from contracts import Envelope, TrialCompleted, TuningRequested
+from services.bus.consumer import PermanentError
+from services.tuning import logic
+
+# Concurrent gets when a complete rung is read: enough to hide round trips, few enough that one
+# decision does not flood the connection's pending buffer.
+READ_CONCURRENCY = 256
+
+
+def plan_key(study_id: str) -> str:
+    return f"{study_id}.plan"
+
+
+def tally_key(study_id: str, rung: int) -> str:
+    return f"{study_id}.rung.{rung}.tally"
+
+
+def result_key(study_id: str, rung: int, trial_id: int) -> str:
+    return f"{study_id}.rung.{rung}.t.{trial_id}"
+
+
+async def record_plan(kv: Any, event: Envelope[TuningRequested]) -> str:
+    """Keep the plan event, once; returns when the study started (the first recording's time)."""
+    started = event.time.isoformat()
+    state = {"plan_event": json.loads(event.encode()), "started": started}
+    with contextlib.suppress(KeyWrongLastSequenceError):  # redelivered: the plan is already recorded
+        await kv.create(plan_key(event.data.study_id), json.dumps(state).encode())
+    return started
+
+
+async def create_rung(kv: Any, study_id: str, rung: int, trial_ids: list[int]) -> None:
+    """The rung's tally with no result yet; a second creation (redelivery, another replica) keeps
+    the first, which is the same since the trials of a rung are decided once."""
+    with contextlib.suppress(KeyWrongLastSequenceError):
+        await kv.create(tally_key(study_id, rung), logic.RungTally.of(trial_ids).encode())
+
+
+async def record(kv: Any, done: TrialCompleted, event_id: str) -> bool:
+    """Store one result and mark it seen; True when the rung then has every result it waits for.
+
+    True also for a redelivery after the rung completed: the decision is made again and its
+    derived ids make the second publication a no-op, so a crash after the last bit was set and
+    before the decision was published cannot stall the study.
+    """
+    result = logic.TrialResult(done.score, event_id, done.budget)
+    with contextlib.suppress(KeyWrongLastSequenceError):  # already stored: the first report wins
+        await kv.create(result_key(done.study_id, done.rung, done.trial_id), result.encode())
+    key = tally_key(done.study_id, done.rung)
+    while True:
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError as exc:
+            raise PermanentError(
+                f"{done.study_id} rung {done.rung} has no tally: the study was started by an older "
+                "tuning (state layout before per-result keys) or never planned"
+            ) from exc
+        tally = logic.RungTally.decode(entry.value)
+        if tally.has(done.trial_id):
+            return tally.complete
+        tally = tally.with_seen(done.trial_id)
+        try:
+            await kv.update(key, tally.encode(), last=entry.revision)
+            return tally.complete
+        except KeyWrongLastSequenceError:
+            continue  # another result for this rung got in first: read the tally again
+
+
+async def read_rung(kv: Any, study_id: str, rung: int) -> logic.RungState:
+    """Every result of a rung, read once by key (KeyNotFoundError when the rung was never made)."""
+    tally = logic.RungTally.decode((await kv.get(tally_key(study_id, rung))).value)
+    expected = tally.expected_ids
+    results: dict[int, logic.TrialResult] = {}
+    reported = [t for t in expected if tally.has(t)]
+    for start in range(0, len(reported), READ_CONCURRENCY):
+        chunk = reported[start : start + READ_CONCURRENCY]
+        entries = await asyncio.gather(*(kv.get(result_key(study_id, rung, t)) for t in chunk))
+        results.update((t, logic.TrialResult.decode(e.value)) for t, e in zip(chunk, entries, strict=True))
+    return logic.RungState(expected, results)
+
+
+class PlanCache:
+    """Parsed plans by study id, most recent kept: a plan of 10,000 configurations takes tens of
+    milliseconds to validate, and every decision of the study needs it. Bounded, so a replica that
+    sees many studies holds at most `size` plans; one that misses reads the plan once from the
+    bucket. Per service instance, never module-global."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._plans: OrderedDict[str, tuple[TuningRequested, datetime]] = OrderedDict()
+
+    def put(self, plan: TuningRequested, started: str) -> None:
+        self._plans[plan.study_id] = (plan, datetime.fromisoformat(started))
+        self._plans.move_to_end(plan.study_id)
+        while len(self._plans) > self.size:
+            self._plans.popitem(last=False)
+
+    async def get(self, kv: Any, study_id: str) -> tuple[TuningRequested, datetime]:
+        if study_id not in self._plans:
+            doc = json.loads((await kv.get(plan_key(study_id))).value)
+            self.put(Envelope[TuningRequested].model_validate(doc["plan_event"]).data, doc["started"])
+        self._plans.move_to_end(study_id)
+        return self._plans[study_id]

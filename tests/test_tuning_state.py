@@ -1,0 +1,192 @@
+"""Tuning's per-result study state against a real nats-server: two replicas' handlers take one
+study's results concurrently, a redelivered result counts once, a rung is decided exactly once
+and the decision does not depend on arrival order."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import pytest
+
+from contracts import (
+    ArtifactRef,
+    FeaturesBuilt,
+    ModelFamily,
+    PipelineContext,
+    SearchStrategy,
+    SplitSizes,
+    Task,
+    TrialCompleted,
+    TrialsPromoted,
+    TrialStatus,
+    TuningCompleted,
+    TuningSpec,
+    new_event,
+)
+from services.bus.consumer import PermanentError
+from services.bus.provision import study_bucket
+from services.tuning import logic, state
+from services.tuning.app import Tuning
+
+
+class Replica(Tuning):
+    """The real service class; only the bucket handle comes from the test's connection (the
+    runner would take it from the broker)."""
+
+    def __init__(self, settings: Any, kv: Any) -> None:
+        super().__init__(settings)
+        self.bucket = kv
+
+    async def _kv(self):
+        return self.bucket
+
+
+def artifact(name: str) -> ArtifactRef:
+    return ArtifactRef(
+        uri=f"file:///data/{name}", sha256="a" * 64, size=1, media_type="application/octet-stream"
+    )
+
+
+def features(trials: int, strategy: SearchStrategy, seed: int = 7) -> Any:
+    spec = TuningSpec(trials=trials, strategy=strategy, families=[ModelFamily.linear], max_budget=9, eta=3)
+    context = PipelineContext(model_name="houses", target="y", task=Task.regression, seed=seed, tuning=spec)
+    built = FeaturesBuilt(
+        context=context,
+        dataset=artifact("d"),
+        featureset=artifact("f"),
+        transform=artifact("t"),
+        feature_columns=["x"],
+        splits=SplitSizes(train=8, validation=1, test=1),
+    )
+    return new_event(built, source="/test")
+
+
+def result(plan_event: Any, trial_id: int, rung: int, score: float | None, tag: str = "") -> Any:
+    plan = plan_event.data
+    config = plan.configurations[trial_id]
+    done = TrialCompleted(
+        study_id=plan.study_id,
+        trial_id=trial_id,
+        rung=rung,
+        budget=plan.rungs[rung].budget,
+        family=config.family,
+        params=config.params,
+        status=TrialStatus.ok if score is not None else TrialStatus.failed,
+        metric=plan.metric,
+        score=score,
+        duration_s=0.0,
+    )
+    return new_event(done, source="/training", cause=plan_event, key=f"{trial_id}:{rung}{tag}")
+
+
+@pytest.fixture
+async def kv(js, settings):
+    return await js.key_value(study_bucket(settings.namespace))
+
+
+async def start(replica: Tuning, trials: int, strategy: SearchStrategy, seed: int = 7) -> Any:
+    (plan_event,) = await replica.on_features_built(features(trials, strategy, seed), None)
+    requests = await replica.on_tuning_requested(plan_event, None)
+    assert len(requests) == trials
+    return plan_event
+
+
+def scores_for(trials: int) -> dict[int, float | None]:
+    """Distinct scores, ties and failures, so that a wrong ranking shows."""
+    return {t: None if t % 7 == 3 else round((t * 37 % 11) / 10, 2) for t in range(trials)}
+
+
+async def deliver_all(replicas: list[Tuning], events: list[Any]) -> list[list[Any]]:
+    """Every result to a replica in turn, all handler calls in flight at once."""
+    calls = [replicas[i % len(replicas)].on_trial_completed(e, None) for i, e in enumerate(events)]
+    return list(await asyncio.gather(*calls))
+
+
+async def test_two_replicas_decide_a_rung_once_from_concurrent_results(settings, kv):
+    a, b = Replica(settings, kv), Replica(settings, kv)
+    trials = 60
+    plan_event = await start(a, trials, SearchStrategy.asha)  # b has never seen the plan
+    scores = scores_for(trials)
+    events = [result(plan_event, t, 0, s) for t, s in scores.items()]
+    random.Random(1).shuffle(events)
+    outputs = await deliver_all([a, b], events)
+    deciding = [out for out in outputs if out]
+    assert len(deciding) == 1, f"{len(deciding)} handler calls decided rung 0"
+    decision = deciding[0][0]
+    assert decision.type == TrialsPromoted.EVENT_TYPE
+    assert decision.data.evidence == scores
+    assert decision.data.promoted == logic.promote(plan_event.data, 0, scores)
+    requested = [e.data.trial_id for e in deciding[0][1:]]
+    assert requested == decision.data.promoted and all(e.data.rung == 1 for e in deciding[0][1:])
+    tally = logic.RungTally.decode((await kv.get(state.tally_key(plan_event.data.study_id, 1))).value)
+    assert tally.expected_ids == sorted(decision.data.promoted) and tally.count == 0
+
+
+async def test_a_redelivered_result_counts_once_and_the_first_report_wins(settings, kv):
+    replica = Replica(settings, kv)
+    plan_event = await start(replica, 5, SearchStrategy.asha)
+    study = plan_event.data.study_id
+    first = result(plan_event, 0, 0, 0.9)
+    assert await replica.on_trial_completed(first, None) == []
+    again = [result(plan_event, 0, 0, 0.1, tag=f"-again{i}") for i in range(3)]  # other ids, other score
+    assert await asyncio.gather(*(replica.on_trial_completed(e, None) for e in [first, *again])) == [[]] * 4
+    tally = logic.RungTally.decode((await kv.get(state.tally_key(study, 0))).value)
+    assert tally.count == 1 and not tally.complete
+    outputs = await deliver_all([replica], [result(plan_event, t, 0, 0.5 + t / 10) for t in range(1, 5)])
+    (decision, *_) = next(out for out in outputs if out)
+    assert decision.data.evidence[0] == 0.9 and decision.data.evidence_event_ids[0] == first.id
+    # A redelivery after the rung completed decides again, with the same id: the duplicate window
+    # and the consumer ledger drop the second publication, and a crash before the first publication
+    # cannot stall the study.
+    (redecided, *_) = await replica.on_trial_completed(first, None)
+    assert redecided.id == decision.id and redecided.data == decision.data
+
+
+async def test_the_decision_does_not_depend_on_arrival_order(settings, kv):
+    decisions = []
+    for order_seed in (1, 2):
+        replicas = [Replica(settings, kv), Replica(settings, kv)]
+        plan_event = await start(replicas[0], 30, SearchStrategy.asha, seed=order_seed)
+        scores = {t: round((t * 13 % 5) / 4, 2) for t in range(30)}  # many ties
+        events = [result(plan_event, t, 0, s) for t, s in scores.items()]
+        random.Random(order_seed).shuffle(events)
+        (decision, *_) = next(out for out in await deliver_all(replicas, events) if out)
+        decisions.append(decision.data.promoted)
+    assert decisions[0] == decisions[1] == logic.promote(plan_event.data, 0, scores)
+
+
+async def test_a_random_search_completes_with_every_result_once(settings, kv):
+    a, b = Replica(settings, kv), Replica(settings, kv)
+    trials = 40
+    plan_event = await start(a, trials, SearchStrategy.random)
+    scores = scores_for(trials)
+    events = [result(plan_event, t, 0, s) for t, s in scores.items()]
+    outputs = await deliver_all([a, b], events + events[:5])  # five redelivered in the same burst
+    ends = [e for out in outputs for e in out]
+    assert {e.type for e in ends} == {TuningCompleted.EVENT_TYPE} and len({e.id for e in ends}) == 1
+    done = ends[0].data
+    failed = sum(s is None for s in scores.values())
+    assert (done.trials_completed, done.trials_failed) == (trials - failed, failed)
+    assert [entry.trial_id for entry in done.leaderboard] == [
+        t for t in logic.rank(plan_event.data.metric, scores) if scores[t] is not None
+    ]
+
+
+async def test_a_study_in_the_old_layout_is_refused_as_permanent(settings, kv):
+    replica = Replica(settings, kv)
+    plan_event = await start(replica, 3, SearchStrategy.asha)
+    orphan = result(plan_event, 0, 0, 0.5).data.model_copy(update={"study_id": "study-00000000000000ff"})
+    with pytest.raises(PermanentError, match="older"):
+        await replica.on_trial_completed(new_event(orphan, source="/training"), None)
+
+
+async def test_the_plan_cache_is_bounded_and_refills_from_the_bucket(settings, kv):
+    replica = Replica(settings, kv)
+    plans = [(await start(replica, 2, SearchStrategy.random, seed=s)).data for s in range(3)]
+    cache = state.PlanCache(size=2)
+    for plan in plans:
+        got, _ = await cache.get(kv, plan.study_id)  # a cold replica: read once from the bucket
+        assert got == plan
+    assert list(cache._plans) == [p.study_id for p in plans[1:]]  # noqa: SLF001 - the bound itself
