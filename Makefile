@@ -46,6 +46,7 @@ bench: install
 	$(PY) bench/shell_80.py
 	$(PY) bench/serve.py
 	$(PY) bench/cache.py
+	$(PY) bench/scale.py --trials 2000
 
 schemas: install
 	$(CAIRN) schemas
