@@ -32,7 +32,7 @@ down: install
 	$(CAIRN) down
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not k8s"

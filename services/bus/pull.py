@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from typing import Any
@@ -24,6 +25,7 @@ from nats.js.api import ConsumerConfig
 log = logging.getLogger(__name__)
 
 FETCH_WAIT_S = 2.0  # one long poll; a stop is seen within it
+READY_WAIT_S = 1.0  # the server answers a no-wait request at once; this only bounds a lost reply
 
 
 class PullLoop:
@@ -96,7 +98,7 @@ class PullLoop:
                 await self._slot_free.wait()
                 continue
             try:
-                messages = await self._sub.fetch(batch=free, timeout=FETCH_WAIT_S)
+                messages = await self._fetch(free)
             except TimeoutError:  # nats-py's own and asyncio's bare one: nothing new
                 continue
             except asyncio.CancelledError:
@@ -111,6 +113,35 @@ class PullLoop:
                 task = asyncio.create_task(self.consumer(msg))
                 self._in_flight[task] = (msg, now)
                 task.add_done_callback(self._finished)
+
+    async def _fetch(self, free: int) -> list[Msg]:
+        """A long poll for one message, then whatever else is ready, without waiting.
+
+        nats-py's `fetch(batch=n)` on an empty queue sends a pull request with an expiry, which the
+        server keeps open until n messages came or the expiry passed: a route with free slots would
+        hold the first message for up to FETCH_WAIT_S while waiting for more.
+        """
+        first = await self._sub.fetch(batch=1, timeout=FETCH_WAIT_S)
+        if free <= 1 or not first:
+            return first
+        return first + await self._ready(free - 1)
+
+    async def _ready(self, batch: int) -> list[Msg]:
+        """Up to `batch` messages the server holds now: a no-wait pull request, read until the
+        server's status line (404 no messages, or 408) or the batch is full."""
+        sub = self._sub
+        request = json.dumps({"batch": batch, "no_wait": True}).encode()
+        await sub._nc.publish(sub._nms, request, sub._deliver)
+        out: list[Msg] = []
+        while len(out) < batch:
+            try:
+                msg = await sub._sub.next_msg(timeout=READY_WAIT_S)
+            except TimeoutError:
+                break
+            if msg.headers and msg.headers.get("Status"):
+                break
+            out.append(msg)
+        return out
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(task, None)
