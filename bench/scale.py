@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 from bisect import bisect_left
@@ -32,10 +31,9 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.repeat import rounded  # noqa: E402
-from bench.shell_80 import make_table  # noqa: E402
+from bench.shell_80 import scratch_system  # noqa: E402
 from contracts import DataArrived, ModelFamily, SearchStrategy, TuningCompleted, TuningSpec, new_event  # noqa: E402
 from services import supervisor  # noqa: E402
-from services.bus.embedded import EmbeddedNats  # noqa: E402
 from services.client import Client as CairnClient  # noqa: E402
 from services.settings import CairnSettings  # noqa: E402
 
@@ -194,19 +192,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=7200.0, help="seconds to wait for the run's end")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale.json"))
     args = parser.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="cairn-scale-"))
-    home, data = scratch / "home", scratch / "data"  # cairn refuses to read data inside its own home
-    data.mkdir()
-    csv = make_table(data / "table.csv", args.rows)
-    server = EmbeddedNats(scratch / "nats")
-    server.start()
-    settings = CairnSettings(
-        home=home,
-        nats_url=server.url,
-        allowed_roots=[str(data)],
-        serve_port=0,
-        dask_workers=os.cpu_count(),
-        trial_concurrency=args.trial_concurrency,
+    settings, server, csv = scratch_system(
+        "cairn-scale-", args.rows, trial_concurrency=args.trial_concurrency
     )
     spec = TuningSpec(
         strategy=SearchStrategy.random,

@@ -165,6 +165,26 @@ async def direct_dask(plan, features, workers: int) -> float:
         await cluster.close()
 
 
+def scratch_system(prefix: str, rows: int, **options: Any) -> tuple[CairnSettings, EmbeddedNats, Path]:
+    """A fresh cairn home, a generated table outside it (cairn refuses data inside its own home),
+    a started nats-server of its own, and the settings for all three."""
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    home, data = scratch / "home", scratch / "data"
+    data.mkdir()
+    csv = make_table(data / "table.csv", rows)
+    server = EmbeddedNats(scratch / "nats")
+    server.start()
+    settings = CairnSettings(
+        home=home,
+        nats_url=server.url,
+        allowed_roots=[str(data)],
+        serve_port=0,
+        dask_workers=os.cpu_count(),
+        **options,
+    )
+    return settings, server, csv
+
+
 def busy(seconds: float) -> int:
     """Pure-Python CPU work for a fixed time: the loop count says how fast one core ran."""
     count, until = 0, time.perf_counter() + seconds
@@ -204,15 +224,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "shell_80.json"))
     args = parser.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="cairn-bench-"))
-    home, data = scratch / "home", scratch / "data"  # cairn refuses to read data inside its own home
-    data.mkdir()
-    csv = make_table(data / "table.csv", args.rows)
-    server = EmbeddedNats(scratch / "nats")
-    server.start()
-    settings = CairnSettings(
-        home=home, nats_url=server.url, allowed_roots=[str(data)], serve_port=0, dask_workers=os.cpu_count()
-    )
+    settings, server, csv = scratch_system("cairn-bench-", args.rows)
     spec = dict(trials=args.trials, families=["xgboost", "random_forest"], max_budget=args.budget)
     runs, cpu, whole, two, one = [], [], [], [], []
     ceiling = machine_speedup_1_to_2()
