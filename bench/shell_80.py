@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 import pandas as pd
 import psutil
@@ -45,6 +46,7 @@ from contracts import DataArrived, SearchStrategy, TuningSpec, new_event  # noqa
 from services import supervisor  # noqa: E402
 from services.bus.embedded import EmbeddedNats  # noqa: E402
 from services.client import Client as CairnClient  # noqa: E402
+from services.compute import LOCAL_CLUSTER_CONFIG  # noqa: E402
 from services.ml.trial import TrialSpec, run_trial  # noqa: E402
 from services.settings import CairnSettings  # noqa: E402
 
@@ -124,15 +126,17 @@ async def pipeline_run(settings: CairnSettings, arrived: DataArrived, pids: dict
 
 
 async def direct_dask(plan, features, workers: int) -> float:
-    """The same configurations, straight to a LocalCluster: no bus, no MLflow."""
-    cluster = await LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        asynchronous=True,
-        silence_logs=40,
-    )
+    """The same configurations, straight to a LocalCluster: no bus, no MLflow, no TLS; the same
+    monitor intervals as cairn's local cluster, so the workers run alike on both sides."""
+    with dask.config.set(LOCAL_CLUSTER_CONFIG):
+        cluster = await LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            asynchronous=True,
+            silence_logs=40,
+        )
     client = await Client(cluster, asynchronous=True)
     try:
         fs = features.featureset

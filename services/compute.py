@@ -19,10 +19,20 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import dask
 from distributed import Client, LocalCluster
 
 from services.dask_tls import check_address, client_security, kube_scheduler_address, local_security
 from services.settings import CairnSettings
+
+# The local cluster's scheduler and nannies live in the training process: their resource polls
+# (psutil every 500 ms, each worker's memory every 100 ms by default) were a measurable share of its
+# CPU per trial (py-spy on bench/shell_80.py). A worker past its memory limit is still stopped
+# within half a second.
+LOCAL_CLUSTER_CONFIG = {
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.worker.memory.monitor-interval": "500ms",
+}
 
 
 @dataclass
@@ -48,17 +58,18 @@ def trial_concurrency(settings: CairnSettings) -> int:
 async def open_compute(settings: CairnSettings) -> Compute:
     if settings.dask == "local":
         security = local_security() if settings.dask_local_tls else None
-        cluster = await LocalCluster(
-            n_workers=local_workers(settings),
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",  # scheduler, nannies, workers and their HTTP endpoints
-            security=security,
-            dashboard_address=None,
-            worker_dashboard_address=None,
-            asynchronous=True,
-            silence_logs=40,
-        )
+        with dask.config.set(LOCAL_CLUSTER_CONFIG):  # read when the scheduler and nannies start
+            cluster = await LocalCluster(
+                n_workers=local_workers(settings),
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",  # scheduler, nannies, workers and their HTTP endpoints
+                security=security,
+                dashboard_address=None,
+                worker_dashboard_address=None,
+                asynchronous=True,
+                silence_logs=40,
+            )
         try:
             client = await Client(cluster, security=cluster.security, asynchronous=True)
         except BaseException:  # the cluster is already up: never leave its workers behind

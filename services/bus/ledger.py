@@ -8,8 +8,10 @@ namespace, entries kept `CAIRN_HANDLED_TTL_S`, a week by default), one key per s
 
 - `pending` + the encoded outputs, written after the handler and before the first publish: a
   redelivery republishes exactly these (same ids) without running the handler again;
-- `ok` / `rejected` + the output ids, written after the last PubAck, just before the input's ack
-  and without waiting for its own PubAck (both leave in one flush): a redelivery is only acked.
+- `ok` / `rejected` + the output ids, written after the last PubAck and stored (its own PubAck
+  awaited) before the input is acked: a redelivery is only acked. Not waiting for that PubAck was
+  tried: a kill right after the record was handed to the client lost both record and ack, and the
+  redelivery past the duplicate window published the outputs again.
 
 The one gap left is an `ok` record that is not stored (a crash between an output's PubAck and the
 record, or the server failing to store it) for an input that is delivered again after the

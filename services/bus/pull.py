@@ -97,8 +97,14 @@ class PullLoop:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
+            # A long poll for one message, started at once, then whatever else is ready, without
+            # waiting. nats-py's `fetch(batch=n)` on an empty queue sends a pull request with an
+            # expiry, which the server keeps open until n messages came or the expiry passed: a
+            # route with free slots would hold the first message for up to FETCH_WAIT_S.
             try:
-                messages = await self._fetch(free)
+                self._start(await self._sub.fetch(batch=1, timeout=FETCH_WAIT_S))
+                if free > 1:
+                    self._start(await self._ready(free - 1))
             except TimeoutError:  # nats-py's own and asyncio's bare one: nothing new
                 continue
             except asyncio.CancelledError:
@@ -107,24 +113,14 @@ class PullLoop:
                 log.warning("%s: fetch failed (%s: %s); retrying", self.durable, type(exc).__name__, exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), 1.0)
-                continue
-            now = time.monotonic()
-            for msg in messages:
-                task = asyncio.create_task(self.consumer(msg))
-                self._in_flight[task] = (msg, now)
-                task.add_done_callback(self._finished)
 
-    async def _fetch(self, free: int) -> list[Msg]:
-        """A long poll for one message, then whatever else is ready, without waiting.
-
-        nats-py's `fetch(batch=n)` on an empty queue sends a pull request with an expiry, which the
-        server keeps open until n messages came or the expiry passed: a route with free slots would
-        hold the first message for up to FETCH_WAIT_S while waiting for more.
-        """
-        first = await self._sub.fetch(batch=1, timeout=FETCH_WAIT_S)
-        if free <= 1 or not first:
-            return first
-        return first + await self._ready(free - 1)
+    def _start(self, messages: list[Msg]) -> None:
+        """One task per message, under the consumer policy; its lease is kept while it runs."""
+        now = time.monotonic()
+        for msg in messages:
+            task = asyncio.create_task(self.consumer(msg))
+            self._in_flight[task] = (msg, now)
+            task.add_done_callback(self._finished)
 
     async def _ready(self, batch: int) -> list[Msg]:
         """Up to `batch` messages the server holds now: a no-wait pull request, read until the

@@ -10,6 +10,10 @@
 
 Every fit is single-threaded and seeded: Dask supplies the parallelism, and the same inputs
 give bit-identical model files.
+
+XGBoost and scikit-learn are imported where a model is fitted or loaded, not with this module:
+tuning reads the families' defaults and would otherwise pay seconds of start-up for libraries it
+never calls (measured with `python -X importtime`).
 """
 
 from __future__ import annotations
@@ -18,8 +22,6 @@ import json
 from typing import Any
 
 import numpy as np
-import xgboost as xgb
-from sklearn.linear_model import LogisticRegression, Ridge
 
 from contracts.types import Metric, ModelFamily, Task
 from services.ml.fitted import FitRequest, Fitted
@@ -49,6 +51,8 @@ def fit_xgboost(r: FitRequest) -> Fitted:
     """Boosting for up to `budget` rounds; with a validation split, stops early and keeps the best."""
     params, budget, task, n_classes, seed = r.params, r.budget, r.task, r.n_classes, r.seed
     x_train, y_train, x_valid, y_valid = r.x_train, r.y_train, r.x_valid, r.y_valid
+    import xgboost as xgb
+
     dtrain = xgb.DMatrix(x_train, label=y_train, nthread=1)
     evals = []
     kwargs: dict[str, Any] = {}
@@ -82,12 +86,16 @@ def fit_random_forest(r: FitRequest) -> Fitted:
         "max_depth": params.get("max_depth", 10),
         "min_child_weight": params.get("min_child_weight", 1.0),
     }
+    import xgboost as xgb
+
     booster = xgb.train(booster_params, xgb.DMatrix(x_train, label=y_train, nthread=1), num_boost_round=1)
     return Fitted(ModelFamily.random_forest, bytes(booster.save_raw("ubj")), "xgboost-ubj", 1)
 
 
 def fit_linear(r: FitRequest) -> Fitted:
     """Ridge or logistic regression on standardised features; budget and validation are not used."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+
     params, task, seed, x, y = r.params, r.task, r.seed, r.x_train, r.y_train
     mean = x.mean(axis=0)
     std = x.std(axis=0)
@@ -117,11 +125,15 @@ class TreePredictor:
     """A loaded `xgboost-ubj` model: regression values, or class probabilities (binary widened)."""
 
     def __init__(self, data: bytes, task: Task, n_classes: int):
+        import xgboost as xgb
+
         self.task = task
         self.booster = xgb.Booster(params={"nthread": 1})
         self.booster.load_model(bytearray(data))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
+        import xgboost as xgb
+
         out = self.booster.predict(xgb.DMatrix(x, nthread=1))
         if self.task is Task.classification and out.ndim == 1:
             out = np.column_stack([1 - out, out])

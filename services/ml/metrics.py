@@ -1,15 +1,19 @@
-"""Holdout and validation metrics, and comparing scores in the metric's own direction."""
+"""Holdout and validation metrics, and comparing scores in the metric's own direction.
+
+scikit-learn is imported by the scoring functions only: tuning compares scores without it.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn import metrics as skm
 
 from contracts.types import Metric, Task
 
 
 def score_all(task: Task, y_true: np.ndarray, prediction: np.ndarray) -> dict[str, float]:
     """Regression: rmse, mae, r2. Classification: accuracy, f1 (macro), roc_auc, log_loss."""
+    from sklearn import metrics as skm
+
     if task is Task.regression:
         return {
             Metric.rmse.value: float(np.sqrt(skm.mean_squared_error(y_true, prediction))),
