@@ -47,6 +47,7 @@ bench: install
 	$(PY) bench/serve.py
 	$(PY) bench/cache.py
 	$(PY) bench/scale.py --trials 2000
+	$(PY) bench/startup.py
 
 schemas: install
 	$(CAIRN) schemas

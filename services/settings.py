@@ -56,6 +56,14 @@ class CairnSettings(BaseSettings):
         description="How long the handled-inputs ledger (KV cairn_handled) remembers an input; a new or "
         "recreated durable consumer starts this far back in the stream.",
     )
+    ledger_async_persist: bool = Field(
+        True,
+        description="Let the handled-inputs ledger's stream acknowledge a record before it is on disk "
+        "(JetStream persist_mode async: a single-replica stream on nats-server 2.12 or later; applied "
+        "when the bucket is created). Saves two fsyncs per handled event; a crash of the server may "
+        "forget the last records, and a redelivery then reruns the step, whose outputs the stream's "
+        "duplicate window drops. False: every record fsynced like the events.",
+    )
 
     # State and compute
     artifacts_url: str | None = Field(None, description="fsspec URL of the artifact store.")

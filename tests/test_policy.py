@@ -24,6 +24,7 @@ from typing import Any
 
 import nats
 import pytest
+from nats.aio.client import ServerVersion
 
 from contracts import (
     ArtifactRef,
@@ -36,7 +37,7 @@ from contracts import (
     new_event,
 )
 from services.bus.connection import connect
-from services.bus.provision import provision_all
+from services.bus.provision import async_persist, handled_bucket, provision_all
 from services.settings import CairnSettings
 from tests.conftest import collect, env_for, events_of, make_settings, wait_for
 
@@ -393,3 +394,44 @@ async def test_a_recreated_durable_does_not_rerun_history(nats_server, tmp_path)
     assert runs(settings) == [e.id for e in before] + [after.id], "history was not handled again"
     assert sorted(e.causationid for e in found) == sorted(e.id for e in [*before, after])
     assert stored == 4, "no duplicate outputs"
+
+
+# The ledger's persistence -----------------------------------------------------------------------
+async def _ledger_stream_config(js: Any, settings: CairnSettings) -> dict[str, Any]:
+    name = "KV_" + handled_bucket(settings.namespace)
+    reply = await js._nc.request(f"$JS.API.STREAM.INFO.{name}", b"", timeout=5)
+    return json.loads(reply.data)["config"]
+
+
+async def test_the_ledger_acknowledges_before_disk_and_keeps_it_through_a_ttl_change(nats_server, tmp_path):
+    """One fsync per handled event (the output's) instead of three; the events stay fsynced."""
+    async with bus(nats_server, tmp_path) as (settings, js):
+        config = await _ledger_stream_config(js, settings)
+        assert config["persist_mode"] == "async"
+        assert config["max_msgs_per_subject"] == 1 and config["allow_direct"] is True
+        events = json.loads((await js._nc.request(f"$JS.API.STREAM.INFO.{settings.stream}", b"")).data)
+        assert events["config"].get("persist_mode", "default") == "default", "the event log is fsynced"
+        shorter = settings.model_copy(update={"handled_ttl_s": 3600.0})
+        await provision_all(js, shorter)
+        config = await _ledger_stream_config(js, settings)
+        assert config["max_age"] == 3600 * 10**9 and config["persist_mode"] == "async"
+
+
+async def test_the_ledger_is_fsynced_when_asked_to(nats_server, tmp_path):
+    async with bus(nats_server, tmp_path, ledger_async_persist=False) as (settings, js):
+        config = await _ledger_stream_config(js, settings)
+        assert config.get("persist_mode", "default") == "default"
+
+
+@pytest.mark.parametrize(
+    ("version", "replicas", "expected"),
+    [
+        ("2.15.1", 1, True),
+        ("2.12.0", 1, True),
+        ("2.11.9", 1, False),
+        ("2.9.10", 1, False),
+        ("2.15.1", 3, False),
+    ],
+)
+def test_async_persistence_only_where_the_server_supports_it(version, replicas, expected):
+    assert async_persist(ServerVersion(version), replicas) is expected

@@ -13,6 +13,11 @@ namespace, entries kept `CAIRN_HANDLED_TTL_S`, a week by default), one key per s
   tried: a kill right after the record was handed to the client lost both record and ack, and the
   redelivery past the duplicate window published the outputs again.
 
+The bucket's stream acknowledges records before they reach disk where the server allows it
+(`persist_mode: async`, services.bus.provision): the events stay fsynced, the ledger costs no
+fsync, and a record a server crash forgets only makes its input run again inside the duplicate
+window (docs/RELIABILITY.md, "The ledger is the exception").
+
 The one gap left is an `ok` record that is not stored (a crash between an output's PubAck and the
 record, or the server failing to store it) for an input that is delivered again after the
 duplicate window: the stored outputs are republished and the log holds that event twice, under one

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import json
+from typing import Any
 
+from nats.aio.client import ServerVersion
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
@@ -101,18 +103,67 @@ async def provision_handled_bucket(js: JetStreamContext, settings: CairnSettings
 
     Direct get is on so that a service's reads go through a subject naming its own keys, which the
     generated NATS permissions pin (services.nats_auth). A changed TTL is applied on the next run.
+
+    Where the server allows it (`async_persist`), the bucket's stream acknowledges records before
+    they reach disk: a handled event is then one fsync (its output) instead of three. Losing the
+    last records in a server crash costs a rerun, never a second copy in the log: the redelivery
+    that follows the crash comes within the duplicate window, which drops the rerun's outputs. The
+    mode is fixed when the stream is created, so the bucket is created and updated through the
+    JetStream API directly (nats-py's config models do not carry the field).
     """
     bucket = handled_bucket(settings.namespace)
+    name = f"KV_{bucket}"
     try:
-        info = await js.stream_info(f"KV_{bucket}")
+        current = await _stream_api(js, f"STREAM.INFO.{name}")
     except NotFoundError:
         description = "cairn consumer policy: inputs each service has handled, and their outputs"
         ttl = settings.handled_ttl_s
         config = _kv_config(settings, bucket, description=description, ttl=ttl, direct=True)
-        await js.create_key_value(config)
+        server = js._nc.connected_server_version
+        if not (settings.ledger_async_persist and async_persist(server, settings.stream_replicas)):
+            await js.create_key_value(config)
+            return
+        doc = _kv_stream_config(config).as_dict() | {"persist_mode": "async"}
+        await _stream_api(js, f"STREAM.CREATE.{name}", doc)
         return
-    if info.config.max_age != settings.handled_ttl_s:
-        await js.update_stream(replace(info.config, max_age=settings.handled_ttl_s))
+    config = current["config"]
+    ttl_ns = int(settings.handled_ttl_s * 1e9)
+    if config.get("max_age") != ttl_ns:
+        # The server's own document, so fields nats-py does not know (persist_mode) stay as they are.
+        await _stream_api(js, f"STREAM.UPDATE.{name}", config | {"max_age": ttl_ns})
+
+
+def async_persist(server: ServerVersion, replicas: int) -> bool:
+    """Whether a stream may be created with persist_mode async: one replica (the server refuses it
+    on more) and a server that knows the mode (2.12 and later; older ones would ignore it)."""
+    return replicas == 1 and (server.major, server.minor) >= (2, 12)
+
+
+def _kv_stream_config(config: KeyValueConfig) -> StreamConfig:
+    """The stream nats-py's `create_key_value` makes for a bucket (latest value, direct get, TTL)."""
+    return StreamConfig(
+        name=f"KV_{config.bucket}",
+        description=config.description,
+        subjects=[f"$KV.{config.bucket}.>"],
+        allow_direct=config.direct,
+        allow_rollup_hdrs=True,
+        allow_msg_ttl=True,
+        deny_delete=True,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=min(config.ttl or 120.0, 120.0),
+        max_age=config.ttl,
+        max_consumers=-1,
+        max_msgs=-1,
+        max_msgs_per_subject=config.history,
+        num_replicas=config.replicas,
+        storage=config.storage,
+    )
+
+
+async def _stream_api(js: JetStreamContext, call: str, doc: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One JetStream API call with a raw JSON body; errors raised as nats-py raises them."""
+    payload = json.dumps(doc).encode() if doc is not None else b""
+    return await js._api_request(f"{js._prefix}.{call}", payload, timeout=js._timeout)
 
 
 async def provision_all(js: JetStreamContext, settings: CairnSettings) -> str:
