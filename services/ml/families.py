@@ -165,6 +165,12 @@ class LinearPredictor:
         return full
 
 
+def import_tree_library() -> None:
+    """Import XGBoost ahead of need: a model server calls this while it starts, so that its first
+    swap to a tree model is not also seconds of import while the deployment is already announced."""
+    import xgboost  # noqa: F401
+
+
 def default_metric(task: Task) -> Metric:
     if task is Task.text_generation:
         return Metric.perplexity

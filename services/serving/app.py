@@ -37,6 +37,7 @@ from contracts import ArtifactRef, ContractError, ModelDeployed, decode, subject
 from contracts.records import RequestRecord
 from services.bus.connection import connect
 from services.ml.bundle import BUNDLE_MEDIA_TYPE, LoadedModel
+from services.ml.families import import_tree_library
 from services.ml.transform import input_schema
 from services.model_loading import load_champion, load_from_store
 from services.serving.batching import MicroBatcher, fast_predict
@@ -249,6 +250,7 @@ class InferenceServer:
         self.nc = await connect(self.settings, "serve", persistent=True)
         self._watch = asyncio.create_task(self.watch_deployments())
         self.recorder.start(self.nc)
+        await asyncio.to_thread(import_tree_library)
         await self.load_champions()
         self.loaded.set()
 
