@@ -25,11 +25,15 @@ from distributed import Client, LocalCluster
 from services.dask_tls import check_address, client_security, kube_scheduler_address, local_security
 from services.settings import CairnSettings
 
-# The local cluster's scheduler and nannies live in the training process: their resource polls
-# (psutil every 500 ms, each worker's memory every 100 ms by default) were a measurable share of its
-# CPU per trial (py-spy on bench/shell_80.py). A worker past its memory limit is still stopped
-# within half a second.
+# The local cluster's scheduler and nannies live in the training process, and their timers cost
+# CPU whether trials run or not: idle, that process spent 30 ms of CPU per second (about half of
+# training's CPU per trial in bench/shell_80.py's 30 s trial phase). The event-loop health tick
+# (every 20 ms in each of them) was most of it, then the resource polls (psutil every 500 ms, each
+# worker's memory every 100 ms); with these values 14 ms per second. A blocked loop is still
+# reported past the tick limit (3 s), and a worker past its memory limit still stopped within
+# half a second.
 LOCAL_CLUSTER_CONFIG = {
+    "distributed.admin.tick.interval": "200ms",
     "distributed.admin.system-monitor.interval": "2s",
     "distributed.worker.memory.monitor-interval": "500ms",
 }
