@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 PENDING, OK, REJECTED = "pending", "ok", "rejected"
 # Room left in a record for everything but the outputs (the server's max_payload bounds a value).
 RECORD_HEADROOM = 64 * 1024
-LOOKUP_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -103,11 +102,10 @@ class HandledLedger:
     async def get(self, key: str) -> Record | None:
         kv = await self._bucket()
         if kv._direct:
-            # kv.get's own request, without the generic message parsing around it: the ledger is
-            # read once per message.
-            nc = self.broker.config.connection_state.connection
+            # kv.get's own request, without the generic message parsing around it and on the
+            # publisher's reply subscription (no timer per call): the ledger is read once per message.
             subject = f"{kv._js._prefix}.DIRECT.GET.{kv._stream}.{kv._pre}{key}"
-            reply = await nc.request(subject, b"", timeout=LOOKUP_TIMEOUT_S)
+            reply = await (await self.publisher.acks.request(subject))
             headers = reply.headers or {}
             status = headers.get("Status")
             if status == "404" or headers.get("KV-Operation") in ("DEL", "PURGE"):
