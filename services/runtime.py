@@ -46,6 +46,29 @@ log = logging.getLogger(__name__)
 C = TypeVar("C")
 
 
+class QuietServer(uvicorn.Server):
+    """uvicorn, waking once a second instead of ten times to look for its exit flag.
+
+    Every idle service ran that tick (about 1 ms of CPU per second each, measured with py-spy);
+    the Date header it refreshes has a one-second resolution, and `exit` ends the wait at once.
+    """
+
+    def __init__(self, config: uvicorn.Config):
+        super().__init__(config)
+        self._exit = asyncio.Event()
+
+    def exit(self) -> None:
+        self.should_exit = True
+        self._exit.set()
+
+    async def main_loop(self) -> None:
+        tick = 0
+        while not await self.on_tick(tick):  # a multiple of ten: the Date header is refreshed
+            tick += 10
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exit.wait(), 1.0)
+
+
 @dataclass(frozen=True)
 class Route:
     """One consumed event type and the handler for it.
@@ -133,7 +156,7 @@ class ServiceRunner:
         self.ledger = HandledLedger(self.broker, self.settings, service.name, self.service.publisher)
         self.durables: list[str] = []
         self.loops: list[PullLoop] = []
-        self._http: uvicorn.Server | None = None
+        self._http: QuietServer | None = None
         self._http_task: asyncio.Task[Any] | None = None
         self._ready_cache: tuple[float, bool, str] = (0.0, False, "not started")
         self.http_port: int | None = None
@@ -218,7 +241,7 @@ class ServiceRunner:
 
     async def _stop_http(self) -> None:
         if self._http is not None:
-            self._http.should_exit = True
+            self._http.exit()
             if self._http_task:
                 await self._http_task
 
@@ -298,7 +321,7 @@ class ServiceRunner:
         config = uvicorn.Config(
             self.http_app(), host="0.0.0.0", port=port, log_level="warning", lifespan="off"
         )
-        self._http = uvicorn.Server(config)
+        self._http = QuietServer(config)
         self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._http_task = asyncio.create_task(self._http.serve())
         while not self._http.started:
