@@ -72,8 +72,14 @@ def _kv_config(settings: CairnSettings, bucket: str, **options: object) -> KeyVa
 
 
 async def provision_study_bucket(js: JetStreamContext, settings: CairnSettings, bucket: str) -> None:
-    """Tuning's study state: one key per study plan and rung, compare-and-set updated."""
-    await _ensure_bucket(js, _kv_config(settings, bucket))
+    """Tuning's study state: one key per study plan and rung, compare-and-set updated.
+
+    Reads are direct gets on a single-replica stream: a read through the stream API also makes
+    the server publish an API advisory (request and reply, about 1.6 kB), two per trial. With
+    replicas, a direct get may be answered by a follower that lags, and the rung's results must be
+    read after their tally, so reads stay on the leader.
+    """
+    await _ensure_bucket(js, _kv_config(settings, bucket, direct=settings.stream_replicas == 1))
 
 
 def study_bucket(namespace: str) -> str:

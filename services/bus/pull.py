@@ -101,9 +101,13 @@ class PullLoop:
             # waiting. nats-py's `fetch(batch=n)` on an empty queue sends a pull request with an
             # expiry, which the server keeps open until n messages came or the expiry passed: a
             # route with free slots would hold the first message for up to FETCH_WAIT_S.
+            # The first message says how many more the consumer holds (`num_pending`): the
+            # no-wait request is sent only when there are some, not once per message on a quiet
+            # route (a request and a "none" status the server would answer for nothing).
             try:
-                self._start(await self._sub.fetch(batch=1, timeout=FETCH_WAIT_S))
-                if free > 1:
+                first = await self._sub.fetch(batch=1, timeout=FETCH_WAIT_S)
+                self._start(first)
+                if free > 1 and first and first[0].metadata.num_pending:
                     self._start(await self._ready(free - 1))
             except TimeoutError:  # nats-py's own and asyncio's bare one: nothing new
                 continue

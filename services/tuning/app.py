@@ -65,9 +65,20 @@ class Tuning(Service):
             Route(TrialCompleted, self.on_trial_completed, max_workers=4),
         ]
 
-    async def _kv(self):
+    async def _kv(self) -> Any:
+        """The study bucket, looked up once per connection: `js.key_value` asks the server for the
+        stream's info every time (an API call, and an audit advisory the server publishes)."""
         js = self.publisher.broker.config.connection_state.stream  # type: ignore[union-attr]
-        return await js.key_value(study_bucket(self.settings.namespace))
+        handle = self._studies.get(js)
+        if handle is None:
+            handle = await js.key_value(study_bucket(self.settings.namespace))
+            self._studies.clear()  # a handle of an earlier connection is not used again
+            self._studies[js] = handle
+        return handle
+
+    @functools.cached_property
+    def _studies(self) -> dict[Any, Any]:
+        return {}
 
     async def on_features_built(
         self, event: Envelope[FeaturesBuilt], delivery: Delivery
