@@ -184,6 +184,31 @@ class Client:
         ).json()["text"]
 
 
+def wait_until_served(endpoint: str, model: str, version: int, timeout_s: float = 60.0) -> str | None:
+    """Poll the endpoint until it serves `version` of `model`, or a later one; None when it does,
+    else what it answered last.
+
+    `model.deployed` is the decision; the endpoint swaps to it a moment later, once it has loaded
+    and verified the bundle, so a client that predicts at once may still meet the previous champion,
+    or none. With several endpoint workers each swaps on its own: this sees the one that answers.
+    """
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            reply = httpx.get(f"{endpoint.rstrip('/')}/v1/models", timeout=5)
+            served = reply.json().get(model) if reply.status_code == 200 else None
+            if served is not None and int(served.get("version", 0)) >= version:
+                return None
+            last = f"serving v{served['version']}" if served else f"{reply.status_code}: {reply.text[:200]}"
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.2)
+    return last
+
+
 def _run_event(msg: Any, correlation: str) -> Envelope[Any] | None:
     """The message as an event of this run, or None (another run, a dead letter, an invalid event)."""
     if is_dead_letter(msg.subject):

@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -131,11 +130,7 @@ def main() -> int:
         for line in lineage_lines(events, correlation):
             print("    " + line)
         row = load_diabetes(as_frame=True, scaled=False).frame.drop(columns=["target"]).iloc[0].to_dict()
-        url = s.runtime()["serve_url"]
-        served = wait_until_served(url, deployed.data.model_name, deployed.data.version)
-        if served is not None:
-            print(f"the endpoint did not serve v{deployed.data.version}: {served}")
-            return 1
+        url = s.runtime()["serve_url"]  # `submit --wait` returned once it served the champion
         response = httpx.post(f"{url}/v1/models/{deployed.data.model_name}/predict", json=row, timeout=30)
         print(f"\n== prediction for {json.dumps(row)}")
         print("    " + response.text)
@@ -145,26 +140,6 @@ def main() -> int:
         return 0 if response.status_code == 200 else 1
     finally:
         supervisor.down(s)
-
-
-def wait_until_served(url: str, model: str, version: int, timeout_s: float = 60.0) -> str | None:
-    """Poll the endpoint until it serves `version` of `model`; None when it does, else what it said.
-
-    `model.deployed` is the decision; the endpoint swaps to it a moment later, when it has loaded and
-    verified the bundle. A client that predicts at once may still meet the previous champion, or none.
-    """
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            reply = httpx.get(f"{url}/v2/models/{model}", timeout=5)
-            if reply.status_code == 200 and str(version) in reply.json().get("versions", []):
-                return None
-            last = reply.text
-        except httpx.HTTPError as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        time.sleep(0.2)
-    return last
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 MODEL = "houses"
 # Run 1 and 3: a handful of trees (a weak model); run 2: a linear model, far better on this table.
 WEAK = ["--families", "random_forest", "--trials", "1", "--strategy", "random", "--max-budget", "3"]
+ROW = '{"x1": 0.5, "x2": 3.0, "colour": "red"}'
 STRONG = ["--families", "linear", "--trials", "1", "--strategy", "random", "--max-budget", "3"]
 
 
@@ -49,7 +50,7 @@ def history(tmp_path_factory: pytest.TempPathFactory):
     started = cairn("up", "--detach", "--timeout", "240", env=env, cwd=root, timeout=300)
     assert started.returncode == 0, started.stdout + started.stderr
     try:
-        codes = []
+        codes, served = [], []
         for spec in (WEAK, STRONG, WEAK):
             run = cairn(
                 "submit", str(data), "--target", "price", "--model-name", MODEL, *spec,
@@ -57,7 +58,14 @@ def history(tmp_path_factory: pytest.TempPathFactory):
             )  # fmt: skip
             codes.append(run.returncode)
             assert run.returncode in (0, 3), run.stdout + run.stderr
+            # `--wait` returns once `cairn up`'s endpoint serves the champion: predict at once.
+            if run.returncode == 0:
+                assert f"served: {MODEL} v{len(served) + 1} at http://" in run.stdout, run.stdout
+            predicted = cairn("predict", ROW, "--model", MODEL, env=env, cwd=root)
+            assert predicted.returncode == 0, predicted.stderr
+            served.append(json.loads(predicted.stdout)["version"])
         assert codes == [0, 0, 3], "v1 deployed, v2 took over, the third run failed the gate"
+        assert served == [1, 2, 2], "served when submit returns; a failed gate changes nothing"
         listing = cairn("events", "--json", env=env, cwd=root)
         assert listing.returncode == 0, listing.stderr
         events = [json.loads(line) for line in listing.stdout.splitlines() if line.startswith("{")]

@@ -37,6 +37,8 @@ from services.cli.common import (
 from services.cli.render import Progress, print_event
 from services.settings import CairnSettings
 
+SERVE_WAIT_S = 60.0  # after model.deployed, for the local endpoint to load and verify the champion
+
 
 @app.command()
 def events(
@@ -126,7 +128,10 @@ def submit(
             "path as given (the services must be able to read it: CAIRN_ALLOWED_ROOTS).",
         ),
     ] = True,
-    wait: Annotated[bool, typer.Option("--wait", help="Follow the run to its end.")] = False,
+    wait: Annotated[bool, typer.Option(
+            "--wait",
+            help="Follow the run to its end; after `cairn up`, until its endpoint serves the champion.",
+        )] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 1800.0,
     no_cache: Annotated[
         bool,
@@ -252,4 +257,28 @@ async def _submit(s: CairnSettings, event: Envelope[Any], wait: bool, timeout: f
         except RunTimeout:
             typer.echo(f"timed out after {timeout}s", err=True)
             return EXIT_FAILED
+    return _until_served(s, end)
+
+
+def _until_served(s: CairnSettings, end: Any) -> int:
+    """A run deployed through the system `cairn up` runs from this home: return once its endpoint
+    serves the new champion, so that `submit --wait && predict` meets it (the endpoint swaps a
+    moment after the decision). An endpoint elsewhere (Kubernetes, `cairn serve`) is not waited for."""
+    from services.client import DEPLOYED, wait_until_served
+
+    runtime = s.runtime()
+    local = runtime.get("serve_url") and runtime.get("nats_url") == s.resolved_nats_url()
+    if end.code != DEPLOYED or not local:
         return end.code
+    deployed = end.event.data
+    problem = wait_until_served(runtime["serve_url"], deployed.model_name, deployed.version, SERVE_WAIT_S)
+    if problem is not None:
+        typer.echo(
+            f"{deployed.model_name} v{deployed.version} was deployed, but the endpoint at "
+            f"{runtime['serve_url']} did not serve it within {SERVE_WAIT_S:g}s ({problem}); see "
+            f"{s.home_dir / 'logs' / 'serve.log'}",
+            err=True,
+        )
+        return EXIT_FAILED
+    typer.echo(f"served: {deployed.model_name} v{deployed.version} at {runtime['serve_url']}")
+    return end.code
