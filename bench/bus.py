@@ -219,6 +219,7 @@ async def run_side(
 
 SIDES = ("raw_awaited", "raw_pipelined", "cairn", "cairn_serial")
 LADDER = (0.0625, 0.125, 0.25)  # offered rates below the half, as fractions of raw_pipelined's rate
+LADDER_SIDES = ("raw_pipelined", "cairn")
 
 
 async def main() -> None:
@@ -248,7 +249,7 @@ async def main() -> None:
         {
             f"{kind} {label}": (lambda k=kind, r=rate: run_side(k, 200, r, args.latency_events))
             for label, rate in ladder_rates.items()
-            for kind in ("raw_pipelined", "cairn")
+            for kind in LADDER_SIDES
         },
         args.repeats,
     )
@@ -273,10 +274,7 @@ async def main() -> None:
         "p99_ms_by_fraction_of_raw_rate": {
             label: {
                 "offered_per_s": rate,
-                **{
-                    kind: spread(column(ladder[f"{kind} {label}"], "p99_ms"))
-                    for kind in ("raw_pipelined", "cairn")
-                },
+                **{kind: spread(column(ladder[f"{kind} {label}"], "p99_ms")) for kind in LADDER_SIDES},
             }
             for label, rate in ladder_rates.items()
         },

@@ -128,10 +128,13 @@ def submit(
             "path as given (the services must be able to read it: CAIRN_ALLOWED_ROOTS).",
         ),
     ] = True,
-    wait: Annotated[bool, typer.Option(
+    wait: Annotated[
+        bool,
+        typer.Option(
             "--wait",
-            help="Follow the run to its end; after `cairn up`, until its endpoint serves the champion.",
-        )] = False,
+            help="Follow the run to its end (after `cairn up`: until its endpoint serves the champion).",
+        ),
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 1800.0,
     no_cache: Annotated[
         bool,
