@@ -3,6 +3,7 @@ server-side dedup, replicas sharing one durable consumer, and redelivery after a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -216,3 +217,42 @@ async def subject_count(js, subject: str) -> int:
     return (info.state.subjects or {}).get(subject, 0)
 
 
+
+
+async def test_pub_acks_and_requests_share_one_reply_subscription(settings, js):
+    """PubAcks: a stored publish resolves with its PubAck, a refused one with the server's error, a
+    request with the reply message unread (direct gets, statuses included), and a reply that never
+    comes fails its future after the timeout without leaving its entry behind."""
+    from nats.js.errors import APIError, NoStreamResponseError
+
+    from services.bus.acks import PubAcks
+    from services.bus.provision import handled_bucket
+
+    nc = await nats.connect(settings.nats_url)
+    try:
+        acks = PubAcks(nc, timeout_s=0.5)
+        stored = await (await acks.send("cairn.data.arrived.v1", b"{}", {"Nats-Msg-Id": "pubacks-1"}))
+        assert json.loads(stored)["stream"] == settings.stream
+        wrong_stream = {"Nats-Msg-Id": "pubacks-2", "Nats-Expected-Stream": "NOT_THIS_ONE"}
+        with pytest.raises(APIError):
+            await (await acks.send("cairn.data.arrived.v1", b"{}", wrong_stream))
+        with pytest.raises(NoStreamResponseError):
+            await (await acks.send("nowhere.in.any.stream", b"{}"))
+
+        bucket = await js.key_value(handled_bucket(settings.namespace))
+        await bucket.put("probe.key", b"kept")
+        direct = f"$JS.API.DIRECT.GET.KV_{bucket._name}.$KV.{bucket._name}."
+        found = await (await acks.request(direct + "probe.key"))
+        assert found.data == b"kept" and not (found.headers or {}).get("Status")
+        missing = await (await acks.request(direct + "probe.absent"))
+        assert missing.headers["Status"] == "404", "a status reply comes back unread, not raised"
+
+        async def answer_nothing(_msg: object) -> None:
+            return None
+
+        await nc.subscribe("silent.responder", cb=answer_nothing)
+        with pytest.raises(TimeoutError):
+            await (await acks.request("silent.responder"))
+        assert not acks._waiting, "every settled request left the table"
+    finally:
+        await nc.close()

@@ -97,6 +97,17 @@ class PubAcks:
         elif msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
             future.set_exception(NoStreamResponseError())
         elif b'"error"' in msg.data and "error" in (doc := json.loads(msg.data)):
-            future.set_exception(APIError.from_error(doc["error"]))
+            future.set_exception(_api_error(doc["error"]))
         else:
             future.set_result(msg.data)
+
+
+def _api_error(error: dict[str, Any]) -> APIError:
+    """The server's refusal as nats-py's exception class for its code. `APIError.from_error` raises
+    it instead of returning it: called bare in the reply callback, it escaped there and left the
+    future waiting (until the timeout, as if no PubAck had come)."""
+    try:
+        APIError.from_error(error)
+    except APIError as exc:
+        return exc
+    return APIError(**error)
