@@ -3,7 +3,6 @@ server-side dedup, replicas sharing one durable consumer, and redelivery after a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -215,8 +214,6 @@ async def test_killed_mid_event_is_redelivered_with_one_result(settings, js, tmp
 async def subject_count(js, subject: str) -> int:
     info = await js.stream_info("CAIRN", subjects_filter=subject)
     return (info.state.subjects or {}).get(subject, 0)
-
-
 
 
 async def test_pub_acks_and_requests_share_one_reply_subscription(settings, js):

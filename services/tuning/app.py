@@ -30,6 +30,7 @@ from services.bus.consumer import Delivery, PermanentError
 from services.bus.provision import study_bucket
 from services.cache import StepVersion
 from services.runtime import Route, Service
+from services.settings import CairnSettings
 from services.tuning import logic, state
 
 # A study's outcome is computed by training's trial functions: their code and libraries count too.
@@ -65,20 +66,18 @@ class Tuning(Service):
             Route(TrialCompleted, self.on_trial_completed, max_workers=4),
         ]
 
-    async def _kv(self) -> Any:
-        """The study bucket, looked up once per connection: `js.key_value` asks the server for the
-        stream's info every time (an API call, and an audit advisory the server publishes)."""
-        js = self.publisher.broker.config.connection_state.stream  # type: ignore[union-attr]
-        handle = self._studies.get(js)
-        if handle is None:
-            handle = await js.key_value(study_bucket(self.settings.namespace))
-            self._studies.clear()  # a handle of an earlier connection is not used again
-            self._studies[js] = handle
-        return handle
+    def __init__(self, settings: CairnSettings):
+        super().__init__(settings)
+        self._studies: Any = None
 
-    @functools.cached_property
-    def _studies(self) -> dict[Any, Any]:
-        return {}
+    async def _kv(self) -> Any:
+        """The study bucket, looked up once, as the ledger and the step cache do theirs:
+        `js.key_value` asks the server for the stream's info every time (an API call, and an audit
+        advisory the server publishes)."""
+        if self._studies is None:
+            js = self.publisher.broker.config.connection_state.stream  # type: ignore[union-attr]
+            self._studies = await js.key_value(study_bucket(self.settings.namespace))
+        return self._studies
 
     async def on_features_built(
         self, event: Envelope[FeaturesBuilt], delivery: Delivery
