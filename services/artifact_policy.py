@@ -6,8 +6,9 @@ runtime, so the bus knows nothing of artifacts) and by model loading to registry
 
 from __future__ import annotations
 
+import re
 import typing
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +22,25 @@ class ArtifactLocationError(ValueError):
     """An artifact URI outside the configured store: refused before any byte is fetched."""
 
 
+# NUL and the other C0 control characters, and DEL.
+CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+
+
 def check_artifact_uri(uri: str, settings: CairnSettings) -> str:
     """Artifacts are read only from the artifact store, never from an address an event names.
 
     Events carry artifact URIs; without this check a forged event could make a service fetch
     `http://169.254.169.254/...` or read `/etc/passwd` before the hash check refuses the bytes.
     """
+    return _check_artifact_uri(uri, settings.artifacts.rstrip("/"))
+
+
+def _check_artifact_uri(uri: str, root: str) -> str:
     from urllib.parse import unquote, urlsplit
 
-    root = settings.artifacts.rstrip("/")
     # NUL (raw or %00) and other control characters name no stored artifact, and NUL would make
     # the path resolution below raise instead of refusing.
-    if any(ord(c) < 32 or ord(c) == 127 for c in uri + unquote(uri)):
+    if CONTROL_CHARACTER.search(uri) or CONTROL_CHARACTER.search(unquote(uri)):
         raise ArtifactLocationError(f"artifact {uri[:200]!r} contains a control character (NUL, ...)")
     parts, root_parts = urlsplit(uri), urlsplit(root)
     if any(len(name.encode()) > 255 for name in unquote(parts.path).split("/")):
@@ -46,7 +54,7 @@ def check_artifact_uri(uri: str, settings: CairnSettings) -> str:
         if parts.netloc not in ("", "localhost"):
             raise ArtifactLocationError(f"artifact {uri[:200]!r} names a host")
         path = Path(unquote(parts.path)).resolve()
-        if not path.is_relative_to(Path(unquote(root_parts.path)).resolve()):
+        if not path.is_relative_to(_store_directory(root_parts.path)):
             raise ArtifactLocationError(f"artifact {uri[:200]!r} is outside the artifact store {root}")
         return uri
     if parts.netloc != root_parts.netloc or not (parts.path + "/").startswith(
@@ -61,11 +69,12 @@ def check_artifact_uri(uri: str, settings: CairnSettings) -> str:
 def foreign_artifacts(payload: Any, settings: CairnSettings) -> list[str]:
     """Every ArtifactRef in a payload whose URI is not in this deployment's artifact store."""
     found: list[str] = []
+    root = settings.artifacts.rstrip("/")  # resolves the home directory: once per payload
 
     def walk(value: Any) -> None:
         if isinstance(value, ArtifactRef):
             try:
-                check_artifact_uri(value.uri, settings)
+                _check_artifact_uri(value.uri, root)
             except ArtifactLocationError as exc:
                 found.append(str(exc))
         elif isinstance(value, BaseModel):
@@ -80,6 +89,15 @@ def foreign_artifacts(payload: Any, settings: CairnSettings) -> list[str]:
 
     walk(payload)
     return found
+
+
+@lru_cache(maxsize=8)
+def _store_directory(path: str) -> Path:
+    """The store's directory with its links resolved (a dozen system calls), once per root: the
+    check runs on every message that names an artifact."""
+    from urllib.parse import unquote
+
+    return Path(unquote(path)).resolve()
 
 
 @cache

@@ -84,7 +84,9 @@ async def open_compute(settings: CairnSettings) -> Compute:
                 scheduler_sync_interval=LOCAL_CLUSTER_SYNC_S,
             )
         try:
-            client = await Client(cluster, security=cluster.security, asynchronous=True)
+            await cluster.scheduler.listen("inproc://")
+            inproc = cluster.scheduler.listeners[-1].contact_address
+            client = await Client(inproc, security=cluster.security, asynchronous=True)
         except BaseException:  # the cluster is already up: never leave its workers behind
             await cluster.close()
             raise

@@ -18,11 +18,14 @@ from services.training.app import Training
 def worker_processes() -> list[psutil.Process]:
     """Children of this process but multiprocessing's own helpers (resource tracker, forkserver)."""
     helpers = ("resource_tracker", "forkserver", "semaphore_tracker")
-    return [
-        p
-        for p in psutil.Process().children(recursive=True)
-        if p.is_running() and not any(h in " ".join(p.cmdline()) for h in helpers)
-    ]
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:  # a zombie left by an earlier test (not yet reaped) is no running worker
+            if p.status() != psutil.STATUS_ZOMBIE and not any(h in " ".join(p.cmdline()) for h in helpers):
+                found.append(p)
+        except psutil.NoSuchProcess:  # ZombieProcess too
+            continue
+    return found
 
 
 async def test_training_closes_its_cluster_when_mlflow_is_unreachable(tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from contracts import is_dead_letter
 from services.local_store import schema_lock
@@ -61,6 +61,12 @@ artifacts = Table(
     Index("cairn_artifacts_sha", "sha256"),
     Index("cairn_artifacts_seq", "seq"),
 )
+
+
+def _head(conn: Connection) -> tuple[int, str]:
+    """The last record's sequence and hash; (0, GENESIS) when the store is empty."""
+    row = conn.execute(select(records.c.seq, records.c.hash).order_by(records.c.seq.desc()).limit(1)).first()
+    return (row.seq, row.hash) if row else (0, GENESIS)
 
 
 def chain_hash(prev_hash: str, seq: int, subject: str, raw_sha256: str) -> str:
@@ -164,10 +170,7 @@ class LineageStore:
 
     def head(self) -> tuple[int, str]:
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(records.c.seq, records.c.hash).order_by(records.c.seq.desc()).limit(1)
-            ).first()
-        return (row.seq, row.hash) if row else (0, GENESIS)
+            return _head(conn)
 
     def last_seq(self) -> int:
         """The stream sequence recorded last (0 when empty): what read-your-writes waits on."""
@@ -184,7 +187,13 @@ class LineageStore:
 
         Raises OutOfOrder at the first gap, after nothing was written.
         """
-        last_seq, last_hash = self.head()
+        with self.engine.begin() as conn:  # the head read in the transaction that writes after it
+            added = self._append(conn, messages)
+        return [Record(**r) for r in added]
+
+    @staticmethod
+    def _append(conn: Connection, messages: list[tuple[int, str, bytes]]) -> list[dict[str, Any]]:
+        last_seq, last_hash = _head(conn)
         new_records, new_artifacts = [], []
         for seq, subject, raw in sorted(messages, key=lambda m: m[0]):
             if seq <= last_seq:
@@ -206,11 +215,10 @@ class LineageStore:
                 )
             last_seq, last_hash = seq, record.hash
         if new_records:
-            with self.engine.begin() as conn:
-                conn.execute(insert(records), new_records)
-                if new_artifacts:
-                    conn.execute(insert(artifacts), new_artifacts)
-        return [Record(**r) for r in new_records]
+            conn.execute(insert(records), new_records)
+            if new_artifacts:
+                conn.execute(insert(artifacts), new_artifacts)
+        return new_records
 
     def clear(self) -> None:
         with self.engine.begin() as conn:
