@@ -17,7 +17,8 @@ rate (the issue's figure), and at half of cairn's own median rate, publish-to-ou
 A ladder of lower rates (1/16, 1/8, 1/4 of raw_pipelined's) shows, for both sides, how p99 grows
 with load. Before each paced run the drain before it settles (every consumer has acked all it was
 given). Every side runs once per round, rounds interleaved (A B C A B C ...), and each figure is a
-median with its spread (bench/repeat.py).
+median with its spread (bench/repeat.py). Everything runs on the event loop a service runs on
+(uvloop; `event_loop` in the output), the raw sides too.
 
     .venv/bin/python bench/bus.py [--events 2000] [--repeats 3] [--latency-events 400]
 """
@@ -45,7 +46,7 @@ from services.bus.connection import connect  # noqa: E402
 from services.bus.consumer import Delivery  # noqa: E402
 from services.bus.embedded import EmbeddedNats  # noqa: E402
 from services.bus.provision import provision_all  # noqa: E402
-from services.runtime import Route, Service, ServiceRunner  # noqa: E402
+from services.runtime import Route, Service, ServiceRunner, event_loop_factory  # noqa: E402
 from services.settings import CairnSettings  # noqa: E402
 
 IN, OUT = DataArrived.EVENT_TYPE, DataRejected.EVENT_TYPE
@@ -255,6 +256,7 @@ async def main() -> None:
     )
     cairn_rate = column(rates["cairn"], "events_per_s")
     result = {
+        "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
         "events": args.events,
         "repeats": args.repeats,
         "events_per_s": {kind: spread(column(rates[kind], "events_per_s")) for kind in SIDES},
@@ -286,4 +288,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    # Every side on the event loop `cairn run` gives a service (uvloop), raw nats-py included.
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(main())

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+log = logging.getLogger(__name__)
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -40,3 +44,25 @@ def schema_lock(url: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_ahead_log(url: str) -> None:
+    """Put a local SQLite database in write-ahead-log mode (a no-op for any other URL).
+
+    Why: in SQLite's default rollback-journal mode every commit creates, fsyncs and deletes a
+    journal beside the file and fsyncs the file itself; with the log, a commit is one append and
+    one fsync (synchronous stays FULL, so a committed transaction survives power loss). Measured on
+    one lineage append: 0.74 ms of CPU and 1.3 ms of wall time before, 0.48 and 0.63 after; one
+    MLflow trial run, 1.45 ms of CPU before and 1.16 after. Readers no longer block the writer
+    either. The mode is stored in the file, so every process that opens it later uses it. A copy
+    of the database must now come from SQLite's backup (`sqlite3 lineage.db .backup copy.db`),
+    not from copying the file alone. Called under `schema_lock`, before the store is used.
+    """
+    path = sqlite_path(url)
+    if path is None:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=20)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as exc:  # still correct in the old mode, only slower
+        log.warning("could not put %s in write-ahead-log mode: %s", path, exc)

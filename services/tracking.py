@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from services.local_store import schema_lock
+from services.local_store import schema_lock, write_ahead_log
 
 EVENT_TAG = "cairn.event_id"
 SHA_TAG = "cairn.model_sha256"
@@ -70,6 +70,7 @@ class Tracker:
             self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
             self.client.search_experiments(max_results=1)
             self.client.search_registered_models(max_results=1)
+            write_ahead_log(tracking_uri)
         self.tracking_uri = tracking_uri
         # A tracking server refuses model versions whose source is a local path outside the run's
         # artifacts, so there the bundle is logged as a run artifact (MLflow keeps a copy).

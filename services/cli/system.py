@@ -30,7 +30,7 @@ def run(
 ) -> None:
     """Run one service (an operator runs one process per replica); waits for NATS and the stream."""
     from services.catalog import SERVICES, build_service
-    from services.runtime import ServiceRunner
+    from services.runtime import ServiceRunner, event_loop_factory
 
     if service not in SERVICES:
         raise CliError(f"unknown service {service!r}; choose one of: {', '.join(SERVICES)}", EXIT_USAGE)
@@ -40,7 +40,8 @@ def run(
     except RuntimeError as exc:
         raise CliError(str(exc)) from None
     configure_logging(s)
-    asyncio.run(ServiceRunner(build_service(service, s)).run_forever())
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(ServiceRunner(build_service(service, s)).run_forever())
 
 
 @app.command()

@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 
 from contracts import is_dead_letter
-from services.local_store import schema_lock
+from services.local_store import schema_lock, write_ahead_log
 
 GENESIS = "0" * 64
 
@@ -164,6 +164,7 @@ class LineageStore:
         with schema_lock(url):
             self.engine: Engine = create_engine(url, future=True)
             metadata.create_all(self.engine)
+            write_ahead_log(url)
 
     def close(self) -> None:
         self.engine.dispose()
