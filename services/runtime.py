@@ -147,12 +147,16 @@ class Service(Generic[C]):
     async def detach(self) -> None:
         """Before the broker closes: end what `attach` started, so it finishes on an open connection."""
 
+    def reconnected(self) -> None:
+        """The broker's connection is back (perhaps to a restarted server): renew what `attach` asked
+        the server for."""
+
 
 class ServiceRunner:
     def __init__(self, service: Service):
         self.service = service
         self.settings = service.settings
-        self.broker: NatsBroker = make_broker(self.settings, service.name)
+        self.broker: NatsBroker = make_broker(self.settings, service.name, reconnected_cb=self._reconnected)
         self.service.publisher = EventPublisher(self.broker, self.settings)
         self.ledger = HandledLedger(self.broker, self.settings, service.name, self.service.publisher)
         self.durables: list[str] = []
@@ -181,6 +185,13 @@ class ServiceRunner:
             self.durables.append(durable_name(service.name, route.payload_cls, self.settings.namespace))
         service.subscribe_extra(self.broker)
         self.durables.extend(service.extra_durables())
+
+    async def _reconnected(self) -> None:
+        """A restarted server has forgotten every pull request waiting on it: ask again at once
+        rather than when the long polls expire."""
+        for loop in self.loops:
+            loop.wake()
+        self.service.reconnected()
 
     def _cached(self, route: Route) -> Handler:
         """The route's handler behind the step cache; every output carries a run's `nocache` on.

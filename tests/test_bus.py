@@ -253,3 +253,40 @@ async def test_pub_acks_and_requests_share_one_reply_subscription(settings, js):
         assert not acks._waiting, "every settled request left the table"
     finally:
         await nc.close()
+
+
+async def test_idle_routes_ask_again_at_once_when_a_restarted_server_is_back(
+    settings, js, tmp_path, nats_server, monkeypatch
+):
+    """An idle route's pull request waits on the server for up to FETCH_WAIT_S; a restarted server
+    has forgotten it. The runner drops the long polls on reconnect (`PullLoop.wake`, lineage's
+    too) and asks again: here the polls last 10 minutes, so work after the restart would wait for
+    them without that."""
+    from services.bus import pull
+    from services.lineage.app import Lineage
+    from services.lineage.store import LineageStore
+
+    monkeypatch.setattr(pull, "FETCH_WAIT_S", 600.0)
+    csv = small_csv(tmp_path)
+    runners = [ServiceRunner(Ingestion(settings)), ServiceRunner(Lineage(settings))]
+    for runner in runners:
+        await runner.start()
+    store = LineageStore(settings.lineage_url)
+    try:
+        await js._nc.close()
+        nats_server.restart(kill=True)  # as a crash: the server keeps no pull request
+        nc = await nats.connect(settings.nats_url)
+        try:
+            arrived = new_event(DataArrived(uri=csv.as_uri(), target="y"), source="/test")
+            ack = await nc.jetstream().publish(
+                "cairn.data.arrived.v1", arrived.encode(), headers={"Nats-Msg-Id": arrived.id}
+            )
+            ingested = await collect(nc.jetstream(), "cairn.dataset.ingested.v1", lambda m: len(m) >= 1, 60)
+            assert events_of(ingested)[0].causationid == arrived.id
+            await wait_for(lambda: store.last_seq() > ack.seq, 60, "lineage to record past the restart")
+        finally:
+            await nc.close()
+    finally:
+        store.close()
+        for runner in reversed(runners):
+            await runner.stop()

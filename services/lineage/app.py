@@ -25,6 +25,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from contracts import stream_filter
 from services.bus.consumer import pull_inbox_prefix
+from services.bus.pull import LongPoll, ready
 from services.lineage.archive import Archive, archive_and_trim, signing_key
 from services.lineage.logic import plan
 from services.lineage.openlineage import STEPS, OpenLineageSink, make_client, run_events
@@ -36,9 +37,9 @@ log = logging.getLogger(__name__)
 DURABLE = "lineage"
 SUBJECT = stream_filter()
 BATCH = 256
-# How long an idle pull waits on the server. Not a latency: a pull returns as soon as messages
-# are there; this only bounds how long a stop waits for the loop.
-FETCH_WAIT_S = 1.0
+# How long a stop waits for a store write in progress (the long poll itself is dropped at once;
+# services.bus.pull.LongPoll).
+STOP_WAIT_S = 10.0
 
 
 def consumer_config(settings: CairnSettings) -> ConsumerConfig:
@@ -79,6 +80,7 @@ class Lineage(Service[LineageContext]):
         self._gap = 0  # the sequence the chain waits for, once logged
         self._archiver: asyncio.Task[None] | None = None
         self._js: Any = None
+        self._poller: LongPoll | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[LineageContext]:
@@ -129,6 +131,7 @@ class Lineage(Service[LineageContext]):
             inbox_prefix=pull_inbox_prefix(self.settings),
         )
         self._js = js
+        self._poller = LongPoll(self._sub)
         self._stopping.clear()
         self._task = asyncio.create_task(self._follow(), name="lineage-follow")
         if self.settings.retention_max_age_s or self.settings.retention_max_bytes:
@@ -144,7 +147,8 @@ class Lineage(Service[LineageContext]):
         if task is None:
             return
         self._stopping.set()
-        done, _ = await asyncio.wait({task}, timeout=FETCH_WAIT_S + 10)
+        self.reconnected()  # drops the pull in progress; the loop then sees the stop
+        done, _ = await asyncio.wait({task}, timeout=STOP_WAIT_S)
         if not done:  # a store call that hangs: what it wrote is kept, the rest is redelivered
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -199,10 +203,19 @@ class Lineage(Service[LineageContext]):
                 log.exception("lineage loop error")
                 await self._pause(1.0)
 
+    def reconnected(self) -> None:
+        """Drop the long poll in progress: a restarted server holds none of the old requests."""
+        if self._poller is not None:
+            self._poller.wake()
+
     async def _fetch(self) -> list[Msg]:
+        """A long poll for one message, then what else the server holds (up to BATCH)."""
         try:
-            return await self._sub.fetch(batch=BATCH, timeout=FETCH_WAIT_S)
-        except TimeoutError:  # nats-py's own and, near the deadline, asyncio's bare one: nothing new
+            first = await self._poller.next()  # type: ignore[union-attr]
+            if not first:  # expired empty, or dropped (a reconnect, a stop)
+                return []
+            return first + (await ready(self._sub, BATCH - 1) if first[0].metadata.num_pending else [])
+        except TimeoutError:  # the no-wait request's reply lost: what came is redelivered
             return []
         except Exception as exc:  # noqa: BLE001 - reconnecting, a JetStream API error: try again
             log.warning("lineage fetch failed (%s: %s); retrying", type(exc).__name__, exc)

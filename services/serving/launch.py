@@ -37,9 +37,11 @@ def run_endpoint(settings: CairnSettings, host: str, port: int) -> None:
     common = {"host": host, "port": port, "log_level": "warning", "limit_concurrency": 256 * workers,
               "access_log": False, **uvicorn_options()}
     if workers == 1:
+        from services.runtime import QuietServer
         from services.serving.app import InferenceServer
 
-        uvicorn.run(InferenceServer(settings).app(), **common)
+        # What uvicorn.run does for one worker, with the services' quieter main loop.
+        QuietServer(uvicorn.Config(InferenceServer(settings).app(), **common)).run()
         return
     metrics_dir = tempfile.mkdtemp(prefix="cairn-serve-metrics-")
     os.environ.update(settings.to_env())

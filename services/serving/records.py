@@ -40,6 +40,7 @@ class RequestRecorder:
         self.rng = rng or random.Random()  # noqa: S311 - sampling, not security
         self.nc: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._buffered = asyncio.Event()  # set by the first record after a flush
 
     def sampled(self) -> bool:
         return self.rate > 0 and (self.rate >= 1 or self.rng.random() < self.rate)
@@ -49,6 +50,7 @@ class RequestRecorder:
             self.dropped += 1
             return
         self.buffer.append(orjson.dumps(record.model_dump(mode="json")))
+        self._buffered.set()
 
     def start(self, nc: Any) -> None:
         if self.rate > 0:
@@ -69,8 +71,11 @@ class RequestRecorder:
             log.warning("dropped %d request records: %s", len(batch), type(exc).__name__)
 
     async def _flush_forever(self) -> None:
+        """Every FLUSH_S while records come; asleep while none do (an idle endpoint wakes for nothing)."""
         while True:
+            await self._buffered.wait()
             await asyncio.sleep(FLUSH_S)
+            self._buffered.clear()
             await self.flush()
 
     async def stop(self) -> None:
