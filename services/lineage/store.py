@@ -63,9 +63,15 @@ artifacts = Table(
 )
 
 
+# The statements of every append, built once (SQLAlchemy derives a new statement's cache key on
+# each execution).
+HEAD = select(records.c.seq, records.c.hash).order_by(records.c.seq.desc()).limit(1)
+INSERT_RECORDS, INSERT_ARTIFACTS = insert(records), insert(artifacts)
+
+
 def _head(conn: Connection) -> tuple[int, str]:
     """The last record's sequence and hash; (0, GENESIS) when the store is empty."""
-    row = conn.execute(select(records.c.seq, records.c.hash).order_by(records.c.seq.desc()).limit(1)).first()
+    row = conn.execute(HEAD).first()
     return (row.seq, row.hash) if row else (0, GENESIS)
 
 
@@ -216,9 +222,9 @@ class LineageStore:
                 )
             last_seq, last_hash = seq, record.hash
         if new_records:
-            conn.execute(insert(records), new_records)
+            conn.execute(INSERT_RECORDS, new_records)
             if new_artifacts:
-                conn.execute(insert(artifacts), new_artifacts)
+                conn.execute(INSERT_ARTIFACTS, new_artifacts)
         return new_records
 
     def clear(self) -> None:
