@@ -37,9 +37,9 @@ from typing import Any
 import orjson
 from faststream.nats import NatsBroker
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
-from nats.js.kv import KeyValue
 
 from contracts import Envelope, decode
+from services.bus.kv import FastKeyValue
 from services.bus.provision import handled_bucket
 from services.bus.publisher import EventPublisher
 from services.settings import CairnSettings
@@ -71,8 +71,8 @@ class HandledLedger:
         self.service = service
         self.publisher = publisher  # its PubAck futures carry the records' writes
         self.bucket = handled_bucket(settings.namespace)
-        self._kv: KeyValue | None = None
-        self._opening: asyncio.Future[KeyValue] | None = None
+        self._kv: FastKeyValue | None = None
+        self._opening: asyncio.Future[FastKeyValue] | None = None
 
     def key(self, event: Envelope[Any] | None, stream_sequence: int | None) -> str:
         """`<service>.<digest of type and id>`; a message that is no event is known by its sequence.
@@ -84,7 +84,7 @@ class HandledLedger:
         digest = hashlib.sha256(f"{event.type}\n{event.id}".encode()).hexdigest()[:40]
         return f"{self.service}.{digest}"
 
-    async def _bucket(self) -> KeyValue:
+    async def _bucket(self) -> FastKeyValue:
         if self._kv is None:
             # Many messages may ask at once on a cold start: one lookup serves them all.
             if self._opening is None or (self._opening.done() and self._opening.exception()):
@@ -92,32 +92,20 @@ class HandledLedger:
             self._kv = await asyncio.shield(self._opening)
         return self._kv
 
-    async def _open(self) -> KeyValue:
+    async def _open(self) -> FastKeyValue:
+        """The bucket, read on the publisher's reply subscription: it is read once per message."""
         js = self.broker.config.connection_state.stream
         try:
-            return await js.key_value(self.bucket)
+            return FastKeyValue(await js.key_value(self.bucket), lambda: self.publisher.acks)
         except BucketNotFoundError:
             raise LookupError(f"KV bucket {self.bucket} not found: run `cairn provision`") from None
 
     async def get(self, key: str) -> Record | None:
         kv = await self._bucket()
-        if kv._direct:
-            # kv.get's own request, without the generic message parsing around it and on the
-            # publisher's reply subscription (no timer per call): the ledger is read once per message.
-            subject = f"{kv._js._prefix}.DIRECT.GET.{kv._stream}.{kv._pre}{key}"
-            reply = await (await self.publisher.acks.request(subject))
-            headers = reply.headers or {}
-            status = headers.get("Status")
-            if status == "404" or headers.get("KV-Operation") in ("DEL", "PURGE"):
-                return None
-            if status:
-                raise LookupError(f"ledger {self.bucket}: {status} {headers.get('Description', '')}")
-            value = reply.data
-        else:
-            try:
-                value = (await kv.get(key)).value
-            except KeyNotFoundError:
-                return None
+        try:
+            value = (await kv.get(key)).value
+        except KeyNotFoundError:
+            return None
         if not value:
             return None
         doc = orjson.loads(value)
@@ -153,7 +141,7 @@ class HandledLedger:
     async def _send(self, key: str, value: bytes) -> asyncio.Future[Any]:
         """kv.put, its PubAck as a future: the same subject (the bucket's prefix, domains included)."""
         kv = await self._bucket()
-        return await self.publisher.acks.send(f"{kv._pre}{key}", value)
+        return await self.publisher.acks.send(f"{kv.kv._pre}{key}", value)
 
 
 def _record_bytes(service: str, outcome: str, output_ids: list[str], encoded: list[str]) -> bytes:

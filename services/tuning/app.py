@@ -27,6 +27,7 @@ from contracts import (
     new_event,
 )
 from services.bus.consumer import Delivery, PermanentError
+from services.bus.kv import FastKeyValue
 from services.bus.provision import study_bucket
 from services.cache import StepVersion
 from services.runtime import Route, Service
@@ -73,10 +74,12 @@ class Tuning(Service):
     async def _kv(self) -> Any:
         """The study bucket, looked up once, as the ledger and the step cache do theirs:
         `js.key_value` asks the server for the stream's info every time (an API call, and an audit
-        advisory the server publishes)."""
+        advisory the server publishes). Read and written on the publisher's reply subscription
+        (services.bus.kv): three calls per trial result."""
         if self._studies is None:
             js = self.publisher.broker.config.connection_state.stream  # type: ignore[union-attr]
-            self._studies = await js.key_value(study_bucket(self.settings.namespace))
+            bucket = await js.key_value(study_bucket(self.settings.namespace))
+            self._studies = FastKeyValue(bucket, lambda: self.publisher.acks)  # type: ignore[union-attr]
         return self._studies
 
     async def on_features_built(
