@@ -1,9 +1,10 @@
 """Request records: which model version answered which request, off the hot path.
 
 A sampled request leaves a `contracts.records.RequestRecord` in a bounded buffer; a background
-task publishes the buffer every `FLUSH_S` on the record stream's subject (core NATS publish:
-JetStream stores it, nothing waits for an ack). A full buffer drops records and counts them;
-a publish that fails drops that batch. Neither ever delays or fails a request.
+task publishes the buffer `FLUSH_S` after its first record (and sleeps while none come) on the
+record stream's subject (core NATS publish: JetStream stores it, nothing waits for an ack). A full
+buffer drops records and counts them; a publish that fails drops that batch. Neither ever delays
+or fails a request.
 """
 
 from __future__ import annotations
