@@ -193,9 +193,10 @@ async def test_local_cluster_listens_on_loopback_only_over_tls(tmp_path: Path) -
         # The client shares the scheduler's process and reaches it in memory; everything else
         # reaches it over TLS on loopback.
         assert client.scheduler.address.startswith("inproc://"), client.scheduler.address
-        scheduler = (await client.scheduler.identity())["address"]
+        identity = await client.scheduler.identity()
+        scheduler = identity["address"]
         assert scheduler.startswith("tls://127.0.0.1:"), scheduler
-        workers = (await client.scheduler.identity())["workers"]
+        workers = identity["workers"]
         assert len(workers) == 2
         for address, worker in workers.items():
             assert address.startswith("tls://127.0.0.1:"), address

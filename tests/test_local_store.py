@@ -51,7 +51,9 @@ def test_a_reader_mid_transaction_does_not_stop_the_lineage_writer(tmp_path: Pat
         assert [r[0] for r in db.execute("SELECT seq FROM cairn_records ORDER BY seq")] == [1, 2]
 
 
-def test_other_urls_are_left_alone(tmp_path: Path) -> None:
-    write_ahead_log("postgresql+psycopg://nobody@127.0.0.1:1/none")  # no connection attempted
-    write_ahead_log("sqlite:///:memory:")
-    assert not list(tmp_path.iterdir())
+def test_a_database_that_cannot_switch_is_used_as_it_is(tmp_path: Path, caplog) -> None:
+    """The mode is a speed-up: a file SQLite cannot open in it is reported and left to the store."""
+    missing = tmp_path / "no such folder" / "lineage.db"
+    write_ahead_log(f"sqlite:///{missing}")
+    assert "could not put" in caplog.text and str(missing) in caplog.text
+    write_ahead_log("postgresql+psycopg://nobody@127.0.0.1:1/none")  # other URLs: nothing to do

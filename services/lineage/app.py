@@ -147,7 +147,8 @@ class Lineage(Service[LineageContext]):
         if task is None:
             return
         self._stopping.set()
-        self.reconnected()  # drops the pull in progress; the loop then sees the stop
+        if self._poller is not None:  # the loop, woken from its long poll, sees the stop
+            self._poller.wake()
         done, _ = await asyncio.wait({task}, timeout=STOP_WAIT_S)
         if not done:  # a store call that hangs: what it wrote is kept, the rest is redelivered
             task.cancel()
