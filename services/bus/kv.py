@@ -39,13 +39,17 @@ class FastKeyValue:
         self.kv = kv
         self.acks = acks
 
+    def subject(self, key: str) -> str:
+        """Where a write of `key` is published (the bucket's prefix, domains included)."""
+        return f"{self.kv._pre}{key}"
+
     async def get(self, key: str) -> Entry:
         """The latest value; KeyNotFoundError when there is none (or it was deleted)."""
         kv = self.kv
         if not kv._direct:
             entry = await kv.get(key)
             return Entry(key, entry.value or b"", entry.revision or 0)
-        subject = f"{kv._js._prefix}.DIRECT.GET.{kv._stream}.{kv._pre}{key}"
+        subject = f"{kv._js._prefix}.DIRECT.GET.{kv._stream}.{self.subject(key)}"
         reply = await (await self.acks().request(subject))
         headers = reply.headers or {}
         status = headers.get("Status")
@@ -64,7 +68,7 @@ class FastKeyValue:
         Returns the new revision."""
         headers = {"Nats-Expected-Last-Subject-Sequence": str(last)}
         try:
-            ack = await (await self.acks().send(f"{self.kv._pre}{key}", value, headers))
+            ack = await (await self.acks().send(self.subject(key), value, headers))
         except APIError as err:
             if err.err_code == WRONG_LAST_SEQUENCE:
                 raise KeyWrongLastSequenceError(description=err.description) from None

@@ -139,9 +139,9 @@ class HandledLedger:
         await self.publisher.gathered([await self._send(key, value)])
 
     async def _send(self, key: str, value: bytes) -> asyncio.Future[Any]:
-        """kv.put, its PubAck as a future: the same subject (the bucket's prefix, domains included)."""
+        """kv.put, its PubAck as a future, so the outputs can follow it on the wire at once."""
         kv = await self._bucket()
-        return await self.publisher.acks.send(f"{kv.kv._pre}{key}", value)
+        return await self.publisher.acks.send(kv.subject(key), value)
 
 
 def _record_bytes(service: str, outcome: str, output_ids: list[str], encoded: list[str]) -> bytes:
