@@ -46,7 +46,12 @@ from contracts import DataArrived, SearchStrategy, TuningSpec, new_event  # noqa
 from services import supervisor  # noqa: E402
 from services.bus.embedded import EmbeddedNats  # noqa: E402
 from services.client import Client as CairnClient  # noqa: E402
-from services.compute import LOCAL_CLUSTER_CONFIG, LOCAL_CLUSTER_SYNC_S  # noqa: E402
+from services.compute import (  # noqa: E402
+    LOCAL_CLUSTER_CONFIG,
+    LOCAL_CLUSTER_SYNC_S,
+    LOCAL_HEARTBEAT_S,
+    pace_heartbeats,
+)
 from services.ml.trial import TrialSpec, run_trial  # noqa: E402
 from services.runtime import event_loop_factory  # noqa: E402
 from services.settings import CairnSettings  # noqa: E402
@@ -135,9 +140,9 @@ async def pipeline_run(settings: CairnSettings, arrived: DataArrived, pids: dict
 
 async def direct_dask(plan, features, workers: int) -> tuple[float, float, float]:
     """The same configurations, straight to a LocalCluster: no bus, no MLflow, no TLS; the same
-    monitor intervals as cairn's local cluster, so the workers run alike on both sides. Returns the
-    wall time, the workers' CPU, and the CPU of this process (Dask's own client, scheduler and
-    nannies: what cairn's training process also holds, besides the service)."""
+    monitor intervals and heartbeats as cairn's local cluster, so the workers run alike on both
+    sides. Returns the wall time, the workers' CPU, and the CPU of this process (Dask's own client,
+    scheduler and nannies: what cairn's training process also holds, besides the service)."""
     with dask.config.set(LOCAL_CLUSTER_CONFIG):
         cluster = await LocalCluster(
             n_workers=workers,
@@ -148,6 +153,7 @@ async def direct_dask(plan, features, workers: int) -> tuple[float, float, float
             silence_logs=40,
             scheduler_sync_interval=LOCAL_CLUSTER_SYNC_S,
         )
+    pace_heartbeats(cluster.scheduler, LOCAL_HEARTBEAT_S)
     client = await Client(cluster, asynchronous=True)
     try:
         fs = features.featureset

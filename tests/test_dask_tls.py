@@ -26,7 +26,7 @@ import pytest
 from distributed import Client
 from distributed.security import Security
 
-from services.compute import open_compute
+from services.compute import LOCAL_HEARTBEAT_S, open_compute
 from services.dask_tls import CA, CERT, KEY, DaskTLSError, kube_scheduler_address, write_dask_tls
 from services.settings import CairnSettings
 from tests.conftest import wait_for
@@ -217,6 +217,27 @@ async def test_local_cluster_listens_on_loopback_only_over_tls(tmp_path: Path) -
         await refused(scheduler)
         assert isinstance(await refused(scheduler.replace("tls://", "tcp://")), OSError)
         assert await client.submit(pow, 3, 3, pure=False) == 27
+    finally:
+        await compute.close()
+
+
+def _heartbeat_ms(dask_worker: Any) -> float:
+    return dask_worker.periodic_callbacks["heartbeat"].callback_time
+
+
+async def test_local_workers_report_at_the_paced_heartbeat(tmp_path: Path) -> None:
+    """Dask asks a small cluster's workers for a heartbeat every 0.5 s; the local cluster paces them
+    to LOCAL_HEARTBEAT_S (each reply names the next interval), and tasks still run."""
+    compute = await open_compute(CairnSettings(home=tmp_path, dask="local", dask_workers=2))
+    try:
+        client = compute.client
+        await asyncio.wait_for(client.wait_for_workers(2), timeout=120)
+        paced = {address: 1000 * LOCAL_HEARTBEAT_S for address in client.scheduler_info()["workers"]}
+        async with asyncio.timeout(30):  # the first reports come within Dask's own 0.5-1 s
+            while (intervals := await client.run(_heartbeat_ms)) != paced:
+                await asyncio.sleep(0.1)
+        assert intervals == paced
+        assert await client.submit(pow, 2, 5, pure=False) == 32
     finally:
         await compute.close()
 
