@@ -9,6 +9,7 @@ import random
 from typing import Any
 
 import pytest
+from nats.js.errors import KeyWrongLastSequenceError
 
 from contracts import (
     ArtifactRef,
@@ -198,3 +199,63 @@ async def test_the_plan_cache_is_bounded_and_refills_from_the_bucket(settings, k
         got, _ = await cache.get(kv, plan.study_id)  # a cold replica: read once from the bucket
         assert got == plan
     assert list(cache._plans) == [p.study_id for p in plans[1:]]  # noqa: SLF001 - the bound itself
+
+
+class Counting:
+    """The real bucket, its tally reads and its refused compare-and-sets counted."""
+
+    def __init__(self, kv: Any) -> None:
+        self.kv = kv
+        self.tally_reads = self.refused = 0
+
+    async def get(self, key: str) -> Any:
+        self.tally_reads += key.endswith(".tally")
+        return await self.kv.get(key)
+
+    async def create(self, key: str, value: bytes) -> int:
+        return await self.kv.create(key, value)
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        try:
+            return await self.kv.update(key, value, last=last)
+        except KeyWrongLastSequenceError:
+            self.refused += 1
+            raise
+
+
+async def test_one_replica_sets_each_result_on_the_tally_it_last_wrote(settings, kv):
+    replica = Replica(settings, Counting(kv))
+    plan_event = await start(replica, 12, SearchStrategy.asha)
+    for trial in range(11):  # one short of the rung: no decision, no rung read
+        assert await replica.on_trial_completed(result(plan_event, trial, 0, trial / 10), None) == []
+    assert (replica.bucket.tally_reads, replica.bucket.refused) == (1, 0)  # the first result only
+    tally = logic.RungTally.decode((await kv.get(state.tally_key(plan_event.data.study_id, 0))).value)
+    assert tally.count == 11 and not tally.complete
+
+
+async def test_replicas_taking_turns_on_a_rung_stop_trusting_their_copies(settings, kv):
+    a, b = Replica(settings, Counting(kv)), Replica(settings, Counting(kv))
+    trials = 20
+    plan_event = await start(a, trials, SearchStrategy.asha)
+    scores = scores_for(trials)
+    outputs = []
+    for trial, score in scores.items():  # strictly alternating: every copy is stale when used again
+        replica = (a, b)[trial % 2]
+        outputs.append(await replica.on_trial_completed(result(plan_event, trial, 0, score), None))
+    deciding = [out for out in outputs if out]
+    assert len(deciding) == 1 and deciding[0][0].data.evidence == scores
+    # One refused write each, the first time its copy was stale; then each reads before it writes.
+    assert (a.bucket.refused, b.bucket.refused) == (1, 1)
+
+
+async def test_a_redelivery_is_judged_on_the_stored_tally_not_on_a_stale_copy(settings, kv):
+    a, b = Replica(settings, kv), Replica(settings, kv)
+    plan_event = await start(a, 6, SearchStrategy.asha)
+    first = result(plan_event, 0, 0, 0.9)
+    assert await a.on_trial_completed(first, None) == []  # a's copy: trial 0 seen, rung incomplete
+    outputs = await deliver_all([b], [result(plan_event, t, 0, t / 10) for t in range(1, 6)])
+    (decision, *_) = next(out for out in outputs if out)
+    # b completed the rung. A redelivery of trial 0 to a finds its bit in a's stale copy, which still
+    # says incomplete: the stored tally says complete, so a decides again (the same decision).
+    (redecided, *_) = await a.on_trial_completed(first, None)
+    assert redecided.id == decision.id and redecided.data == decision.data

@@ -1,11 +1,11 @@
 """A key-value bucket read and written on the publisher's reply subscription (services.bus.acks).
 
 nats-py's KeyValue answers each get and each write through its own request: a reply token, a
-timer and a parsed `PubAck` or `RawStreamMsg` per call. Tuning makes three such calls per trial
-result (the result, the tally read, the tally's compare-and-set) and the ledger reads once per
-message; here they share one reply subscription, with no timer per call. Only what those callers
-use is offered: `get`, `create` and `update`, with nats-py's own errors (KeyNotFoundError,
-KeyWrongLastSequenceError), so a nats-py KeyValue can stand in for it.
+timer and a parsed `PubAck` or `RawStreamMsg` per call. Tuning makes two or three such calls per
+trial result (the result, the tally's compare-and-set, the tally read when its copy is stale) and
+the ledger reads once per message; here they share one reply subscription, with no timer per call.
+Only what those callers use is offered: `get`, `create` and `update`, with nats-py's own errors
+(KeyNotFoundError, KeyWrongLastSequenceError), so a nats-py KeyValue can stand in for it.
 
 Reads are direct gets where the bucket allows them (`allow_direct`); otherwise they go through
 nats-py's own `get` (the stream API), as before.

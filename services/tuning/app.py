@@ -75,7 +75,8 @@ class Tuning(Service):
         """The study bucket, looked up once, as the ledger and the step cache do theirs:
         `js.key_value` asks the server for the stream's info every time (an API call, and an audit
         advisory the server publishes). Read and written on the publisher's reply subscription
-        (services.bus.kv): three calls per trial result."""
+        (services.bus.kv): two calls per trial result (the result, the tally's compare-and-set on
+        the copy this replica last wrote; a third, the read, when that copy is stale)."""
         if self._studies is None:
             js = self.publisher.broker.config.connection_state.stream  # type: ignore[union-attr]
             bucket = await js.key_value(study_bucket(self.settings.namespace))
@@ -113,13 +114,17 @@ class Tuning(Service):
     def plans(self) -> state.PlanCache:
         return state.PlanCache()
 
+    @functools.cached_property
+    def tallies(self) -> state.TallyCache:
+        return state.TallyCache()
+
     async def on_trial_completed(
         self, event: Envelope[TrialCompleted], delivery: Delivery
     ) -> list[Envelope[Any]]:
         """Add one result (O(1): its own key and a bit); whoever completes a rung decides it."""
         done = event.data
         kv = await self._kv()
-        if not await state.record(kv, done, event.id):
+        if not await state.record(kv, done, event.id, self.tallies):
             return []
         plan, started = await self.plans.get(kv, done.study_id)
         rung_state = await state.read_rung(kv, done.study_id, done.rung)

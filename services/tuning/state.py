@@ -9,8 +9,10 @@ Keys (the bucket is the only state shared by tuning replicas):
                                 first report wins and a redelivery cannot count twice.
 
 A result is stored before its bit is set, so whoever finds the tally complete can read every
-result of the rung, once, by key. Studies started under the previous layout (one JSON document
-per rung, `<study>.rung.<n>`) are not migrated: their next result is refused as permanent.
+result of the rung, once, by key. A replica sets the bit on the tally it last wrote (`TallyCache`)
+and reads the tally only when the server refuses that copy as stale. Studies started under the
+previous layout (one JSON document per rung, `<study>.rung.<n>`) are not migrated: their next
+result is refused as permanent.
 """
 
 from __future__ import annotations
@@ -61,34 +63,90 @@ async def create_rung(kv: Any, study_id: str, rung: int, trial_ids: list[int]) -
         await kv.create(tally_key(study_id, rung), logic.RungTally.of(trial_ids).encode())
 
 
-async def record(kv: Any, done: TrialCompleted, event_id: str) -> bool:
+async def record(kv: Any, done: TrialCompleted, event_id: str, tallies: TallyCache | None = None) -> bool:
     """Store one result and mark it seen; True when the rung then has every result it waits for.
 
     True also for a redelivery after the rung completed: the decision is made again and its
     derived ids make the second publication a no-op, so a crash after the last bit was set and
-    before the decision was published cannot stall the study.
+    before the decision was published cannot stall the study. `tallies`: this replica's last
+    written tallies, so that a result is usually one write with no read before it.
     """
     result = logic.TrialResult(done.score, event_id, done.budget)
     with contextlib.suppress(KeyWrongLastSequenceError):  # already stored: the first report wins
         await kv.create(result_key(done.study_id, done.rung, done.trial_id), result.encode())
     key = tally_key(done.study_id, done.rung)
+    cached = tallies.get(key) if tallies is not None else None
     while True:
-        try:
-            entry = await kv.get(key)
-        except KeyNotFoundError as exc:
-            raise PermanentError(
-                f"{done.study_id} rung {done.rung} has no tally: the study was started by an older "
-                "tuning (state layout before per-result keys) or never planned"
-            ) from exc
-        tally = logic.RungTally.decode(entry.value)
+        if cached is not None:
+            tally, revision = cached
+        else:
+            tally, revision = await _read_tally(kv, done.study_id, done.rung)
+            if tallies is not None:
+                tallies.read(key, revision)
         if tally.has(done.trial_id):
+            if cached is not None:  # a redelivery: judged on the stored tally, not on this copy
+                cached = None
+                continue
             return tally.complete
         tally = tally.with_seen(done.trial_id)
         try:
-            await kv.update(key, tally.encode(), last=entry.revision)
-            return tally.complete
+            revision = await kv.update(key, tally.encode(), last=revision)
         except KeyWrongLastSequenceError:
-            continue  # another result for this rung got in first: read the tally again
+            cached = None  # another result for this rung got in first: read the tally again
+            continue
+        if tallies is not None:
+            tallies.wrote(key, tally, revision)
+        return tally.complete
+
+
+async def _read_tally(kv: Any, study_id: str, rung: int) -> tuple[logic.RungTally, int]:
+    try:
+        entry = await kv.get(tally_key(study_id, rung))
+    except KeyNotFoundError as exc:
+        raise PermanentError(
+            f"{study_id} rung {rung} has no tally: the study was started by an older "
+            "tuning (state layout before per-result keys) or never planned"
+        ) from exc
+    return logic.RungTally.decode(entry.value), entry.revision
+
+
+class TallyCache:
+    """The tally this replica last wrote per rung, with its revision: the next result of the rung is
+    set on it by compare-and-set straight away, one write instead of a read and a write.
+
+    The bucket stays the truth: a copy another writer has moved past is refused by the server
+    (wrong last sequence) and the tally is read again. A rung that another replica writes too is
+    not cached any more here (a read then shows a revision this replica did not write): with
+    several replicas taking turns, a stale copy would cost a refused write on most results. Results
+    handled side by side in this replica only race each other, as they did before. Bounded; per
+    service instance, never module-global.
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._rungs: OrderedDict[str, tuple[logic.RungTally, int] | None] = OrderedDict()  # None: shared
+
+    def get(self, key: str) -> tuple[logic.RungTally, int] | None:
+        return self._rungs.get(key)
+
+    def wrote(self, key: str, tally: logic.RungTally, revision: int) -> None:
+        if key in self._rungs:
+            known = self._rungs[key]
+            if known is None or known[1] > revision:  # shared, or a later write of ours landed first
+                return
+        self._keep(key, (tally, revision))
+
+    def read(self, key: str, revision: int) -> None:
+        """A revision read from the bucket: past this replica's last write means another writer."""
+        known = self._rungs.get(key)
+        if known is not None and known[1] != revision:
+            self._keep(key, None)
+
+    def _keep(self, key: str, value: tuple[logic.RungTally, int] | None) -> None:
+        self._rungs[key] = value
+        self._rungs.move_to_end(key)
+        while len(self._rungs) > self.size:
+            self._rungs.popitem(last=False)
 
 
 async def read_rung(kv: Any, study_id: str, rung: int) -> logic.RungState:
