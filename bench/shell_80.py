@@ -216,16 +216,19 @@ def busy(seconds: float) -> int:
     return count
 
 
-def machine_speedup_1_to_2(seconds: float = 3.0) -> float:
+def machine_speedup_1_to_2(seconds: float = 3.0) -> tuple[float, float]:
     """What this machine gives two processes against one, measured on pure CPU work with nothing
-    else to share: the ceiling for speedup_1_to_2_workers (2 vCPUs may be one core's two threads)."""
+    else to share: the ceiling for speedup_1_to_2_workers (2 vCPUs may be one core's two threads).
+    Also one process's loops per second: how fast a core runs Python today. The same machine class
+    has run this bench at twice the speed of another day, and the CPU milliseconds of every service
+    scale with it; figures from different runs compare only next to this one."""
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(2) as pool:
         list(pool.map(busy, [0.2, 0.2]))  # both workers started
         one = pool.submit(busy, seconds).result()
         two = sum(pool.map(busy, [seconds, seconds]))
-    return two / one
+    return two / one, one / seconds
 
 
 def service_cpu_ms_per_trial(
@@ -249,7 +252,7 @@ def main() -> None:
     settings, server, csv = scratch_system("cairn-bench-", args.rows)
     spec = dict(trials=args.trials, families=["xgboost", "random_forest"], max_budget=args.budget)
     runs, cpu, whole, two, one, dask_own = [], [], [], [], [], []
-    ceiling = machine_speedup_1_to_2()
+    ceiling, core_speed = machine_speedup_1_to_2()
     try:
         runtime = supervisor.up(settings)
         assert not supervisor.wait_ready(runtime, 180), "system not ready"
@@ -310,6 +313,7 @@ def main() -> None:
             "trial_phase_overhead_vs_direct": spread([p / t - 1 for p, t in zip(phase, two, strict=True)]),
             "speedup_1_to_2_workers": ratio_spread(one, two),
             "machine_speedup_1_to_2_processes": ceiling,
+            "machine_python_loops_per_s": core_speed,
             "service_cpu_ms_per_trial": per_service.pop("total"),
             "service_cpu_ms_per_trial_by_process": per_service,
             "service_cpu_ms_per_trial_whole_run": spread([w["total"] for w in whole]),
