@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import uvicorn
+from faststream.exceptions import IncorrectState
 from faststream.nats import NatsBroker
+from nats.errors import ConnectionClosedError, ConnectionReconnectingError
 from nats.js.errors import NotFoundError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -233,7 +235,7 @@ class ServiceRunner:
         await wait_for_stream(self.settings, self.service.name)
         async with contextlib.AsyncExitStack() as opened:
             await opened.enter_async_context(self.service.running())
-            opened.push_async_callback(self.broker.stop)
+            opened.push_async_callback(self._stop_broker)
             await self.broker.start()
             opened.push_async_callback(self.service.detach)
             await self.service.attach(self.broker)
@@ -250,6 +252,21 @@ class ServiceRunner:
     async def stop(self) -> None:
         """Close what `start` opened (nothing, if it never finished: it closed its own)."""
         await self._opened.aclose()
+
+    async def _stop_broker(self) -> None:
+        """Drain the connection; with the server gone, close it instead. nats-py refuses to drain a
+        connection that is reconnecting (ConnectionReconnectingError), which left its reconnect
+        loop running: the process then hung on its way out, waiting for that loop to end (seen
+        when a SIGKILLed `cairn up` took the embedded server down with the services)."""
+        connection = None
+        with contextlib.suppress(IncorrectState):  # never connected
+            connection = self.broker.config.connection_state.connection
+        try:
+            await self.broker.stop()
+        except (ConnectionReconnectingError, ConnectionClosedError):
+            log.warning("%s: NATS unreachable at stop; connection closed without draining", self.service.name)
+            if connection is not None and not connection.is_closed:
+                await connection.close()
 
     async def _stop_http(self) -> None:
         if self._http is not None:

@@ -3,6 +3,7 @@ server-side dedup, replicas sharing one durable consumer, and redelivery after a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -126,6 +127,12 @@ async def _ready(port: int) -> bool:
         return False
 
 
+async def _disconnected(port: int) -> bool:
+    async with httpx.AsyncClient() as client:
+        reply = await client.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+    return reply.status_code == 503 and reply.json()["detail"] == "not connected to NATS"
+
+
 def _handled(port: int) -> float:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     total = 0.0
@@ -173,6 +180,32 @@ async def test_two_replicas_share_one_durable_consumer_exactly_once(settings, js
     assert sorted(causes) == sorted(ids), "every event handled, none twice"
     assert stored == 500, "no duplicate outputs in the stream"
     assert sum(per_replica) == 500 and min(per_replica) > 0, per_replica
+
+
+@pytest.mark.slow
+async def test_a_service_stops_on_sigterm_while_its_server_is_gone(settings, js, tmp_path, nats_server):
+    """`cairn run` stopped while NATS is unreachable (a SIGKILLed `cairn up` takes its embedded server
+    down with the services): nats-py refuses to drain a reconnecting connection, so it is closed
+    instead and the process exits, rather than waiting forever on nats-py's reconnect loop."""
+    port = free_port()
+    proc = _spawn(
+        ["-m", "services.cli", "run", "ingestion"],
+        settings,
+        {"CAIRN_HTTP_PORT": str(port)},
+        tmp_path / "ingestion.log",
+    )
+    try:
+        await wait_for(lambda: _ready(port), 60, "ingestion to be ready")
+        await js._nc.close()
+        nats_server.stop(kill=True)
+        await wait_for(lambda: _disconnected(port), 30, "ingestion to see the server gone")
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "connection closed without draining" in (tmp_path / "ingestion.log").read_text()
 
 
 @pytest.mark.slow
