@@ -110,6 +110,14 @@ async def _read_tally(kv: Any, study_id: str, rung: int) -> tuple[logic.RungTall
     return logic.RungTally.decode(entry.value), entry.revision
 
 
+def keep_recent(entries: OrderedDict[str, Any], key: str, value: Any, size: int) -> None:
+    """Store `key` as the most recent entry, dropping the oldest past `size` (both caches below)."""
+    entries[key] = value
+    entries.move_to_end(key)
+    while len(entries) > size:
+        entries.popitem(last=False)
+
+
 class TallyCache:
     """The tally this replica last wrote per rung, with its revision: the next result of the rung is
     set on it by compare-and-set straight away, one write instead of a read and a write.
@@ -143,10 +151,7 @@ class TallyCache:
             self._keep(key, None)
 
     def _keep(self, key: str, value: tuple[logic.RungTally, int] | None) -> None:
-        self._rungs[key] = value
-        self._rungs.move_to_end(key)
-        while len(self._rungs) > self.size:
-            self._rungs.popitem(last=False)
+        keep_recent(self._rungs, key, value, self.size)
 
 
 async def read_rung(kv: Any, study_id: str, rung: int) -> logic.RungState:
@@ -173,10 +178,7 @@ class PlanCache:
         self._plans: OrderedDict[str, tuple[TuningRequested, datetime]] = OrderedDict()
 
     def put(self, plan: TuningRequested, started: str) -> None:
-        self._plans[plan.study_id] = (plan, datetime.fromisoformat(started))
-        self._plans.move_to_end(plan.study_id)
-        while len(self._plans) > self.size:
-            self._plans.popitem(last=False)
+        keep_recent(self._plans, plan.study_id, (plan, datetime.fromisoformat(started)), self.size)
 
     async def get(self, kv: Any, study_id: str) -> tuple[TuningRequested, datetime]:
         if study_id not in self._plans:
