@@ -146,6 +146,11 @@ class CairnSettings(BaseSettings):
     archive_key: Path | None = Field(
         None, description="Ed25519 private key (PEM) signing archive segments; default made under home."
     )
+    archive_public_key: Path | None = Field(
+        None,
+        description="Ed25519 public key (PEM) that readers check archive segments with; default beside "
+        "CAIRN_ARCHIVE_KEY or under home. A reader with segments to check and no key is refused.",
+    )
     openlineage_url: str | None = Field(None, description="file:// path or http(s) endpoint for OL events.")
     log_level: str = Field("INFO", description="Python logging level.")
 

@@ -20,7 +20,7 @@ from contracts import DataArrived, SearchStrategy, TuningSpec
 from services import supervisor
 from services.bus.connection import connect
 from services.bus.embedded import EmbeddedNats
-from services.lineage import graph
+from services.lineage import graph, signing
 from services.lineage.audit import (
     export_bundle,
     rebuild,
@@ -172,9 +172,10 @@ async def test_audit_detects_changed_deleted_and_reordered_records(audited, tmp_
     assert not verdict.ok and verdict.seq in (3, 4)
 
     # offline: an exported, signed-off bundle, and edits of it
-    key = b"auditor-key"
+    private, public = signing.keygen(tmp_path / "keys")
+    key = public.read_bytes()
     bundle = tmp_path / "bundle.jsonl"
-    export_bundle(live.all(), bundle, settings.stream, key)
+    export_bundle(live.all(), bundle, settings.stream, private.read_bytes())
     assert verify_bundle(bundle, key).ok
     lines = bundle.read_text().splitlines()
     edits = {
@@ -189,7 +190,7 @@ async def test_audit_detects_changed_deleted_and_reordered_records(audited, tmp_
         verdict = verify_bundle(path, key)
         assert not verdict.ok, name
         assert verdict.problem, name
-    assert not verify_bundle(bundle, b"wrong-key").ok
+    assert not verify_bundle(bundle, signing.keygen(tmp_path / "other")[1].read_bytes()).ok
 
 
 async def test_openlineage_events_are_valid(audited):

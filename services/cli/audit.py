@@ -65,20 +65,39 @@ def audit_verify(
         typer.Option(
             "--key",
             "--key-file",
-            help="The Ed25519 public key (or the HMAC secret) that checks the sign-off.",
+            help="The Ed25519 public key (audit-public.pem) the bundle's signature must verify with.",
         ),
     ] = None,
+    unsigned_ok: Annotated[
+        bool,
+        typer.Option(
+            "--unsigned-ok", help="With --bundle and no --key: accept a check of self-consistency alone."
+        ),
+    ] = False,
 ) -> None:
     """Check the hash chain against the stream; name the first modified, missing or reordered record.
 
-    Exit 0 when the chain holds, 1 when it does not."""
+    Exit 0 when the chain holds, 1 when it does not. A bundle is checked with the key you give,
+    never with what the bundle says of itself; without --key only its self-consistency is checked,
+    which anyone could forge, so that exits 1 unless --unsigned-ok."""
     from services.lineage.audit import verify_against_stream, verify_bundle
 
     if bundle is not None:
         verdict = verify_bundle(_readable(bundle), _readable(key_file).read_bytes() if key_file else None)
-    else:
-        s = settings()
-        verdict = verify_against_stream(lineage_store(s).all(), asyncio.run(stream_messages(s)))
+        typer.echo(verdict.text())
+        if verdict.ok and key_file is None:
+            typer.echo(
+                "only self-consistency was checked: anyone can write a consistent bundle; "
+                "give --key audit-public.pem to check who signed it"
+                + ("" if unsigned_ok else " (or --unsigned-ok to accept this)"),
+                err=True,
+            )
+            raise typer.Exit(0 if unsigned_ok else EXIT_FAILED)
+        raise typer.Exit(0 if verdict.ok else EXIT_FAILED)
+    if key_file is not None or unsigned_ok:
+        raise CliError("--key and --unsigned-ok go with --bundle", EXIT_USAGE)
+    s = settings()
+    verdict = verify_against_stream(lineage_store(s).all(), asyncio.run(stream_messages(s)))
     typer.echo(verdict.text())
     raise typer.Exit(0 if verdict.ok else EXIT_FAILED)
 
@@ -100,12 +119,15 @@ def audit_export(
     ] = None,
 ) -> None:
     """Write events + chain head to a bundle that `cairn audit verify --bundle` checks offline."""
+    from services.lineage import signing
     from services.lineage.audit import export_bundle
 
     s = settings()
-    verdict = export_bundle(
-        lineage_store(s).all(), out, s.stream, _readable(key_file).read_bytes() if key_file else None
-    )
+    private_pem = _readable(key_file).read_bytes() if key_file else None
+    problem = signing.private_key_problem(private_pem) if private_pem is not None else None
+    if problem:
+        raise CliError(f"{key_file}: {problem}", EXIT_USAGE)
+    verdict = export_bundle(lineage_store(s).all(), out, s.stream, private_pem)
     typer.echo(f"exported {verdict.checked} records, head {verdict.head} -> {out}")
 
 

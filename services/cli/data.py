@@ -83,10 +83,12 @@ async def archived_before(s: CairnSettings, first_seq: int) -> list[tuple[int, s
     """What retention moved from the stream to the archive: the start of the log."""
     if first_seq <= 1:
         return []
-    from services.lineage.archive import Archive, ArchiveError, public_key
+    from services.lineage.archive import Archive, ArchiveError, MissingKey, public_key
 
     try:
         return await asyncio.to_thread(Archive.of(s).messages, public_key(s), first_seq)
+    except MissingKey as exc:
+        raise CliError(f"cannot check the archive: {exc}") from None
     except ArchiveError as exc:
         raise CliError(f"the archive is not intact: {exc}") from None
 

@@ -39,6 +39,10 @@ class ArchiveError(RuntimeError):
     """The archive is not a continuous, untampered history: the first broken place is named."""
 
 
+class MissingKey(ArchiveError):
+    """Signed segments and no public key to check them: an error, never a silent skip."""
+
+
 @dataclass(frozen=True)
 class SegmentRef:
     first_seq: int
@@ -51,12 +55,17 @@ def archive_url(settings: CairnSettings) -> str:
 
 
 def key_paths(settings: CairnSettings) -> tuple[Path, Path]:
-    """The signing key pair: CAIRN_ARCHIVE_KEY (private PEM) with `<stem>.pub.pem`, or under the home."""
+    """The signing key pair: CAIRN_ARCHIVE_KEY (private PEM) with `<stem>-public.pem` beside it, or
+    under the home; CAIRN_ARCHIVE_PUBLIC_KEY names the public key for readers who hold only that."""
     if settings.archive_key is not None:
         private = settings.archive_key.expanduser()
-        return private, private.with_name(private.stem.removesuffix("-private") + "-public.pem")
-    folder = settings.home_dir / "archive-keys"
-    return folder / "audit-private.pem", folder / "audit-public.pem"
+        public = private.with_name(private.stem.removesuffix("-private") + "-public.pem")
+    else:
+        folder = settings.home_dir / "archive-keys"
+        private, public = folder / "audit-private.pem", folder / "audit-public.pem"
+    if settings.archive_public_key is not None:
+        public = settings.archive_public_key.expanduser()
+    return private, public
 
 
 def signing_key(settings: CairnSettings) -> bytes:
@@ -185,13 +194,15 @@ def _parse_time(text: str) -> datetime:
 class Archive:
     """Segments under `<artifact store>/archive/<stream>/`, listed in sequence order."""
 
-    def __init__(self, url: str, stream: str):
+    def __init__(self, url: str, stream: str, key_hint: str = "CAIRN_ARCHIVE_PUBLIC_KEY"):
         self.stream = stream
         self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.key_hint = key_hint  # where a reader's public key was looked for, named when it is missing
 
     @classmethod
     def of(cls, settings: CairnSettings) -> Archive:
-        return cls(archive_url(settings), settings.stream)
+        hint = f"{key_paths(settings)[1]} (CAIRN_ARCHIVE_PUBLIC_KEY)"
+        return cls(archive_url(settings), settings.stream, hint)
 
     def segments(self) -> list[SegmentRef]:
         if not self.fs.exists(self.root):
@@ -254,8 +265,11 @@ class Archive:
             if doc["prev_segment_sha256"] != prev_segment:
                 raise ArchiveError(f"{where} does not link to the segment before it")
             digest = hashlib.sha256(data).hexdigest()
-            if public_pem is not None:
-                self._check_signature(ref, digest, public_pem, where)
+            if public_pem is None:
+                raise MissingKey(
+                    f"{where} is signed, but there is no public key to check it: expected {self.key_hint}"
+                )
+            self._check_signature(ref, digest, public_pem, where)
             for record in segment_records(doc):
                 if record.seq != expected or record.prev_hash != prev_hash:
                     raise ArchiveError(f"{where}: record {record.seq} breaks the chain")

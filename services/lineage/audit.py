@@ -8,7 +8,6 @@ breaks the link to its neighbour; the first broken place is named.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,11 +29,13 @@ class Verdict:
     head: str
     problem: str | None = None
     seq: int | None = None
+    signed_by: str | None = None  # the fingerprint of the public key that checked the signature
 
     def text(self) -> str:
-        if self.ok:
-            return f"OK: {self.checked} records, chain head {self.head}"
-        return f"TAMPERED: {self.problem}"
+        if not self.ok:
+            return f"TAMPERED: {self.problem}"
+        signed = f", signed by Ed25519 key {self.signed_by}" if self.signed_by else ""
+        return f"OK: {self.checked} records, chain head {self.head}{signed}"
 
 
 def verify_records(records: Iterable[Record], check_bodies: bool = True) -> Verdict:
@@ -150,8 +151,12 @@ def verify_against_stream(store_records: list[Record], stream: list[tuple[int, s
     return verdict
 
 
-def export_bundle(records: list[Record], path: Path, stream: str, key: bytes | None = None) -> Verdict:
-    """Events plus the chain head; with a key, an HMAC-SHA256 sign-off over the head."""
+def export_bundle(
+    records: list[Record], path: Path, stream: str, private_pem: bytes | None = None
+) -> Verdict:
+    """Events plus the chain head; with an Ed25519 private key, a signature over the header.
+
+    Only Ed25519 signs: a shared secret would let every verifier forge, so there is no HMAC."""
     verdict = verify_records(records)
     if not verdict.ok:
         raise ValueError(f"refusing to export a broken chain: {verdict.problem}")
@@ -162,10 +167,9 @@ def export_bundle(records: list[Record], path: Path, stream: str, key: bytes | N
         "records": verdict.checked,
         "head": verdict.head,
     }
-    if key and signing.is_ed25519_private(key):
-        header["signature"] = {"alg": signing.ALGORITHM, "value": signing.sign(key, _signed_part(header))}
-    elif key:  # a shared secret (HMAC): the verifier needs the same secret
-        header["signoff"] = hmac.new(key, f"{verdict.head}|{verdict.checked}".encode(), "sha256").hexdigest()
+    if private_pem is not None:
+        value = signing.sign(private_pem, _signed_part(header))
+        header["signature"] = {"alg": signing.ALGORITHM, "value": value}
     with path.open("w") as f:
         f.write(json.dumps(header, sort_keys=True) + "\n")
         for r in records:
@@ -185,8 +189,13 @@ def export_bundle(records: list[Record], path: Path, stream: str, key: bytes | N
     return verdict
 
 
-def verify_bundle(path: Path, key: bytes | None = None) -> Verdict:
-    """Offline: recompute every hash from the bytes in the bundle and compare with the signed head."""
+def verify_bundle(path: Path, public_pem: bytes | None = None) -> Verdict:
+    """Offline: recompute every hash from the bytes in the bundle, compare with the header's head,
+    and, given a public key, check the header's Ed25519 signature with it.
+
+    The key decides the check, never the bundle: an Ed25519 public key verifies an Ed25519
+    signature and nothing else, and a bundle without one fails. Without a key only the bundle's
+    self-consistency is checked (`Verdict.signed` is False): anyone can write such a bundle."""
     lines = path.read_text().splitlines()
     header = json.loads(lines[0])
     records = []
@@ -197,26 +206,39 @@ def verify_bundle(path: Path, key: bytes | None = None) -> Verdict:
     verdict = verify_records(records)
     if not verdict.ok:
         return verdict
-    if verdict.head != header["head"] or verdict.checked != header["records"]:
+    if verdict.head != header.get("head") or verdict.checked != header.get("records"):
         return Verdict(
             False,
             verdict.checked,
             verdict.head,
             f"chain head {verdict.head[:16]} over {verdict.checked} records does not match the "
-            f"signed-off head {header['head'][:16]} over {header['records']}: records were removed "
-            "or added",
+            f"head {str(header.get('head'))[:16]} over {header.get('records')} in the bundle's header: "
+            "records were removed or added",
         )
-    if key is None:
+    if public_pem is None:
         return verdict
-    if "signature" in header:
-        if not signing.verify(key, _signed_part(header), header["signature"].get("value", "")):
-            problem = "the Ed25519 signature does not match the public key"
-            return Verdict(False, verdict.checked, verdict.head, problem)
-        return verdict
-    expected = hmac.new(key, f"{header['head']}|{header['records']}".encode(), "sha256").hexdigest()
-    if not hmac.compare_digest(expected, header.get("signoff", "")):
-        return Verdict(False, verdict.checked, verdict.head, "the sign-off does not match the key")
-    return verdict
+    problem = signature_problem(header, public_pem)
+    if problem is not None:
+        return Verdict(False, verdict.checked, verdict.head, problem)
+    return Verdict(True, verdict.checked, verdict.head, signed_by=signing.fingerprint(public_pem))
+
+
+def signature_problem(header: dict, public_pem: bytes) -> str | None:
+    """Why the header's signature does not hold under this Ed25519 public key, or None when it does."""
+    key_problem = signing.public_key_problem(public_pem)
+    if key_problem is not None:
+        return key_problem
+    signature = header.get("signature")
+    if not isinstance(signature, dict) or not signature.get("value"):
+        return (
+            "the bundle carries no Ed25519 signature; a key was given, so an unsigned bundle is refused "
+            "(sign it with `cairn audit export --key PRIVATE.pem`)"
+        )
+    if signature.get("alg") != signing.ALGORITHM:
+        return f"the bundle's signature is {signature.get('alg')!r}; this key checks only {signing.ALGORITHM}"
+    if not signing.verify(public_pem, _signed_part(header), str(signature["value"])):
+        return "the Ed25519 signature does not match the public key (or the header was changed)"
+    return None
 
 
 def _signed_part(header: dict) -> bytes:

@@ -30,8 +30,45 @@ def keygen(folder: Path) -> tuple[Path, Path]:
     return private, public
 
 
-def is_ed25519_private(key: bytes) -> bool:
-    return b"BEGIN PRIVATE KEY" in key
+def public_key_problem(public_pem: bytes) -> str | None:
+    """Why these bytes are not an Ed25519 public key a verifier may use, or None when they are."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    if b"PRIVATE KEY" in public_pem:
+        return "the key given is a private key: verify with the public key (audit-public.pem)"
+    try:
+        key = serialization.load_pem_public_key(public_pem)
+    except ValueError:
+        return "the key given is not a PEM public key: verify with the Ed25519 audit-public.pem"
+    if not isinstance(key, Ed25519PublicKey):
+        return f"the key given is not an Ed25519 public key ({type(key).__name__}); only Ed25519 verifies"
+    return None
+
+
+def private_key_problem(private_pem: bytes) -> str | None:
+    """Why these bytes cannot sign a bundle, or None when they are an Ed25519 private key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    try:
+        key = serialization.load_pem_private_key(private_pem, None)
+    except (ValueError, TypeError):
+        return "not an unencrypted PEM private key: make one with `cairn audit keygen`"
+    if not isinstance(key, Ed25519PrivateKey):
+        return "not an Ed25519 private key: make one with `cairn audit keygen`"
+    return None
+
+
+def fingerprint(public_pem: bytes) -> str:
+    """SHA-256 of the raw public key, 16 hex: what an auditor compares with the key they were given."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_public_key(public_pem)
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def sign(private_pem: bytes, message: bytes) -> str:
