@@ -9,12 +9,16 @@ CAIRN := $(VENV)/bin/cairn
 install: $(VENV)/.installed system-deps
 
 # Debian's chromium (the auditor's page is tested in a real browser through Playwright, which
-# uses this system browser and downloads none) and wrk (load for bench/serve.py).
+# uses this system browser and downloads none), wrk (load for bench/serve.py) and postgresql
+# (pg_ctl: the tests start a private PostgreSQL server for the production stores). Under CI=true
+# a test that finds one missing fails instead of skipping (tests/conftest.py).
+SYSTEM_PACKAGES := chromium wrk postgresql
 system-deps:
-	@command -v chromium >/dev/null && command -v wrk >/dev/null || { \
+	@command -v chromium >/dev/null && command -v wrk >/dev/null \
+	  && { command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; } || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get install -y -q chromium wrk >/dev/null || { apt-get update -q && apt-get install -y -q chromium wrk; }; \
-	  else echo "install Debian's chromium and wrk (sudo apt-get install chromium wrk) for the browser test and bench/serve.py"; fi; }
+	    apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null || { apt-get update -q && apt-get install -y -q $(SYSTEM_PACKAGES); }; \
+	  else echo "install Debian's $(SYSTEM_PACKAGES) (sudo apt-get install $(SYSTEM_PACKAGES)) for the browser, PostgreSQL and load tests"; fi; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

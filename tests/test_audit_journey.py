@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from services.supervisor import free_port
+from tests.conftest import missing_system_dependency
 from tests.test_journeys import CAIRN, cairn, user_env, wait_until, write_table
 
 pytestmark = pytest.mark.slow
@@ -199,7 +200,7 @@ def test_a_tampered_bundle_is_refused_with_the_public_key(history: dict, tmp_pat
 
 def test_the_auditors_page_in_a_real_browser(history: dict, tmp_path_factory: pytest.TempPathFactory) -> None:
     if not CHROMIUM.exists():
-        pytest.skip("no /usr/bin/chromium (Debian's chromium; `make install` installs it)")
+        missing_system_dependency("no /usr/bin/chromium (Debian's chromium; `make install` installs it)")
     from playwright.sync_api import sync_playwright
 
     h = history

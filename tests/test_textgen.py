@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors  # noqa: F401  (runtime dependencies: a missing one is an error, not a skip)
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("safetensors")
-
-from services.ml.textgen import generate as gen_mod  # noqa: E402
-from services.ml.textgen.generate import generate, generate_ids  # noqa: E402
-from services.ml.textgen.model import GPTConfig, load_model, n_params, train_flops_per_token  # noqa: E402
-from services.ml.textgen.tokenizer import (  # noqa: E402
+from services.ml.textgen import generate as gen_mod
+from services.ml.textgen.generate import generate, generate_ids
+from services.ml.textgen.model import GPTConfig, load_model, n_params, train_flops_per_token
+from services.ml.textgen.tokenizer import (
     CorpusError,
     byte_tokenizer,
     decode,
@@ -29,7 +28,7 @@ from services.ml.textgen.tokenizer import (  # noqa: E402
     train_bpe,
     validate_corpus,
 )
-from services.ml.textgen.train import (  # noqa: E402
+from services.ml.textgen.train import (
     join_shards,
     load_shard,
     perplexity,

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors  # noqa: F401  (runtime dependencies: a missing one is an error, not a skip)
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("safetensors")
-
-from contracts.types import ModelFamily, Task  # noqa: E402
-from services.ml import placement  # noqa: E402
-from services.ml.fitted import FitRequest  # noqa: E402
-from services.ml.torch_mlp import MLP_FORMAT, MLPPredictor, fit_mlp, read_mlp_config, sample_mlp_params  # noqa: E402
+from contracts.types import ModelFamily, Task
+from services.ml import placement
+from services.ml.fitted import FitRequest
+from services.ml.torch_mlp import MLP_FORMAT, MLPPredictor, fit_mlp, read_mlp_config, sample_mlp_params
 
 ROOT = Path(__file__).resolve().parents[1]
 def mlp(*args, **kwargs):
