@@ -198,6 +198,27 @@ class CairnSettings(BaseSettings):
             )
         return url
 
+    def nats_servers(self) -> list[str]:
+        """The seed URLs: CAIRN_NATS_URL may list several, comma-separated (as the nats CLI takes
+        them), so a client finds a cluster through whichever server answers first."""
+        return [u.strip() for u in self.resolved_nats_url().split(",") if u.strip()]
+
+    def with_home_credentials(self, user: str) -> CairnSettings:
+        """These settings as `user` of the nats-server `cairn up` runs from this home (it keeps the
+        passwords there, 0600), so a command run by the home's owner authenticates with nothing to set.
+        Unchanged when a user or a NATS URL is set explicitly: that is another server's business."""
+        auth = self.runtime().get("nats_auth")
+        if self.nats_user or self.nats_url or not auth:
+            return self
+        path = Path(auth) / "secrets.json"
+        try:
+            password = json.loads(path.read_text())[user]
+        except (OSError, ValueError, KeyError):
+            raise RuntimeError(
+                f"no NATS password for user {user!r} in {path}: restart with `cairn up`"
+            ) from None
+        return self.model_copy(update={"nats_user": user, "nats_password": SecretStr(password)})
+
     def to_env(self) -> dict[str, str]:
         """The explicitly set fields as CAIRN_ variables, so a child process gets the same settings."""
         out = {}

@@ -46,7 +46,7 @@ def _security(settings: CairnSettings) -> NatsSecurity | None:
 def make_broker(settings: CairnSettings, name: str, **kwargs: Any) -> NatsBroker:
     """A broker that reconnects forever: a restarted nats-server must not end a service."""
     return NatsBroker(
-        settings.resolved_nats_url(),
+        settings.nats_servers(),
         name=f"cairn-{name}",
         security=_security(settings),
         max_reconnect_attempts=-1,
@@ -80,7 +80,7 @@ async def connect(
     ctx = tls_context(settings)
     if ctx is not None:
         options["tls"] = ctx
-    return await nats.connect(settings.resolved_nats_url(), **options)
+    return await nats.connect(settings.nats_servers(), **options)
 
 
 async def _silent(_: Exception) -> None:
