@@ -7,7 +7,8 @@ are kept in a JetStream key-value bucket (`cairn_cache`, one per namespace); a l
 the same key gets them again as new events of its own run, each marked with the CloudEvents
 extension `cachedfrom` (the id of the event that first produced it), and the step runs nothing.
 
-Code version: the sha256 of the step's package sources (and the packages it computes with), not a
+Code version: the sha256 of the step's package sources and of every project module (`services`,
+`contracts`) they import, transitively (found from the import statements in the source), not a
 hand-bumped constant. A constant is forgotten on the edit that matters; a hash of the source
 changes with every edit, so the worst case is a needless recompute after a comment change, never
 a stale hit.
@@ -20,6 +21,8 @@ not the live one) never use the cache: a replay recomputes every step, which is 
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import json
 import logging
@@ -47,18 +50,101 @@ log = logging.getLogger(__name__)
 CACHED_FROM = "cachedfrom"  # extension: id of the event that first produced this output
 NO_CACHE = "nocache"  # extension: this run neither reads the cache (it still writes it)
 SERVICES_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = SERVICES_DIR.parent
+PROJECT_PACKAGES = ("services", "contracts")  # what a code hash covers: the project's own modules
 
 
-def code_version(*packages: str) -> str:
-    """sha256 over the sources of `services/<package>/` (or `services/<package>.py`), sorted by path."""
-    digest = hashlib.sha256()
+def module_imports(name: str, source: str | bytes, is_package: bool = False) -> set[str]:
+    """Absolute names a module's source may import, anywhere in it (function bodies, `if
+    TYPE_CHECKING`, `importlib.import_module("literal")`), relative imports resolved against `name`.
+
+    Over-inclusive on purpose: `from a import b` yields `a` and `a.b` (b may be a submodule), so a
+    step's code hash can only cover too much (a needless recompute), never too little (a stale hit)."""
+    package = name.split(".") if is_package else name.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                if node.level - 1 >= len(package):
+                    continue  # beyond the top-level package: an ImportError when run
+                base = ".".join(
+                    package[: len(package) - node.level + 1] + ([node.module] if node.module else [])
+                )
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", getattr(node.func, "attr", None)) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            found.add(node.args[0].value)
+    return found
+
+
+def with_parents(name: str) -> list[str]:
+    """`a.b.c` -> `a`, `a.b`, `a.b.c`: importing a submodule runs every enclosing `__init__`."""
+    parts = name.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def import_closure(starts: Iterable[str], imports: Mapping[str, set[str]]) -> set[str]:
+    """Every module in `imports` (module -> names it imports) reached from `starts`, parents included."""
+    seen: set[str] = set()
+    todo = [parent for start in starts for parent in with_parents(start)]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in imports:
+            continue
+        seen.add(name)
+        todo.extend(parent for imported in imports[name] for parent in with_parents(imported))
+    return seen
+
+
+def project_sources(root: Path, packages: Sequence[str] = PROJECT_PACKAGES) -> dict[str, tuple[str, bytes]]:
+    """Module name -> (path relative to `root`, bytes), for every module of the project's packages."""
+    modules = {}
     for package in packages:
-        root = SERVICES_DIR / package
-        files = sorted(root.rglob("*.py")) if root.is_dir() else [root.with_suffix(".py")]
-        for path in files:
-            digest.update(str(path.relative_to(SERVICES_DIR)).encode() + b"\0")
-            digest.update(path.read_bytes() + b"\0")
+        for path in sorted((root / package).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            modules[name] = (path.relative_to(root).as_posix(), path.read_bytes())
+    return modules
+
+
+def code_hash(packages: Sequence[str], sources: Mapping[str, tuple[str, bytes]]) -> str:
+    """sha256 over `services/<package>` (a package or a module) and every project module it
+    imports, transitively, each as its path and bytes, in path order."""
+    starts = [
+        name
+        for name in sources
+        for package in packages
+        if name == f"services.{package}" or name.startswith(f"services.{package}.")
+    ]
+    if not starts:
+        raise ValueError(f"no project module named by {list(packages)}")
+    imports = {
+        name: module_imports(name, source, path.endswith("/__init__.py"))
+        for name, (path, source) in sources.items()
+    }
+    digest = hashlib.sha256()
+    for path, source in sorted(sources[name] for name in import_closure(starts, imports)):
+        digest.update(path.encode() + b"\0" + source + b"\0")
     return digest.hexdigest()
+
+
+@functools.cache
+def code_version(*packages: str, root: Path = PROJECT_ROOT) -> str:
+    """The code hash of a step's packages (`code_hash`), computed once per process.
+
+    A step computes with more than its own package (ingestion with `services.ml.transform`, text
+    ingestion with the tokenizer): a hash of the package alone served outputs of code since changed."""
+    return code_hash(packages, project_sources(root))
 
 
 def library_versions(dists: Iterable[str], override: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 RUNTIME_FILE = "runtime.json"
@@ -99,6 +99,12 @@ class CairnSettings(BaseSettings):
     )
     allow_private_hosts: bool = Field(
         False, description="Let http(s) sources reach private and loopback addresses (on-premises data)."
+    )
+    allowed_host_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description='Non-public networks http(s) sources may reach, e.g. ["10.20.0.0/16"] for an '
+        "on-premises data server; narrower than allow_private_hosts (the rest stays refused, cloud "
+        "metadata included).",
     )
     max_dataset_bytes: int = Field(512 * 1024 * 1024, gt=0, description="Largest dataset accepted.")
     max_columns: int = Field(2000, gt=0, description="Widest dataset accepted.")

@@ -56,6 +56,103 @@ def test_a_library_upgrade_moves_the_keys_of_the_steps_it_touches_only() -> None
     assert key(now, *ingest) != key(now, "ingestion", ("ingestion",), ingestion.LIBRARIES, seeded)
 
 
+def test_imports_are_found_in_every_form_the_source_writes_them() -> None:
+    from services.cache import module_imports
+
+    source = """
+import services.ml.transform as t
+from contracts import DataArrived
+from . import logic
+from .. import settings
+from ..ml.textgen import tokenizer
+
+def later():
+    from services.ingestion.text import ingest_text
+    import importlib
+    return importlib.import_module("services.tracking")
+"""
+    found = module_imports("services.ingestion.app", source)
+    for name in (
+        "services.ml.transform",
+        "contracts",
+        "contracts.DataArrived",
+        "services.ingestion.logic",
+        "services.settings",
+        "services.ml.textgen.tokenizer",
+        "services.ingestion.text",
+        "services.tracking",
+    ):
+        assert name in found, name
+    # In a package's __init__, `.` is the package itself.
+    assert "services.ml.transform" in module_imports("services.ml", "from .transform import x", True)
+
+
+def test_a_step_key_covers_every_project_module_it_imports_transitively() -> None:
+    """Ingestion imports `services.ml.transform` and the tokenizer only through its own modules:
+    a change there is a new key (a miss), while a module no step imports moves no key."""
+    from services.cache import PROJECT_ROOT, code_hash, project_sources
+    from services.features import app as features
+    from services.ingestion import app as ingestion
+    from services.tuning import app as tuning
+
+    sources = project_sources(PROJECT_ROOT)
+    steps = {"ingestion": ingestion.CODE, "features": features.CODE, "tuning": tuning.CODE}
+
+    def edited(module: str) -> dict[str, tuple[str, bytes]]:
+        path, source = sources[module]
+        return {**sources, module: (path, source.replace(b"\n", b"\n# one line changed\n", 1))}
+
+    before = {step: code_hash(code, sources) for step, code in steps.items()}
+    for module in ("services.ml.transform", "services.ml.textgen.tokenizer", "contracts.types"):
+        assert code_hash(ingestion.CODE, edited(module)) != before["ingestion"], module
+    assert {step: code_hash(code, edited("services.cli.render")) for step, code in steps.items()} == before
+
+
+def test_a_service_started_from_changed_code_misses_the_cache(tmp_path: Path) -> None:
+    """The real ingestion service, imported from a copy of the project (the checkout is never
+    touched): one line changed in `services/ml/transform.py` gives its route a new cache key for
+    the same arrival, so a resubmission computes; a change to the CLI leaves the key as it was."""
+    import shutil
+    import subprocess
+    import sys
+
+    project = Path(__file__).resolve().parents[1]
+    for package in ("services", "contracts"):
+        shutil.copytree(project / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    probe = (
+        "import services, sys; from pathlib import Path\n"
+        "assert Path(services.__file__).is_relative_to(Path.cwd()), services.__file__\n"
+        "from contracts import DataArrived\n"
+        "from services.ingestion.app import Ingestion\n"
+        "from services.settings import CairnSettings\n"
+        "arrived = DataArrived(uri='file:///data/houses.csv', target='price', sha256='a' * 64)\n"
+        "[route] = Ingestion(CairnSettings()).routes()\n"
+        "print(route.cache_version.key(arrived.model_dump(mode='json')))\n"
+    )
+
+    def key() -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", probe],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip().splitlines()[-1]
+
+    def change(relative: str) -> None:
+        path = tmp_path / relative
+        path.write_text(path.read_text().replace("\n", "\n# one line changed\n", 1))
+
+    first = key()
+    change("services/cli/render.py")
+    assert key() == first, "a module ingestion never imports moved its key"
+    change("services/ml/transform.py")
+    assert key() != first, "ingestion's key ignored a change to code it computes with"
+
+
 def test_without_a_checksum_an_arrival_is_not_cacheable() -> None:
     from services.ingestion.app import cache_inputs
 

@@ -3,10 +3,12 @@ real files, a real HTTP server on loopback and the machine's own resolver."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import socket
+import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -96,6 +98,32 @@ def test_host_names_are_judged_by_the_addresses_they_resolve_to(home: Path) -> N
         resolve_source(arrival("http://169.254.169.254/latest/meta-data.csv"), s)
 
 
+def test_internal_addresses_are_refused_in_every_form_a_resolver_can_answer(home: Path) -> None:
+    """A hostile resolver answers IPv6 forms that carry an internal IPv4 (mapped, NAT64, 6to4,
+    IPv4-compatible); an allowed network admits itself and nothing around it."""
+    import ipaddress
+
+    from services.ingestion.sources import refuse_internal_addresses
+
+    s = CairnSettings(home=home, allowed_host_networks=["10.20.0.0/16"])
+    for answer in (
+        "::ffff:127.0.0.1",
+        "64:ff9b::a9fe:a9fe",
+        "2002:7f00:1::",
+        "::127.0.0.1",
+        "169.254.169.254",
+        "10.21.0.1",
+        "0.0.0.0",
+        "::",
+    ):
+        with pytest.raises(DataProblem, match="not a public address"):
+            refuse_internal_addresses("h", [ipaddress.ip_address(answer)], s)
+        with pytest.raises(DataProblem, match="not a public address"):  # one bad answer among good ones
+            refuse_internal_addresses("h", [ipaddress.ip_address("8.8.8.8"), ipaddress.ip_address(answer)], s)
+    for answer in ("8.8.8.8", "::ffff:8.8.8.8", "2606:4700::1111", "10.20.3.4"):
+        refuse_internal_addresses("h", [ipaddress.ip_address(answer)], s)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
         if self.path == "/redirect.csv":
@@ -132,6 +160,160 @@ def test_redirects_are_refused_not_followed(home: Path, http_server: str) -> Non
     strict = CairnSettings(home=home, allowed_schemes=["http"], allowed_roots=[http_server])
     with pytest.raises(DataProblem, match="not a public address"):
         resolve_source(arrival(f"{http_server}/data.csv"), strict)
+
+
+class _Recording(http.server.ThreadingHTTPServer):
+    """A server that counts the connections it accepts and keeps the Host headers and TLS server
+    names it was sent: the forbidden address must see no connection at all."""
+
+    def __init__(self, address: tuple[str, int], body: bytes, tls: ssl.SSLContext | None = None):
+        self.connections, self.hosts, self.server_names = 0, [], []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                server.hosts.append(self.headers["Host"])
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(address, Handler)
+        if tls is not None:
+            tls.sni_callback = lambda sock, name, ctx: server.server_names.append(name)
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
+
+    def verify_request(self, request: object, client_address: object) -> bool:
+        self.connections += 1
+        return True
+
+
+@contextlib.contextmanager
+def checked_and_forbidden(
+    tls: Callable[[], ssl.SSLContext] | None = None,
+) -> Iterator[tuple[_Recording, _Recording]]:
+    """The data on 127.0.0.1 (the address the check admits) and a decoy on 127.0.0.2, same port:
+    the answer a rebinding resolver gives the second time it is asked."""
+    good = _Recording(("127.0.0.1", 0), TABLE, tls() if tls else None)
+    port = good.server_address[1]
+    try:
+        bad = _Recording(("127.0.0.2", port), b"secret,rows\n1,2\n", tls() if tls else None)
+    except OSError as exc:
+        good.server_close()
+        pytest.skip(f"127.0.0.2:{port} cannot be bound here: {exc}")
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (good, bad)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield good, bad
+    finally:
+        for server, thread in zip((good, bad), threads, strict=True):
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+
+
+def rebinding_resolver(monkeypatch: pytest.MonkeyPatch, name: str, answers: list[str]) -> list[str]:
+    """The attacker's DNS: `name` resolves to answers[0] the first time, answers[1] ever after (other
+    names resolve as usual). Installed as the process's resolver, which both the check and any
+    library that connects by name use. Returns the answers it gave, in order."""
+    real, given = socket.getaddrinfo, []
+
+    def getaddrinfo(host, port, *args, **kwargs):  # noqa: ANN001, ANN202 - socket.getaddrinfo's shape
+        if host != name:
+            return real(host, port, *args, **kwargs)
+        given.append(answers[min(len(given), len(answers) - 1)])
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (given[-1], port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return given
+
+
+NAME = "data.example.test"
+
+
+def test_the_fetch_connects_to_the_address_that_was_checked(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with checked_and_forbidden() as (good, bad):
+        port = good.server_address[1]
+        s = CairnSettings(
+            home=home,
+            allowed_schemes=["http"],
+            allowed_roots=[f"http://{NAME}:{port}"],
+            allowed_host_networks=["127.0.0.1/32"],
+        )
+        # The decoy's address is refused when it is the answer the check sees.
+        rebinding_resolver(monkeypatch, NAME, ["127.0.0.2"])
+        with pytest.raises(DataProblem, match="127.0.0.2, not a public address"):
+            resolve_source(arrival(f"http://{NAME}:{port}/data.csv"), s)
+
+        given = rebinding_resolver(monkeypatch, NAME, ["127.0.0.1", "127.0.0.2"])
+        source = resolve_source(arrival(f"http://{NAME}:{port}/data.csv"), s)
+        # A proxy would look the name up itself, unchecked: the fetch goes direct.
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.2:{port}")
+        monkeypatch.setenv("ALL_PROXY", f"http://127.0.0.2:{port}")
+        assert read_bytes(source, s) == TABLE
+        assert bad.connections == 0, "the fetch reached the address the check never saw"
+        assert given == ["127.0.0.1"], "the name was looked up again between check and fetch"
+        assert good.hosts == [f"{NAME}:{port}"], "the server is asked for the host the URL names"
+
+
+def test_https_connects_to_the_checked_address_and_still_verifies_the_host_name(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from services.tls import issue_cert, load_or_create_ca, write_file
+
+    ca = load_or_create_ca(tmp_path / "ca.pem", tmp_path / "ca-key.pem", "test CA", 2)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+
+    def server_tls(dns_name: str) -> Callable[[], ssl.SSLContext]:
+        cert, key = issue_cert(ca, dns_name, [ExtendedKeyUsageOID.SERVER_AUTH], 2, [x509.DNSName(dns_name)])
+        cert_path = write_file(tmp_path / f"{dns_name}.pem", cert)
+        key_path = write_file(tmp_path / f"{dns_name}-key.pem", key, 0o600)
+
+        def context() -> ssl.SSLContext:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(cert_path, key_path)
+            return ctx
+
+        return context
+
+    with checked_and_forbidden(server_tls(NAME)) as (good, bad):
+        port = good.server_address[1]
+        s = CairnSettings(
+            home=home,
+            allowed_schemes=["https"],
+            allowed_roots=[f"https://{NAME}:{port}"],
+            allowed_host_networks=["127.0.0.1/32"],
+        )
+        given = rebinding_resolver(monkeypatch, NAME, ["127.0.0.1", "127.0.0.2"])
+        source = resolve_source(arrival(f"https://{NAME}:{port}/data.csv"), s)
+        assert read_bytes(source, s) == TABLE
+        assert bad.connections == 0 and given == ["127.0.0.1"]
+        assert good.server_names == [NAME], "SNI names the host, not the address"
+        assert good.hosts == [f"{NAME}:{port}"]
+
+    # Pinning keeps verification: a certificate that does not name the host is refused.
+    with checked_and_forbidden(server_tls("other.example.test")) as (good, bad):
+        port = good.server_address[1]
+        s = CairnSettings(
+            home=home,
+            allowed_schemes=["https"],
+            allowed_roots=[f"https://{NAME}:{port}"],
+            allowed_host_networks=["127.0.0.1/32"],
+        )
+        rebinding_resolver(monkeypatch, NAME, ["127.0.0.1", "127.0.0.2"])
+        source = resolve_source(arrival(f"https://{NAME}:{port}/data.csv"), s)
+        with pytest.raises(DataProblem, match="cannot be read"):
+            read_bytes(source, s)
+        assert bad.connections == 0 and good.hosts == []
 
 
 def test_a_rejection_never_echoes_a_file_that_is_not_data(tmp_path: Path, home: Path) -> None:

@@ -14,6 +14,7 @@ from services.cache import StepVersion
 from services.features import logic
 from services.runtime import Route, Service
 
+CODE = ("features", "ml")  # and every project module they import
 LIBRARIES = ("pandas", "pyarrow", "numpy", "scikit-learn", "safetensors")
 
 
@@ -26,7 +27,7 @@ class Features(Service[ArtifactStore]):
     name = "features"
 
     def routes(self) -> Sequence[Route]:
-        version = StepVersion.of("features", ["features", "ml"], LIBRARIES, self.settings)
+        version = StepVersion.of("features", CODE, LIBRARIES, self.settings)
         return [
             Route(DatasetIngested, self.on_dataset_ingested, cache_version=version, cache_inputs=cache_inputs)
         ]

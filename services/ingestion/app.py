@@ -37,6 +37,8 @@ def ingest(event: DataArrived, store: ArtifactStore, settings: Any) -> DatasetIn
     )
 
 
+# The step's code: its package and every project module it imports (services.ml.transform, the tokenizer).
+CODE = ("ingestion",)
 LIBRARIES = ("pandas", "pyarrow", "numpy")
 
 
@@ -50,7 +52,7 @@ class Ingestion(Service[ArtifactStore]):
     name = "ingestion"
 
     def routes(self) -> Sequence[Route]:
-        version = StepVersion.of("ingestion", ["ingestion"], LIBRARIES, self.settings)
+        version = StepVersion.of("ingestion", CODE, LIBRARIES, self.settings)
         return [
             Route(
                 DataArrived,

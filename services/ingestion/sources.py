@@ -4,16 +4,20 @@
 - Anything else must use an allowed scheme and sit under an allowed root, judged after
   percent-decoding and path resolution (`..`, symlinks), never inside cairn's own home (secrets,
   MLflow and lineage databases, other artifacts) whatever the roots say.
-- http(s) sources reach public addresses only: every address the host name resolves to is checked
-  (not just IP literals), and redirects are refused rather than followed to an unchecked place.
+- http(s) sources reach public addresses only (or the networks CAIRN_ALLOWED_HOST_NETWORKS names):
+  the host name is resolved once, every address it resolves to is checked (not just IP literals),
+  and the fetch connects to a checked address, never to a second lookup's answer (DNS rebinding);
+  redirects are refused rather than followed to an unchecked place.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 import fsspec
@@ -22,6 +26,11 @@ from contracts import DataArrived, DataFormat
 from services.artifacts import ArtifactStore
 from services.ingestion.problems import DataProblem
 from services.settings import CairnSettings
+
+if TYPE_CHECKING:
+    import httpx
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 DATA_SUFFIXES = {
     ".csv": DataFormat.csv,
@@ -38,6 +47,8 @@ class Source:
     scheme: str
     path: str
     format: DataFormat
+    # http(s): the addresses the host resolved to when checked; the fetch connects to these only.
+    addresses: tuple[str, ...] = ()
 
 
 def resolve_source(event: DataArrived, settings: CairnSettings) -> Source:
@@ -54,6 +65,7 @@ def resolve_source(event: DataArrived, settings: CairnSettings) -> Source:
     if len(scheme) == 1:  # a Windows drive letter is not a scheme
         scheme = "file"
     landed = _in_landing_area(event.uri, settings)
+    addresses: list[IPAddress] = []
     if landed is not None:
         location = landed
     elif scheme not in settings.allowed_schemes:
@@ -71,10 +83,12 @@ def resolve_source(event: DataArrived, settings: CairnSettings) -> Source:
             _under_root(f"{scheme}://{parts.netloc}{decoded_path}", root) for root in settings.allowed_roots
         ):
             raise DataProblem(f"{event.uri} is outside the allowed roots")
-        if scheme in ("http", "https") and not settings.allow_private_hosts:
-            refuse_internal_host(parts.hostname or "", parts.port or (443 if scheme == "https" else 80))
+        if scheme in ("http", "https"):
+            host = parts.hostname or ""
+            addresses = host_addresses(host, parts.port or (443 if scheme == "https" else 80))
+            refuse_internal_addresses(host, addresses, settings)
     fmt = event.format or format_from_name(PurePosixPath(parts.path or event.uri).name)
-    return Source(event.uri, scheme, location, fmt)
+    return Source(event.uri, scheme, location, fmt, tuple(str(a) for a in addresses))
 
 
 def _local_path(uri: str, parts, settings: CairnSettings) -> Path:
@@ -123,22 +137,65 @@ def _under_root(location: str, root: str) -> bool:
     return location == root or location.startswith(root + "/")
 
 
-def refuse_internal_host(host: str, port: int) -> None:
-    """Never fetch from loopback, link-local (cloud metadata at 169.254.169.254), private or other
-    non-public addresses: a host name is judged by every address it resolves to now."""
+def host_addresses(host: str, port: int) -> list[IPAddress]:
+    """The addresses of `host`: an IP literal as written, a name resolved once, here. The fetch uses
+    these, so the name is never looked up again between the check and the connection."""
     if not host:
         raise DataProblem("the URL names no host")
     try:
-        addresses = [ipaddress.ip_address(host.strip("[]"))]
+        return [ipaddress.ip_address(host.strip("[]"))]
     except ValueError:
-        try:
-            infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-        except (OSError, UnicodeError):
-            raise DataProblem(f"host {host!r} does not resolve") from None
-        addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        raise DataProblem(f"host {host!r} does not resolve") from None
+    addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
+    if not addresses:
+        raise DataProblem(f"host {host!r} does not resolve")
+    return addresses
+
+
+def refuse_internal_addresses(host: str, addresses: Sequence[IPAddress], settings: CairnSettings) -> None:
+    """Never fetch from loopback, link-local (cloud metadata at 169.254.169.254), private or other
+    non-public addresses, unless CAIRN_ALLOW_PRIVATE_HOSTS or a network in
+    CAIRN_ALLOWED_HOST_NETWORKS admits them. One refused address refuses the host: a name is judged
+    by every address it resolves to."""
+    if settings.allow_private_hosts:
+        return
     for address in addresses:
-        if not address.is_global:
+        if any(address in net for net in settings.allowed_host_networks):
+            continue
+        if not address.is_global or not all(inner.is_global for inner in embedded_ipv4(address)):
             raise DataProblem(f"{host} resolves to {address}, not a public address; refusing to fetch")
+
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 one carries (mapped, 6to4, Teredo, NAT64, IPv4-compatible): a
+    public-looking `64:ff9b::a9fe:a9fe` is 169.254.169.254 to a gateway that translates it."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    inner = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+    if address in NAT64 or address in IPV4_COMPATIBLE:
+        inner.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return [a for a in inner if a is not None]
+
+
+def pinned_request(uri: str, address: str) -> tuple[httpx.URL, dict[str, str], dict[str, str]]:
+    """(URL naming `address`, headers, httpx extensions) for a GET of `uri` that connects to that
+    checked address only: the Host header and, for https, the TLS server name (SNI and certificate
+    verification) stay the URL's host name, so the server and its certificate are judged as usual."""
+    import httpx
+
+    url = httpx.URL(uri)
+    host = url.raw_host.decode("ascii")
+    pinned = url.copy_with(host=address)  # a URL object: never re-parsed from text
+    extensions = {"sni_hostname": host.strip("[]")} if url.scheme == "https" else {}
+    return pinned, {"Host": url.netloc.decode("ascii")}, extensions
 
 
 def format_from_name(name: str) -> DataFormat:
@@ -151,7 +208,7 @@ def format_from_name(name: str) -> DataFormat:
 
 def read_bytes(source: Source, settings: CairnSettings) -> bytes:
     if source.scheme in ("http", "https"):
-        return _read_http(source.uri, settings)
+        return _read_http(source, settings)
     try:
         fs, path = fsspec.core.url_to_fs(source.path if source.scheme == "file" else source.uri)
         size = fs.size(path)
@@ -168,25 +225,40 @@ def read_bytes(source: Source, settings: CairnSettings) -> bytes:
     return data
 
 
-def _read_http(uri: str, settings: CairnSettings) -> bytes:
-    """One GET, no redirects followed (a redirect could point anywhere the checks above refused)."""
+def _read_http(source: Source, settings: CairnSettings) -> bytes:
+    """One GET to an address checked by `resolve_source` (the next one if it refuses the connection),
+    no redirects followed (a redirect could point anywhere the checks refused).
+
+    Direct, never through HTTP(S)_PROXY/ALL_PROXY (a proxy resolves the name itself: unchecked), and
+    no .netrc credentials; the CA bundle is certifi's, or SSL_CERT_FILE / SSL_CERT_DIR."""
     import httpx
 
-    limit = settings.max_dataset_bytes
-    try:
-        with httpx.stream("GET", uri, follow_redirects=False, timeout=30) as response:
-            if response.is_redirect:
-                raise DataProblem(
-                    f"{uri} redirects ({response.status_code}): redirects are not followed"
-                )
-            if response.status_code != 200:
-                raise DataProblem(f"{uri} answered {response.status_code}")
-            chunks, total = [], 0
-            for chunk in response.iter_bytes():
-                total += len(chunk)
-                if total > limit:
-                    raise DataProblem(f"{uri} exceeds the limit of {limit} bytes")
-                chunks.append(chunk)
-    except httpx.HTTPError as exc:
-        raise DataProblem(f"{uri} cannot be read: {type(exc).__name__}") from None
-    return b"".join(chunks)
+    tls = httpx.create_ssl_context()
+    if not source.addresses:
+        raise DataProblem(f"{source.uri} has no checked address to fetch from")
+    uri, limit = source.uri, settings.max_dataset_bytes
+    for i, address in enumerate(source.addresses):
+        url, headers, extensions = pinned_request(uri, address)
+        try:
+            with (
+                httpx.Client(follow_redirects=False, timeout=30, trust_env=False, verify=tls) as client,
+                client.stream("GET", url, headers=headers, extensions=extensions) as response,
+            ):
+                if response.is_redirect:
+                    raise DataProblem(f"{uri} redirects ({response.status_code}): redirects are not followed")
+                if response.status_code != 200:
+                    raise DataProblem(f"{uri} answered {response.status_code}")
+                chunks, total = [], 0
+                for chunk in response.iter_bytes():
+                    total += len(chunk)
+                    if total > limit:
+                        raise DataProblem(f"{uri} exceeds the limit of {limit} bytes")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            if i + 1 < len(source.addresses):
+                continue
+            raise DataProblem(f"{uri} cannot be read: {type(exc).__name__}") from None
+        except httpx.HTTPError as exc:
+            raise DataProblem(f"{uri} cannot be read: {type(exc).__name__}") from None
+    raise AssertionError("unreachable")
