@@ -38,13 +38,15 @@ class System:
 
     home: Path
     settings: CairnSettings
-    server: EmbeddedNats
+    server: EmbeddedNats | None  # None: the system runs on a NATS it does not own (a cluster)
     runtime: dict[str, Any]
     env: dict[str, str]
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def pids(self) -> dict[str, int]:
+        if self.server is None:
+            return dict(self.runtime["pids"])
         return {**self.runtime["pids"], "nats-server": self.server.process.pid}  # type: ignore[union-attr]
 
     def health_url(self, name: str) -> str:
@@ -58,7 +60,7 @@ class System:
             {**self.env, **self.service_env.get(name, {}), "CAIRN_HTTP_PORT": port},
             self.settings.home_dir / "logs" / f"{name}.log",
         )
-        self.runtime["pids"][name] = proc.pid
+        supervisor.record(self.runtime, name, proc.pid)  # `supervisor.down` signals only what it recorded
         (self.settings.home_dir / RUNTIME_FILE).write_text(json.dumps(self.runtime, indent=2))
         return proc.pid
 
@@ -89,7 +91,8 @@ class System:
                     os.killpg(pid, signal.SIGKILL)
         with contextlib.suppress(FileNotFoundError):
             (self.settings.home_dir / RUNTIME_FILE).unlink()
-        self.server.stop()
+        if self.server is not None:
+            self.server.stop()
 
 
 def start_system(
@@ -98,22 +101,25 @@ def start_system(
     services: list[str] | None = None,
     serve: bool = True,
     nats_port: int = -1,
+    nats_url: str | None = None,
     extra_env: dict[str, str] | None = None,
     service_env: dict[str, dict[str, str]] | None = None,
     ready_timeout: float = 180.0,
     **overrides: Any,
 ) -> System:
-    """`service_env`: variables for one service only (that one is started after the others)."""
+    """`service_env`: variables for one service only (that one is started after the others);
+    `nats_url`: run on that NATS (a cluster's seed list) instead of starting an embedded server."""
     from services.catalog import SERVICES
 
     home = Path(home)
     service_env = service_env or {}
     names = [n for n in (services or list(SERVICES)) if n not in service_env]
-    server = EmbeddedNats(home / "nats", port=nats_port)
-    server.start()
+    server = None if nats_url else EmbeddedNats(home / "nats", port=nats_port)
+    if server is not None:
+        nats_url = server.start()
     base: dict[str, Any] = {
         "home": home / "state",  # data files go in `home`, beside cairn's state and never in it
-        "nats_url": server.url,
+        "nats_url": nats_url,
         "allowed_roots": [str(home)],
         "serve_port": 0,
     }
@@ -132,7 +138,8 @@ def start_system(
             raise RuntimeError(f"not ready: {not_ready}; logs in {settings.home_dir / 'logs'}")
     except BaseException:
         supervisor.down(settings)
-        server.stop()
+        if server is not None:
+            server.stop()
         raise
     return system
 

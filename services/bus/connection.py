@@ -51,6 +51,8 @@ def make_broker(settings: CairnSettings, name: str, **kwargs: Any) -> NatsBroker
         security=_security(settings),
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
+        ping_interval=settings.nats_ping_interval_s,
+        max_outstanding_pings=2,
         graceful_timeout=settings.ack_wait_s,
         log_level=logging.DEBUG,  # per-message Received/Processed lines cost CPU the trials need
         **_inbox_kwargs(settings),
@@ -71,6 +73,8 @@ async def connect(
         "connect_timeout": 5,
         "max_reconnect_attempts": -1 if persistent else 3,
         "reconnect_time_wait": 1 if persistent else 2,
+        "ping_interval": settings.nats_ping_interval_s,
+        "max_outstanding_pings": 2,
         **_inbox_kwargs(settings),
         **extra,
     }

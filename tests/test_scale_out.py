@@ -1,0 +1,172 @@
+"""Faults between hosts: every service on a three-server JetStream cluster (each server its own
+network namespace, the stream and buckets R3), a study of 40 trials in flight while a fault lands.
+
+Each fault ends the same way or the test fails: the run deployed, every trial result recorded once
+per (study, trial, rung), `cairn audit verify` OK, and every service process still alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from contracts import DataArrived, ModelFamily, SearchStrategy, TuningSpec, new_event
+from harness.hosts import Hosts
+from harness.natscluster import NatsCluster
+from harness.stream import StreamLog
+from harness.system import System, start_system
+from services import supervisor
+from services.bus.connection import connect
+
+pytestmark = pytest.mark.slow
+CAIRN = str(Path(sys.executable).with_name("cairn"))
+TRIALS = 40
+
+
+@pytest.fixture(scope="module")
+def clustered(tmp_path_factory):
+    """Three nats-server hosts and every service (in this machine's namespace) on the seed list."""
+    home = tmp_path_factory.mktemp("scale-out")
+    with Hosts(3) as hosts, NatsCluster(hosts, home / "nats") as cluster:
+        system = start_system(
+            home,
+            nats_url=cluster.urls,
+            stream_replicas=3,
+            ack_wait_s=6.0,
+            retry_backoff_s=[1.0, 2.0, 3.0, 5.0],
+            max_deliver=20,
+            dask_workers=2,
+        )
+        try:
+            yield system, cluster
+        finally:
+            system.stop()
+
+
+def table(home: Path, rows: int = 3000) -> Path:
+    path = home / "scale-out.csv"
+    if not path.exists():
+        rng = np.random.default_rng(7)
+        x = rng.normal(size=(rows, 6))
+        frame = pd.DataFrame(x, columns=[f"x{i}" for i in range(6)])
+        frame["y"] = x[:, 0] * 2 - x[:, 1] + np.sin(x[:, 2]) + rng.normal(scale=0.2, size=rows)
+        frame.to_csv(path, index=False)
+    return path
+
+
+async def submit(system: System, model: str) -> str:
+    spec = TuningSpec(
+        trials=TRIALS, families=[ModelFamily.xgboost], strategy=SearchStrategy.random, max_budget=60
+    )
+    arrived = DataArrived(uri=table(system.home).as_uri(), target="y", model_name=model, tuning=spec)
+    event = new_event(arrived, source="/test/scale-out")
+    nc = await connect(system.settings, "test")
+    try:
+        await nc.jetstream().publish(
+            "cairn.data.arrived.v1", event.encode(), headers={"Nats-Msg-Id": event.id}
+        )
+    finally:
+        await nc.close()
+    return event.id
+
+
+async def completed(log: StreamLog, run: str, at_least: int, timeout: float = 180.0) -> None:
+    """Until `at_least` trials of this run's study have completed (so the fault lands mid-study)."""
+
+    def enough(lg: StreamLog) -> bool:
+        studies = {r.data["study_id"] for r in lg.run(run) if r.type == "cairn.tuning.requested.v1"}
+        done = [r for r in lg.of_type("cairn.trial.completed.v1") if r.data["study_id"] in studies]
+        return len(done) >= at_least
+
+    await log.wait(enough, timeout, f"{at_least} trials of run {run}")
+
+
+async def survived(system: System, log: StreamLog, run: str, timeout: float = 300.0) -> None:
+    terminal = await log.wait(lambda lg: lg.terminal(run), timeout, f"a terminal event of run {run}")
+    assert terminal.type == "cairn.model.deployed.v1", (terminal.type, terminal.data)
+    study = next(r.data["study_id"] for r in log.run(run) if r.type == "cairn.tuning.requested.v1")
+    counts = {k: v for k, v in log.trial_counts().items() if k[0] == study}
+    assert len({trial for _, trial, _ in counts}) == TRIALS, counts
+    assert set(counts.values()) == {1}, f"trial results recorded more than once: {counts}"
+    dead = [name for name, pid in system.runtime["pids"].items() if not supervisor.alive(pid)]
+    assert not dead, f"service processes gone: {dead}"
+    verify = await asyncio.to_thread(
+        subprocess.run,
+        [CAIRN, "audit", "verify"],
+        env=system.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert verify.returncode == 0 and verify.stdout.startswith("OK"), verify.stdout + verify.stderr
+
+
+async def leader(system: System) -> str:
+    nc = await connect(system.settings, "test")
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                try:
+                    info = await nc.jetstream().stream_info(system.settings.stream)
+                    if info.cluster and info.cluster.leader:
+                        return info.cluster.leader
+                except Exception:  # noqa: BLE001 - between leaders
+                    pass
+                await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+
+
+async def test_the_stream_leader_killed_mid_study_and_restarted_10_s_later(clustered) -> None:
+    system, cluster = clustered
+    log = StreamLog(system.settings)
+    await log.poll()
+    run = await submit(system, "leader-killed")
+    await completed(log, run, 5)
+    victim = cluster.server(await leader(system))
+    cluster.kill(victim)
+    killed = time.monotonic()
+    await asyncio.sleep(10)  # the fault's length, not a wait for something to happen
+    cluster.start_server(victim)
+    await survived(system, log, run)
+    assert await leader(system) is not None
+    assert time.monotonic() - killed >= 10
+
+
+async def test_a_minority_partition_for_30_s_mid_study(clustered) -> None:
+    """One server cut off from its peers and from every client: clients connected to it carry on
+    through the other two (their pings go unanswered, they reconnect elsewhere)."""
+    system, cluster = clustered
+    log = StreamLog(system.settings)
+    await log.poll()
+    run = await submit(system, "minority-partition")
+    await completed(log, run, 5)
+    current = await leader(system)
+    victim = next(s for s in cluster.servers if s.name != current)  # a follower's host
+    cluster.hosts.partition(victim.host)
+    try:
+        await asyncio.sleep(30)  # the partition's length
+    finally:
+        cluster.hosts.heal(victim.host)
+    await survived(system, log, run)
+
+
+async def test_a_rolling_restart_in_lame_duck_mode(clustered) -> None:
+    """As a StatefulSet update does: each server in turn enters lame-duck mode, exits, starts again."""
+    system, cluster = clustered
+    log = StreamLog(system.settings)
+    await log.poll()
+    run = await submit(system, "rolling-restart")
+    await completed(log, run, 3)
+    for server in cluster.servers:
+        code = await asyncio.to_thread(cluster.lame_duck, server, 90)
+        assert code is not None
+        await asyncio.to_thread(cluster.start_server, server)
+    await survived(system, log, run)
