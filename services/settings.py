@@ -31,6 +31,12 @@ class CairnSettings(BaseSettings):
     nats_tls_ca: Path | None = Field(None, description="CA bundle that signs the NATS server certificate.")
     nats_tls_cert: Path | None = Field(None, description="Client certificate for mutual TLS.")
     nats_tls_key: Path | None = Field(None, description="Client key for mutual TLS.")
+    nats_ping_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="Ping the server this often; two unanswered pings end the connection and the client "
+        "moves to another server (a server cut off by a partition sends no error to notice).",
+    )
     stream: str = Field("CAIRN", description="JetStream stream holding every event (subjects cairn.>).")
     stream_replicas: int = Field(1, ge=1, le=5, description="Stream replicas in a NATS cluster.")
     duplicate_window_s: float = Field(
