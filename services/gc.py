@@ -15,12 +15,16 @@ and each artifact it names) and the model registry:
 - the files a kept model bundle names (its estimator).
 
 Everything else in the store (sha256/ and landing/) is deleted, and the MLflow runs whose model
-was removed get the tag `cairn.gc` (time of removal). Holds live in `<home>/holds.json`.
-The pure functions decide; `collect` and `delete` are the only ones that touch the store.
+was removed get the tag `cairn.gc` (time of removal). Holds live in the JetStream key-value bucket
+`cairn_holds`, one key per hold, so every operator of a deployment (any home, any machine) sees and
+honours the same holds; a `<home>/holds.json` of older versions is imported into it once.
+The pure functions decide; `collect` and `delete` touch the store, the `*_holds` coroutines the bucket.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import re
 import time
@@ -71,6 +75,7 @@ class Hold:
     correlation: str | None = None
     sha256: str | None = None
     at: float = 0.0
+    by: str = ""  # who held it (user@host), for operators who did not
 
 
 @dataclass(frozen=True)
@@ -207,20 +212,112 @@ def resolve_hold(ident: str, runs: Mapping[str, Run], now: float | None = None) 
     return Hold(ident, correlation=matches.pop(), at=at)
 
 
-def read_holds(home: Path) -> list[Hold]:
+def hold_key(ident: str) -> str:
+    """The bucket key of a hold on `ident`: its sha256, since ids like `houses@4` hold characters a
+    key may not; one key per id, so holding the same id twice is one hold."""
+    return hashlib.sha256(ident.strip().encode()).hexdigest()
+
+
+def encode_hold(hold: Hold) -> bytes:
+    return json.dumps(hold.__dict__, sort_keys=True).encode()
+
+
+def decode_hold(key: str, value: bytes) -> Hold:
+    """A stored hold; ValueError when it is not one, or sits under another id's key (a forged or
+    damaged entry must stop gc, never be skipped: a hold gc cannot read would be a deletion)."""
+    try:
+        doc = json.loads(value)
+        hold = Hold(**doc)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"hold {key} is not a hold record: {exc}") from None
+    if not isinstance(hold.id, str) or hold_key(hold.id) != key:
+        raise ValueError(f"hold {key} names {hold.id!r}, whose key differs")
+    if not (hold.correlation or (isinstance(hold.sha256, str) and SHA256.match(hold.sha256))):
+        raise ValueError(f"hold {key} ({hold.id!r}) holds neither a run nor a sha256")
+    return hold
+
+
+async def holds_bucket(js: Any) -> Any:
+    """The bucket; LookupError (saying what to do) when the deployment was never provisioned with it."""
+    from nats.js.errors import BucketNotFoundError, NotFoundError
+
+    from services.bus.provision import HOLDS_BUCKET
+
+    try:
+        return await js.key_value(HOLDS_BUCKET)
+    except (BucketNotFoundError, NotFoundError):
+        raise LookupError(f"no {HOLDS_BUCKET} bucket on this NATS: run `cairn provision`") from None
+
+
+async def read_holds(kv: Any) -> list[Hold]:
+    """Every hold in the bucket, oldest first; ValueError on an entry that is not a hold."""
+    from nats.js.errors import KeyNotFoundError, NoKeysError
+
+    try:
+        keys = await kv.keys()
+    except NoKeysError:
+        return []
+    holds = []
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:  # released since the listing
+            continue
+        holds.append(decode_hold(key, entry.value or b""))
+    return sorted(holds, key=lambda h: (h.at, h.id))
+
+
+async def add_hold(kv: Any, hold: Hold) -> Hold | None:
+    """Create the hold's key (compare-and-set on "no such key"): concurrent holds of different ids
+    never overwrite each other. Returns the hold already there when `hold.id` was held before."""
+    from nats.js.errors import KeyWrongLastSequenceError
+
+    key = hold_key(hold.id)
+    try:
+        await kv.create(key, encode_hold(hold))
+    except KeyWrongLastSequenceError:
+        return decode_hold(key, (await kv.get(key)).value or b"")
+    return None
+
+
+async def release_hold(kv: Any, ident: str) -> bool:
+    """Delete the hold on `ident` at the revision read (a hold made again meanwhile stays); False
+    when there is none."""
+    from nats.js.errors import KeyNotFoundError
+
+    key = hold_key(ident)
+    try:
+        entry = await kv.get(key)
+    except KeyNotFoundError:
+        return False
+    await kv.delete(key, last=entry.revision)
+    return True
+
+
+def file_holds(home: Path) -> list[Hold]:
+    """The holds of `<home>/holds.json`, where versions before the shared bucket kept them."""
     path = home / HOLDS_FILE
     if not path.exists():
         return []
     return [Hold(**doc) for doc in json.loads(path.read_text())]
 
 
-def write_holds(home: Path, holds: Iterable[Hold]) -> None:
-    """Written to a temporary name, then moved: a crash never leaves half a holds file."""
+async def import_file_holds(kv: Any, home: Path) -> tuple[int, Path] | None:
+    """Move a `holds.json` into the bucket once: each hold created (one already there is kept),
+    then the file renamed to `holds.json.imported`. Returns (holds imported, new name), or None
+    when there is no file."""
     path = home / HOLDS_FILE
-    home.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([h.__dict__ for h in holds], indent=1))
-    tmp.replace(path)
+    holds = file_holds(home)
+    if not path.exists():
+        return None
+    imported = 0
+    for hold in holds:
+        if await add_hold(kv, hold) is None:
+            imported += 1
+    done = path.with_name(HOLDS_FILE + ".imported")
+    with contextlib.suppress(FileNotFoundError):  # another command of this home imported it meanwhile
+        path.replace(done)
+    return imported, done
 
 
 # The store ------------------------------------------------------------------------------------

@@ -202,7 +202,10 @@ def derive_permissions(settings: CairnSettings | None = None) -> dict[str, Grant
     upstream.add_sub(f"{inbox_prefix(UPSTREAM)}.>")  # the stream's PubAck comes back here
     users[UPSTREAM] = upstream
 
-    admin = Grants(ADMIN, role="provisioning and operator tools (cairn provision, status, events)")
+    # Only operator tools reach the holds bucket (services.gc, bucket cairn_holds): `cairn hold` writes
+    # it, `cairn gc` reads it; no service user is granted it, so a compromised service cannot
+    # release a legal hold.
+    admin = Grants(ADMIN, role="provisioning and operator tools (cairn provision, status, events, hold, gc)")
     admin.add_pub(">")
     admin.add_sub(">")
     users[ADMIN] = admin

@@ -4,15 +4,29 @@ The slice's data-arrived events are re-published under `cairn.replay.<id>.` with
 the originals. A separate set of service processes consumes that namespace with its own MLflow
 store and no inference endpoint, so the production champion and endpoint are never touched. The
 artifact store is shared: it is content-addressed, so a replay can only add files, never change one.
+
+A replay leaves nothing on the bus: however it ends (done, failed, Ctrl-C, SIGTERM) its consumers,
+buckets and record stream are deleted. Killed outright (SIGKILL), its services die with it (parent-
+death signal), NATS deletes its consumers once idle `CAIRN_REPLAY_INACTIVE_S` (so its unprocessed
+messages stop holding the stream's retention floor), its buckets' entries expire with its ledger's
+TTL, and the next replay deletes the empty buckets.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import re
+import signal
+import time
 import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from nats.js.errors import NotFoundError
 
 from contracts import (
     ContractError,
@@ -40,6 +54,12 @@ from services.bus.provision import provision_handled_bucket, provision_study_buc
 from services.client import Client, RunTimeout
 from services.lineage.audit import history_records
 from services.settings import CairnSettings
+
+log = logging.getLogger(__name__)
+READY_TIMEOUT_S = 180.0
+# What a replay's resources end with: durables `<service>-<event>-cairn_replay_<id>`, buckets
+# `cairn_<what>_cairn_replay_<id>` (streams `KV_...`), record stream `<STREAM>_REQUESTS_cairn_replay_<id>`.
+REPLAY_NAME = re.compile(r"[-_](" + re.escape(replay_namespace("").replace(".", "_")) + r"[A-Za-z0-9]+)$")
 
 
 @dataclass
@@ -255,6 +275,86 @@ def with_cached_sources(
     return run + extra
 
 
+def replay_token(namespace: str) -> str:
+    """The suffix every consumer and stream of a replay's namespace ends with (`cairn_replay_<id>`)."""
+    return namespace.replace(".", "_")
+
+
+def replay_of(name: str) -> str | None:
+    """The replay token a consumer or stream name ends with; None for live resources."""
+    found = REPLAY_NAME.search(name)
+    return found[1] if found else None
+
+
+def replay_ttl(runs: int, timeout: float) -> float:
+    """How long a replay may need its buckets: every run to its timeout, plus start and stop."""
+    return runs * timeout + 2 * READY_TIMEOUT_S
+
+
+def stale_replays(
+    consumers: Iterable[str], stream_ages: Mapping[str, float], min_age_s: float
+) -> dict[str, list[str]]:
+    """Replay token -> its streams, for replays that have no consumer left (a live replay's services
+    keep theirs, a dead one's are deleted by NATS once idle) and whose streams are all older than
+    `min_age_s` (a replay starting now has buckets before its services bind their consumers)."""
+    busy = {t for name in consumers if (t := replay_of(name))}
+    by_replay: dict[str, list[str]] = {}
+    for name in stream_ages:
+        if (token := replay_of(name)) and token not in busy:
+            by_replay.setdefault(token, []).append(name)
+    return {
+        token: sorted(names)
+        for token, names in by_replay.items()
+        if all(stream_ages[n] >= min_age_s for n in names)
+    }
+
+
+async def _consumer_names(js: Any, stream: str) -> list[str]:
+    names: list[str] = []
+    while page := await js.consumers_info(stream, offset=len(names)):
+        names += [c.name for c in page]
+    return names
+
+
+async def _stream_ages(js: Any) -> dict[str, float]:
+    """Every stream's name and age in seconds (by the server's creation time)."""
+    ages: dict[str, float] = {}
+    while page := await js.streams_info(offset=len(ages)):
+        for info in page:
+            created = info.created.timestamp() if info.created else time.time()
+            ages[info.config.name] = time.time() - created
+    return ages
+
+
+async def remove_replay(js: Any, settings: CairnSettings, token: str) -> list[str]:
+    """Delete a replay's consumers on the event stream, then its buckets and record stream (each a
+    stream named after it); returns what was deleted. One already gone is skipped."""
+    removed = []
+    for name in await _consumer_names(js, settings.stream):
+        if replay_of(name) == token:
+            with contextlib.suppress(NotFoundError):
+                await js.delete_consumer(settings.stream, name)
+                removed.append(name)
+    for name in await _stream_ages(js):
+        if replay_of(name) == token:
+            with contextlib.suppress(NotFoundError):
+                await js.delete_stream(name)
+                removed.append(name)
+    return removed
+
+
+async def sweep_replays(js: Any, settings: CairnSettings) -> dict[str, list[str]]:
+    """Delete the streams dead replays left (JetStream expires entries, never a stream); returns them."""
+    stale = stale_replays(
+        await _consumer_names(js, settings.stream), await _stream_ages(js), settings.replay_inactive_s
+    )
+    for names in stale.values():
+        for name in names:
+            with contextlib.suppress(NotFoundError):
+                await js.delete_stream(name)
+    return stale
+
+
 async def _history(settings: CairnSettings) -> list[tuple[int, Envelope[Any]]]:
     nc = await connect(settings, "replay")
     try:
@@ -305,6 +405,7 @@ async def replay(
         raise LookupError("no data-arrived event in that slice of history")
     rid = uuid.uuid4().hex[:10]
     home = settings.home_dir / "replays" / rid
+    ttl = replay_ttl(len(roots), timeout)
     replay_settings = settings.model_copy(
         update={
             "namespace": replay_namespace(rid),
@@ -314,36 +415,111 @@ async def replay(
             "artifacts_url": settings.artifacts,
             "allowed_roots": [str(r) for r in settings.read_roots],
             "http_port": None,
+            # Its buckets' entries and its record stream expire once the replay is surely over.
+            "handled_ttl_s": ttl,
+            "request_record_max_age_s": int(ttl) + 1,
         }
     )
-    nc = await connect(settings, "admin")
+    with _cancelled_by_sigterm() as terminated:
+        try:
+            return await _replay_in(settings, replay_settings, history, roots, rid, shadow, timeout)
+        except asyncio.CancelledError:
+            if terminated():
+                raise SystemExit(128 + signal.SIGTERM) from None
+            raise
+
+
+@contextlib.contextmanager
+def _cancelled_by_sigterm() -> Iterator[Any]:
+    """SIGTERM cancels the replay (so its `finally` removes what it made) instead of ending the
+    process on the spot; yields whether it came. Outside the main thread nothing is installed."""
+    task, came = asyncio.current_task(), []
+
+    def stop() -> None:
+        came.append(True)
+        if task is not None:
+            task.cancel()
+
+    loop = asyncio.get_running_loop()
     try:
-        await provision_study_bucket(nc.jetstream(), settings, study_bucket(replay_settings.namespace))
-        # The replay's own ledger: it must not see the live run's inputs as already handled.
-        await provision_handled_bucket(nc.jetstream(), replay_settings)
+        loop.add_signal_handler(signal.SIGTERM, stop)
+    except (RuntimeError, NotImplementedError, ValueError):
+        yield lambda: False
+        return
+    try:
+        yield lambda: bool(came)
     finally:
-        await nc.close()
-    services = [n for n in supervisor.SERVICES if n != "lineage"]
-    runtime = await asyncio.to_thread(supervisor.up, replay_settings, services, False)
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _replay_in(
+    settings: CairnSettings,
+    replay_settings: CairnSettings,
+    history: list[tuple[int, Envelope[Any]]],
+    roots: list[Envelope[Any]],
+    rid: str,
+    shadow: bool,
+    timeout: float,
+) -> list[RunReport]:
+    """Provision the namespace, run its services, replay each root; always remove it all after."""
     reports = []
     try:
-        not_ready = await asyncio.to_thread(supervisor.wait_ready, runtime, 180)
-        if not_ready:
-            raise RuntimeError(f"replay services not ready: {not_ready}")
-        by_corr: dict[str, list[Envelope[Any]]] = {}
-        for _, ev in history:
-            by_corr.setdefault(ev.correlationid, []).append(ev)
-        by_id = {ev.id: ev for _, ev in history}
-        for root in roots:
-            replayed = await _run_one(settings, replay_settings, root, rid, timeout)
-            report = RunReport(root.correlationid, replayed[0].id, shadow=shadow)
-            compare = shadow_compare if shadow else compare_runs
-            original = with_cached_sources(by_corr.get(root.correlationid, []), by_id, by_corr)
-            report.comparisons = compare(original, replayed)
-            reports.append(report)
+        nc = await connect(settings, "admin")
+        try:
+            js = nc.jetstream()
+            for dead, names in (await sweep_replays(js, settings)).items():
+                log.info("removed what replay %s left: %s", dead, ", ".join(names))
+            await provision_study_bucket(js, replay_settings, study_bucket(replay_settings.namespace))
+            # The replay's own ledger: it must not see the live run's inputs as already handled.
+            await provision_handled_bucket(js, replay_settings)
+        finally:
+            await nc.close()
+        services = [n for n in supervisor.SERVICES if n != "lineage"]
+        # Tied: the services get SIGTERM when this process dies, SIGKILL included.
+        starting = asyncio.ensure_future(
+            asyncio.to_thread(supervisor.up, replay_settings, services, False, True)
+        )
+        try:
+            runtime = await asyncio.shield(starting)
+            not_ready = await asyncio.to_thread(supervisor.wait_ready, runtime, READY_TIMEOUT_S)
+            if not_ready:
+                raise RuntimeError(f"replay services not ready: {not_ready}")
+            by_corr: dict[str, list[Envelope[Any]]] = {}
+            for _, ev in history:
+                by_corr.setdefault(ev.correlationid, []).append(ev)
+            by_id = {ev.id: ev for _, ev in history}
+            for root in roots:
+                replayed = await _run_one(settings, replay_settings, root, rid, timeout)
+                report = RunReport(root.correlationid, replayed[0].id, shadow=shadow)
+                compare = shadow_compare if shadow else compare_runs
+                original = with_cached_sources(by_corr.get(root.correlationid, []), by_id, by_corr)
+                report.comparisons = compare(original, replayed)
+                reports.append(report)
+        finally:
+            with contextlib.suppress(Exception):  # a start cut short: let it finish, so down sees all
+                await starting
+            await asyncio.to_thread(supervisor.down, replay_settings)
     finally:
-        await asyncio.to_thread(supervisor.down, replay_settings)
+        await _remove_quietly(settings, replay_token(replay_settings.namespace))
     return reports
+
+
+async def _remove_quietly(settings: CairnSettings, token: str) -> None:
+    """Remove the replay's resources; when NATS cannot be reached, the idle threshold and the next
+    replay's sweep remove them instead (said in the log)."""
+    try:
+        nc = await connect(settings, "admin")
+        try:
+            await remove_replay(nc.jetstream(), settings, token)
+        finally:
+            await nc.close()
+    except Exception as exc:  # noqa: BLE001 - the backstops cover it; the replay's own result stands
+        log.warning(
+            "could not remove replay %s (%s: %s); NATS drops its consumers once idle",
+            token,
+            type(exc).__name__,
+            exc,
+        )
 
 
 def _short(value: Any, width: int = 60) -> str:

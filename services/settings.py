@@ -71,6 +71,14 @@ class CairnSettings(BaseSettings):
         "duplicate window drops. False: every record fsynced like the events.",
     )
 
+    replay_inactive_s: float = Field(
+        300.0,
+        gt=0,
+        description="A replay's consumers are deleted by NATS after this long without a fetch or ack, so a "
+        "replay killed outright (SIGKILL) cannot pin stream retention; a later replay removes the buckets "
+        "of one idle this long.",
+    )
+
     # State and compute
     artifacts_url: str | None = Field(None, description="fsspec URL of the artifact store.")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default SQLite under home.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 from services import gc
 from services.artifacts import read_verified
 from tests.test_cache import of_type, submit
-from tests.test_journeys import cairn, write_table
+from tests.test_journeys import CAIRN, cairn, user_env, write_table
 
 SHA = "a" * 64
 
@@ -178,3 +179,78 @@ def test_grace_durations() -> None:
     ]
     with pytest.raises(CliError):
         parse_duration("soon")
+
+
+# Holds every operator sees: the deployment's NATS, not a home --------------------------------------
+def test_a_stored_hold_is_read_back_and_a_forged_one_stops_gc() -> None:
+    hold = gc.Hold("houses@4", correlation="3f2a9b1c-0000", at=1.0, by="ops@host")
+    key = gc.hold_key(hold.id)
+    assert gc.decode_hold(key, gc.encode_hold(hold)) == hold
+    assert gc.hold_key(" houses@4") == key, "one id, one key"
+    forged = [
+        (key, b"not json"),
+        (gc.hold_key("other"), gc.encode_hold(hold)),  # under another id's key
+        (key, json.dumps({"id": "houses@4"}).encode()),  # holds nothing
+        (key, json.dumps({**hold.__dict__, "extra": 1}).encode()),
+    ]
+    for k, value in forged:
+        with pytest.raises(ValueError):
+            gc.decode_hold(k, value)
+
+
+def stored(store: Path, sha: str) -> Path:
+    """A content-addressed file in the shared store, as a step writes it."""
+    path = store / "sha256" / sha[:2] / f"{sha}.bin"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(sha.encode())
+    return path
+
+
+@pytest.mark.slow
+def test_holds_made_in_one_home_are_seen_and_honoured_from_another(nats_server, tmp_path: Path) -> None:
+    """Two operators (two CAIRN_HOMEs) against one deployment: one NATS, one artifact store."""
+    store = tmp_path / "store"
+    alice, bob = (
+        user_env(tmp_path / who, CAIRN_NATS_URL=nats_server.url, CAIRN_ARTIFACTS_URL=store.as_uri())
+        for who in ("alice", "bob")
+    )
+    provisioned = cairn("provision", env=alice, cwd=tmp_path)
+    assert provisioned.returncode == 0, provisioned.stdout + provisioned.stderr
+
+    # An older version's holds.json in alice's home is imported once, and says so.
+    old = gc.Hold("d" * 64, sha256="d" * 64, at=1.0)
+    (tmp_path / "alice" / gc.HOLDS_FILE).write_text(json.dumps([old.__dict__]))
+    first = cairn("hold", "--list", env=alice, cwd=tmp_path)
+    assert first.returncode == 0 and "imported 1 holds" in first.stderr, first.stdout + first.stderr
+    assert not (tmp_path / "alice" / gc.HOLDS_FILE).exists()
+    again = cairn("hold", "--list", env=alice, cwd=tmp_path)
+    assert "imported" not in again.stderr and old.id in again.stdout
+
+    # Three holds at once, from both homes: none overwrites another.
+    shas = ["a" * 64, "b" * 64, "c" * 64]
+    procs = [
+        subprocess.Popen(
+            [CAIRN, "hold", sha], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for sha, env in zip(shas, (alice, bob, alice), strict=True)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out + err
+    for env in (alice, bob):
+        listed = cairn("hold", "--list", env=env, cwd=tmp_path)
+        assert listed.returncode == 0, listed.stderr
+        assert all(sha in listed.stdout for sha in [*shas, old.id]), listed.stdout
+
+    # Holding it again is one hold; a release from the other home releases it for everyone.
+    twice = cairn("hold", shas[0], env=bob, cwd=tmp_path)
+    assert twice.returncode == 0 and "already held" in twice.stdout, twice.stdout + twice.stderr
+    assert cairn("hold", "--release", shas[2], env=bob, cwd=tmp_path).returncode == 0
+    assert shas[2] not in cairn("hold", "--list", env=alice, cwd=tmp_path).stdout
+
+    # gc from bob keeps what alice held, and frees the rest.
+    held, released, loose = stored(store, shas[0]), stored(store, shas[2]), stored(store, "e" * 64)
+    collected = cairn("gc", "--grace", "0s", env=bob, cwd=tmp_path)
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    assert held.exists(), "held from another home"
+    assert not released.exists() and not loose.exists()

@@ -430,6 +430,9 @@ def subscribe(
         deliver_policy=DeliverPolicy.BY_START_TIME,
         opt_start_time=datetime.now(UTC) - timedelta(seconds=settings.handled_ttl_s),
         filter_subject=subject,
+        # A replay's durables go when idle: one killed outright (SIGKILL) would otherwise keep its
+        # unprocessed messages, and with them the stream's retention floor, forever. Live ones stay.
+        inactive_threshold=None if is_live(settings.namespace) else settings.replay_inactive_s,
     )
     # Pull deliveries arrive on this inbox. Per-user inboxes let NATS permissions keep each
     # service's deliveries private (services.nats_auth); without credentials nothing changes.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 from nats.aio.client import ServerVersion
@@ -65,7 +66,13 @@ async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> None:
 
 
 def _kv_config(settings: CairnSettings, bucket: str, **options: object) -> KeyValueConfig:
-    """What every cairn bucket shares: the latest value only, on file, replicated like the stream."""
+    """What every cairn bucket shares: the latest value only, on file, replicated like the stream.
+
+    A replay's buckets keep entries for its ledger's TTL (set to the replay's longest duration): the
+    bucket itself cannot expire in JetStream, so one left by a killed replay at least empties.
+    """
+    if not is_live(settings.namespace):
+        options.setdefault("ttl", settings.handled_ttl_s)
     return KeyValueConfig(
         bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.stream_replicas, **options
     )
@@ -179,7 +186,23 @@ async def provision_all(js: JetStreamContext, settings: CairnSettings) -> str:
     await provision_handled_bucket(js, settings)
     await provision_record_stream(js, settings)
     await provision_cache_bucket(js, settings)
+    if is_live(settings.namespace):
+        await provision_holds_bucket(js, settings)
     return done
+
+
+HOLDS_BUCKET = "cairn_holds"
+
+
+async def provision_holds_bucket(js: JetStreamContext, settings: CairnSettings) -> None:
+    """`cairn hold`'s legal holds, one key per hold, shared by every operator of the deployment.
+
+    Kept until released (no TTL), with a few revisions so a release can be traced; no service user
+    is granted it (services.nats_auth): only operator tools hold, release and read for gc.
+    """
+    description = "cairn gc: legal holds, one key per held run, artifact or model version"
+    config = _kv_config(settings, HOLDS_BUCKET, description=description)
+    await _ensure_bucket(js, replace(config, history=8))
 
 
 def cache_bucket(namespace: str) -> str:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import getpass
 import re
+import socket
 import time
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -13,6 +17,7 @@ from services.cli.common import EXIT_USAGE, CliError, app, connect_nats, setting
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+T = TypeVar("T")
 
 
 def parse_duration(text: str) -> float:
@@ -89,7 +94,11 @@ def collect_garbage(
         raise CliError(
             f"cannot read the model registry at {s.tracking_uri}: {type(exc).__name__}: {exc}"
         ) from None
-    keep = gc.keep_set(runs, gc.read_holds(s.home_dir), policy, champions)
+    try:
+        holds = asyncio.run(_with_holds(s, gc.read_holds))
+    except ValueError as exc:  # a hold gc cannot read could be a deletion: stop instead
+        raise CliError(f"cannot read the holds ({exc}); gc deletes nothing until it can") from None
+    keep = gc.keep_set(runs, holds, policy, champions)
     files = gc.collect(s.artifacts)
     now = time.time()
     doomed, kept = gc.plan(files, keep, now, policy.grace_s)
@@ -126,30 +135,55 @@ def hold(
     release: Annotated[bool, typer.Option("--release", help="Release the hold on ID.")] = False,
     list_: Annotated[bool, typer.Option("--list", help="List the holds.")] = False,
 ) -> None:
-    """Keep a run, an artifact or a model version from `cairn gc` until released (a legal hold)."""
+    """Keep a run, an artifact or a model version from `cairn gc` until released (a legal hold).
+
+    Holds live in the deployment's NATS (bucket cairn_holds), so every operator and home sees them."""
     from services import gc
 
     s = settings()
-    holds = gc.read_holds(s.home_dir)
     if list_:
-        for h in holds:
+        for h in asyncio.run(_with_holds(s, gc.read_holds)):
             what = f"run {h.correlation}" if h.correlation else f"artifact {h.sha256}"
-            typer.echo(f"{h.id}\t{what}\tsince {gc.gc_tag_value(h.at).split(' ', 1)[1]}")
+            by = f" by {h.by}" if h.by else ""
+            typer.echo(f"{h.id}\t{what}\tsince {gc.gc_tag_value(h.at).split(' ', 1)[1]}{by}")
         return
     if not ident:
         raise CliError("give an ID to hold (or --release ID, or --list)", EXIT_USAGE)
     if release:
-        left = [h for h in holds if h.id != ident]
-        if len(left) == len(holds):
+        if not asyncio.run(_with_holds(s, lambda kv: gc.release_hold(kv, ident))):
             raise CliError(f"no hold on {ident!r} (see `cairn hold --list`)", EXIT_USAGE)
-        gc.write_holds(s.home_dir, left)
         typer.echo(f"released {ident}")
         return
     try:
         held = gc.resolve_hold(ident, _caught_up_runs(s))
     except LookupError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
-    gc.write_holds(s.home_dir, [h for h in holds if h.id != ident] + [held])
-    typer.echo(
-        f"held {ident}: " + (f"run {held.correlation}" if held.correlation else f"artifact {held.sha256}")
-    )
+    held = dataclasses.replace(held, by=f"{getpass.getuser()}@{socket.gethostname()}")
+    before = asyncio.run(_with_holds(s, lambda kv: gc.add_hold(kv, held)))
+    what = f"run {held.correlation}" if held.correlation else f"artifact {held.sha256}"
+    if before is not None:
+        typer.echo(f"{ident} was already held ({what}, since {gc.gc_tag_value(before.at).split(' ', 1)[1]})")
+        return
+    typer.echo(f"held {ident}: {what}")
+
+
+async def _with_holds(s: Any, work: Callable[[Any], Awaitable[T]]) -> T:
+    """`work` on the deployment's holds bucket, after importing this home's old holds.json (once)."""
+    from services import gc
+
+    nc = await connect_nats(s, "hold")
+    try:
+        try:
+            kv = await gc.holds_bucket(nc.jetstream())
+        except LookupError as exc:
+            raise CliError(str(exc)) from None
+        if moved := await gc.import_file_holds(kv, s.home_dir):
+            count, path = moved
+            typer.echo(
+                f"imported {count} holds from {s.home_dir / gc.HOLDS_FILE} into the shared bucket "
+                f"cairn_holds, which every home of this deployment reads; the file is now {path}",
+                err=True,
+            )
+        return await work(kv)
+    finally:
+        await nc.close()
