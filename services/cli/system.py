@@ -210,11 +210,25 @@ def nats_config(
         ".cairn/nats-auth"
     ),
     tls: Annotated[bool, typer.Option(help="Also generate a CA, a server and client certificates.")] = False,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host",
+            help="A DNS name of the server certificate besides localhost (repeatable; with --tls), e.g. "
+            "the Kubernetes Service's names and *.<headless service> for cluster routes.",
+        ),
+    ] = None,
 ) -> None:
     """Generate a nats-server config with one user per service and least-privilege permissions."""
     from services.nats_auth import write_nats_config
+    from services.tls import write_tls
 
-    for path in write_nats_config(out, tls=tls):
+    if host and not tls:
+        raise typer.BadParameter("--host names the server certificate: it needs --tls")
+    written = write_nats_config(out, tls=tls)
+    if host:  # the same CA (kept), the leaves reissued for these names too
+        written += write_tls(out.expanduser().resolve() / "tls", hosts=host)
+    for path in dict.fromkeys(written):
         typer.echo(str(path))
 
 

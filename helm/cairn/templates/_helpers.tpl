@@ -122,7 +122,7 @@ cannot bind or ack any service's consumer, delete anything or administer the str
 
 {{- define "cairn.natsUrl" -}}
 {{- if .Values.nats.internal.enabled -}}
-{{- printf "%s://%s.%s.svc:%d" (ternary "tls" "nats" .Values.nats.tls.enabled) (include "cairn.natsHost" .) .Release.Namespace (int .Values.nats.internal.clientPort) -}}
+{{- printf "%s://%s.%s.svc:%d" (ternary "tls" "nats" (eq (include "cairn.tls" .) "true")) (include "cairn.natsHost" .) .Release.Namespace (int .Values.nats.internal.clientPort) -}}
 {{- else -}}
 {{- .Values.nats.external.url -}}
 {{- end -}}
@@ -156,19 +156,108 @@ true
 {{- end -}}
 
 {{/*
-Dask mutual TLS (dask.tls): scheduler, workers and training hold the Secret's certificate, and
-nothing without it is let in. Dask runs the pickled tasks it is sent, so this is what keeps code
-out of the workers. The local mode has its own (loopback, throwaway certificate: services/compute.py).
+TLS, on unless `insecure: true` (tls.enabled=false alone fails the render: cairn.validateValues).
+NATS: the server (and its routes) and every client, mutual: clients present a certificate from the
+server's CA, then their user and password. Dask: scheduler, workers and training, mutual.
+*/}}
+{{- define "cairn.tls" -}}
+{{- if not .Values.insecure -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The NATS server's certificate (the in-chart server): ca.crt, tls.crt, tls.key. */}}
+{{- define "cairn.natsServerSecret" -}}
+{{- default (printf "%s-nats-tls" (include "cairn.fullname" .)) .Values.nats.tls.secretName -}}
+{{- end -}}
+
+{{/* The NATS clients' certificate (every NATS client pod): ca.crt, tls.crt, tls.key. */}}
+{{- define "cairn.natsClientSecret" -}}
+{{- default (printf "%s-nats-client-tls" (include "cairn.fullname" .)) .Values.nats.tls.clientSecretName -}}
+{{- end -}}
+
+{{/* Dask's certificate (scheduler, workers, training): ca.crt, tls.crt, tls.key. */}}
+{{- define "cairn.daskTLSSecret" -}}
+{{- default (printf "%s-dask-tls" (include "cairn.fullname" .)) .Values.dask.tls.secretName -}}
+{{- end -}}
+
+{{/* The CAs and their keys, kept by the hook so upgrades do not rotate them; only the hook reads it. */}}
+{{- define "cairn.tlsCASecret" -}}
+{{- printf "%s-tls-ca" (include "cairn.fullname" .) -}}
+{{- end -}}
+
+{{/* The names of the in-chart NATS server's certificate: the Service and every pod of the headless one (routes). */}}
+{{- define "cairn.natsHosts" -}}
+{{- $host := include "cairn.natsHost" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- list $host (printf "%s.%s" $host $ns) (printf "%s.%s.svc" $host $ns) (printf "%s.%s.svc.cluster.local" $host $ns) (printf "*.%s-headless.%s.svc" $host $ns) (printf "*.%s-headless.%s.svc.cluster.local" $host $ns) | toJson -}}
+{{- end -}}
+
+{{/*
+What the chart issues itself (the hook Job, or cert-manager), {"nats": bool, "dask": bool}: the
+in-chart server's certificates unless nats.tls.secretName/clientSecretName bring them, Dask's
+unless dask.tls.secretName does (and not for dask.mode=local, which needs none).
+*/}}
+{{- define "cairn.tlsIssued" -}}
+{{- $on := eq (include "cairn.tls" .) "true" -}}
+{{- $nats := and $on .Values.nats.internal.enabled (not .Values.nats.tls.secretName) (not .Values.nats.tls.clientSecretName) -}}
+{{- $dask := and $on (eq (include "cairn.daskTLS" .) "true") (not .Values.dask.tls.secretName) -}}
+{{- toJson (dict "nats" $nats "dask" $dask) -}}
+{{- end -}}
+
+{{/* The hook Job issues certificates (TLS on, cert-manager off, something to issue). */}}
+{{- define "cairn.tlsHook" -}}
+{{- $issued := include "cairn.tlsIssued" . | fromJson -}}
+{{- if and (include "cairn.tls" .) (not .Values.tls.certManager.enabled) (or $issued.nats $issued.dask) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* NATS client TLS: the client certificate mounted at /etc/cairn/nats-tls (mode 0440). */}}
+{{- define "cairn.natsTLSDir" -}}/etc/cairn/nats-tls{{- end -}}
+
+{{- define "cairn.natsTLSVolume" -}}
+- name: nats-tls
+  secret:
+    secretName: {{ include "cairn.natsClientSecret" . }}
+    defaultMode: 288
+    items:
+      - {key: ca.crt, path: ca.crt}
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+{{- end -}}
+
+{{- define "cairn.natsTLSMount" -}}
+- name: nats-tls
+  mountPath: {{ include "cairn.natsTLSDir" . }}
+  readOnly: true
+{{- end -}}
+
+{{/* What services.bus.connection.tls_context reads (services/settings.py: nats_tls_*). */}}
+{{- define "cairn.natsTLSEnv" -}}
+{{- $dir := include "cairn.natsTLSDir" . -}}
+- name: CAIRN_NATS_TLS_CA
+  value: {{ $dir }}/ca.crt
+- name: CAIRN_NATS_TLS_CERT
+  value: {{ $dir }}/tls.crt
+- name: CAIRN_NATS_TLS_KEY
+  value: {{ $dir }}/tls.key
+{{- end -}}
+
+{{/*
+Dask mutual TLS: scheduler, workers and training hold the Secret's certificate, and nothing
+without it is let in. Dask runs the pickled tasks it is sent, so this is what keeps code out of
+the workers. The local mode has its own (loopback, throwaway certificate: services/compute.py).
 */}}
 {{- define "cairn.daskTLS" -}}
-{{- if and .Values.dask.tls.enabled (ne .Values.dask.mode "local") -}}
+{{- if and (include "cairn.tls" .) (ne .Values.dask.mode "local") -}}
 true
 {{- end -}}
 {{- end -}}
 
 {{- define "cairn.daskTLSDir" -}}/etc/cairn/dask-tls{{- end -}}
 
-{{/* The chart's scheduler Service, as the operator names it (tls:// with dask.tls). */}}
+{{/* The chart's scheduler Service, as the operator names it (tls:// unless insecure). */}}
 {{- define "cairn.daskSchedulerAddress" -}}
 {{- printf "%s://%s-scheduler.%s.svc:8786" (ternary "tls" "tcp" (eq (include "cairn.daskTLS" .) "true")) (include "cairn.daskClusterName" .) .Release.Namespace -}}
 {{- end -}}
@@ -204,7 +293,7 @@ true
 {{- define "cairn.daskTLSVolume" -}}
 - name: dask-tls
   secret:
-    secretName: {{ .Values.dask.tls.secretName }}
+    secretName: {{ include "cairn.daskTLSSecret" . }}
     defaultMode: 288
     items:
       - {key: ca.crt, path: ca.crt}
@@ -267,10 +356,6 @@ Environment of every cairn process except the NATS identity (cairn.natsEnv adds 
   value: {{ ternary .Values.dask.gpuWorkers.replicas 0 .Values.dask.gpuWorkers.enabled | quote }}
 - name: CAIRN_HTTP_PORT
   value: {{ .Values.probes.port | quote }}
-{{- if .Values.nats.tls.enabled }}
-- name: CAIRN_NATS_TLS_CA
-  value: /etc/cairn/nats-tls/ca.crt
-{{- end }}
 {{- with .Values.config.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -283,9 +368,13 @@ Environment of every cairn process except the NATS identity (cairn.natsEnv adds 
 {{- end -}}
 {{- end -}}
 
-{{/* CAIRN_NATS_USER / CAIRN_NATS_PASSWORD of one user: (dict "ctx" $ "user" "training"). */}}
+{{/* A NATS client's identity: its certificate (TLS) and CAIRN_NATS_USER / CAIRN_NATS_PASSWORD
+of one user: (dict "ctx" $ "user" "training"). */}}
 {{- define "cairn.natsEnv" -}}
-{{- if .ctx.Values.nats.auth.enabled -}}
+{{- if include "cairn.tls" .ctx }}
+{{ include "cairn.natsTLSEnv" .ctx }}
+{{- end }}
+{{- if .ctx.Values.nats.auth.enabled }}
 - name: CAIRN_NATS_USER
   value: {{ .user | quote }}
 - name: CAIRN_NATS_PASSWORD
@@ -305,8 +394,9 @@ envFrom:
 
 {{/*
 Volumes of a cairn pod: writable home and /tmp (read-only root), the shared artifact volume, the
-NATS CA. (dict "ctx" $ "artifacts" true): artifacts false leaves the artifact volume out (a
-service with services.<name>.artifacts=false).
+NATS client certificate. (dict "ctx" $ "artifacts" true "nats" true): artifacts false leaves the
+artifact volume out (a service with services.<name>.artifacts=false); nats false the certificate
+(a Dask worker, which does not talk to NATS).
 */}}
 {{- define "cairn.volumes" -}}
 {{- $ := .ctx -}}
@@ -319,17 +409,12 @@ service with services.<name>.artifacts=false).
   persistentVolumeClaim:
     claimName: {{ include "cairn.artifactsClaim" $ }}
 {{- end }}
-{{- if $.Values.nats.tls.enabled }}
-- name: nats-tls
-  secret:
-    secretName: {{ $.Values.nats.tls.secretName }}
-    items:
-      - key: ca.crt
-        path: ca.crt
+{{- if and .nats (include "cairn.tls" $) }}
+{{ include "cairn.natsTLSVolume" $ }}
 {{- end }}
 {{- end -}}
 
-{{/* The mounts of cairn.volumes: (dict "ctx" $ "artifacts" true). */}}
+{{/* The mounts of cairn.volumes: (dict "ctx" $ "artifacts" true "nats" true). */}}
 {{- define "cairn.volumeMounts" -}}
 {{- $ := .ctx -}}
 - name: home
@@ -340,10 +425,8 @@ service with services.<name>.artifacts=false).
 - name: artifacts
   mountPath: /var/lib/cairn/artifacts
 {{- end }}
-{{- if $.Values.nats.tls.enabled }}
-- name: nats-tls
-  mountPath: /etc/cairn/nats-tls
-  readOnly: true
+{{- if and .nats (include "cairn.tls" $) }}
+{{ include "cairn.natsTLSMount" $ }}
 {{- end }}
 {{- end -}}
 
@@ -432,10 +515,10 @@ its data as the cluster holds it at install/upgrade time (`lookup`). Where looku
 
 {{/*
 checksum/* annotations of a pod, one per Secret it reads, so that a changed Secret rolls it on
-the next install/upgrade: (dict "ctx" $ "nats" true "daskTLS" false "lineageDB" false).
+the next install/upgrade: (dict "ctx" $ "nats" true "natsServer" false "daskTLS" false "lineageDB" false).
   nats-auth   the NATS users' passwords (the generated Secret's rendered text, or an existingSecret)
-  nats-tls    nats.tls.secretName (the CA every client mounts; the server's certificate)
-  dask-tls    dask.tls.secretName (a Dask client: services.<name>.dask)
+  nats-tls    the NATS client certificate every client mounts (natsServer: the server's certificate)
+  dask-tls    Dask's certificate (a Dask client: services.<name>.dask)
   lineage-db  lineage.database.existingSecret (the lineage store's URL: services.<name>.lineageStore)
 */}}
 {{- define "cairn.checksums" -}}
@@ -448,11 +531,12 @@ the next install/upgrade: (dict "ctx" $ "nats" true "daskTLS" false "lineageDB" 
 {{- $_ := set $out "checksum/nats-auth" (include (print $.Template.BasePath "/common/nats-auth-secret.yaml") $ | sha256sum) -}}
 {{- end -}}
 {{- end -}}
-{{- if and .nats $.Values.nats.tls.enabled $.Values.nats.tls.secretName -}}
-{{- $_ := set $out "checksum/nats-tls" (include "cairn.secretChecksum" (dict "ctx" $ "name" $.Values.nats.tls.secretName)) -}}
+{{- if and .nats (include "cairn.tls" $) -}}
+{{- $name := ternary (include "cairn.natsServerSecret" $) (include "cairn.natsClientSecret" $) (eq (toString .natsServer) "true") -}}
+{{- $_ := set $out "checksum/nats-tls" (include "cairn.secretChecksum" (dict "ctx" $ "name" $name)) -}}
 {{- end -}}
-{{- if and .daskTLS (include "cairn.daskTLS" $) $.Values.dask.tls.secretName -}}
-{{- $_ := set $out "checksum/dask-tls" (include "cairn.secretChecksum" (dict "ctx" $ "name" $.Values.dask.tls.secretName)) -}}
+{{- if and .daskTLS (include "cairn.daskTLS" $) -}}
+{{- $_ := set $out "checksum/dask-tls" (include "cairn.secretChecksum" (dict "ctx" $ "name" (include "cairn.daskTLSSecret" $))) -}}
 {{- end -}}
 {{- if and .lineageDB $.Values.lineage.database.existingSecret -}}
 {{- $_ := set $out "checksum/lineage-db" (include "cairn.secretChecksum" (dict "ctx" $ "name" $.Values.lineage.database.existingSecret)) -}}
@@ -474,8 +558,24 @@ Combinations the schema cannot express; each fails the render with the reason.
 {{- if and (not .Values.nats.internal.enabled) .Values.nats.auth.enabled (not .Values.nats.auth.existingSecret) -}}
 {{- $errors = append $errors "nats: an external server needs nats.auth.existingSecret with the passwords its users were configured with (cairn nats-config)" -}}
 {{- end -}}
-{{- if and .Values.nats.tls.enabled (not .Values.nats.tls.secretName) -}}
-{{- $errors = append $errors "nats: nats.tls.enabled=true needs nats.tls.secretName (a secret with ca.crt, and tls.crt/tls.key for the in-chart server)" -}}
+{{- if and (not .Values.tls.enabled) (not .Values.insecure) -}}
+{{- $errors = append $errors "tls: tls.enabled=false alone does not turn TLS off (NATS and Dask would carry credentials and pickled code in the clear); to run without TLS, set insecure: true" -}}
+{{- end -}}
+{{- if include "cairn.tls" . -}}
+{{- if and .Values.tls.certManager.enabled (not .Values.tls.certManager.issuerRef.name) -}}
+{{- $errors = append $errors "tls: tls.certManager.enabled=true needs tls.certManager.issuerRef.name (the Issuer or ClusterIssuer that signs the NATS certificates)" -}}
+{{- end -}}
+{{- if and .Values.nats.internal.enabled (ne (empty .Values.nats.tls.secretName) (empty .Values.nats.tls.clientSecretName)) -}}
+{{- $errors = append $errors "nats: nats.tls.secretName and nats.tls.clientSecretName go together: the clients' certificate must come from the CA the server verifies" -}}
+{{- end -}}
+{{- if not .Values.nats.internal.enabled -}}
+{{- if not .Values.nats.tls.clientSecretName -}}
+{{- $errors = append $errors "nats: with TLS (the default) an external server needs nats.tls.clientSecretName (ca.crt of its CA, tls.crt/tls.key the clients present), or insecure: true" -}}
+{{- end -}}
+{{- if and .Values.nats.external.url (not (hasPrefix "tls://" .Values.nats.external.url)) -}}
+{{- $errors = append $errors "nats: with TLS (the default) nats.external.url must be tls://, or set insecure: true" -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- if and .Values.nats.internal.enabled (gt (int .Values.config.streamReplicas) (int .Values.nats.internal.replicas)) -}}
 {{- $errors = append $errors (printf "nats: config.streamReplicas=%d exceeds nats.internal.replicas=%d" (int .Values.config.streamReplicas) (int .Values.nats.internal.replicas)) -}}
@@ -487,26 +587,17 @@ Combinations the schema cannot express; each fails the render with the reason.
 {{- $errors = append $errors "mlflow: postgresql.enabled=false needs mlflow.backendStore.existingSecret (a secret with the database URL)" -}}
 {{- end -}}
 {{- if and (eq .Values.dask.mode "external") (not .Values.dask.external.address) -}}
-{{- $errors = append $errors "dask: dask.mode=external needs dask.external.address (tcp://host:8786)" -}}
+{{- $errors = append $errors "dask: dask.mode=external needs dask.external.address (tls://host:8786)" -}}
 {{- end -}}
 {{- if and .Values.dask.gpuWorkers.enabled (ne .Values.dask.mode "operator") -}}
 {{- $errors = append $errors "dask: dask.gpuWorkers needs dask.mode=operator" -}}
 {{- end -}}
-{{- if and .Values.dask.tls.enabled (not .Values.dask.tls.secretName) -}}
-{{- $errors = append $errors "dask: dask.tls.enabled=true needs dask.tls.secretName (a secret with ca.crt, tls.crt and tls.key)" -}}
-{{- end -}}
-{{- if and .Values.dask.tls.enabled (eq .Values.dask.mode "local") -}}
-{{- $errors = append $errors "dask: dask.tls is for dask.mode operator or external; the local cluster already talks TLS on loopback with a throwaway certificate" -}}
-{{- end -}}
-{{- if and .Values.dask.tls.enabled (eq .Values.dask.mode "operator") (not (include "cairn.daskOperatorObjects" .)) -}}
-{{- $errors = append $errors "dask: dask.tls with dask.mode=operator needs the chart's DaskCluster (dask.operator.crdsInstalled=true): training connects to its scheduler over tls://, and dask-kubernetes cannot create a TLS cluster" -}}
-{{- end -}}
 {{- if eq .Values.dask.mode "external" -}}
-{{- if and .Values.dask.tls.enabled .Values.dask.external.address (not (hasPrefix "tls://" .Values.dask.external.address)) -}}
-{{- $errors = append $errors "dask: dask.tls.enabled=true needs a tls:// dask.external.address" -}}
+{{- if and (include "cairn.tls" .) .Values.dask.external.address (not (hasPrefix "tls://" .Values.dask.external.address)) -}}
+{{- $errors = append $errors "dask: with TLS (the default) dask.external.address must be tls:// (or set insecure: true)" -}}
 {{- end -}}
-{{- if and (not .Values.dask.tls.enabled) (hasPrefix "tls://" .Values.dask.external.address) -}}
-{{- $errors = append $errors "dask: a tls:// dask.external.address needs dask.tls.enabled=true and dask.tls.secretName" -}}
+{{- if and .Values.insecure (hasPrefix "tls://" .Values.dask.external.address) -}}
+{{- $errors = append $errors "dask: a tls:// dask.external.address needs TLS: drop insecure: true" -}}
 {{- end -}}
 {{- end -}}
 {{- if and .Values.mlflow.enabled (gt (int .Values.mlflow.replicas) 1) (not .Values.mlflow.artifacts.destination) -}}
@@ -609,12 +700,12 @@ containers:
     securityContext:
       {{- toYaml $.Values.securityContext | nindent 6 }}
     volumeMounts:
-      {{- include "cairn.volumeMounts" (dict "ctx" $ "artifacts" true) | nindent 6 }}
+      {{- include "cairn.volumeMounts" (dict "ctx" $ "artifacts" true "nats" false) | nindent 6 }}
       {{- if include "cairn.daskTLS" $ }}
       {{- include "cairn.daskTLSMount" $ | nindent 6 }}
       {{- end }}
 volumes:
-  {{- include "cairn.volumes" (dict "ctx" $ "artifacts" true) | nindent 2 }}
+  {{- include "cairn.volumes" (dict "ctx" $ "artifacts" true "nats" false) | nindent 2 }}
   {{- if include "cairn.daskTLS" $ }}
   {{- include "cairn.daskTLSVolume" $ | nindent 2 }}
   {{- end }}
