@@ -42,8 +42,19 @@ class ClusterServer:
 
 
 def server_config(server: ClusterServer, peers: list[Host], cluster: str, lame_duck_s: float) -> str:
-    """One server's configuration: JetStream fsynced, routes to every peer (itself excluded)."""
-    routes = ", ".join(f'"nats-route://{p.address}:{ROUTE_PORT}"' for p in peers if p is not server.host)
+    """One server's configuration: JetStream fsynced, routes to every peer (itself excluded); a
+    single server (a host of its own, for faults between a client and its server) has no cluster."""
+    others = [p for p in peers if p is not server.host]
+    routes = ", ".join(f'"nats-route://{p.address}:{ROUTE_PORT}"' for p in others)
+    cluster_block = (
+        f"""cluster {{
+  name: "{cluster}"
+  listen: "{server.host.address}:{ROUTE_PORT}"
+  routes: [{routes}]
+}}"""
+        if others
+        else ""
+    )  # one server alone: no cluster, JetStream stands by itself
     return f"""
 server_name: "{server.name}"
 listen: "{server.host.address}:{CLIENT_PORT}"
@@ -55,16 +66,13 @@ jetstream {{
   store_dir: "{server.workdir / "jetstream"}"
   sync_interval: always
 }}
-cluster {{
-  name: "{cluster}"
-  listen: "{server.host.address}:{ROUTE_PORT}"
-  routes: [{routes}]
-}}
+{cluster_block}
 """
 
 
 class NatsCluster:
-    """Three (or N) servers on `hosts`; `urls` is the seed list every client is given."""
+    """One server on each of `hosts` (three for a cluster, one for a server on a host of its own);
+    `urls` is the seed list every client is given."""
 
     def __init__(self, hosts: Hosts, workdir: Path, name: str = "cairn", lame_duck_s: float = 30.0):
         self.hosts = hosts

@@ -1030,6 +1030,28 @@ def test_nats_server_config(default_objects: list[dict[str, Any]]) -> None:
         assert f"nats://{RELEASE}-nats-{i}.{RELEASE}-nats-headless.{NAMESPACE}.svc:6222" in config3
 
 
+def _stream_replicas(objs: list[dict[str, Any]]) -> set[str]:
+    """CAIRN_STREAM_REPLICAS as every cairn container (services, endpoint, provisioning) gets it."""
+    found = set()
+    for obj in objs:
+        if obj["kind"] not in {"Deployment", "Job", "StatefulSet"}:
+            continue
+        for container in pod_spec(obj)["containers"]:
+            if "CAIRN_STREAM_REPLICAS" in env_of(container):
+                found.add(env_of(container)["CAIRN_STREAM_REPLICAS"])
+    return found
+
+
+def test_a_three_server_nats_implies_r3_streams_and_buckets() -> None:
+    """nats.internal.replicas: 3 alone gives every process CAIRN_STREAM_REPLICAS=3, so `cairn provision`
+    makes the stream and every bucket R3 (tests/test_cluster.py shows what provision does with it)."""
+    assert _stream_replicas(objects(render())) == {"1"}
+    assert _stream_replicas(objects(render({"nats": {"internal": {"replicas": 3}}}))) == {"3"}
+    assert _stream_replicas(objects(render({"nats": {"internal": {"replicas": 5}}}))) == {"5"}
+    explicit = {"nats": {"internal": {"replicas": 3}}, "config": {"streamReplicas": 1}}
+    assert _stream_replicas(objects(render(explicit))) == {"1"}  # an explicit choice wins
+
+
 def test_provisioning_hook_runs_as_admin(default_objects: list[dict[str, Any]]) -> None:
     job = one(default_objects, "Job", f"{RELEASE}-provision")
     # The in-chart NATS is created by the release itself: the first install provisions after it.

@@ -318,6 +318,20 @@ true
 {{- end -}}
 
 {{/*
+Replicas of the stream and every bucket: config.streamReplicas when set, else the chart's own NATS
+server count (3 servers: R3, so a cluster is not left holding single-copy streams), else 1.
+*/}}
+{{- define "cairn.streamReplicas" -}}
+{{- if not (kindIs "invalid" .Values.config.streamReplicas) -}}
+{{- .Values.config.streamReplicas | int -}}
+{{- else if .Values.nats.internal.enabled -}}
+{{- min (int .Values.nats.internal.replicas) 5 -}}
+{{- else -}}
+1
+{{- end -}}
+{{- end -}}
+
+{{/*
 Environment of every cairn process except the NATS identity (cairn.natsEnv adds that).
 */}}
 {{- define "cairn.env" -}}
@@ -328,7 +342,7 @@ Environment of every cairn process except the NATS identity (cairn.natsEnv adds 
 - name: CAIRN_STREAM
   value: {{ .Values.config.stream | quote }}
 - name: CAIRN_STREAM_REPLICAS
-  value: {{ .Values.config.streamReplicas | quote }}
+  value: {{ include "cairn.streamReplicas" . | quote }}
 - name: CAIRN_ACK_WAIT_S
   value: {{ .Values.config.ackWaitSeconds | quote }}
 - name: CAIRN_MAX_DELIVER
@@ -577,8 +591,8 @@ Combinations the schema cannot express; each fails the render with the reason.
 {{- end -}}
 {{- end -}}
 {{- end -}}
-{{- if and .Values.nats.internal.enabled (gt (int .Values.config.streamReplicas) (int .Values.nats.internal.replicas)) -}}
-{{- $errors = append $errors (printf "nats: config.streamReplicas=%d exceeds nats.internal.replicas=%d" (int .Values.config.streamReplicas) (int .Values.nats.internal.replicas)) -}}
+{{- if and .Values.nats.internal.enabled (gt (int (include "cairn.streamReplicas" .)) (int .Values.nats.internal.replicas)) -}}
+{{- $errors = append $errors (printf "nats: config.streamReplicas=%d exceeds nats.internal.replicas=%d" (int (include "cairn.streamReplicas" .)) (int .Values.nats.internal.replicas)) -}}
 {{- end -}}
 {{- if and (not .Values.mlflow.enabled) (not .Values.mlflow.external.uri) -}}
 {{- $errors = append $errors "mlflow: mlflow.enabled=false needs mlflow.external.uri" -}}
