@@ -14,7 +14,7 @@ from contracts.envelope import (
     new_event,
 )
 from contracts.events import *  # noqa: F403
-from contracts.events import ANY_SERVICE, PAYLOADS, PRODUCERS, UPSTREAM
+from contracts.events import ANY_SERVICE, ENDPOINT, PAYLOADS, PRODUCERS, UPSTREAM
 from contracts.runs import TERMINAL_TYPES, ends_run, type_ends_run
 from contracts.subjects import (
     dead_letter_subject,

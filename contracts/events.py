@@ -36,6 +36,7 @@ from contracts.types import (
 # Producers that are not one of cairn's services: the NATS permissions grant them differently.
 UPSTREAM = "upstream"  # an outside system announcing data
 ANY_SERVICE = "any service"  # every consuming service may reject what it cannot handle
+ENDPOINT = "serve"  # the inference endpoint (its NATS user): it consumes no event through the policy
 
 
 class TuningSpec(Contract):
@@ -346,6 +347,29 @@ class ModelDeployed(Contract):
     mlflow_run_id: RunId
     metrics: dict[str, float]
     evidence_event_id: EventId = Field(description="The model-evaluated event that justified promotion.")
+    signature: ArtifactRef | None = Field(
+        None,
+        description="OpenSSF model signature (a Sigstore bundle, `model_signing`) of the bundle's files "
+        "laid out as bundle.json and estimator; None: deployment holds no signing key.",
+    )
+
+
+class ModelRefused(Contract):
+    """The inference endpoint would not serve a champion (unsigned while it holds a verify key, a
+    signature that does not verify, bytes that do not match their hash): it keeps the one it serves."""
+
+    EVENT_TYPE: ClassVar[str] = "cairn.model.refused.v1"
+    PRODUCER: ClassVar[str] = ENDPOINT
+
+    model_name: ModelName
+    version: int = Field(ge=1, description="The version refused.")
+    model: ArtifactRef | None = Field(None, description="The bundle refused (None: its hash was unknown).")
+    signature: ArtifactRef | None = Field(None, description="The signature it came with, if any.")
+    reason: str = Field(min_length=1)
+    served_version: int | None = Field(None, description="The version the endpoint keeps serving.")
+    deployed_event_id: EventId | None = Field(
+        None, description="The deployment refused; None: the registry's champion, refused at start."
+    )
 
 
 class DeploymentFailed(Contract):
@@ -394,6 +418,7 @@ PAYLOADS: tuple[type[Contract], ...] = (
     ModelDeployed,
     DeploymentFailed,
     EventRejected,
+    ModelRefused,
 )
 
 # Who publishes each type, read off the classes above.

@@ -73,15 +73,20 @@ def champion_location(champion: Champion, settings: CairnSettings) -> str:
     raise UnusableModel(f"champion v{champion.version}: {refused}")
 
 
-def load_champion(champion: Champion, tracker: Tracker, settings: CairnSettings) -> LoadedModel:
-    """The registry's champion from cairn's store, or through MLflow's artifact download."""
+def champion_ref(champion: Champion) -> ArtifactRef:
+    """The registry champion's bundle as a reference; refused without a hash to verify it with."""
     if not re.fullmatch(r"[0-9a-f]{64}", champion.model_sha256):
         raise UnusableModel(f"champion v{champion.version} has no cairn.model_sha256 tag to verify it with")
-    ref = ArtifactRef(
+    return ArtifactRef(
         uri=champion.model_uri, sha256=champion.model_sha256, size=0, media_type=BUNDLE_MEDIA_TYPE
     )
+
+
+def champion_files(champion: Champion, tracker: Tracker, settings: CairnSettings) -> dict[str, bytes]:
+    """The registry champion's bundle files (as bundle_files), from cairn's store or through MLflow."""
+    ref = champion_ref(champion)
     if champion_location(champion, settings) == "store":
-        return load_from_store(ref, settings)
+        return bundle_files(ref, settings)
     with tempfile.TemporaryDirectory(prefix="cairn-champion-") as tmp:
         folder = tracker.download(champion.source, Path(tmp))
         manifest_bytes = _read_file(folder / MANIFEST_FILE)
@@ -90,7 +95,13 @@ def load_champion(champion: Champion, tracker: Tracker, settings: CairnSettings)
                 f"{champion.source}/{MANIFEST_FILE}: content hash {sha256_bytes(manifest_bytes)} does not "
                 f"match the registry's {champion.model_sha256}"
             )
-        return from_bytes(ref, manifest_bytes, _read_file(folder / ESTIMATOR_FILE))
+        return {MANIFEST_FILE: manifest_bytes, ESTIMATOR_FILE: _read_file(folder / ESTIMATOR_FILE)}
+
+
+def load_champion(champion: Champion, tracker: Tracker, settings: CairnSettings) -> LoadedModel:
+    """The registry's champion from cairn's store, or through MLflow's artifact download."""
+    files = champion_files(champion, tracker, settings)
+    return from_bytes(champion_ref(champion), files[MANIFEST_FILE], files[ESTIMATOR_FILE])
 
 
 def from_bytes(ref: ArtifactRef, manifest_bytes: bytes, estimator_bytes: bytes) -> LoadedModel:

@@ -193,6 +193,8 @@ def derive_permissions(settings: CairnSettings | None = None) -> dict[str, Grant
     serve.add_sub(f"{inbox_prefix(SERVE)}.>")
     serve.add_pub(f"$JS.API.CONSUMER.CREATE.{stream}.*.{deployed}", f"$JS.API.STREAM.INFO.{stream}")
     serve.add_pub(record_subject(ns))  # sampled request records, on their own stream
+    # What the endpoint publishes to the log (its refusals, `model.refused`), from the contracts.
+    serve.add_pub(*(subject_for(t, ns) for t, producer in sorted(PRODUCERS.items()) if producer == SERVE))
     users[SERVE] = serve
 
     upstream = Grants(UPSTREAM, role="an outside system that announces data")

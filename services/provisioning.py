@@ -1,7 +1,9 @@
 """`cairn provision`, the admin step: everything the services share but may not create themselves.
 
 The stream and the key-value buckets (services hold no stream-admin rights), the MLflow schema and
-the lineage store's schema (so services started at the same instant never race to create them).
+the lineage store's schema (so services started at the same instant never race to create them),
+and, unless keys are set explicitly, the home's model-signing key pair, so a local system signs and
+verifies its champions by default (services.model_signatures).
 Idempotent: run it again after an upgrade and it updates what changed.
 """
 
@@ -11,6 +13,7 @@ import asyncio
 
 from services.bus.connection import connect
 from services.bus.provision import provision_all
+from services.model_signatures import ensure_home_keys
 from services.settings import CairnSettings
 
 
@@ -23,10 +26,12 @@ async def provision_everything(settings: CairnSettings) -> dict[str, str]:
     finally:
         await nc.close()
     await asyncio.to_thread(_schemas, settings)
+    verify_key = await asyncio.to_thread(ensure_home_keys, settings)
     return {
         f"stream {settings.stream}": stream,
         "mlflow schema": settings.tracking_uri.split("@")[-1],
         "lineage schema": settings.lineage_url.split("@")[-1],
+        "model signing": str(verify_key) if verify_key else "keys set explicitly (CAIRN_MODEL_*_KEY)",
     }
 
 

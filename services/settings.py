@@ -171,6 +171,17 @@ class CairnSettings(BaseSettings):
         description="Ed25519 public key (PEM) that readers check archive segments with; default beside "
         "CAIRN_ARCHIVE_KEY or under home. A reader with segments to check and no key is refused.",
     )
+    # Model signing (services.model_signatures): OpenSSF model signatures on champion bundles.
+    model_signing_key: Path | None = Field(
+        None,
+        description="EC private key (PEM, P-256/384/521) deployment signs champion bundles with; default: "
+        "the one `cairn up` makes under home (model-signing/), else bundles go unsigned.",
+    )
+    model_verify_key: Path | None = Field(
+        None,
+        description="EC public key (PEM) the inference endpoint verifies champions with; default: the one "
+        "under home. With a key, an unsigned model or one whose signature fails is refused, not served.",
+    )
     openlineage_url: str | None = Field(None, description="file:// path or http(s) endpoint for OL events.")
     log_level: str = Field("INFO", description="Python logging level.")
 

@@ -29,6 +29,8 @@ from services.local_store import schema_lock, write_ahead_log
 EVENT_TAG = "cairn.event_id"
 SHA_TAG = "cairn.model_sha256"
 URI_TAG = "cairn.model_uri"  # where the bundle is in cairn's artifact store
+SIGNATURE_URI_TAG = "cairn.signature_uri"  # the bundle's model signature in the store (unsigned: absent)
+SIGNATURE_SHA_TAG = "cairn.signature_sha256"
 BUNDLE_DIR = "cairn-model"  # run artifact folder holding the bundle when MLflow keeps it
 REMOTE_SCHEMES = frozenset({"http", "https", "databricks"})
 MLFLOW_SOURCE_SCHEMES = frozenset({"runs", "mlflow-artifacts"})
@@ -45,6 +47,8 @@ class Champion:
     model_uri: str  # the bundle in cairn's store (tag), or the registry source for older versions
     run_id: str | None
     source: str = ""  # the registry's own source (runs:/..., or a store URI on local registries)
+    signature_uri: str = ""  # the model signature deployment stored; "" when it signed none
+    signature_sha256: str = ""
 
 
 def is_absent(exc: MlflowException) -> bool:
@@ -153,7 +157,13 @@ class Tracker:
                 f"MLflow registry {self.tracking_uri}: {type(exc).__name__}: {exc}"
             ) from exc
         return Champion(
-            int(mv.version), mv.tags.get(SHA_TAG, ""), mv.tags.get(URI_TAG) or mv.source, mv.run_id, mv.source
+            int(mv.version),
+            mv.tags.get(SHA_TAG, ""),
+            mv.tags.get(URI_TAG) or mv.source,
+            mv.run_id,
+            mv.source,
+            mv.tags.get(SIGNATURE_URI_TAG, ""),
+            mv.tags.get(SIGNATURE_SHA_TAG, ""),
         )
 
     def register(
@@ -166,6 +176,7 @@ class Tracker:
         evidence_event_id: str,
         size: int,
         files: Mapping[str, bytes] | None = None,
+        signature: tuple[str, str] | None = None,
     ) -> int:
         """Register (idempotently, keyed by the evaluation event) and return the version.
 
@@ -173,6 +184,8 @@ class Tracker:
         bytes by name; required against a tracking server) the version is a real MLflow model:
         `runs:/<run>/cairn-model` holds the bundle as it is, beside an `MLmodel` whose pyfunc is
         services/serving/mlflow_model.py (models-from-code, no pickle; it verifies the hash on load).
+        `signature` (uri, sha256) is the model signature in the store, kept in tags so an endpoint
+        that starts later verifies the champion it loads from the registry.
         """
         with contextlib.suppress(MlflowException):
             self.client.create_registered_model(
@@ -196,6 +209,7 @@ class Tracker:
                 URI_TAG: source,
                 "cairn.evidence_event_id": evidence_event_id,
                 "cairn.model_size": str(size),
+                **({SIGNATURE_URI_TAG: signature[0], SIGNATURE_SHA_TAG: signature[1]} if signature else {}),
             },
         )
         return int(mv.version)

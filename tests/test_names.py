@@ -15,6 +15,7 @@ import pytest
 
 from contracts import (
     ANY_SERVICE,
+    ENDPOINT,
     PAYLOADS,
     PRODUCERS,
     TERMINAL_TYPES,
@@ -90,7 +91,7 @@ def test_services_spell_no_bus_names() -> None:
 @pytest.mark.parametrize("payload", PAYLOADS, ids=lambda p: p.__name__)
 def test_every_event_declares_its_producer(payload: type) -> None:
     assert "EVENT_TYPE" in vars(payload) and "PRODUCER" in vars(payload), payload.__name__
-    assert payload.PRODUCER in {*SERVICES, UPSTREAM, ANY_SERVICE}
+    assert payload.PRODUCER in {*SERVICES, UPSTREAM, ANY_SERVICE, ENDPOINT}
     assert PRODUCERS[payload.EVENT_TYPE] == payload.PRODUCER
     assert isinstance(getattr(payload, "ENDS_RUN", False), bool)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -59,3 +60,18 @@ def requests(
 
     for record in asyncio.run(go()):
         typer.echo(json.dumps(record.model_dump(mode="json"), sort_keys=True))
+
+
+@serving_app.command("keygen")
+def keygen(
+    out: Annotated[Path, typer.Option("--out", help="Folder for model-signing-private.pem and -public.pem.")],
+) -> None:
+    """An EC P-256 key pair for OpenSSF model signing: deployment signs champions with the private key
+    (CAIRN_MODEL_SIGNING_KEY), the endpoint verifies with the public one (CAIRN_MODEL_VERIFY_KEY)."""
+    from services.model_signatures import PRIVATE_NAME
+    from services.model_signatures import keygen as make_pair
+
+    if (out / PRIVATE_NAME).exists():
+        raise CliError(f"{out / PRIVATE_NAME} exists: keep it, or choose another --out")
+    for path in make_pair(out):
+        typer.echo(str(path))

@@ -5,6 +5,10 @@ compare-and-set on its record in the champion lock (services.deployment.lock), s
 decisions in flight for one model on two replicas only one can move it; the other is stale and
 goes back to evaluation as an `evaluation-requested` event, to be decided against the new
 champion: a challenger is never promoted on evidence about a champion that is no longer there.
+
+With a signing key (services.model_signatures) every deployed bundle is signed with OpenSSF model
+signing; the signature is stored beside it and named in `model.deployed`, so the endpoint can tell
+the bundle deployment chose from bytes someone else put in the store under a right hash.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from contracts import (
+    ArtifactRef,
     DeploymentFailed,
     Envelope,
     EvaluationRequested,
@@ -27,6 +32,7 @@ from services.bus.consumer import Delivery, PermanentError
 from services.deployment.lock import ChampionLock, settle_alias
 from services.deployment.logic import Action, ChampionRecord, decide, deployed, reevaluation
 from services.model_loading import UnusableModel, bundle_files
+from services.model_signatures import sign_bundle, signing_key
 from services.runtime import Route, Service
 from services.tracking import Tracker
 
@@ -49,7 +55,11 @@ def same_as_champion(evaluated: ModelEvaluated) -> bool:
 
 
 async def promote(
-    event: Envelope[ModelEvaluated], files: dict[str, bytes], lock: ChampionLock, tracker: Tracker
+    event: Envelope[ModelEvaluated],
+    files: dict[str, bytes],
+    lock: ChampionLock,
+    tracker: Tracker,
+    signature: ArtifactRef | None = None,
 ) -> ModelDeployed | EvaluationRequested:
     """Move the champion to this model if the decision was made against the current one.
 
@@ -75,7 +85,8 @@ async def promote(
         if action is Action.DEPLOY and same_as_champion(evaluated):
             # The champion itself, computed again (a resubmission): no new version, no churn.
             assert current is not None
-            return deployed(event, ChampionRecord(current, evaluated.model.sha256, event.id, current))
+            record = ChampionRecord(current, evaluated.model.sha256, event.id, current)
+            return deployed(event, record, signature)
         if action is Action.DEPLOY:
             version = await asyncio.to_thread(
                 tracker.register,
@@ -86,6 +97,7 @@ async def promote(
                 evidence_event_id=event.id,
                 size=evaluated.model.size,
                 files=files,
+                signature=(signature.uri, signature.sha256) if signature else None,
             )
             record = ChampionRecord(version, evaluated.model.sha256, event.id, current)
             if not await lock.swap(name, record, revision):
@@ -93,7 +105,7 @@ async def promote(
         # This decision moved the champion (now or on an earlier delivery). Should a newer one have
         # beaten it meanwhile, the alias ends on that one: settle_alias follows the record.
         await settle_alias(lock, tracker, name)
-        return deployed(event, record)
+        return deployed(event, record, signature)
 
 
 class Deployment(Service[Tracker]):
@@ -104,7 +116,9 @@ class Deployment(Service[Tracker]):
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[Tracker]:
-        """The only client: MLflow (nothing to close)."""
+        """The only client: MLflow (nothing to close). A signing key that is set but unusable stops
+        the start here, not the first deployment."""
+        await asyncio.to_thread(signing_key, self.settings)
         yield await asyncio.to_thread(Tracker.from_settings, self.settings)
 
     async def _lock(self) -> ChampionLock:
@@ -121,5 +135,6 @@ class Deployment(Service[Tracker]):
             return []
         name = evaluated.context.model_name
         files = await asyncio.to_thread(verified_files, evaluated, self.settings)
-        outcome = await promote(event, files, await self._lock(), self.context)
+        signature = await asyncio.to_thread(sign_bundle, files, self.settings)  # None without a key
+        outcome = await promote(event, files, await self._lock(), self.context, signature)
         return [new_event(outcome, source=self.source, cause=event, subject=name)]

@@ -7,7 +7,14 @@ import json
 from dataclasses import asdict, dataclass
 from enum import Enum
 
-from contracts import DeploymentFailed, Envelope, EvaluationRequested, ModelDeployed, ModelEvaluated
+from contracts import (
+    ArtifactRef,
+    DeploymentFailed,
+    Envelope,
+    EvaluationRequested,
+    ModelDeployed,
+    ModelEvaluated,
+)
 
 
 @dataclass(frozen=True)
@@ -47,8 +54,11 @@ def decide(
     return (Action.DEPLOY if current == compared else Action.STALE), current
 
 
-def deployed(event: Envelope[ModelEvaluated], record: ChampionRecord) -> ModelDeployed:
-    """The champion moved (now or on an earlier delivery of `event`) to the record's version."""
+def deployed(
+    event: Envelope[ModelEvaluated], record: ChampionRecord, signature: ArtifactRef | None = None
+) -> ModelDeployed:
+    """The champion moved (now or on an earlier delivery of `event`) to the record's version;
+    `signature`: the model signature of its bundle, when deployment holds a signing key."""
     evaluated = event.data
     return ModelDeployed(
         model_name=evaluated.context.model_name,
@@ -58,6 +68,7 @@ def deployed(event: Envelope[ModelEvaluated], record: ChampionRecord) -> ModelDe
         mlflow_run_id=evaluated.mlflow_run_id,
         metrics=evaluated.metrics,
         evidence_event_id=event.id,
+        signature=signature,
     )
 
 

@@ -21,6 +21,7 @@ from contracts import (
     FeaturesBuilt,
     ModelDeployed,
     ModelEvaluated,
+    ModelRefused,
     ModelTrained,
 )
 from services.lineage.store import LineageStore, Record
@@ -34,6 +35,8 @@ TYPES = (
     DatasetIngested.EVENT_TYPE,
     DataArrived.EVENT_TYPE,
 )
+# And what the inference endpoint refused to serve: a decision is not what is served.
+LOADED = (*TYPES, ModelRefused.EVENT_TYPE)
 
 
 def instant(text: str, now: datetime | None = None) -> datetime:
@@ -206,15 +209,30 @@ class Change:
     """One line of a model's history: a takeover, or a gate decision that left the champion as it was."""
 
     time: datetime
-    kind: str  # "first champion", "takeover", "no change"
+    kind: str  # "first champion", "takeover", "no change", "refused"
     version: int | None
     champion_before: int | None
     gate: Gate | None
     deployed_event_id: str | None = None
+    reason: str | None = None  # a refusal's: why the endpoint would not serve `version`
+    refused_event_id: str | None = None
+
+
+def refusals(docs: Iterable[dict[str, Any]], model: str) -> list[tuple[datetime, dict[str, Any]]]:
+    """The endpoint's refusals of a model's champions, in time order (one per deployment refused)."""
+    return sorted(
+        (
+            (_time(d), d)
+            for d in docs
+            if d["type"] == ModelRefused.EVENT_TYPE and d["data"].get("model_name") == model
+        ),
+        key=lambda pair: pair[0],
+    )
 
 
 def history(docs: Iterable[dict[str, Any]], model: str) -> list[Change]:
-    """Every champion change with its cause, and every failed gate as a 'no change', in time order."""
+    """Every champion change with its cause, every failed gate as a 'no change', and every champion
+    the endpoint refused to serve (the version it kept serving as `champion_before`), in time order."""
     docs = list(docs)
     out: list[Change] = []
     champion: int | None = None
@@ -222,8 +240,17 @@ def history(docs: Iterable[dict[str, Any]], model: str) -> list[Change]:
     deciding = {r.gate.event_id for r in changes if r.gate}
     events: list[tuple[datetime, int, Any]] = [(r.since, 1, r) for r in changes]
     events += [(g.time, 0, g) for g in gates(docs, model) if g.event_id not in deciding and not g.passed]
+    events += [(moment, 2, doc) for moment, doc in refusals(docs, model)]
     for moment, _, item in sorted(events, key=lambda e: (e[0], e[1])):
-        if isinstance(item, Reign):
+        if isinstance(item, dict):
+            d = item["data"]
+            out.append(
+                Change(
+                    moment, "refused", d["version"], d.get("served_version"), None,
+                    d.get("deployed_event_id"), d["reason"], item["id"],
+                )
+            )  # fmt: skip
+        elif isinstance(item, Reign):
             kind = "first champion" if champion is None else "takeover"
             out.append(Change(moment, kind, item.version, champion, item.gate, item.deployed_event_id))
             champion = item.version
@@ -236,7 +263,7 @@ def history(docs: Iterable[dict[str, Any]], model: str) -> list[Change]:
 def load(store: LineageStore) -> list[dict[str, Any]]:
     """The documents a timeline needs, from the live namespace only (a replay's are not history)."""
     records: list[Record] = []
-    for event_type in TYPES:
+    for event_type in LOADED:
         records += [r for r in store.by_type(event_type) if r.subject == r.type]
     docs = []
     for r in sorted(records, key=lambda r: r.seq):
@@ -319,9 +346,17 @@ def history_text(model: str, changes: list[Change]) -> str:
             )
         elif c.kind == "takeover":
             head = f"{stamp(c.time)}  takeover       v{c.version} displaces v{c.champion_before}"
+        elif c.kind == "refused":
+            kept = f"v{c.champion_before}" if c.champion_before else "nothing"
+            head = f"{stamp(c.time)}  REFUSED        v{c.version} not served, the endpoint keeps {kept}"
         else:
             head = f"{stamp(c.time)}  first champion v{c.version}"
         lines.append(head)
+        if c.kind == "refused":
+            deployment = (c.deployed_event_id or "")[:8] or "the registry at start"
+            refused = (c.refused_event_id or "")[:8]
+            lines.append(f"    refused by the endpoint (event {refused}, deployment {deployment})")
+            lines.append(f"    reason: {c.reason}")
         if c.gate:
             cause = "gate passed" if c.gate.passed else "gate FAILED"
             lines.append(f"    cause: {cause} in run {c.gate.correlation} (evaluated {c.gate.event_id[:8]})")

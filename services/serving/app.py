@@ -2,7 +2,10 @@
 
 A request takes a reference to the model it started with; a swap replaces the reference only
 after the new bundle is loaded and verified, so in-flight requests finish on the old model and
-no request sees a half-loaded one. Each model has its own micro-batcher (services.serving.batching):
+no request sees a half-loaded one. With a verify key (CAIRN_MODEL_VERIFY_KEY, or the home's from
+`cairn up`) a bundle is served only with a model signature that verifies (services.model_signatures);
+a champion refused for any reason leaves the old one serving and is published as `model.refused`.
+Each model has its own micro-batcher (services.serving.batching):
 concurrent requests share one predict call. Several worker processes (CAIRN_SERVE_WORKERS) each
 run one InferenceServer with its own deployment watch, so each swaps by itself.
 
@@ -33,13 +36,21 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from contracts import ArtifactRef, ContractError, ModelDeployed, decode, subject_for
+from contracts import ArtifactRef, ContractError, Envelope, ModelDeployed, ModelRefused, decode, subject_for
 from contracts.records import RequestRecord
+from services import model_signatures
 from services.bus.connection import connect
 from services.ml.bundle import BUNDLE_MEDIA_TYPE, LoadedModel
 from services.ml.families import import_tree_library
 from services.ml.transform import input_schema
-from services.model_loading import load_champion, load_from_store
+from services.model_loading import (
+    ESTIMATOR_FILE,
+    MANIFEST_FILE,
+    bundle_files,
+    champion_files,
+    champion_ref,
+    from_bytes,
+)
 from services.serving.batching import MicroBatcher, fast_predict
 from services.serving.logic import (
     GenerateRequest,
@@ -48,18 +59,22 @@ from services.serving.logic import (
     features,
     newer,
     present,
+    refusal,
     v2_outputs,
     v2_rows,
+    version_problem,
 )
 from services.serving.records import RequestRecorder, input_hash
 from services.serving.textstream import TextDecoder, TextModel
 from services.settings import CairnSettings
-from services.tracking import Tracker
+from services.tracking import Champion, Tracker
 
 log = logging.getLogger(__name__)
 WATCH_HEARTBEAT_S = 2.0
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by the launcher when several workers share /metrics
 V2_TYPES = {"numeric": "FP64", "boolean": "BOOL", "categorical": "BYTES"}
+SOURCE = "/cairn/serve"
+PUBLISH_TIMEOUT_S = 5.0
 
 
 def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -103,7 +118,7 @@ class InferenceServer:
         self.swaps = Counter("cairn_model_swaps_total", "Champion swaps.", ["model"], registry=self.registry)
         self.refused = Counter(
             "cairn_models_refused_total",
-            "Champions refused (hash mismatch, outside the store, not a bundle).",
+            "Champions refused (unsigned, a signature that fails, hash mismatch, outside the store).",
             ["model"],
             registry=self.registry,
         )
@@ -114,17 +129,30 @@ class InferenceServer:
         self._watch: asyncio.Task[Any] | None = None
         self.loaded = asyncio.Event()
         self.watching = asyncio.Event()
+        self.verify_key = None  # the model-signing public key; None: signatures are not checked
 
     # Model state --------------------------------------------------------------------------
-    def _load(self, name: str, version: int, uri: str, sha256: str) -> LoadedModel:
+    def _load(self, ref: ArtifactRef, signature: ArtifactRef | None) -> LoadedModel:
         """Only from the artifact store, only bytes that match their hash, never a pickle.
 
         The URIs come from events: the bundle's and its estimator's are checked against the store
         before anything is fetched (no request to an address an event names), then every byte is
         hash-verified and parsed as JSON / XGBoost UBJSON (services.model_loading).
         """
-        ref = ArtifactRef(uri=uri, sha256=sha256, size=0, media_type=BUNDLE_MEDIA_TYPE)
-        return load_from_store(ref, self.settings)
+        return self._verified(ref, bundle_files(ref, self.settings), signature)
+
+    def _load_champion(self, champion: Champion, tracker: Tracker) -> LoadedModel:
+        """The registry's champion, held to the same signature rule as a deployment."""
+        files = champion_files(champion, tracker, self.settings)
+        signature = model_signatures.registry_signature(champion.signature_uri, champion.signature_sha256)
+        return self._verified(champion_ref(champion), files, signature)
+
+    def _verified(
+        self, ref: ArtifactRef, files: dict[str, bytes], signature: ArtifactRef | None
+    ) -> LoadedModel:
+        """The signature is checked on the very bytes that are then parsed and served."""
+        model_signatures.check(files, signature, self.verify_key, self.settings)
+        return from_bytes(ref, files[MANIFEST_FILE], files[ESTIMATOR_FILE])
 
     def _ready(self, name: str, version: int, model: LoadedModel) -> Served:
         """Everything a request needs, built before the swap (a text model's GPT is loaded here)."""
@@ -137,14 +165,11 @@ class InferenceServer:
         )
         return Served(name, version, model, batcher=batcher)
 
-    async def swap(
-        self, name: str, version: int, uri: str, sha256: str, load: Callable[[], LoadedModel] | None = None
-    ) -> None:
-        """`load` overrides where the bundle comes from (a registry champion may live in MLflow)."""
+    async def swap(self, name: str, version: int, load: Callable[[], LoadedModel]) -> None:
+        """Load (and verify) off the event loop, then replace the reference in one step."""
         if not newer(self.models.get(name), version):
             return
-        loader = load or functools.partial(self._load, name, version, uri, sha256)
-        served = await asyncio.to_thread(lambda: self._ready(name, version, loader()))
+        served = await asyncio.to_thread(lambda: self._ready(name, version, load()))
         if not newer(self.models.get(name), version):  # a newer one won while this one loaded
             return
         old = self.models.get(name)
@@ -154,7 +179,7 @@ class InferenceServer:
             task = asyncio.get_running_loop().create_task(old.batcher.close())  # answers its queue, then ends
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
-        log.info("serving %s v%d (%s)", name, version, sha256[:12])
+        log.info("serving %s v%d (%s)", name, version, served.model.ref.sha256[:12])
 
     async def load_champions(self) -> None:
         """Every registry champion, from cairn's store or through MLflow when only MLflow has it."""
@@ -162,16 +187,14 @@ class InferenceServer:
         champions = await asyncio.to_thread(tracker.champions)
         for name, champ in champions.items():
             try:
-                await self.swap(
-                    name,
-                    champ.version,
-                    champ.model_uri,
-                    champ.model_sha256,
-                    functools.partial(load_champion, champ, tracker, self.settings),
-                )
-            except Exception:  # noqa: BLE001 - one unusable champion must not keep the others down
-                self.refused.labels(name).inc()
-                log.exception("refusing champion %s v%d", name, champ.version)
+                await self.swap(name, champ.version, functools.partial(self._load_champion, champ, tracker))
+            except Exception as exc:  # noqa: BLE001 - one unusable champion must not keep the others down
+                try:
+                    model = champion_ref(champ)
+                except Exception:  # noqa: BLE001 - no hash to name it by
+                    model = None
+                signature = model_signatures.registry_signature(champ.signature_uri, champ.signature_sha256)
+                await self.refuse(name, champ.version, model, signature, why(exc), cause=None)
 
     async def on_deployment(self, data: bytes) -> None:
         try:
@@ -183,13 +206,41 @@ class InferenceServer:
             log.warning("ignoring undecodable deployment event: %s", type(exc).__name__)
             return
         d = event.data
+        ref = ArtifactRef(uri=d.model.uri, sha256=d.model.sha256, size=0, media_type=BUNDLE_MEDIA_TYPE)
         try:
-            await self.swap(d.model_name, d.version, d.model.uri, d.model.sha256)
-        except Exception as exc:  # noqa: BLE001
-            self.refused.labels(d.model_name).inc()
-            log.error(
-                "refusing %s v%d, still serving the previous champion: %s", d.model_name, d.version, exc
+            await self.swap(d.model_name, d.version, functools.partial(self._load, ref, d.signature))
+        except Exception as exc:  # noqa: BLE001 - refused, whatever the cause: the old champion stays
+            await self.refuse(d.model_name, d.version, d.model, d.signature, why(exc), cause=event)
+
+    async def refuse(
+        self,
+        name: str,
+        version: int,
+        model: ArtifactRef | None,
+        signature: ArtifactRef | None,
+        reason: str,
+        cause: Envelope[ModelDeployed] | None,
+    ) -> None:
+        """Count, log and publish a refusal (`model.refused`, in the event log for the audit); a failed
+        publish is logged, never raised: the endpoint goes on serving what it served."""
+        self.refused.labels(name).inc()
+        served = self.models.get(name)
+        kept = served.version if served else None
+        still = f"v{kept}" if kept else "nothing"
+        log.error("refusing %s v%d, still serving %s: %s", name, version, still, reason)
+        event = refusal(
+            name, version, model=model, signature=signature, reason=reason, served_version=kept,
+            cause=cause, source=SOURCE,
+        )  # fmt: skip
+        try:
+            await self.nc.jetstream().publish(
+                subject_for(ModelRefused, self.settings.namespace),
+                event.encode(),
+                timeout=PUBLISH_TIMEOUT_S,
+                headers={"Nats-Msg-Id": event.id},
             )
+        except Exception as exc:  # noqa: BLE001 - NATS down or no permission: the log line above stays
+            log.warning("could not publish the refusal of %s v%d: %s", name, version, exc)
 
     async def watch_deployments(self) -> None:
         """Every replica sees every deployment, from 'now', through a consumer of its own.
@@ -247,6 +298,12 @@ class InferenceServer:
                         await sub.unsubscribe()
 
     async def startup(self) -> None:
+        # A verify key that is set but missing or not an EC public key stops the start, loudly.
+        self.verify_key = await asyncio.to_thread(model_signatures.verify_key, self.settings)
+        if self.verify_key is None:
+            log.warning("model signatures are not checked: no CAIRN_MODEL_VERIFY_KEY and none under home")
+        else:
+            log.info("serving only models whose signature verifies with %s", self.verify_key)
         self.nc = await connect(self.settings, "serve", persistent=True)
         self._watch = asyncio.create_task(self.watch_deployments())
         self.recorder.start(self.nc)
@@ -288,10 +345,13 @@ class InferenceServer:
             chunks.append(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _served(self, name: str, task: str | None) -> Served | Response:
+    def _served(self, name: str, task: str | None, version: str | None = None) -> Served | Response:
+        """The served model a request names; `version` (a v2 path's) must be the one served."""
         served = self.models.get(name)
         if served is None:
             return self._error(name, 404, f"no champion for model {name!r}", models=sorted(self.models))
+        if (problem := version_problem(name, version, served.version)) is not None:
+            return self._error(name, 404, problem, version=version, served_version=str(served.version))
         is_text = served.task == "text_generation"
         if (task == "text_generation") != is_text:
             verb = "generate" if is_text else "predict"
@@ -321,7 +381,7 @@ class InferenceServer:
     async def _admitted(self, request: Request, handle: Callable[..., Any]) -> Response:
         """A table request, counted in flight on its model's batcher until answered (so a batch
         waits for requests still being parsed, and only for them)."""
-        served = self._served(request.path_params["name"], None)
+        served = self._served(request.path_params["name"], None, request.path_params.get("version"))
         if isinstance(served, Response):
             return served
         served.batcher.inflight += 1
@@ -501,10 +561,14 @@ class InferenceServer:
 
     async def v2_model(self, request: Request) -> Response:
         """Model metadata: the input tensors are the model's columns, in the order a 2-D tensor uses."""
-        name = request.path_params["name"]
+        name, version = request.path_params["name"], request.path_params.get("version")
         served = self.models.get(name)
         if served is None:
             return json_response({"error": f"no champion for model {name!r}"}, 404)
+        if (problem := version_problem(name, version, served.version)) is not None:
+            served_version = str(served.version)
+            doc = {"error": problem, "version": version, "served_version": served_version}
+            return json_response(doc, 404)
         if served.task == "text_generation":
             inputs = [{"name": "prompt", "datatype": "BYTES", "shape": [1]}]
             outputs = [{"name": "text", "datatype": "BYTES", "shape": [1]}]
@@ -524,8 +588,10 @@ class InferenceServer:
         )
 
     async def v2_model_ready(self, request: Request) -> Response:
-        ready = request.path_params["name"] in self.models
-        return json_response({"name": request.path_params["name"], "ready": ready}, 200 if ready else 404)
+        name, version = request.path_params["name"], request.path_params.get("version")
+        served = self.models.get(name)
+        ready = served is not None and version_problem(name, version, served.version) is None
+        return json_response({"name": name, "ready": ready}, 200 if ready else 404)
 
     async def metrics(self, _: Request) -> Response:
         if self.multiprocess:  # every worker's counters, from prometheus_client's shared files
@@ -556,6 +622,7 @@ class InferenceServer:
                 Route("/v2/models/{name}", self.v2_model),
                 Route("/v2/models/{name}/ready", self.v2_model_ready),
                 Route("/v2/models/{name}/versions/{version}", self.v2_model),
+                Route("/v2/models/{name}/versions/{version}/ready", self.v2_model_ready),
                 Route("/v2/models/{name}/infer", self.v2_infer, methods=["POST"]),
                 Route("/v2/models/{name}/versions/{version}/infer", self.v2_infer, methods=["POST"]),
                 Route("/healthz", self.healthz),
@@ -564,6 +631,13 @@ class InferenceServer:
             ],
             lifespan=lifespan,
         )
+
+
+def why(exc: Exception) -> str:
+    """A refusal's reason: a signature refusal says it all; anything else is named by its type."""
+    if isinstance(exc, model_signatures.SignatureRefused):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def create_app() -> Starlette:

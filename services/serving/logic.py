@@ -1,5 +1,6 @@
-"""The endpoint's decisions, apart from HTTP and NATS: which rows a request may carry, and when a
-deployment replaces what is served."""
+"""The endpoint's decisions, apart from HTTP and NATS: which rows a request may carry, when a
+deployment replaces what is served, which version a v2 path may be answered by, and the event
+that says a champion was refused."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
+
+from contracts import ArtifactRef, Envelope, ModelRefused, derive_id, new_event
 
 MAX_ROWS = 10_000
 MAX_TEXT = 10_000
@@ -21,6 +24,44 @@ class Versioned(Protocol):
 def newer(current: Versioned | None, version: int) -> bool:
     """A deployment replaces what is served only with a higher version (redeliveries, out-of-order)."""
     return current is None or version > current.version
+
+
+def version_problem(name: str, asked: str | None, served: int) -> str | None:
+    """`/v2/models/NAME/versions/V/...` is answered by version V or not at all: a client that pins a
+    version must never get another one's predictions. None when the path names no version."""
+    if asked is None or asked == str(served):
+        return None
+    return f"model {name!r} version {asked!r} is not served (this endpoint serves version {served})"
+
+
+def refusal(
+    name: str,
+    version: int,
+    *,
+    model: ArtifactRef | None,
+    signature: ArtifactRef | None,
+    reason: str,
+    served_version: int | None,
+    cause: Envelope[Any] | None,
+    source: str,
+) -> Envelope[ModelRefused]:
+    """The event saying a champion was not served. Its id follows from the deployment refused (or,
+    at start, from the model version and hash), so every worker and replica refusing the same
+    deployment publishes one event: the stream's duplicate window drops the rest."""
+    payload = ModelRefused(
+        model_name=name,
+        version=version,
+        model=model,
+        signature=signature,
+        reason=reason[:2000],
+        served_version=served_version,
+        deployed_event_id=cause.id if cause else None,
+    )
+    if cause is not None:
+        return new_event(payload, source=source, cause=cause, subject=name)
+    key = f"{name}@{version}:{model.sha256 if model else ''}"
+    event_id = derive_id(key, ModelRefused.EVENT_TYPE, "start")
+    return new_event(payload, source=source, event_id=event_id, subject=name)
 
 
 class GenerateRequest(BaseModel):
