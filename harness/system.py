@@ -60,7 +60,7 @@ class System:
             {**self.env, **self.service_env.get(name, {}), "CAIRN_HTTP_PORT": port},
             self.settings.home_dir / "logs" / f"{name}.log",
         )
-        supervisor.record(self.runtime, name, proc.pid)  # `supervisor.down` signals only what it recorded
+        supervisor.record(self.runtime, name, proc)  # `supervisor.down` signals only what it recorded
         (self.settings.home_dir / RUNTIME_FILE).write_text(json.dumps(self.runtime, indent=2))
         return proc.pid
 

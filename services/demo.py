@@ -108,7 +108,7 @@ def main() -> int:
         if code != 0:
             print(f"the run did not deploy (exit {code})")
             return code
-        settings = s.model_copy(update={"nats_url": s.runtime()["nats_url"]})
+        settings = s.with_home_credentials("reader")  # `cairn up`'s server admits its users only
         events = asyncio.run(run_events(settings))
         deployed = [e for e in events if isinstance(e.data, ModelDeployed)][-1]
         correlation = deployed.correlationid

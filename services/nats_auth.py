@@ -53,6 +53,7 @@ from services.tls import write_file, write_tls
 
 ADMIN = "admin"
 SERVE = "serve"
+READER = "reader"  # the CLI's read-only user (cairn events, status, lineage, submit --wait's watch)
 
 # Grants no contract can express: the key-value bucket tuning keeps its study state in (its
 # subjects and the JetStream API calls the KV client makes), and the serving process's watch on
@@ -155,6 +156,28 @@ def _ledger_grants(g: Grants, bucket: str, service: str) -> None:
     )
 
 
+def _retention_grants(g: Grants, stream: str) -> None:
+    """Lineage trims what it archived (services.lineage.archive): it lists the consumers, so as not
+    to trim what one has not processed, and purges up to a sequence. Only when retention is set."""
+    g.add_pub(f"$JS.API.CONSUMER.LIST.{stream}", f"$JS.API.STREAM.PURGE.{stream}")
+
+
+def _reader_grants(stream: str) -> Grants:
+    """Reads the log and nothing else: ordered consumers (created through the legacy ephemeral
+    subject, which the server refuses for a durable name), their flow control, stream and consumer
+    info. No event, no durable, no KV, no administration."""
+    g = Grants(READER, role="the command line's reader (cairn events, status, lineage, submit --wait)")
+    g.add_pub(
+        "$JS.API.STREAM.NAMES",  # nats-py's subscribe looks up the stream of the subject
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.INFO.{stream}.*",
+        f"$JS.FC.{stream}.>",
+    )
+    g.add_sub(f"{inbox_prefix(READER)}.>")
+    return g
+
+
 def derive_permissions(settings: CairnSettings | None = None) -> dict[str, Grants]:
     """Every user and what it may publish and subscribe to, derived from contracts and services."""
     from services.catalog import SERVICES
@@ -183,6 +206,8 @@ def derive_permissions(settings: CairnSettings | None = None) -> dict[str, Grant
             _kv_grants(g, study_bucket(ns))
         if name in CHAMPION_KV_USERS:
             _kv_grants(g, champion_bucket(ns))
+        if name == "lineage" and (base.retention_max_age_s or base.retention_max_bytes):
+            _retention_grants(g, stream)
         users[name] = g
 
     # The inference endpoint: reads deployments through its own short-lived push consumers, whose
@@ -204,6 +229,7 @@ def derive_permissions(settings: CairnSettings | None = None) -> dict[str, Grant
     upstream.add_sub(f"{inbox_prefix(UPSTREAM)}.>")  # the stream's PubAck comes back here
     users[UPSTREAM] = upstream
 
+    users[READER] = _reader_grants(stream)
     # Only operator tools reach the holds bucket (services.gc, bucket cairn_holds): `cairn hold` writes
     # it, `cairn gc` reads it; no service user is granted it, so a compromised service cannot
     # release a legal hold.

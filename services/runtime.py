@@ -348,7 +348,7 @@ class ServiceRunner:
 
     async def _start_http(self, port: int) -> None:
         config = uvicorn.Config(
-            self.http_app(), host="0.0.0.0", port=port, log_level="warning", lifespan="off"
+            self.http_app(), host=self.settings.health_host, port=port, log_level="warning", lifespan="off"
         )
         self._http = QuietServer(config)
         self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]

@@ -13,6 +13,7 @@ from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 RUNTIME_FILE = "runtime.json"
+NATS_AUTH_DIR = "nats-auth"  # under home: the users and passwords of the nats-server `cairn up` runs
 
 
 class CairnSettings(BaseSettings):
@@ -131,6 +132,11 @@ class CairnSettings(BaseSettings):
 
     # HTTP
     http_port: int | None = Field(None, ge=0, description="Health/metrics port of a service; 0: any free.")
+    health_host: str = Field(
+        "0.0.0.0",
+        description="Health/metrics bind address of a service (all interfaces: the kubelet and Prometheus "
+        "reach pods by their IP); `cairn up` sets 127.0.0.1.",
+    )
     serve_host: str = Field("127.0.0.1", description="Inference endpoint bind address.")
     serve_port: int = Field(8080, ge=0, description="Inference endpoint port.")
     max_request_bytes: int = Field(1024 * 1024, gt=0, description="Largest inference request.")
@@ -233,6 +239,22 @@ class CairnSettings(BaseSettings):
         """The seed URLs: CAIRN_NATS_URL may list several, comma-separated (as the nats CLI takes
         them), so a client finds a cluster through whichever server answers first."""
         return [u.strip() for u in self.resolved_nats_url().split(",") if u.strip()]
+
+    def with_home_credentials(self, user: str) -> CairnSettings:
+        """These settings as `user` of the nats-server `cairn up` runs from this home (it keeps the
+        passwords there, 0600), so a command run by the home's owner authenticates with nothing to set.
+        Unchanged when a user or a NATS URL is set explicitly: that is another server's business."""
+        auth = self.runtime().get("nats_auth")
+        if self.nats_user or self.nats_url or not auth:
+            return self
+        path = Path(auth) / "secrets.json"
+        try:
+            password = json.loads(path.read_text())[user]
+        except (OSError, ValueError, KeyError):
+            raise RuntimeError(
+                f"no NATS password for user {user!r} in {path}: restart with `cairn up`"
+            ) from None
+        return self.model_copy(update={"nats_user": user, "nats_password": SecretStr(password)})
 
     def with_home_credentials(self, user: str) -> CairnSettings:
         """These settings as `user` of the nats-server `cairn up` runs from this home (it keeps the

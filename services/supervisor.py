@@ -4,6 +4,14 @@ process, and the inference server; the URLs go into $CAIRN_HOME/runtime.json for
 Children die with the supervisor whatever ends it: SIGTERM and SIGINT stop them in order
 (`down`); SIGKILL, which cannot be caught, reaches them through the kernel's parent-death signal
 (`die_with_parent`). A detached start (`cairn up --detach`) leaves them running for `cairn down`.
+
+Least privilege on one host: the embedded nats-server runs with the users and permissions of
+operator mode (`services.nats_auth`), their passwords in `$CAIRN_HOME/nats-auth` (0700, files
+0600); each child gets only its own user's, and health ports bind 127.0.0.1.
+
+Stop only what we started: each child's identity (boot id, start time, command line, from /proc) is
+recorded beside its pid, and nothing is signalled unless the process with that pid still has it, so
+a pid the kernel reused (after a reboot, or a long time) is never signalled.
 """
 
 from __future__ import annotations
@@ -18,14 +26,20 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from pydantic import SecretStr
 
 from services.bus.embedded import EmbeddedNats, die_with_parent
 from services.catalog import SERVICES
+from services.nats_auth import ADMIN, SERVE, credentials_env
 from services.provisioning import provision_everything
-from services.settings import RUNTIME_FILE, CairnSettings
+from services.settings import NATS_AUTH_DIR, RUNTIME_FILE, CairnSettings
+
+LOOPBACK = "127.0.0.1"
+PROC = Path("/proc")
 
 
 class PortInUse(RuntimeError):
@@ -92,51 +106,91 @@ def spawn(
         log.close()
 
 
+def write_local_auth(settings: CairnSettings) -> Path:
+    """The embedded server's users, permissions and passwords (`services.nats_auth`, as `cairn
+    nats-config` writes them for operators) in a folder only the home's owner can enter."""
+    from services.nats_auth import write_nats_config
+
+    auth = settings.home_dir / NATS_AUTH_DIR
+    auth.mkdir(mode=0o700, exist_ok=True)
+    auth.chmod(0o700)  # also when an older start made it
+    write_nats_config(auth, settings=settings)
+    return auth
+
+
+def child_env(base: dict[str, str], credentials: dict[str, str] | None) -> dict[str, str]:
+    """A child's environment: with `credentials` (the embedded server's), only those, so a NATS user,
+    password or TLS file set in the caller's shell never reaches a child; else `base` as it is."""
+    if credentials is None:
+        return base
+    kept = {k: v for k, v in base.items() if not k.startswith("CAIRN_NATS_") or k == "CAIRN_NATS_URL"}
+    return {**kept, **credentials}
+
+
 def up(
     settings: CairnSettings, services: list[str] | None = None, serve: bool = True, tied: bool = True
 ) -> dict:
-    """Start everything; `tied`: children die with this process (foreground `cairn up`)."""
+    """Start everything; `tied`: children die with this process (foreground `cairn up`).
+
+    With the embedded server, each child runs as its own NATS user (the endpoint as `serve`) and
+    provisioning as `admin`; with CAIRN_NATS_URL, children get the caller's credentials, if any."""
     home = settings.home_dir
     home.mkdir(parents=True, exist_ok=True)
     (home / "logs").mkdir(exist_ok=True)
     serve_port = settings.serve_port or free_port()
     if serve:
         check_port(settings.serve_host, serve_port)
-    runtime: dict = {"pids": {}, "started": time.time(), "health": {}}
+    runtime: dict = {"pids": {}, "started": time.time(), "health": {}, "identities": {}}
     if tied:
         runtime["supervisor"] = os.getpid()
+        remember(runtime, os.getpid())
     path = home / RUNTIME_FILE
+    auth: Path | None = None
     if settings.nats_url:
         runtime["nats_url"] = settings.nats_url
     else:
-        server = EmbeddedNats(home / "nats", tied_to_parent=tied)
+        auth = write_local_auth(settings)
+        server = EmbeddedNats(home / "nats", include=auth / "auth.conf", tied_to_parent=tied)
         runtime["nats_url"] = server.start()
-        runtime["pids"]["nats-server"] = server.process.pid  # type: ignore[union-attr]
+        runtime["nats_auth"] = str(auth)
+        record(runtime, "nats-server", server.process)  # type: ignore[arg-type]
     path.write_text(json.dumps(runtime, indent=2))  # `down` can stop a half-finished start
     settings = settings.model_copy(update={"nats_url": runtime["nats_url"]})
-    asyncio.run(provision_everything(settings))
+    asyncio.run(provision_everything(_as_user(settings, auth, ADMIN) if auth else settings))
     env = {
         **os.environ,
         **settings.to_env(),
         "CAIRN_HOME": str(home),
         "CAIRN_NATS_URL": runtime["nats_url"],
         "CAIRN_ALLOWED_ROOTS": json.dumps([str(r) for r in settings.read_roots]),
+        "CAIRN_HEALTH_HOST": LOOPBACK,
     }
+
+    def credentials(user: str) -> dict[str, str] | None:
+        return credentials_env(auth, user) if auth else None
+
     for name in services or list(SERVICES):
         port = free_port()
-        proc = spawn(
-            ["run", name], {**env, "CAIRN_HTTP_PORT": str(port)}, home / "logs" / f"{name}.log", tied
-        )
-        runtime["pids"][name] = proc.pid
-        runtime["health"][name] = f"http://127.0.0.1:{port}"
+        child = {**child_env(env, credentials(name)), "CAIRN_HTTP_PORT": str(port)}
+        proc = spawn(["run", name], child, home / "logs" / f"{name}.log", tied)
+        record(runtime, name, proc)
+        runtime["health"][name] = f"http://{LOOPBACK}:{port}"
         path.write_text(json.dumps(runtime, indent=2))
     if serve:
         # `serving start`: the endpoint with its CAIRN_SERVE_WORKERS worker processes
-        proc = spawn(["serving", "start", "--port", str(serve_port)], env, home / "logs" / "serve.log", tied)
-        runtime["pids"]["serve"] = proc.pid
+        child = child_env(env, credentials(SERVE))
+        proc = spawn(
+            ["serving", "start", "--port", str(serve_port)], child, home / "logs" / "serve.log", tied
+        )
+        record(runtime, "serve", proc)
         runtime["serve_url"] = f"http://{settings.serve_host}:{serve_port}"
     path.write_text(json.dumps(runtime, indent=2))
     return runtime
+
+
+def _as_user(settings: CairnSettings, auth: Path, user: str) -> CairnSettings:
+    password = credentials_env(auth, user)["CAIRN_NATS_PASSWORD"]
+    return settings.model_copy(update={"nats_user": user, "nats_password": SecretStr(password)})
 
 
 def wait_ready(runtime: dict, timeout: float = 120.0) -> dict[str, str]:
@@ -182,34 +236,107 @@ def alive(pid: int) -> bool:
         return True
 
 
+# Process identity: a pid alone names whatever process has it now -----------------------------
+def start_ticks(stat: str) -> int:
+    """Field 22 of /proc/PID/stat (start time, clock ticks after boot). The command name (field 2)
+    may hold spaces and parentheses, so fields are counted from its closing parenthesis."""
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+
+def identity(pid: int) -> dict | None:
+    """What tells this process apart from a later one given the same pid: the boot it runs in, when
+    it started, its command line. None when no process has the pid (or it is a zombie)."""
+    try:
+        cmdline = (PROC / str(pid) / "cmdline").read_bytes()
+        stat = (PROC / str(pid) / "stat").read_text()
+        boot = (PROC / "sys" / "kernel" / "random" / "boot_id").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    if not cmdline:  # a zombie: it has exited
+        return None
+    return {
+        "boot": boot,
+        "start": start_ticks(stat),
+        "cmdline": cmdline.rstrip(b"\0").decode(errors="replace").split("\0"),
+    }
+
+
+def same_process(recorded: dict | None, current: dict | None) -> bool:
+    """Signal only on a full match: no record (a file from an older cairn) is no proof either."""
+    return recorded is not None and current == recorded
+
+
+def remember(runtime: dict, pid: int, argv: list[str] | None = None, timeout: float = 5.0) -> None:
+    """Record `pid`'s identity; with `argv`, once its command line is that: right after the exec the
+    kernel can show none (or the parent's) for a moment, and that record would never match again."""
+    deadline = time.monotonic() + timeout
+    current = identity(pid)
+    while argv is not None and (current is None or current["cmdline"] != argv):
+        if time.monotonic() > deadline or not (PROC / str(pid)).exists():
+            break
+        time.sleep(0.005)
+        current = identity(pid)
+    runtime.setdefault("identities", {})[str(pid)] = current
+
+
+def record(runtime: dict, name: str, proc: subprocess.Popen) -> None:
+    """A child's pid and identity, to check before `down` signals it."""
+    runtime["pids"][name] = proc.pid
+    remember(runtime, proc.pid, [str(a) for a in proc.args])  # type: ignore[union-attr]
+
+
+def is_ours(runtime: dict, pid: int) -> bool:
+    """Whether `pid` is still the process this runtime record started (without /proc, not Linux,
+    there is nothing to compare: whether it runs)."""
+    if not (PROC / "self" / "stat").exists():
+        return alive(pid)
+    return same_process(runtime.get("identities", {}).get(str(pid)), identity(pid))
+
+
 def still_running(settings: CairnSettings) -> list[str]:
     """What a previous `cairn up` from this home left running (an empty list for a stale record)."""
-    pids = settings.runtime().get("pids", {})
-    return [name for name, pid in pids.items() if alive(pid)]
+    runtime = settings.runtime()
+    return [name for name, pid in runtime.get("pids", {}).items() if is_ours(runtime, pid)]
 
 
 def running_supervisor(settings: CairnSettings) -> int | None:
     """The pid of a foreground `cairn up` still running from this home, if any."""
-    pid = settings.runtime().get("supervisor")
-    return pid if pid and pid != os.getpid() and alive(pid) else None
+    runtime = settings.runtime()
+    pid = runtime.get("supervisor")
+    return pid if pid and pid != os.getpid() and is_ours(runtime, pid) else None
+
+
+@dataclass
+class Stopped:
+    stopped: list[str] = field(default_factory=list)  # were running, signalled
+    gone: list[str] = field(default_factory=list)  # recorded, but their pid is not (or no longer) ours
 
 
 def down(settings: CairnSettings, timeout: float = 12.0) -> list[str]:
-    """Stop what `cairn up` started from this home: services and endpoint together, then NATS last
-    (so they can still ack and publish while they stop). Each group gets `timeout` s, then SIGKILL."""
+    """Stop what `cairn up` started from this home (see `stop_recorded`); returns who was running."""
+    return stop_recorded(settings, timeout).stopped
+
+
+def stop_recorded(settings: CairnSettings, timeout: float = 12.0) -> Stopped:
+    """Services and endpoint together, then NATS last (so they can still ack and publish while they
+    stop). Each group gets `timeout` s, then SIGKILL. A pid whose process is not the one recorded is
+    left alone and reported gone."""
     path = settings.home_dir / RUNTIME_FILE
     if not path.exists():
-        return []
-    pids: dict[str, int] = json.loads(path.read_text()).get("pids", {})
-    services = {n: p for n, p in pids.items() if n != "nats-server"}
-    stopped = _stop_groups(services, timeout)
-    if "nats-server" in pids:
-        stopped += _stop_groups({"nats-server": pids["nats-server"]}, timeout)
+        return Stopped()
+    runtime = json.loads(path.read_text())
+    pids: dict[str, int] = runtime.get("pids", {})
+    ours = {n: p for n, p in pids.items() if is_ours(runtime, p)}
+    result = Stopped(gone=[f"{n} (pid {p})" for n, p in pids.items() if n not in ours])
+    services = {n: p for n, p in ours.items() if n != "nats-server"}
+    result.stopped = _stop_groups(services, timeout, runtime)
+    if "nats-server" in ours:
+        result.stopped += _stop_groups({"nats-server": ours["nats-server"]}, timeout, runtime)
     path.unlink(missing_ok=True)
-    return stopped
+    return result
 
 
-def _stop_groups(pids: dict[str, int], timeout: float) -> list[str]:
+def _stop_groups(pids: dict[str, int], timeout: float, runtime: dict) -> list[str]:
     """SIGTERM each process group at once, wait for all, SIGKILL what is left; returns who was running."""
     signalled = {}
     for name, pid in pids.items():
@@ -222,7 +349,7 @@ def _stop_groups(pids: dict[str, int], timeout: float) -> list[str]:
     while any(alive(p) for p in signalled.values()) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in signalled.values():
-        if alive(pid):
+        if alive(pid) and is_ours(runtime, pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
     return list(signalled)

@@ -135,7 +135,7 @@ def test_cli_writes_a_config_nats_server_accepts(tmp_path):
     ):
         assert stat.S_IMODE((out / secret).stat().st_mode) == 0o600, secret
     passwords = json.loads((out / "secrets.json").read_text())
-    assert set(passwords) == {*SERVICES, "serve", "upstream", "admin"}
+    assert set(passwords) == {*SERVICES, "serve", "upstream", "reader", "admin"}
     assert len(set(passwords.values())) == len(passwords) and min(map(len, passwords.values())) >= 24
     check = subprocess.run(
         [server_binary(), "-t", "-c", str(out / "nats-server.conf")],
@@ -327,13 +327,15 @@ def spawn_all(home: Path, auth: Path, settings: CairnSettings) -> dict[str, Any]
     for name in SERVICES:
         port = supervisor.free_port()
         env = {**base, **credentials_env(auth, name), "CAIRN_HTTP_PORT": str(port)}
-        runtime["pids"][name] = supervisor.spawn(["run", name], env, state / "logs" / f"{name}.log").pid
+        supervisor.record(runtime, name, supervisor.spawn(["run", name], env, state / "logs" / f"{name}.log"))
         runtime["health"][name] = f"http://127.0.0.1:{port}"
     port = supervisor.free_port()
     env = {**base, **credentials_env(auth, "serve")}
-    runtime["pids"]["serve"] = supervisor.spawn(
-        ["serve", "--port", str(port)], env, state / "logs" / "serve.log"
-    ).pid
+    supervisor.record(
+        runtime,
+        "serve",
+        supervisor.spawn(["serve", "--port", str(port)], env, state / "logs" / "serve.log"),
+    )
     runtime["serve_url"] = f"http://127.0.0.1:{port}"
     (state / "runtime.json").write_text(json.dumps(runtime))
     return runtime
@@ -462,9 +464,11 @@ async def test_a_tampered_model_is_refused_by_evaluation_and_the_inference_serve
             "CAIRN_NATS_URL": server.url,
             **credentials_env(auth, "serve"),
         }
-        runtime["pids"]["serve"] = supervisor.spawn(
-            ["serve", "--port", str(port)], env, state / "logs" / "serve2.log"
-        ).pid
+        supervisor.record(
+            runtime,
+            "serve",
+            supervisor.spawn(["serve", "--port", str(port)], env, state / "logs" / "serve2.log"),
+        )
         (state / "runtime.json").write_text(json.dumps(runtime))
         fresh = f"http://127.0.0.1:{port}"
         assert not supervisor.wait_ready(

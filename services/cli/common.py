@@ -35,16 +35,25 @@ class CliError(Exception):
         self.code = code
 
 
-def settings() -> CairnSettings:
+ADMIN, READER, UPSTREAM = "admin", "reader", "upstream"  # services.nats_auth's users
+
+
+def settings(user: str | None = ADMIN) -> CairnSettings:
+    """The settings, as `user` of the nats-server `cairn up` runs from this home when one does and
+    no NATS URL or user is set: commands that only read pass READER; None for no NATS user."""
     from pydantic import ValidationError
 
     try:
-        return CairnSettings()
+        s = CairnSettings()
     except ValidationError as exc:
         problems = "; ".join(
             f"CAIRN_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
         )
         raise CliError(f"invalid setting: {problems}", EXIT_USAGE) from None
+    try:
+        return s.with_home_credentials(user) if user else s
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
 
 
 async def connect_nats(s: CairnSettings, name: str):

@@ -26,6 +26,8 @@ from services.cli.common import (
     EXIT_FAILED,
     EXIT_USAGE,
     FULL_ID_LENGTH,
+    READER,
+    UPSTREAM,
     CliError,
     app,
     client_for,
@@ -47,7 +49,7 @@ def events(
     as_json: Annotated[bool, typer.Option("--json", help="Print whole events.")] = False,
 ) -> None:
     """Print the event log, oldest first."""
-    s = settings()
+    s = settings(READER)
     if correlation and len(correlation) < FULL_ID_LENGTH:
         correlation = full_id(lineage_store(s), correlation)
 
@@ -144,7 +146,7 @@ def submit(
     ] = False,
 ) -> None:
     """Publish a data-arrival event; with --wait, follow it (exit 0 deployed, 3 not promoted, 1 failed)."""
-    s = settings()
+    s = settings(UPSTREAM)
     task_value = _parse_task(task, data_format)
     is_text = task_value is Task.text_generation
     if target is None and not is_text:
@@ -174,7 +176,7 @@ def submit(
     event = new_event(arrived, source="/cairn/cli", subject=model_name)
     if no_cache:  # a CloudEvents extension: every service carries it on to the run's next events
         event = event.model_copy(update={NO_CACHE: "true"})
-    code = asyncio.run(_submit(s, event, wait, timeout))
+    code = asyncio.run(_submit(s, settings(READER), event, wait, timeout))
     raise typer.Exit(code)
 
 
@@ -245,7 +247,11 @@ def _media_type(path: Path) -> str:
     return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
 
 
-async def _submit(s: CairnSettings, event: Envelope[Any], wait: bool, timeout: float) -> int:
+async def _submit(
+    s: CairnSettings, reader: CairnSettings, event: Envelope[Any], wait: bool, timeout: float
+) -> int:
+    """Publish as `s` (against `cairn up`'s server: the `upstream` user, which may publish arrivals
+    only) and follow the run as `reader` (which may only read)."""
     from services.client import RunTimeout
 
     async with await client_for(s, "submit") as client:
@@ -254,14 +260,15 @@ async def _submit(s: CairnSettings, event: Envelope[Any], wait: bool, timeout: f
             typer.echo(f"submitted {event.id} (correlation {event.correlationid})")
             return EXIT_DEPLOYED
         progress = Progress(interactive=sys.stdout.isatty())
-        sub = await client.watch()
-        await client.publish(event)
-        typer.echo(f"submitted {event.id} (correlation {event.correlationid})")
-        try:
-            end = await client.follow_on(sub, event.correlationid, timeout, progress.show)
-        except RunTimeout:
-            typer.echo(f"timed out after {timeout}s", err=True)
-            return EXIT_FAILED
+        async with await client_for(reader, "submit-watch") as watcher:
+            sub = await watcher.watch()
+            await client.publish(event)
+            typer.echo(f"submitted {event.id} (correlation {event.correlationid})")
+            try:
+                end = await watcher.follow_on(sub, event.correlationid, timeout, progress.show)
+            except RunTimeout:
+                typer.echo(f"timed out after {timeout}s", err=True)
+                return EXIT_FAILED
     return _until_served(s, end)
 
 

@@ -31,7 +31,7 @@ def predict(
     except json.JSONDecodeError as exc:
         raise CliError(f"the rows are not JSON ({exc.msg} at character {exc.pos})", EXIT_USAGE) from None
     try:
-        typer.echo(json.dumps(Client(settings()).predict(rows, model, url), indent=2))
+        typer.echo(json.dumps(Client(settings(None)).predict(rows, model, url), indent=2))
     except EndpointError as exc:
         raise CliError(str(exc)) from None
 
@@ -55,6 +55,6 @@ def generate(
 
     sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
     try:
-        typer.echo(prompt + Client(settings()).generate(prompt, model, url, **sampling))
+        typer.echo(prompt + Client(settings(None)).generate(prompt, model, url, **sampling))
     except EndpointError as exc:
         raise CliError(str(exc)) from None

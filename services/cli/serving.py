@@ -27,7 +27,7 @@ def start(
     from services.serving.launch import run_endpoint
     from services.supervisor import PortInUse, check_port
 
-    s = settings()
+    s = settings("serve")  # against `cairn up`'s server from this home: as the endpoint's user
     if workers is not None:
         s = s.model_copy(update={"serve_workers": workers})
     host, port = host or s.serve_host, s.serve_port if port is None else port

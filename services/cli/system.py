@@ -12,6 +12,7 @@ import typer
 
 from services.cli.common import (
     EXIT_USAGE,
+    READER,
     CliError,
     app,
     configure_logging,
@@ -34,7 +35,7 @@ def run(
 
     if service not in SERVICES:
         raise CliError(f"unknown service {service!r}; choose one of: {', '.join(SERVICES)}", EXIT_USAGE)
-    s = settings()
+    s = settings(service)  # against `cairn up`'s server from this home: as its own user
     try:
         s.resolved_nats_url()
     except RuntimeError as exc:
@@ -83,7 +84,7 @@ def up(
 
     from services import supervisor
 
-    s = settings()
+    s = settings(None)  # the supervisor gives each child its own user
     if running := supervisor.still_running(s):
         raise CliError(
             f"cairn is already up from {s.home_dir} ({', '.join(running)}): stop it with `cairn down`"
@@ -139,7 +140,7 @@ def down() -> None:
     """Stop what `cairn up` started from this home."""
     from services import supervisor
 
-    s = settings()
+    s = settings(None)
     stopped = []
     if (pid := supervisor.running_supervisor(s)) is not None:
         import signal
@@ -149,8 +150,10 @@ def down() -> None:
         deadline = time.monotonic() + 30
         while supervisor.alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-    stopped += supervisor.down(s)
-    typer.echo("stopped: " + (", ".join(stopped) or "nothing was running"))
+    result = supervisor.stop_recorded(s)
+    for gone in result.gone:
+        typer.echo(f"{gone}: gone, not signalled (that pid is no longer the process `cairn up` started)")
+    typer.echo("stopped: " + (", ".join(stopped + result.stopped) or "nothing was running"))
 
 
 @app.command()
@@ -158,7 +161,7 @@ def status() -> None:
     """Each service's consumers: bound, live, pending (lag). Exit 0 only when all are live."""
     from services.catalog import SERVICES, durables
 
-    s = settings()
+    s = settings(READER)
 
     async def go() -> bool:
         from nats.js.errors import NotFoundError
