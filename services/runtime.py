@@ -14,14 +14,14 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import uvicorn
 from faststream.exceptions import IncorrectState
 from faststream.nats import NatsBroker
-from nats.errors import ConnectionClosedError, ConnectionReconnectingError
+from nats.errors import Error as NatsError
 from nats.js.errors import NotFoundError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -154,6 +154,27 @@ class Service(Generic[C]):
         the server for."""
 
 
+STOP_PING_S = 0.5  # a server that answers no PING within this at stop is not drained
+
+
+async def within(step: Awaitable[Any], seconds: float) -> Any:
+    """`step`'s result if it ends within `seconds`, else TimeoutError once it is cancelled.
+
+    Unlike `asyncio.wait_for`, a step that swallows the first cancel is cancelled again: nats-py's
+    drain ignores a cancel while it waits for its subscriptions, then flushes for up to 10 s more
+    in a `finally`, and `wait_for` waited for all of it."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if task in done:
+        return task.result()
+    for _ in range(5):
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=0.2)
+        if done:
+            break
+    raise TimeoutError(f"did not finish within {seconds:.1f} s")
+
+
 class ServiceRunner:
     def __init__(self, service: Service):
         self.service = service
@@ -168,6 +189,7 @@ class ServiceRunner:
         self._ready_cache: tuple[float, bool, str] = (0.0, False, "not started")
         self.http_port: int | None = None
         self._opened = contextlib.AsyncExitStack()
+        self._stop_deadline: float | None = None
         self.service.cache = StepCache(lambda: self.broker.config.connection_state.stream, self.settings)
         for route in service.routes():
             consumer = EventConsumer(
@@ -237,11 +259,11 @@ class ServiceRunner:
             await opened.enter_async_context(self.service.running())
             opened.push_async_callback(self._stop_broker)
             await self.broker.start()
-            opened.push_async_callback(self.service.detach)
+            opened.push_async_callback(self._on_the_bus, self.service.detach, "detach")
             await self.service.attach(self.broker)
             js = self.broker.config.connection_state.stream
             for loop in self.loops:
-                opened.push_async_callback(loop.stop)
+                opened.push_async_callback(self._on_the_bus, loop.stop, "a pull loop's stop")
                 await loop.start(js)
             if self.settings.http_port is not None:
                 opened.push_async_callback(self._stop_http)
@@ -250,23 +272,51 @@ class ServiceRunner:
         log.info("%s consuming %s", self.service.name, ", ".join(self.durables))
 
     async def stop(self) -> None:
-        """Close what `start` opened (nothing, if it never finished: it closed its own)."""
+        """Close what `start` opened (nothing, if it never finished: it closed its own).
+
+        What needs the bus gets CAIRN_STOP_TIMEOUT_S in all; past it the connection is closed
+        without draining and the messages in flight are left for redelivery. So a stop never waits
+        on a server that is gone, reconnecting, or cut off by a partition (where the connection
+        looks alive and nothing answers: a drain waited for its 30 s timeout, then a flush for
+        another 10 s, and the process exited with an error)."""
+        self._stop_deadline = time.monotonic() + self.settings.stop_timeout_s
         await self._opened.aclose()
 
+    def _stop_budget(self) -> float:
+        """Seconds left for the bus at stop (a whole budget when `start` itself is unwinding)."""
+        if self._stop_deadline is None:
+            return self.settings.stop_timeout_s
+        return max(self._stop_deadline - time.monotonic(), 0.1)
+
+    async def _on_the_bus(self, step: Callable[[], Any], what: str) -> None:
+        """A stop step that talks to NATS, within the stop budget; past it, or failing, it is left."""
+        try:
+            await within(step(), self._stop_budget())
+        except (TimeoutError, NatsError) as exc:
+            name = self.service.name
+            log.warning("%s: %s did not finish at stop (%r); left for redelivery", name, what, exc)
+
     async def _stop_broker(self) -> None:
-        """Drain the connection; with the server gone, close it instead. nats-py refuses to drain a
-        connection that is reconnecting (ConnectionReconnectingError), which left its reconnect
-        loop running: the process then hung on its way out, waiting for that loop to end (seen
-        when a SIGKILLed `cairn up` took the embedded server down with the services)."""
+        """Drain the connection within the stop budget; otherwise close it without draining. nats-py
+        refuses to drain a connection that is reconnecting (ConnectionReconnectingError), which left
+        its reconnect loop running: the process then hung on its way out, waiting for that loop to
+        end (seen when a SIGKILLed `cairn up` took the embedded server down with the services)."""
         connection = None
         with contextlib.suppress(IncorrectState):  # never connected
             connection = self.broker.config.connection_state.connection
         try:
-            await self.broker.stop()
-        except (ConnectionReconnectingError, ConnectionClosedError):
-            log.warning("%s: NATS unreachable at stop; connection closed without draining", self.service.name)
-            if connection is not None and not connection.is_closed:
-                await connection.close()
+            if connection is not None and connection.is_connected:
+                # A PING first: a server that does not answer it in half a second (gone unnoticed,
+                # or cut off by a partition) will not let a drain finish either.
+                await connection.flush(timeout=min(STOP_PING_S, self._stop_budget()))
+            await within(self.broker.stop(), self._stop_budget())
+            return
+        except (TimeoutError, NatsError) as exc:
+            name = self.service.name
+            log.warning("%s: NATS did not drain at stop (%r); connection closed without draining", name, exc)
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(TimeoutError, NatsError):
+                await within(connection.close(), 1.0)
 
     async def _stop_http(self) -> None:
         if self._http is not None:

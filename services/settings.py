@@ -47,6 +47,12 @@ class CairnSettings(BaseSettings):
 
     # Consumer policy, shared by every service
     ack_wait_s: float = Field(30.0, gt=0, description="Lease on a message; long steps renew it.")
+    stop_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="At SIGTERM, what needs NATS (acks, drain) gets this long; then the connection is "
+        "closed undrained and messages in flight are redelivered elsewhere.",
+    )
     max_deliver: int = Field(5, ge=1, description="Attempts before a message is dead-lettered.")
     retry_backoff_s: list[float] = Field(
         default_factory=lambda: [1.0, 5.0, 15.0, 30.0], description="nak delays between attempts."
@@ -239,22 +245,6 @@ class CairnSettings(BaseSettings):
         """The seed URLs: CAIRN_NATS_URL may list several, comma-separated (as the nats CLI takes
         them), so a client finds a cluster through whichever server answers first."""
         return [u.strip() for u in self.resolved_nats_url().split(",") if u.strip()]
-
-    def with_home_credentials(self, user: str) -> CairnSettings:
-        """These settings as `user` of the nats-server `cairn up` runs from this home (it keeps the
-        passwords there, 0600), so a command run by the home's owner authenticates with nothing to set.
-        Unchanged when a user or a NATS URL is set explicitly: that is another server's business."""
-        auth = self.runtime().get("nats_auth")
-        if self.nats_user or self.nats_url or not auth:
-            return self
-        path = Path(auth) / "secrets.json"
-        try:
-            password = json.loads(path.read_text())[user]
-        except (OSError, ValueError, KeyError):
-            raise RuntimeError(
-                f"no NATS password for user {user!r} in {path}: restart with `cairn up`"
-            ) from None
-        return self.model_copy(update={"nats_user": user, "nats_password": SecretStr(password)})
 
     def with_home_credentials(self, user: str) -> CairnSettings:
         """These settings as `user` of the nats-server `cairn up` runs from this home (it keeps the
