@@ -9,6 +9,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,40 @@ def test_provision_makes_every_stream_and_bucket_r3_from_a_seed_list(
     found = asyncio.run(replicas())
     assert "CAIRN" in found and any(name.startswith("KV_") for name in found), found
     assert set(found.values()) == {3}, found
+
+
+def test_status_shows_the_cluster_its_leader_and_a_replica_gone_offline(
+    cluster: NatsCluster, tmp_path: Path
+) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")},
+        "CAIRN_HOME": str(tmp_path / "home"),
+        "CAIRN_NATS_URL": cluster.urls,
+        "CAIRN_STREAM_REPLICAS": "3",
+    }
+
+    def cairn(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([CAIRN, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    assert cairn("provision").returncode == 0
+    status = cairn("status")  # no service runs: exit 1, but the cluster is described
+    lines = {line.split()[0]: line for line in status.stdout.splitlines() if line.split()}
+    assert "cluster cairn" in lines["nats"] and "R3" in lines["stream"], status.stdout
+    leader = lines["stream"].split("leader ")[1].strip()
+    assert leader in {s.name for s in cluster.servers}
+    replicas = [line for line in status.stdout.splitlines() if line.startswith("replica")]
+    assert len(replicas) == 2 and all(" current " in r for r in replicas), status.stdout
+
+    follower = next(s for s in cluster.servers if s.name != leader)
+    cluster.kill(follower)
+    deadline = time.monotonic() + 60
+    while True:  # the leader stops hearing from the killed peer; after 10 s status says so
+        shown = cairn("status").stdout
+        gone = [r for r in shown.splitlines() if r.startswith("replica") and f" {follower.name} " in r]
+        if gone and ("UNREACHABLE" in gone[0] or "OFFLINE" in gone[0]):
+            break
+        assert time.monotonic() < deadline, shown
+        time.sleep(1)
 
 
 def test_the_stream_leader_killed_mid_publish_loses_nothing_and_doubles_nothing(cluster: NatsCluster) -> None:

@@ -158,7 +158,8 @@ def down() -> None:
 
 @app.command()
 def status() -> None:
-    """Each service's consumers: bound, live, pending (lag). Exit 0 only when all are live."""
+    """The NATS cluster (servers, the stream's leader, replicas current or lagging) and each service's
+    consumers: bound, live, pending (lag). Exit 0 only when all are live and every replica current."""
     from services.catalog import SERVICES, durables
 
     s = settings(READER)
@@ -171,9 +172,13 @@ def status() -> None:
         all_live = True
         try:
             try:
-                await js.stream_info(s.stream)
+                info = await js.stream_info(s.stream)
             except NotFoundError:
                 raise stream_missing(s) from None
+            lines, healthy = cluster_report(info.cluster, info.config.num_replicas, nc.servers)
+            for line in lines:
+                typer.echo(line)
+            all_live &= healthy
             for name in SERVICES:
                 for durable in durables(name, s):
                     try:
@@ -205,6 +210,33 @@ def status() -> None:
         typer.echo(f"{'serve':<11} {serve_url:<34} {'live' if ready else 'DOWN'}")
         ok &= ready
     raise typer.Exit(0 if ok else 1)
+
+
+UNREACHABLE_AFTER_NS = 10 * 10**9  # a replica not heard from for this long is down or cut off
+
+
+def cluster_report(cluster: Any, replicas: int | None, servers: list[Any]) -> tuple[list[str], bool]:
+    """The stream's place in a JetStream cluster: its leader and each replica current, lagging,
+    unreachable or offline; healthy when every replica is current. A lone server: one line."""
+    known = ", ".join(sorted({f"{u.hostname}:{u.port}" for u in servers}))
+    if cluster is None or not cluster.name:
+        return [f"{'nats':<11} {'one server, no cluster':<34} servers {known}"], True
+    head = f"{'nats':<11} {'cluster ' + cluster.name:<34} servers {known}"
+    lines = [head, f"{'stream':<11} {'R' + str(replicas or 1):<34} leader {cluster.leader or 'NONE'}"]
+    healthy = bool(cluster.leader)
+    for peer in cluster.replicas or []:
+        if peer.offline:
+            state = "OFFLINE"
+        elif peer.current:
+            state = "current"
+        elif peer.active is not None and peer.active > UNREACHABLE_AFTER_NS:
+            state = "UNREACHABLE"  # a killed or partitioned server is reported this way, not offline
+        else:
+            state = "LAGGING"
+        healthy &= state == "current"
+        seen = f" seen {peer.active / 1e9:.1f}s ago" if peer.active is not None else ""
+        lines.append(f"{'replica':<11} {peer.name or '?':<34} {state} lag={peer.lag or 0}{seen}")
+    return lines, healthy
 
 
 @app.command("nats-config")
