@@ -187,17 +187,31 @@ class DaskHosts:
 
     def wait_workers(self, count: int | None = None, timeout: float = 120.0) -> None:
         """Until `count` workers (default: all) are registered with the scheduler."""
+        want = len(self.workers) if count is None else count
+        with self._client(timeout) as client:
+            client.wait_for_workers(want, timeout=timeout)
+
+    def _client(self, timeout: float = 60.0):
         from distributed import Client
 
         from services.dask_tls import client_security
         from services.settings import CairnSettings
 
-        want = len(self.workers) if count is None else count
         settings = CairnSettings(
             dask_tls_ca=self.tls_dir / CA, dask_tls_cert=self.tls_dir / CERT, dask_tls_key=self.tls_dir / KEY
         )
-        with Client(self.address, security=client_security(settings), timeout=timeout) as client:
-            client.wait_for_workers(want, timeout=timeout)
+        return Client(self.address, security=client_security(settings), timeout=timeout)
+
+    def on_scheduler(self, function):
+        """`function(dask_scheduler)` run in the scheduler, over the cluster's mutual TLS."""
+        with self._client() as client:
+            return client.run_on_scheduler(function)
+
+    def processing_on(self, host: Host) -> list[str]:
+        """The task keys the scheduler has running on the workers of `host`."""
+        with self._client() as client:
+            processing = client.processing()
+        return [k for address, keys in processing.items() if f"//{host.address}:" in address for k in keys]
 
     def _free_service_address(self) -> str:
         """An address of the bridge's /24 no host has (hosts take .2 upwards)."""
