@@ -500,10 +500,11 @@ def test_each_service_is_its_own_deployment_with_its_own_replicas() -> None:
         assert json.loads(env["CAIRN_ALLOWED_SCHEMES"]) == ["file", "s3"]  # JSON, as settings expect
         annotations = deploy["spec"]["template"]["metadata"]["annotations"]
         dask = {"checksum/dask-tls"} if name == "training" else set()  # the Dask client
+        signs = {"checksum/model-signing"} if name == "deployment" else set()  # the signer
         assert {k for k in annotations if k.startswith("checksum/")} == {
             "checksum/nats-auth",
             "checksum/nats-tls",
-        } | dask
+        } | dask | signs
         assert {k: v for k, v in annotations.items() if not k.startswith("checksum/")} == {
             "prometheus.io/scrape": "true",
             "prometheus.io/port": "8000",
@@ -746,6 +747,7 @@ def covered_secrets(values: dict[str, Any]) -> dict[str, str]:
             v["nats"]["tls"]["secretName"] or f"{RELEASE}-nats-tls": "checksum/nats-tls",
             v["nats"]["tls"]["clientSecretName"] or f"{RELEASE}-nats-client-tls": "checksum/nats-tls",
             v["dask"]["tls"]["secretName"] or f"{RELEASE}-dask-tls": "checksum/dask-tls",
+            v["modelSigning"]["existingSecret"] or f"{RELEASE}-model-signing": "checksum/model-signing",
         }
     return {k: a for k, a in names.items() if k}
 
@@ -784,6 +786,7 @@ def test_every_pod_reading_a_secret_has_its_checksum(which: str) -> None:
         seen |= expected
     assert "checksum/nats-auth" in seen
     assert ("checksum/dask-tls" in seen) == ("checksum/nats-tls" in seen) == (which != "insecure")
+    assert ("checksum/model-signing" in seen) == (which != "insecure")
     assert ("checksum/lineage-db" in seen) == (which in ("production", "lineage-db"))
 
 
@@ -1296,7 +1299,21 @@ async def _exercise_permissions(
     await admin_js.publish("cairn.model.deployed.v1", b'{"serve": true}', stream=stream)
     assert (await deliveries.next_msg(timeout=3)).data == b'{"serve": true}'
     await denied(serve, "serve", f"$JS.API.CONSUMER.CREATE.{stream}.x.cairn.data.arrived.v1")
+    # A champion it will not serve (a signature that does not verify): it says so on the log.
+    ack = await serve_js.publish("cairn.model.refused.v1", b"{}", stream=stream)
+    assert ack.stream == stream
     await serve.close()
+
+    # reader (the command line's read-only user: cairn events, status, lineage): follows the log,
+    # reads consumer state, and publishes nothing.
+    reader = await connect("reader")
+    reader_js = reader.jetstream(timeout=3)
+    follow = await reader_js.subscribe("cairn.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    assert (await follow.next_msg(timeout=3)).subject.startswith("cairn.")
+    assert (await reader_js.consumer_info(stream, "training-trial-requested-v1")).name
+    await denied(reader, "reader", "cairn.data.arrived.v1")
+    await denied(reader, "reader", f"$JS.API.CONSUMER.MSG.NEXT.{stream}.training-trial-requested-v1")
+    await reader.close()
 
     # upstream: announces data, nothing else.
     upstream = await connect("upstream")
@@ -1430,6 +1447,7 @@ TLS_SECRETS = {
     "nats-client": f"{RELEASE}-nats-client-tls",
     "dask": f"{RELEASE}-dask-tls",
 }
+MODEL_SIGNING_SECRET = f"{RELEASE}-model-signing"  # made by the same hook Job
 
 
 def secret_files(pod: dict[str, Any], container: dict[str, Any], volume_name: str) -> dict[str, str]:
@@ -1576,14 +1594,16 @@ def test_tls_is_on_by_default(default_objects: list[dict[str, Any]], monkeypatch
         "nats-client-secret": TLS_SECRETS["nats-client"],
         "dask-secret": TLS_SECRETS["dask"],
         "renew-days": "30",
+        "model-signing-secret": MODEL_SIGNING_SECRET,  # the same Job makes the signing pair
     }
-    assert "--rotate-ca" not in container["args"]
+    assert "--rotate-ca" not in container["args"] and "--rotate-model-signing" not in container["args"]
     hosts = [a.split("=", 1)[1] for a in container["args"] if a.startswith("--nats-host=")]
     assert (
         f"{RELEASE}-nats.{NAMESPACE}.svc" in hosts and f"*.{RELEASE}-nats-headless.{NAMESPACE}.svc" in hosts
     )
 
-    # Least privilege: its own ServiceAccount, get/patch of exactly those Secrets, create.
+    # Least privilege: its own ServiceAccount, get/patch of exactly those Secrets (and the signing
+    # pair's), create.
     assert pod["serviceAccountName"] == f"{RELEASE}-tls" and pod["automountServiceAccountToken"] is True
     role = one(default_objects, "Role", f"{RELEASE}-tls")
     rules = {
@@ -1594,7 +1614,7 @@ def test_tls_is_on_by_default(default_objects: list[dict[str, Any]], monkeypatch
     }
     # A create request carries no name for RBAC to check: that rule cannot list names.
     assert rules == {
-        (("",), ("secrets",), frozenset({"get", "patch"})): set(TLS_SECRETS.values()),
+        (("",), ("secrets",), frozenset({"get", "patch"})): {*TLS_SECRETS.values(), MODEL_SIGNING_SECRET},
         (("",), ("secrets",), frozenset({"create"})): {"<any>"},
     }
     binding = one(default_objects, "RoleBinding", f"{RELEASE}-tls")
@@ -1689,44 +1709,81 @@ class FakeSecretsApi:
         return {k: base64.b64decode(v) for k, v in self.secrets[name]["data"].items()}
 
 
-def test_tls_hook_issues_once_and_keeps_its_ca(default_objects: list[dict[str, Any]], tmp_path: Path) -> None:
-    """The hook's script, as rendered, with the Job's arguments, against an API server that allows
-    only the rendered Role: it runs the cairn CLI, stores complete Secrets, changes nothing on the
-    next upgrade, and keeps the CA when it must reissue."""
-    from cryptography import x509
+class HookRunner:
+    """The hook's script, as a render's ConfigMap holds it, run with that render's Job arguments and
+    the real cairn CLI against a FakeSecretsApi that allows only that render's Role."""
 
-    job = one(default_objects, "Job", f"{RELEASE}-tls")
-    (container,) = pod_spec(job)["containers"]
-    (tmp_path / "tls-secrets.py").write_text(
-        one(default_objects, "ConfigMap", f"{RELEASE}-tls")["data"]["tls-secrets.py"]
-    )
-    (tmp_path / "sa").mkdir()
-    (tmp_path / "sa" / "token").write_text("hook-token")
-    api = FakeSecretsApi(one(default_objects, "Role", f"{RELEASE}-tls"), NAMESPACE)
-    cairn = str(Path(sys.executable).parent / "cairn")
-    env = {
-        **os.environ,
-        "CAIRN_TLS_HOOK_API": api.url,
-        "CAIRN_TLS_HOOK_SA_DIR": str(tmp_path / "sa"),
-        "CAIRN_HOME": str(tmp_path / "home"),
-        "TMPDIR": str(tmp_path),
-    }
+    def __init__(self, objs: list[dict[str, Any]], tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        (tmp_path / "tls-secrets.py").write_text(
+            one(objs, "ConfigMap", f"{RELEASE}-tls")["data"]["tls-secrets.py"]
+        )
+        (tmp_path / "sa").mkdir()
+        (tmp_path / "sa" / "token").write_text("hook-token")
+        self.api = FakeSecretsApi(one(objs, "Role", f"{RELEASE}-tls"), NAMESPACE)
+        self.args = self.args_of(objs)
+        self.env = {
+            **os.environ,
+            "CAIRN_TLS_HOOK_API": self.api.url,
+            "CAIRN_TLS_HOOK_SA_DIR": str(tmp_path / "sa"),
+            "CAIRN_HOME": str(tmp_path / "home"),
+            "TMPDIR": str(tmp_path),
+        }
 
-    def hook() -> str:
+    @staticmethod
+    def args_of(objs: list[dict[str, Any]]) -> list[str]:
+        (container,) = pod_spec(one(objs, "Job", f"{RELEASE}-tls"))["containers"]
+        return container["args"]
+
+    def run(self, args: list[str] | None = None, ok: bool = True) -> str:
+        cairn = str(Path(sys.executable).parent / "cairn")
         run = subprocess.run(
-            [sys.executable, str(tmp_path / "tls-secrets.py"), *container["args"], f"--cairn={cairn}"],
-            env=env,
+            [sys.executable, str(self.tmp / "tls-secrets.py"), *(args or self.args), f"--cairn={cairn}"],
+            env=self.env,
             capture_output=True,
             text=True,
             timeout=300,
         )
-        assert run.returncode == 0, run.stdout + run.stderr
-        return run.stdout
+        assert (run.returncode == 0) == ok, run.stdout + run.stderr
+        return run.stdout + run.stderr
+
+
+def check_signing_pair(pair: dict[str, bytes], tmp_path: Path) -> None:
+    """The pair the code takes (services.model_signatures.check_key, as deployment and the endpoint
+    check theirs at start), and a signature made with private.pem verifies with public.pem."""
+    from services import model_signatures
+
+    assert set(pair) == {"private.pem", "public.pem"}
+    model_signatures.check_key(pair["private.pem"], True, "private.pem")
+    model_signatures.check_key(pair["public.pem"], False, "public.pem")
+    folder = tmp_path / f"pair-{secrets.token_hex(4)}"
+    folder.mkdir()
+    (folder / "private.pem").write_bytes(pair["private.pem"])
+    (folder / "public.pem").write_bytes(pair["public.pem"])
+    files = {"bundle.json": b'{"estimator": "x"}', "estimator": b"model bytes"}
+    signature = model_signatures.sign(files, folder / "private.pem")
+    model_signatures.verify(files, signature, folder / "public.pem")
+    with pytest.raises(model_signatures.SignatureRefused):
+        model_signatures.verify({**files, "estimator": b"other bytes"}, signature, folder / "public.pem")
+
+
+def test_tls_hook_issues_once_and_keeps_its_ca(default_objects: list[dict[str, Any]], tmp_path: Path) -> None:
+    """The hook's script, as rendered, with the Job's arguments, against an API server that allows
+    only the rendered Role: it runs the cairn CLI, stores complete Secrets (the certificates and the
+    model-signing pair), changes nothing on the next upgrade, and keeps the CA when it must reissue
+    and the signing key always."""
+    from cryptography import x509
+
+    (container,) = pod_spec(one(default_objects, "Job", f"{RELEASE}-tls"))["containers"]
+    runner = HookRunner(default_objects, tmp_path)
+    api, hook = runner.api, runner.run
 
     try:
         hook()  # install
         assert not api.denied
-        assert set(api.secrets) == set(TLS_SECRETS.values())
+        assert set(api.secrets) == {*TLS_SECRETS.values(), MODEL_SIGNING_SECRET}
+        assert api.calls.count(("create", MODEL_SIGNING_SECRET)) == 1
+        check_signing_pair(api.data(MODEL_SIGNING_SECRET), tmp_path)
         for name in ("nats", "nats-client", "dask"):
             assert set(api.data(TLS_SECRETS[name])) == {"ca.crt", "tls.crt", "tls.key"}, name
         assert set(api.data(TLS_SECRETS["ca"])) == {
@@ -1752,8 +1809,9 @@ def test_tls_hook_issues_once_and_keeps_its_ca(default_objects: list[dict[str, A
         before = {n: api.data(n) for n in api.secrets}
 
         api.calls.clear()
-        out = hook()  # upgrade: nothing to do
+        out = hook()  # upgrade: nothing to do, the signing key not rotated
         assert {verb for verb, _ in api.calls} == {"get"} and "kept" in out
+        assert f"secret/{MODEL_SIGNING_SECRET}: kept" in out
         assert {n: api.data(n) for n in api.secrets} == before
 
         del api.secrets[TLS_SECRETS["dask"]]  # lost (or deleted to reissue): reissued from the kept CA
@@ -1765,6 +1823,50 @@ def test_tls_hook_issues_once_and_keeps_its_ca(default_objects: list[dict[str, A
         assert api.data(TLS_SECRETS["dask"])["tls.crt"] != before[TLS_SECRETS["dask"]]["tls.crt"]
         for name in ("nats", "nats-client"):
             assert api.data(TLS_SECRETS[name]) == before[TLS_SECRETS[name]], name
+        assert api.data(MODEL_SIGNING_SECRET) == before[MODEL_SIGNING_SECRET]
+        assert ("create", MODEL_SIGNING_SECRET) not in api.calls  # created once, at install only
+    finally:
+        api.server.shutdown()
+
+
+def test_hook_keeps_the_model_signing_key_until_told_to_rotate(tmp_path: Path) -> None:
+    """The hook's model-signing step, in cert-manager mode (where it is the Job's only work, under a
+    Role that names only that Secret): a lost public.pem is derived again from the same private key,
+    a private.pem that is not a usable key fails the run rather than being replaced, and only
+    modelSigning.rotate=true makes a new pair."""
+    cert_manager = {"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "cluster-ca"}}}}
+    objs = objects(render(cert_manager))
+    runner = HookRunner(objs, tmp_path)
+    api = runner.api
+    rotate = HookRunner.args_of(objects(render(merged(cert_manager, {"modelSigning": {"rotate": True}}))))
+    assert sorted(rotate) == sorted([*runner.args, "--rotate-model-signing"])
+    try:
+        runner.run()
+        assert not api.denied and set(api.secrets) == {MODEL_SIGNING_SECRET}  # no TLS Secret, no CA
+        first = api.data(MODEL_SIGNING_SECRET)
+        check_signing_pair(first, tmp_path)
+
+        del api.secrets[MODEL_SIGNING_SECRET]["data"]["public.pem"]  # lost: derived again, same key
+        runner.run()
+        assert api.data(MODEL_SIGNING_SECRET) == first
+
+        api.calls.clear()
+        runner.run()  # an upgrade: kept
+        assert {verb for verb, _ in api.calls} == {"get"}
+
+        api.calls.clear()
+        runner.run(rotate)  # modelSigning.rotate=true: a new pair, by a patch of the same Secret
+        rotated = api.data(MODEL_SIGNING_SECRET)
+        assert rotated["private.pem"] != first["private.pem"] and rotated["public.pem"] != first["public.pem"]
+        assert ("patch", MODEL_SIGNING_SECRET) in api.calls and not api.denied
+        check_signing_pair(rotated, tmp_path)
+
+        import base64
+
+        api.secrets[MODEL_SIGNING_SECRET]["data"]["private.pem"] = base64.b64encode(b"not a key").decode()
+        out = runner.run(ok=False)  # not replaced on its own
+        assert "delete the Secret or set modelSigning.rotate=true" in out
+        assert api.data(MODEL_SIGNING_SECRET)["private.pem"] == b"not a key"
     finally:
         api.server.shutdown()
 
@@ -1780,10 +1882,11 @@ def test_tls_from_cert_manager() -> None:
         )
     )
     kinds = validate_all(objs)
-    assert not find(objs, "Job", f"{RELEASE}-tls") and not find(objs, "Role", f"{RELEASE}-tls")
-    assert not find(objs, "ConfigMap", f"{RELEASE}-tls") and not find(
-        objs, "NetworkPolicy", f"{RELEASE}-tls-hook"
-    )
+    # The hook Job issues no certificate: it is there for the model-signing pair alone, which
+    # cert-manager does not make (test_model_signing_with_cert_manager_or_an_existing_secret).
+    (job,) = find(objs, "Job", f"{RELEASE}-tls")
+    args = pod_spec(job)["containers"][0]["args"]
+    assert not [a for a in args if a.split("=")[0] in ("--ca-secret", "--nats-secret", "--dask-secret")]
     assert kinds["Certificate"] == 4 and kinds["Issuer"] == 2
     certs = {c["spec"]["secretName"]: c["spec"] for c in find(objs, "Certificate")}
     assert set(certs) == {
@@ -1851,6 +1954,177 @@ def test_tls_enabled_false_alone_fails_and_names_insecure() -> None:
     for values in (
         {"tls": {"enabled": False}, "insecure": False},
         {"tls": {"enabled": False}, "nats": {"tls": {"secretName": "a", "clientSecretName": "b"}}},
+    ):
+        with pytest.raises(helm.HelmRenderError, match="set insecure: true"):  # nothing else turns it off
+            render(values)
+
+
+# Model signing ---------------------------------------------------------------------------------
+SIGNING_ENV = {"CAIRN_MODEL_SIGNING_KEY", "CAIRN_MODEL_VERIFY_KEY"}
+
+
+def all_pod_specs(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every pod spec a render holds, by '<kind>/<name>', the Dask operator's included."""
+    pods = {
+        f"{o['kind']}/{o['metadata']['name']}": pod_spec(o)
+        for o in objs
+        if o["kind"] in ("Deployment", "StatefulSet", "Job", "Pod")
+    }
+    for cluster in find(objs, "DaskCluster"):
+        for role in ("scheduler", "worker"):
+            pods[f"DaskCluster/{cluster['metadata']['name']}/{role}"] = cluster["spec"][role]["spec"]
+    for group in find(objs, "DaskWorkerGroup"):
+        pods[f"DaskWorkerGroup/{group['metadata']['name']}"] = group["spec"]["worker"]["spec"]
+    return pods
+
+
+def signing_keys_held(objs: list[dict[str, Any]], secret: str) -> dict[str, dict[str, Any]]:
+    """{pod: {"files": {path: key of `secret`}, "env": {CAIRN_MODEL_*: value}}} of every pod that
+    mounts anything of the Secret or has either setting."""
+    held = {}
+    for where, pod in all_pod_specs(objs).items():
+        files: dict[str, str] = {}
+        env: dict[str, Any] = {}
+        for c in [*pod.get("initContainers", []), *pod["containers"]]:
+            for volume in pod.get("volumes", []):
+                if volume.get("secret", {}).get("secretName") != secret:
+                    continue
+                for mount in c.get("volumeMounts", []):
+                    if mount["name"] == volume["name"]:
+                        files |= secret_files(pod, c, volume["name"])
+            env |= {k: v for k, v in env_of(c).items() if k in SIGNING_ENV}
+            assert not [e for e in c.get("envFrom", []) if e.get("secretRef", {}).get("name") == secret]
+        if files or env or secret in secrets_read(pod):
+            held[where] = {"files": {path: key for path, (_, key) in files.items()}, "env": env}
+    return held
+
+
+def signing_settings(container: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+    """(CAIRN_MODEL_SIGNING_KEY, CAIRN_MODEL_VERIFY_KEY) as the container's settings read them."""
+    settings = nats_tls_settings(container, monkeypatch)
+    return settings.model_signing_key, settings.model_verify_key
+
+
+def assert_least_privilege_signing(
+    objs: list[dict[str, Any]], secret: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """deployment holds private.pem and its setting only, inference public.pem and its setting
+    only, and no other pod anything of the pair."""
+    held = signing_keys_held(objs, secret)
+    assert set(held) == {f"Deployment/{RELEASE}-deployment", f"Deployment/{RELEASE}-inference"}, set(held)
+    key_dir = "/etc/cairn/model-signing"
+    assert held[f"Deployment/{RELEASE}-deployment"] == {
+        "files": {f"{key_dir}/private.pem": "private.pem"},
+        "env": {"CAIRN_MODEL_SIGNING_KEY": f"{key_dir}/private.pem"},
+    }
+    assert held[f"Deployment/{RELEASE}-inference"] == {
+        "files": {f"{key_dir}/public.pem": "public.pem"},
+        "env": {"CAIRN_MODEL_VERIFY_KEY": f"{key_dir}/public.pem"},
+    }
+    for name, expected in (
+        ("deployment", (f"{key_dir}/private.pem", None)),
+        ("inference", (None, f"{key_dir}/public.pem")),
+    ):
+        (container,) = pod_spec(one(objs, "Deployment", f"{RELEASE}-{name}"))["containers"]
+        assert tuple(str(p) if p else None for p in signing_settings(container, monkeypatch)) == expected
+        annotations = one(objs, "Deployment", f"{RELEASE}-{name}")["spec"]["template"]["metadata"][
+            "annotations"
+        ]
+        assert "checksum/model-signing" in annotations  # a new pair rolls the pods that read it
+
+
+def test_model_signing_is_on_by_default(
+    default_objects: list[dict[str, Any]], default_render: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No value set: the hook Job makes <fullname>-model-signing (get/patch on exactly that name, as
+    for the TLS Secrets), deployment mounts private.pem alone, the inference endpoint public.pem
+    alone, and no other pod either; every manifest validates."""
+    validate_all(default_objects)
+    assert_least_privilege_signing(default_objects, MODEL_SIGNING_SECRET, monkeypatch)
+    # The chart renders no such Secret (Helm would replace or delete it): the hook makes and keeps it.
+    assert not find(default_objects, "Secret", MODEL_SIGNING_SECRET)
+    (container,) = pod_spec(one(default_objects, "Job", f"{RELEASE}-tls"))["containers"]
+    assert f"--model-signing-secret={MODEL_SIGNING_SECRET}" in container["args"]
+    assert "--rotate-model-signing" not in container["args"]
+    assert "model-signing" not in {
+        v["name"] for v in pod_spec(one(default_objects, "Job", f"{RELEASE}-tls"))["volumes"]
+    }
+    (named,) = [r for r in one(default_objects, "Role", f"{RELEASE}-tls")["rules"] if "resourceNames" in r]
+    assert MODEL_SIGNING_SECRET in named["resourceNames"] and set(named["verbs"]) == {"get", "patch"}
+    text = notes(default_render)
+    assert (
+        f"private.pem of secret {MODEL_SIGNING_SECRET}" in text
+        and f"hook Job {RELEASE}-tls made the pair once" in text
+    )
+    # rotate: the same Job, one flag more, for that upgrade only.
+    rotate = objects(render({"modelSigning": {"rotate": True}}))
+    assert "--rotate-model-signing" in pod_spec(one(rotate, "Job", f"{RELEASE}-tls"))["containers"][0]["args"]
+    # The role follows the flag: a service other than deployment that signs gets the private key.
+    moved = objects(
+        render({"services": {"deployment": {"signsModels": False}, "evaluation": {"signsModels": True}}})
+    )
+    held = signing_keys_held(moved, MODEL_SIGNING_SECRET)
+    assert set(held) == {f"Deployment/{RELEASE}-evaluation", f"Deployment/{RELEASE}-inference"}
+    assert held[f"Deployment/{RELEASE}-evaluation"]["env"] == {
+        "CAIRN_MODEL_SIGNING_KEY": "/etc/cairn/model-signing/private.pem"
+    }
+
+
+def test_model_signing_with_cert_manager_or_an_existing_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cert-manager issues no signing key: the hook Job still makes it, and only it. An
+    existingSecret is mounted the same way and nothing generates or touches it."""
+    cert_manager = {"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "cluster-ca"}}}}
+    objs = objects(render(cert_manager))
+    validate_all(objs)
+    assert_least_privilege_signing(objs, MODEL_SIGNING_SECRET, monkeypatch)
+    args = pod_spec(one(objs, "Job", f"{RELEASE}-tls"))["containers"][0]["args"]
+    assert [a for a in args if not a.startswith("--label=")] == [
+        f"--namespace={NAMESPACE}",
+        f"--model-signing-secret={MODEL_SIGNING_SECRET}",
+    ]
+    (named,) = [r for r in one(objs, "Role", f"{RELEASE}-tls")["rules"] if "resourceNames" in r]
+    assert named["resourceNames"] == [MODEL_SIGNING_SECRET]  # no TLS Secret, no CA: nothing else
+    one(objs, "NetworkPolicy", f"{RELEASE}-tls-hook")  # it reaches the API server
+
+    own = {"modelSigning": {"existingSecret": "own-signing"}}
+    for values in (own, merged(cert_manager, own)):
+        rendered = render(values)
+        objs = objects(rendered)
+        validate_all(objs)
+        assert_least_privilege_signing(objs, "own-signing", monkeypatch)
+        assert not [p for p in all_pod_specs(objs).values() if MODEL_SIGNING_SECRET in secrets_read(p)]
+        assert "The secret is yours" in notes(rendered)
+        for role in find(objs, "Role", f"{RELEASE}-tls"):  # the TLS hook's, if any: not this Secret
+            assert not [r for r in role["rules"] if "own-signing" in r.get("resourceNames", [])]
+            assert not [a for a in HookRunner.args_of(objs) if a.startswith("--model-signing-secret")]
+    # cert-manager and a key of one's own: nothing left for a hook to do.
+    assert not find(objs, "Job", f"{RELEASE}-tls") and not find(objs, "Role", f"{RELEASE}-tls")
+    assert not find(objs, "NetworkPolicy", f"{RELEASE}-tls-hook")
+
+
+def test_insecure_turns_model_signing_off() -> None:
+    for values in (INSECURE, {**INSECURE, "modelSigning": {"enabled": False}}):
+        rendered = render(values)
+        objs = objects(rendered)
+        validate_all(objs)
+        assert not signing_keys_held(objs, MODEL_SIGNING_SECRET), values
+        for pod in all_pod_specs(objs).values():
+            assert "model-signing" not in {v["name"] for v in pod.get("volumes", [])}
+            for c in pod["containers"]:
+                assert not SIGNING_ENV & set(env_of(c))
+        assert not find(objs, "Job", f"{RELEASE}-tls")
+        assert "Champions are neither signed nor verified" in notes(rendered)
+
+
+def test_model_signing_enabled_false_alone_fails_and_names_insecure() -> None:
+    with pytest.raises(helm.HelmRenderError) as failure:
+        render({"modelSigning": {"enabled": False}})
+    assert "modelSigning.enabled=false alone does not turn model signing off" in str(failure.value)
+    assert "set insecure: true" in str(failure.value)
+    for values in (
+        {"modelSigning": {"enabled": False}, "insecure": False},
+        {"modelSigning": {"enabled": False, "existingSecret": "own-signing"}},
+        {"modelSigning": {"enabled": False}, "tls": {"enabled": False}},
     ):
         with pytest.raises(helm.HelmRenderError, match="set insecure: true"):  # nothing else turns it off
             render(values)

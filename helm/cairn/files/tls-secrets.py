@@ -1,10 +1,17 @@
 """The chart's TLS hook (templates/tls/hook.yaml): certificates from `cairn nats-config --tls` and
-`cairn dask-tls`, stored in Secrets. Runs in the cairn image, pre-install and pre-upgrade.
+`cairn dask-tls`, and the model-signing pair from `cairn serving keygen`, stored in Secrets. Runs in
+the cairn image, pre-install and pre-upgrade.
 
 Idempotent: when every Secret it keeps already holds a complete set whose certificates are
 valid for more than --renew-days, signed by the CA it keeps, and (NATS) names every --nats-host,
 it changes nothing. Otherwise it seeds the work folder with the CA it keeps (so the commands keep
 it: services.tls.load_or_create_ca) and reissues the leaves; --rotate-ca starts from a new CA.
+
+The model-signing pair (--model-signing-secret: private.pem, public.pem) is made once, when the
+Secret holds no private key, and never replaced after: a new key would make every champion signed
+with the old one fail to verify. Only --rotate-model-signing makes a new pair. A public.pem that is
+missing or not the private key's is derived again from private.pem (the key itself is unchanged); a
+private.pem that is not a usable EC key fails the run instead of being replaced.
 
 Talks to the API server with the pod's ServiceAccount token (standard library only), and only
 through get, create and patch of the Secrets named on the command line.
@@ -17,6 +24,7 @@ import base64
 import datetime as dt
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -27,6 +35,7 @@ from pathlib import Path
 
 SA = Path(os.environ.get("CAIRN_TLS_HOOK_SA_DIR", "/var/run/secrets/kubernetes.io/serviceaccount"))
 KEYS = ("ca.crt", "tls.crt", "tls.key")
+SIGNING_CURVES = {"secp256r1", "secp384r1", "secp521r1"}  # what model_signing's key signer takes
 
 
 class Api:
@@ -110,25 +119,84 @@ def _complete(secret: dict[str, bytes] | None) -> bool:
     return bool(secret) and all(secret.get(k) for k in KEYS)
 
 
+def _public_of(private_pem: bytes) -> bytes:
+    """The SubjectPublicKeyInfo PEM of a model-signing private key; ValueError if it is not one."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        key = serialization.load_pem_private_key(private_pem, None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in SIGNING_CURVES:
+        raise ValueError(f"{type(key).__name__} is not an EC P-256/384/521 key")
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return key.public_key().public_bytes(serialization.Encoding.PEM, spki)
+
+
+def _same_public(pem: bytes | None, expected: bytes) -> bool:
+    from cryptography.hazmat.primitives import serialization
+
+    if not pem:
+        return False
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError):
+        return False
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return key.public_bytes(serialization.Encoding.PEM, spki) == expected
+
+
+def model_signing(api: Api, name: str, rotate: bool, cairn: str, labels: dict[str, str], work: Path) -> None:
+    """The model-signing pair in Secret `name`: made once, then kept (see the module's docstring)."""
+    current = api.get(name)
+    private = (current or {}).get("private.pem")
+    if private and not rotate:
+        try:
+            public = _public_of(private)
+        except ValueError as exc:
+            raise SystemExit(
+                f"secret/{name}: private.pem is {exc}; it is not replaced on its own (a new key fails "
+                "every champion signed with the old one): delete the Secret or set modelSigning.rotate=true"
+            ) from None
+        if _same_public(current.get("public.pem"), public):
+            print(f"secret/{name}: kept (private.pem and its public.pem)")
+        else:
+            api.put(name, {"public.pem": public}, labels, exists=True)  # derived: the key is the same
+        return
+    folder = work / "model-signing"
+    subprocess.run([cairn, "serving", "keygen", "--out", str(folder)], check=True)
+    pair = {
+        "private.pem": (folder / "model-signing-private.pem").read_bytes(),
+        "public.pem": (folder / "model-signing-public.pem").read_bytes(),
+    }
+    shutil.rmtree(folder)
+    api.put(name, pair, labels, exists=current is not None)
+    if private:
+        print(f"secret/{name}: a new pair (modelSigning.rotate): champions signed before no longer verify")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--namespace", required=True)
-    p.add_argument(
-        "--ca-secret", required=True, help="keeps the CAs (and their keys): read by this hook only"
-    )
+    p.add_argument("--ca-secret", help="keeps the CAs (and their keys): read by this hook only")
     p.add_argument("--nats-secret", help="the NATS server's certificate: ca.crt, tls.crt, tls.key")
     p.add_argument("--nats-client-secret", help="the NATS clients' certificate: ca.crt, tls.crt, tls.key")
     p.add_argument("--nats-host", action="append", default=[], help="a DNS name of the NATS server")
     p.add_argument("--dask-secret", help="the Dask members' certificate: ca.crt, tls.crt, tls.key")
     p.add_argument("--renew-days", type=int, default=30)
     p.add_argument("--rotate-ca", action="store_true")
+    p.add_argument("--model-signing-secret", help="the model-signing pair: private.pem, public.pem")
+    p.add_argument("--rotate-model-signing", action="store_true", help="a new pair even if one exists")
     p.add_argument("--label", action="append", default=[], help="key=value, put on every Secret")
     p.add_argument("--cairn", default="cairn", help="the cairn command")
     a = p.parse_args(argv)
+    if (a.nats_secret or a.dask_secret) and not a.ca_secret:
+        p.error("--nats-secret and --dask-secret need --ca-secret")
     labels = dict(item.split("=", 1) for item in a.label)
     api = Api(a.namespace)
 
-    ca_secret = api.get(a.ca_secret)
+    ca_secret = api.get(a.ca_secret) if a.ca_secret else None
     ca = dict(ca_secret or {})
     if a.rotate_ca:
         ca = {}
@@ -194,13 +262,15 @@ def main(argv: list[str] | None = None) -> int:
             ca |= {"dask-ca.crt": read("ca.crt"), "dask-ca.key": read("ca.key")}
             out[a.dask_secret] = {k: read(k) for k in KEYS}
 
-    if not out:
-        return 0
-    # The CAs first: a run that stops half-way leaves the CA the next run keeps.
-    if ca != (ca_secret or {}):
-        api.put(a.ca_secret, ca, labels, exists=ca_secret is not None)
-    for name, data in out.items():
-        api.put(name, data, labels, exists=api.get(name) is not None)
+    if out:
+        # The CAs first: a run that stops half-way leaves the CA the next run keeps.
+        if ca != (ca_secret or {}):
+            api.put(a.ca_secret, ca, labels, exists=ca_secret is not None)
+        for name, data in out.items():
+            api.put(name, data, labels, exists=api.get(name) is not None)
+
+    if a.model_signing_secret:
+        model_signing(api, a.model_signing_secret, a.rotate_model_signing, a.cairn, labels, work)
     return 0
 
 

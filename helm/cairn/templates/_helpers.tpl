@@ -213,6 +213,56 @@ true
 {{- end -}}
 {{- end -}}
 
+{{/*
+OpenSSF model signing of champions (services.model_signatures), on unless `insecure: true`
+(modelSigning.enabled=false alone fails the render: cairn.validateValues). One Secret holds the
+pair: private.pem, mounted only into the service with services.<name>.signsModels (deployment:
+CAIRN_MODEL_SIGNING_KEY), and public.pem, mounted only into the inference endpoint
+(CAIRN_MODEL_VERIFY_KEY). No other pod reads it.
+*/}}
+{{- define "cairn.modelSigning" -}}
+{{- if not .Values.insecure -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- define "cairn.modelSigningSecret" -}}
+{{- default (printf "%s-model-signing" (include "cairn.fullname" .)) .Values.modelSigning.existingSecret -}}
+{{- end -}}
+
+{{/* The hook Job makes the pair: signing on, no existingSecret; in every TLS mode, cert-manager's too. */}}
+{{- define "cairn.modelSigningIssued" -}}
+{{- if and (include "cairn.modelSigning" .) (not .Values.modelSigning.existingSecret) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The hook Job runs: certificates to issue (cairn.tlsHook) or the model-signing pair to make. */}}
+{{- define "cairn.keysHook" -}}
+{{- if or (include "cairn.tlsHook" .) (include "cairn.modelSigningIssued" .) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- define "cairn.modelSigningDir" -}}/etc/cairn/model-signing{{- end -}}
+
+{{/* One key of the pair, and nothing else of the Secret (0440: the pod's fsGroup reads it):
+(dict "ctx" $ "key" "private.pem"). */}}
+{{- define "cairn.modelSigningVolume" -}}
+- name: model-signing
+  secret:
+    secretName: {{ include "cairn.modelSigningSecret" .ctx }}
+    defaultMode: 288
+    items:
+      - {key: {{ .key }}, path: {{ .key }}}
+{{- end -}}
+
+{{- define "cairn.modelSigningMount" -}}
+- name: model-signing
+  mountPath: {{ include "cairn.modelSigningDir" . }}
+  readOnly: true
+{{- end -}}
+
 {{/* NATS client TLS: the client certificate mounted at /etc/cairn/nats-tls (mode 0440). */}}
 {{- define "cairn.natsTLSDir" -}}/etc/cairn/nats-tls{{- end -}}
 
@@ -529,11 +579,13 @@ its data as the cluster holds it at install/upgrade time (`lookup`). Where looku
 
 {{/*
 checksum/* annotations of a pod, one per Secret it reads, so that a changed Secret rolls it on
-the next install/upgrade: (dict "ctx" $ "nats" true "natsServer" false "daskTLS" false "lineageDB" false).
+the next install/upgrade: (dict "ctx" $ "nats" true "natsServer" false "daskTLS" false "lineageDB" false
+"modelSigning" false).
   nats-auth   the NATS users' passwords (the generated Secret's rendered text, or an existingSecret)
   nats-tls    the NATS client certificate every client mounts (natsServer: the server's certificate)
   dask-tls    Dask's certificate (a Dask client: services.<name>.dask)
   lineage-db  lineage.database.existingSecret (the lineage store's URL: services.<name>.lineageStore)
+  model-signing  the model-signing pair (modelSigning: the signsModels service and the inference endpoint)
 */}}
 {{- define "cairn.checksums" -}}
 {{- $ := .ctx -}}
@@ -555,6 +607,9 @@ the next install/upgrade: (dict "ctx" $ "nats" true "natsServer" false "daskTLS"
 {{- if and .lineageDB $.Values.lineage.database.existingSecret -}}
 {{- $_ := set $out "checksum/lineage-db" (include "cairn.secretChecksum" (dict "ctx" $ "name" $.Values.lineage.database.existingSecret)) -}}
 {{- end -}}
+{{- if and .modelSigning (include "cairn.modelSigning" $) -}}
+{{- $_ := set $out "checksum/model-signing" (include "cairn.secretChecksum" (dict "ctx" $ "name" (include "cairn.modelSigningSecret" $))) -}}
+{{- end -}}
 {{- with $out }}{{ toYaml . }}{{ end -}}
 {{- end -}}
 
@@ -574,6 +629,9 @@ Combinations the schema cannot express; each fails the render with the reason.
 {{- end -}}
 {{- if and (not .Values.tls.enabled) (not .Values.insecure) -}}
 {{- $errors = append $errors "tls: tls.enabled=false alone does not turn TLS off (NATS and Dask would carry credentials and pickled code in the clear); to run without TLS, set insecure: true" -}}
+{{- end -}}
+{{- if and (not .Values.modelSigning.enabled) (not .Values.insecure) -}}
+{{- $errors = append $errors "modelSigning: modelSigning.enabled=false alone does not turn model signing off (the inference endpoint would serve any model whose bytes match the hash an event names, whoever chose them); to run without it, set insecure: true" -}}
 {{- end -}}
 {{- if include "cairn.tls" . -}}
 {{- if and .Values.tls.certManager.enabled (not .Values.tls.certManager.issuerRef.name) -}}
