@@ -350,7 +350,14 @@ class ModelDeployed(Contract):
     signature: ArtifactRef | None = Field(
         None,
         description="OpenSSF model signature (a Sigstore bundle, `model_signing`) of the bundle's files "
-        "laid out as bundle.json and estimator; None: deployment holds no signing key.",
+        "laid out as bundle.json and estimator, with cairn-identity.json (`identity`) when present; "
+        "None: deployment holds no signing key.",
+    )
+    identity: ArtifactRef | None = Field(
+        None,
+        description="cairn-identity.json, signed with the bundle: model name, version and the manifest's "
+        "sha256, so a signature made for one model version verifies as no other. The endpoint rebuilds "
+        "it from model_name and version rather than reading this copy (services.model_signatures).",
     )
 
 

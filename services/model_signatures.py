@@ -4,10 +4,15 @@ A hash in an event proves bytes are the ones the event names, not who chose them
 write the artifact store and publish (or rewrite) a deployment can name any bytes with their right
 hash. A signature made with a key only deployment holds closes that gap.
 
-What is signed: the bundle's two files laid out as a model directory, `bundle.json` (the manifest)
-and `estimator` (the bytes it names), the layout of the registered MLflow model's `cairn-model`
-folder. So the package's own command line checks a champion fetched from the store, with nothing
-of cairn installed:
+What is signed: a model directory of three files, `bundle.json` (the manifest), `estimator` (the
+bytes it names) and `cairn-identity.json`, which model and version they are (name, registry
+version, the manifest's sha256; `identity`). Files alone would let anyone able to publish a
+deployment or write registry tags serve a genuinely signed bundle as something it is not: an older
+version under a higher number (rollback), another model's champion under this name (substitution).
+The endpoint never reads the identity it is sent: it rebuilds it from the name and version it is
+about to serve them as, so a signature made for another name or version fails. The package's own
+command line checks a champion fetched from the store (the identity file is stored too and named
+in `model.deployed`), with nothing of cairn installed:
 
     model_signing verify key DIR --signature SIG --public_key model-signing-public.pem
 
@@ -17,20 +22,23 @@ stored in the content-addressed store and named in `model.deployed` (`signature`
 
 Keys are PEM files: CAIRN_MODEL_SIGNING_KEY (deployment), CAIRN_MODEL_VERIFY_KEY (the endpoint);
 unset, the pair `cairn up` makes in the home (`model-signing/`, the private key 0600). With a verify
-key the endpoint refuses an unsigned model and one whose signature does not verify.
+key the endpoint refuses an unsigned model and one whose signature does not verify, including one
+signed before identities were (its signature names no `cairn-identity.json`): deploy it again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from contracts import ArtifactRef
 from services.artifact_policy import ArtifactLocationError, check_artifact_uri
-from services.artifacts import ArtifactStore, read_verified
+from services.artifacts import ArtifactStore, read_verified, sha256_bytes
 from services.settings import CairnSettings
 
 SIGNATURE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -38,6 +46,9 @@ SIGNATURE_SUFFIX = ".sigstore.json"
 KEY_DIR = "model-signing"
 PRIVATE_NAME, PUBLIC_NAME = "model-signing-private.pem", "model-signing-public.pem"
 MODEL_FILES = ("bundle.json", "estimator")  # services.model_loading.MANIFEST_FILE, ESTIMATOR_FILE
+IDENTITY_FILE = "cairn-identity.json"
+IDENTITY_FORMAT = "cairn.identity.v1"
+IDENTITY_MEDIA_TYPE = "application/vnd.cairn.identity+json"
 
 
 class SignatureRefused(ValueError):
@@ -143,13 +154,37 @@ def ensure_home_keys(settings: CairnSettings) -> Path | None:
     return public
 
 
+# Identity -----------------------------------------------------------------------------------------
+def identity(model_name: str, version: int, manifest: bytes) -> bytes:
+    """The canonical bytes of `cairn-identity.json`: one line of compact JSON, keys sorted.
+
+    Both sides build it from what they know (deployment: the version it registered; the endpoint:
+    the name and version it will serve as), so the bytes must follow from those values alone.
+    """
+    doc = {
+        "format": IDENTITY_FORMAT,
+        "model_name": model_name,
+        "version": version,
+        "bundle_sha256": sha256_bytes(manifest),
+    }
+    return (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+
+def signed_files(files: Mapping[str, bytes], model_name: str, version: int) -> dict[str, bytes]:
+    """The model directory a champion's signature covers: the bundle's two files and its identity."""
+    bundle = {name: files[name] for name in MODEL_FILES}
+    return {**bundle, IDENTITY_FILE: identity(model_name, version, files[MODEL_FILES[0]])}
+
+
 # Signing and verifying --------------------------------------------------------------------------
 def _layout(files: Mapping[str, bytes], folder: Path) -> Path:
-    """The model directory that is signed: exactly the bundle's two files, nothing else."""
+    """The model directory that is signed: exactly these files (plain names), nothing else."""
     model = folder / "model"
     model.mkdir()
-    for name in MODEL_FILES:
-        (model / name).write_bytes(files[name])
+    for name, data in files.items():
+        if Path(name).name != name or name.startswith("."):
+            raise ValueError(f"{name!r}: a model file is a plain name")
+        (model / name).write_bytes(data)
     return model
 
 
@@ -175,7 +210,21 @@ def verify(files: Mapping[str, bytes], signature: bytes, public_key: Path) -> No
                 model, path
             )
         except Exception as exc:  # noqa: BLE001 - any failure to verify is a refusal, said briefly
-            raise SignatureRefused(f"signature does not verify: {brief(exc)}") from None
+            raise SignatureRefused(f"signature does not verify: {refusal_reason(exc, files)}") from None
+
+
+def refusal_reason(exc: Exception, files: Mapping[str, bytes]) -> str:
+    """brief(exc), saying so when the identity is what differs: a bundle signed as another model or
+    version (rollback, substitution), or one signed before identities were (no identity file)."""
+    text = brief(exc)
+    if IDENTITY_FILE not in text or IDENTITY_FILE not in files:
+        return text
+    try:
+        expected = json.loads(files[IDENTITY_FILE])
+        wanted = f"{expected['model_name']} v{expected['version']}"
+    except (ValueError, KeyError, TypeError):
+        wanted = "the model served"
+    return f"identity mismatch: not signed as {wanted} ({text})"[:500]
 
 
 def brief(exc: Exception) -> str:
@@ -189,13 +238,28 @@ def brief(exc: Exception) -> str:
     return text[:500]
 
 
-def sign_bundle(files: Mapping[str, bytes], settings: CairnSettings) -> ArtifactRef | None:
-    """Deployment's step: sign the verified bundle files and store the signature; None without a key."""
+@dataclass(frozen=True)
+class Signed:
+    """What deployment stored for one champion: the signature and the identity file it covers."""
+
+    signature: ArtifactRef
+    identity: ArtifactRef
+
+
+def sign_bundle(
+    files: Mapping[str, bytes], model_name: str, version: int, settings: CairnSettings
+) -> Signed | None:
+    """Deployment's step, once the registry has given the version: sign the verified bundle files
+    with their identity (`signed_files`) and store both; None without a key."""
     key = signing_key(settings)
     if key is None:
         return None
-    signature = sign(files, key)
-    return ArtifactStore(settings.artifacts).put_bytes(signature, SIGNATURE_MEDIA_TYPE, SIGNATURE_SUFFIX)
+    folder = signed_files(files, model_name, version)
+    store = ArtifactStore(settings.artifacts)
+    return Signed(
+        signature=store.put_bytes(sign(folder, key), SIGNATURE_MEDIA_TYPE, SIGNATURE_SUFFIX),
+        identity=store.put_bytes(folder[IDENTITY_FILE], IDENTITY_MEDIA_TYPE, ".json"),
+    )
 
 
 def registry_signature(uri: str, sha256: str) -> ArtifactRef | None:
@@ -215,7 +279,8 @@ def check(
     public_key: Path | None,
     settings: CairnSettings,
 ) -> None:
-    """The endpoint's rule: with a verify key a model must come signed, and the signature must verify.
+    """The endpoint's rule: with a verify key a model must come signed, and the signature must verify
+    on exactly `files` (for a champion: `signed_files`, the identity rebuilt by the endpoint).
 
     The signature is read only from the store (location-checked) and only with its hash right.
     """
@@ -228,3 +293,16 @@ def check(
     except (ArtifactLocationError, FileNotFoundError, OSError, RuntimeError) as exc:
         raise SignatureRefused(f"signature unreadable: {type(exc).__name__}: {exc}"[:500]) from None
     verify(files, data, public_key)
+
+
+def check_champion(
+    files: Mapping[str, bytes],
+    model_name: str,
+    version: int,
+    signature: ArtifactRef | None,
+    public_key: Path | None,
+    settings: CairnSettings,
+) -> None:
+    """`check` on the bundle files as model `model_name` version `version`: the identity is the one
+    the endpoint is about to serve them as, never one an event or a registry tag supplies."""
+    check(signed_files(files, model_name, version), signature, public_key, settings)

@@ -214,6 +214,12 @@ class Tracker:
         )
         return int(mv.version)
 
+    def set_signature(self, model_name: str, version: int, signature: Any) -> None:
+        """Tag a version with its model signature (an ArtifactRef): made after registration, since
+        the signature binds the version number only the registry assigns."""
+        for key, value in ((SIGNATURE_URI_TAG, signature.uri), (SIGNATURE_SHA_TAG, signature.sha256)):
+            self.client.set_model_version_tag(model_name, str(version), key, value)
+
     def _log_files(self, run_id: str, files: Mapping[str, bytes]) -> None:
         """Same names, same bytes on a redelivery: logging again overwrites with identical content."""
         with tempfile.TemporaryDirectory(prefix="cairn-bundle-") as tmp:

@@ -4,12 +4,16 @@ nats-server, MLflow on SQLite, every service, the endpoint) on a fresh home, one
 The attacker here can write the artifact store and publish a deployment (the test holds the admin
 credentials): the hashes in an event then prove nothing, since the attacker names the hashes. Only
 the signature, made with the key deployment holds, tells the endpoint which bytes were chosen.
-Also here: the v2 route `/v2/models/NAME/versions/V/...` answers version V or 404.
+The signature also binds which model and version the files are (`cairn-identity.json`), so a
+genuinely signed bundle cannot be redeployed as a later version of itself (rollback) or under another
+model's name (substitution). Also here: the v2 route `/v2/models/NAME/versions/V/...` answers
+version V or 404.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import stat
 import subprocess
@@ -25,15 +29,19 @@ from harness.stream import StreamLog
 from services import model_signatures
 from services.artifacts import ArtifactStore, sha256_bytes
 from services.bus.connection import connect
+from services.serving.app import InferenceServer
 from services.serving.logic import version_problem
 from services.settings import CairnSettings
+from services.tracking import Tracker
 from tests.test_journeys import cairn, user_env, wait_until, write_table
 
 MODEL = "signed"
+OTHER = "other-signed"  # a second model line, for the substitution attack
 ROW = {"x1": 0.5, "x2": 3.0, "colour": "red"}
 SMALL = ["--families", "linear", "--trials", "1", "--strategy", "random", "--max-budget", "3"]
 MODEL_SIGNING_CLI = str(Path(sys.executable).with_name("model_signing"))
 REFUSED = ModelRefused.EVENT_TYPE
+Refused = model_signatures.SignatureRefused
 
 
 def admin_settings(home: Path) -> CairnSettings:
@@ -156,6 +164,16 @@ def test_the_model_signing_cli_verifies_a_champion_fetched_from_the_store(system
     champion.mkdir()
     for name, data in _champion_files(deployed).items():
         (champion / name).write_bytes(data)
+    identity = deployed.get("identity")
+    assert identity, "the identity file the signature covers is stored and named in the event"
+    stored_identity = _path(identity["uri"]).read_bytes()
+    assert sha256_bytes(stored_identity) == identity["sha256"]
+    # The documented recipe (docs/SERVING.md), without cairn: the same bytes as the stored copy.
+    recipe = {"bundle_sha256": deployed["model"]["sha256"], "format": "cairn.identity.v1",
+              "model_name": MODEL, "version": deployed["version"]}  # fmt: skip
+    assert stored_identity == (json.dumps(recipe, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    (champion / "cairn-identity.json").write_bytes(stored_identity)
+    assert sorted(p.name for p in champion.iterdir()) == ["bundle.json", "cairn-identity.json", "estimator"]
     sig = tmp_path / "champion.sig"
     sig.write_bytes(_path(signature["uri"]).read_bytes())
     assert sha256_bytes(sig.read_bytes()) == signature["sha256"]
@@ -170,6 +188,13 @@ def test_the_model_signing_cli_verifies_a_champion_fetched_from_the_store(system
     ok = verify(champion)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "succeeded" in (ok.stdout + ok.stderr).lower()
+    later = {**recipe, "version": deployed["version"] + 1}  # the same files, claimed as another version
+    (champion / "cairn-identity.json").write_bytes(
+        (json.dumps(later, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    )
+    relabelled = verify(champion)
+    assert relabelled.returncode != 0 and "cairn-identity.json" in relabelled.stdout + relabelled.stderr
+    (champion / "cairn-identity.json").write_bytes(stored_identity)
     (champion / "estimator").write_bytes(_one_digit_changed((champion / "estimator").read_bytes()))
     bad = verify(champion)
     assert bad.returncode != 0 and "estimator" in bad.stdout + bad.stderr, "one byte changed: it fails"
@@ -239,6 +264,72 @@ def test_an_unsigned_champion_is_refused(system) -> None:
     assert _served(url) == before
     history = _history(s, unsigned_id[:8])
     assert f"v{deployed['version'] + 10} not served" in history and "reason: unsigned" in history
+
+
+# Identity: a genuine signature names the model and version it was made for ------------------------
+@pytest.mark.slow
+def test_a_signed_older_version_redeployed_as_a_later_one_is_refused(system) -> None:
+    """Rollback: v1's own bundle and signature, every byte genuine, announced as a later version."""
+    s = system
+    settings, deployed, url = s["settings"], s["deployed"].data, s["serve_url"]
+    before = _served(url)
+    old_bundle = ArtifactRef.model_validate(deployed["model"])
+    old_signature = ArtifactRef.model_validate(deployed["signature"])
+    later = deployed["version"] + 20
+    rollback_id = asyncio.run(_deploy(settings, deployed, later, old_bundle, old_signature))
+    refused = asyncio.run(_refusal(settings, rollback_id))
+    assert refused["version"] == later and refused["served_version"] == deployed["version"], refused
+    assert "signature does not verify: identity mismatch" in refused["reason"], refused
+    assert f"not signed as {MODEL} v{later}" in refused["reason"], refused
+    assert "cairn-identity.json" in refused["reason"], refused
+    assert _served(url) == before, "the endpoint kept serving the champion it had"
+    history = _history(s, rollback_id[:8])
+    assert f"v{later} not served, the endpoint keeps v{deployed['version']}" in history
+    assert "identity mismatch" in history
+
+    # At start the champion comes from the registry: tags rewritten so that a later version names
+    # v1's bundle and signature are refused the same way, by the endpoint's own start path.
+    tracker = Tracker.from_settings(settings)
+    champion = tracker.champion(MODEL)
+    assert champion is not None and champion.version == deployed["version"] and champion.signature_uri
+    server = InferenceServer(settings)
+    server.verify_key = model_signatures.home_keys(CairnSettings(home=s["home"]))[1]
+    assert server._load_champion(MODEL, champion, tracker).ref.sha256 == old_bundle.sha256
+    with pytest.raises(Refused, match=f"identity mismatch: not signed as {MODEL} v{later}"):
+        server._load_champion(MODEL, dataclasses.replace(champion, version=later), tracker)
+    with pytest.raises(Refused, match=f"identity mismatch: not signed as {OTHER} v"):
+        server._load_champion(OTHER, champion, tracker)
+
+
+@pytest.mark.slow
+def test_another_models_signed_champion_under_this_name_is_refused(system) -> None:
+    """Substitution: a second model line's champion, genuinely signed, deployed as this model."""
+    s = system
+    settings, deployed, url = s["settings"], s["deployed"].data, s["serve_url"]
+    data = write_table(s["root"] / "other-data")
+    run = cairn(
+        "submit", str(data), "--target", "price", "--model-name", OTHER, *SMALL,
+        "--wait", "--timeout", "300", env=s["env"], cwd=s["root"], timeout=330,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    log = StreamLog(settings)
+    asyncio.run(log.poll())
+    other = [r.data for r in log.of_type(ModelDeployed.EVENT_TYPE) if r.data["model_name"] == OTHER][-1]
+    assert other["signature"], "deployment signed the other model's champion too"
+    # Its own endpoint line serves it: the identity it was signed with is the one it is served as.
+    wait_until(lambda: OTHER in httpx.get(url + "/v1/models", timeout=10).json(), 60, f"{OTHER} served")
+    before = _served(url)
+
+    later = deployed["version"] + 30
+    other_bundle = ArtifactRef.model_validate(other["model"])
+    other_signature = ArtifactRef.model_validate(other["signature"])
+    swapped_id = asyncio.run(_deploy(settings, deployed, later, other_bundle, other_signature))
+    refused = asyncio.run(_refusal(settings, swapped_id))
+    assert refused["model_name"] == MODEL and refused["model"]["sha256"] == other_bundle.sha256, refused
+    assert "signature does not verify: identity mismatch" in refused["reason"], refused
+    assert f"not signed as {MODEL} v{later}" in refused["reason"], refused
+    assert refused["served_version"] == deployed["version"]
+    assert _served(url) == before, "the endpoint kept serving this model's own champion"
 
 
 # The serve user may publish its refusals, and only those of the log ------------------------------
@@ -343,3 +434,27 @@ def test_the_signature_check_refuses_what_an_attacker_would_try(tmp_path: Path) 
 
         audit_private, _ = audit_keygen(tmp_path / "audit")
         model_signatures.signing_key(settings.model_copy(update={"model_signing_key": audit_private}))
+
+
+def test_a_signature_binds_the_model_name_and_version(tmp_path: Path) -> None:
+    """The endpoint's rule on real files and the real library: files signed as `m` v1 verify only as
+    `m` v1; a signature over the files alone (from before identities) verifies as nothing."""
+    settings = CairnSettings(home=tmp_path / "home", artifacts_url=(tmp_path / "store").as_uri())
+    private, public = model_signatures.keygen(tmp_path / "keys")
+    files = {"bundle.json": b'{"format": "cairn.model.v1"}', "estimator": b'{"coef": [1.25, 3.5]}'}
+    signer = settings.model_copy(update={"model_signing_key": private})
+    signed = model_signatures.sign_bundle(files, "m", 1, signer)
+    assert signed is not None
+    identity = json.loads(_path(signed.identity.uri).read_bytes())
+    assert identity == {"format": "cairn.identity.v1", "model_name": "m", "version": 1,
+                        "bundle_sha256": sha256_bytes(files["bundle.json"])}  # fmt: skip
+    model_signatures.check_champion(files, "m", 1, signed.signature, public, settings)
+
+    for name, version in [("m", 2), ("other", 1)]:
+        with pytest.raises(Refused, match=f"identity mismatch: not signed as {name} v{version}"):
+            model_signatures.check_champion(files, name, version, signed.signature, public, settings)
+    store = ArtifactStore(settings.artifacts)
+    media = model_signatures.SIGNATURE_MEDIA_TYPE
+    legacy = store.put_bytes(model_signatures.sign(files, private), media, ".sig")
+    with pytest.raises(Refused, match="identity mismatch"):  # signed before identities: files only
+        model_signatures.check_champion(files, "m", 1, legacy, public, settings)

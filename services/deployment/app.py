@@ -7,19 +7,21 @@ goes back to evaluation as an `evaluation-requested` event, to be decided agains
 champion: a challenger is never promoted on evidence about a champion that is no longer there.
 
 With a signing key (services.model_signatures) every deployed bundle is signed with OpenSSF model
-signing; the signature is stored beside it and named in `model.deployed`, so the endpoint can tell
-the bundle deployment chose from bytes someone else put in the store under a right hash.
+signing, together with its identity (model name and the registry version): so it is signed once the
+registry has given the version, and tagged on that version before the alias can move to it. The
+signature is stored beside it and named in `model.deployed`, so the endpoint can tell the bundle
+deployment chose, as that model and version, from bytes someone else put in the store under a right
+hash or named under another version or name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from contracts import (
-    ArtifactRef,
     DeploymentFailed,
     Envelope,
     EvaluationRequested,
@@ -32,7 +34,7 @@ from services.bus.consumer import Delivery, PermanentError
 from services.deployment.lock import ChampionLock, settle_alias
 from services.deployment.logic import Action, ChampionRecord, decide, deployed, reevaluation
 from services.model_loading import UnusableModel, bundle_files
-from services.model_signatures import sign_bundle, signing_key
+from services.model_signatures import Signed, sign_bundle, signing_key
 from services.runtime import Route, Service
 from services.tracking import Tracker
 
@@ -54,16 +56,25 @@ def same_as_champion(evaluated: ModelEvaluated) -> bool:
     return evaluated.champion is not None and evaluated.champion.model_sha256 == evaluated.model.sha256
 
 
+Signer = Callable[[int], Signed | None]  # the bundle signed as version V of its model (blocking)
+
+
+def no_signer(_: int) -> Signed | None:
+    return None
+
+
 async def promote(
     event: Envelope[ModelEvaluated],
     files: dict[str, bytes],
     lock: ChampionLock,
     tracker: Tracker,
-    signature: ArtifactRef | None = None,
+    sign: Signer = no_signer,
 ) -> ModelDeployed | EvaluationRequested:
     """Move the champion to this model if the decision was made against the current one.
 
     At most two rounds: a lost compare-and-set means the record moved, so the decision is stale.
+    The signature binds the version, so it is made for the version this decision announces: a new
+    one is registered first, then signed and tagged, and only then may the record and alias move.
     """
     evaluated = event.data
     name = evaluated.context.model_name
@@ -86,7 +97,7 @@ async def promote(
             # The champion itself, computed again (a resubmission): no new version, no churn.
             assert current is not None
             record = ChampionRecord(current, evaluated.model.sha256, event.id, current)
-            return deployed(event, record, signature)
+            return deployed(event, record, await asyncio.to_thread(sign, current))
         if action is Action.DEPLOY:
             version = await asyncio.to_thread(
                 tracker.register,
@@ -97,15 +108,20 @@ async def promote(
                 evidence_event_id=event.id,
                 size=evaluated.model.size,
                 files=files,
-                signature=(signature.uri, signature.sha256) if signature else None,
             )
+            signed = await asyncio.to_thread(sign, version)
+            if signed is not None:  # before the alias can name the version: a start verifies it
+                await asyncio.to_thread(tracker.set_signature, name, version, signed.signature)
             record = ChampionRecord(version, evaluated.model.sha256, event.id, current)
             if not await lock.swap(name, record, revision):
                 continue
+        else:  # ALREADY: a redelivery; the version was signed and tagged before the record moved
+            assert record is not None
+            signed = await asyncio.to_thread(sign, record.version)
         # This decision moved the champion (now or on an earlier delivery). Should a newer one have
         # beaten it meanwhile, the alias ends on that one: settle_alias follows the record.
         await settle_alias(lock, tracker, name)
-        return deployed(event, record, signature)
+        return deployed(event, record, signed)
 
 
 class Deployment(Service[Tracker]):
@@ -135,6 +151,9 @@ class Deployment(Service[Tracker]):
             return []
         name = evaluated.context.model_name
         files = await asyncio.to_thread(verified_files, evaluated, self.settings)
-        signature = await asyncio.to_thread(sign_bundle, files, self.settings)  # None without a key
-        outcome = await promote(event, files, await self._lock(), self.context, signature)
+
+        def sign(version: int) -> Signed | None:  # None without a key
+            return sign_bundle(files, name, version, self.settings)
+
+        outcome = await promote(event, files, await self._lock(), self.context, sign)
         return [new_event(outcome, source=self.source, cause=event, subject=name)]

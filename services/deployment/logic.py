@@ -8,13 +8,13 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 
 from contracts import (
-    ArtifactRef,
     DeploymentFailed,
     Envelope,
     EvaluationRequested,
     ModelDeployed,
     ModelEvaluated,
 )
+from services.model_signatures import Signed
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,10 @@ def decide(
 
 
 def deployed(
-    event: Envelope[ModelEvaluated], record: ChampionRecord, signature: ArtifactRef | None = None
+    event: Envelope[ModelEvaluated], record: ChampionRecord, signed: Signed | None = None
 ) -> ModelDeployed:
     """The champion moved (now or on an earlier delivery of `event`) to the record's version;
-    `signature`: the model signature of its bundle, when deployment holds a signing key."""
+    `signed`: its bundle signed as that version, when deployment holds a signing key."""
     evaluated = event.data
     return ModelDeployed(
         model_name=evaluated.context.model_name,
@@ -68,7 +68,8 @@ def deployed(
         mlflow_run_id=evaluated.mlflow_run_id,
         metrics=evaluated.metrics,
         evidence_event_id=event.id,
-        signature=signature,
+        signature=signed.signature if signed else None,
+        identity=signed.identity if signed else None,
     )
 
 

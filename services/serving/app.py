@@ -3,7 +3,8 @@
 A request takes a reference to the model it started with; a swap replaces the reference only
 after the new bundle is loaded and verified, so in-flight requests finish on the old model and
 no request sees a half-loaded one. With a verify key (CAIRN_MODEL_VERIFY_KEY, or the home's from
-`cairn up`) a bundle is served only with a model signature that verifies (services.model_signatures);
+`cairn up`) a bundle is served only with a model signature that verifies (services.model_signatures)
+on its files and on the identity it is served as (name and version, rebuilt here, never read);
 a champion refused for any reason leaves the old one serving and is published as `model.refused`.
 Each model has its own micro-batcher (services.serving.batching):
 concurrent requests share one predict call. Several worker processes (CAIRN_SERVE_WORKERS) each
@@ -132,26 +133,34 @@ class InferenceServer:
         self.verify_key = None  # the model-signing public key; None: signatures are not checked
 
     # Model state --------------------------------------------------------------------------
-    def _load(self, ref: ArtifactRef, signature: ArtifactRef | None) -> LoadedModel:
+    def _load(self, name: str, version: int, ref: ArtifactRef, signature: ArtifactRef | None) -> LoadedModel:
         """Only from the artifact store, only bytes that match their hash, never a pickle.
 
         The URIs come from events: the bundle's and its estimator's are checked against the store
         before anything is fetched (no request to an address an event names), then every byte is
         hash-verified and parsed as JSON / XGBoost UBJSON (services.model_loading).
         """
-        return self._verified(ref, bundle_files(ref, self.settings), signature)
+        return self._verified(name, version, ref, bundle_files(ref, self.settings), signature)
 
-    def _load_champion(self, champion: Champion, tracker: Tracker) -> LoadedModel:
-        """The registry's champion, held to the same signature rule as a deployment."""
+    def _load_champion(self, name: str, champion: Champion, tracker: Tracker) -> LoadedModel:
+        """The registry's champion, held to the same signature rule as a deployment: signed as this
+        registered model's name and the version the alias names (tags rewritten to name another
+        version's bundle and signature do not verify)."""
         files = champion_files(champion, tracker, self.settings)
         signature = model_signatures.registry_signature(champion.signature_uri, champion.signature_sha256)
-        return self._verified(champion_ref(champion), files, signature)
+        return self._verified(name, champion.version, champion_ref(champion), files, signature)
 
     def _verified(
-        self, ref: ArtifactRef, files: dict[str, bytes], signature: ArtifactRef | None
+        self,
+        name: str,
+        version: int,
+        ref: ArtifactRef,
+        files: dict[str, bytes],
+        signature: ArtifactRef | None,
     ) -> LoadedModel:
-        """The signature is checked on the very bytes that are then parsed and served."""
-        model_signatures.check(files, signature, self.verify_key, self.settings)
+        """The signature is checked on the very bytes that are then parsed and served, as the very
+        name and version they will be served as (the identity is rebuilt from those, not read)."""
+        model_signatures.check_champion(files, name, version, signature, self.verify_key, self.settings)
         return from_bytes(ref, files[MANIFEST_FILE], files[ESTIMATOR_FILE])
 
     def _ready(self, name: str, version: int, model: LoadedModel) -> Served:
@@ -187,7 +196,8 @@ class InferenceServer:
         champions = await asyncio.to_thread(tracker.champions)
         for name, champ in champions.items():
             try:
-                await self.swap(name, champ.version, functools.partial(self._load_champion, champ, tracker))
+                load = functools.partial(self._load_champion, name, champ, tracker)
+                await self.swap(name, champ.version, load)
             except Exception as exc:  # noqa: BLE001 - one unusable champion must not keep the others down
                 try:
                     model = champion_ref(champ)
@@ -208,7 +218,8 @@ class InferenceServer:
         d = event.data
         ref = ArtifactRef(uri=d.model.uri, sha256=d.model.sha256, size=0, media_type=BUNDLE_MEDIA_TYPE)
         try:
-            await self.swap(d.model_name, d.version, functools.partial(self._load, ref, d.signature))
+            load = functools.partial(self._load, d.model_name, d.version, ref, d.signature)
+            await self.swap(d.model_name, d.version, load)
         except Exception as exc:  # noqa: BLE001 - refused, whatever the cause: the old champion stays
             await self.refuse(d.model_name, d.version, d.model, d.signature, why(exc), cause=event)
 
