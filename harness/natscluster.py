@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,11 +75,21 @@ class NatsCluster:
     """One server on each of `hosts` (three for a cluster, one for a server on a host of its own);
     `urls` is the seed list every client is given."""
 
-    def __init__(self, hosts: Hosts, workdir: Path, name: str = "cairn", lame_duck_s: float = 30.0):
+    def __init__(
+        self,
+        hosts: Hosts,
+        workdir: Path,
+        name: str = "cairn",
+        lame_duck_s: float = 30.0,
+        members: Sequence[Host] | None = None,
+    ):
+        """`members`: the hosts this cluster's servers run on (default: all of `hosts`), so two
+        clusters can share one Hosts."""
         self.hosts = hosts
         self.name = name
         self.lame_duck_s = lame_duck_s
-        self.servers = [ClusterServer(f"n{i}", h, Path(workdir) / f"n{i}") for i, h in enumerate(hosts)]
+        on = list(members) if members is not None else list(hosts)
+        self.servers = [ClusterServer(f"n{i}", h, Path(workdir) / f"n{i}") for i, h in enumerate(on)]
 
     @property
     def urls(self) -> str:

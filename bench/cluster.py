@@ -1,0 +1,200 @@
+"""Beyond one host, in figures: what replication costs and what a leader's death costs.
+
+Three nats-server processes, each on its own host (a network namespace, harness/hosts.py), joined
+by routes, every write fsynced (as in production). Figures, each side run once per round, rounds
+interleaved (bench/repeat.py), medians with their spread:
+
+- `events_per_s`: N 1 KB events published pipelined (publish_async, PubAcks gathered) into an R1
+  stream and into an R3 stream on the same cluster; the R3/R1 ratio is what the copies cost.
+- `trials_per_s`: the same 40-trial study (every cairn service, Dask local) on a system whose
+  stream and buckets are R1 against one whose are R3, each on its own three-host cluster, both up
+  at once; trials per second from the first trial-completed to the last.
+- `leader_kill`: during an R3 study the stream leader is SIGKILLed once 10 trials completed (and
+  started again 10 s later); `recovery_s` is the longest gap between two trial completions minus
+  the median longest gap of the unharmed R3 studies: what the failover costs the study.
+
+    .venv/bin/python bench/cluster.py [--events 3000] [--repeats 3] [--trials 40]
+
+Needs root (network namespaces), as CI has. Output: JSON on stdout and bench/results/cluster.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.repeat import column, interleave, ratio_spread, rounded, spread  # noqa: E402
+from contracts import DataArrived, ModelFamily, SearchStrategy, TuningSpec, new_event  # noqa: E402
+from harness.hosts import Hosts  # noqa: E402
+from harness.natscluster import NatsCluster  # noqa: E402
+from harness.stream import StreamLog  # noqa: E402
+from harness.system import System, start_system  # noqa: E402
+from services.bus.connection import connect  # noqa: E402
+from services.settings import CairnSettings  # noqa: E402
+
+PAYLOAD = b"x" * 1024
+
+
+async def publish_rate(urls: str, stream: str, events: int) -> dict[str, float]:
+    """Events per second into `stream`, pipelined: every publish sent, then every PubAck awaited."""
+    nc = await connect(CairnSettings(nats_url=urls))
+    js = nc.jetstream()
+    await js.purge_stream(stream)
+    start = time.perf_counter()
+    futures = [await js.publish_async(f"{stream.lower()}.e", PAYLOAD) for _ in range(events)]
+    await asyncio.gather(*futures)
+    took = time.perf_counter() - start
+    await nc.close()
+    return {"events_per_s": events / took}
+
+
+def table(folder: Path, rows: int = 3000) -> Path:
+    import numpy as np
+    import pandas as pd
+
+    path = folder / "cluster-bench.csv"
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(rows, 6))
+    frame = pd.DataFrame(x, columns=[f"x{i}" for i in range(6)])
+    frame["y"] = x[:, 0] * 2 - x[:, 1] + np.sin(x[:, 2]) + rng.normal(scale=0.2, size=rows)
+    frame.to_csv(path, index=False)
+    return path
+
+
+async def study(system: System, csv: Path, trials: int, during: Any = None) -> dict[str, Any]:
+    """One study from arrival to deployment; trial completion times; `during(log)` runs alongside."""
+    spec = TuningSpec(
+        trials=trials, families=[ModelFamily.xgboost], strategy=SearchStrategy.random, max_budget=60
+    )
+    event = new_event(
+        DataArrived(uri=csv.as_uri(), target="y", model_name=f"bench-{time.monotonic_ns()}", tuning=spec),
+        source="/bench/cluster",
+    )
+    log = StreamLog(system.settings)
+    await log.poll()
+    nc = await connect(system.settings, "bench")
+    await nc.jetstream().publish("cairn.data.arrived.v1", event.encode(), headers={"Nats-Msg-Id": event.id})
+    await nc.close()
+    side = asyncio.create_task(during(log, event.id)) if during else None
+    terminal = await log.wait(lambda lg: lg.terminal(event.id), 600, "the study's end")
+    if side:
+        await side
+    studies = {r.data["study_id"] for r in log.run(event.id) if r.type == "cairn.tuning.requested.v1"}
+    times = sorted(
+        r.ts.timestamp() for r in log.of_type("cairn.trial.completed.v1") if r.data["study_id"] in studies
+    )
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    return {
+        "deployed": terminal.type == "cairn.model.deployed.v1",
+        "trials": len(times),
+        "trials_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0,
+        "max_gap_s": max(gaps, default=0.0),
+        "median_gap_s": statistics.median(gaps) if gaps else 0.0,
+    }
+
+
+async def leader_killer(cluster: NatsCluster, system: System, after: int):
+    """A `during` for `study`: once `after` trials of the run completed, SIGKILL the stream leader
+    and start it again 10 s later (the fault tests/test_scale_out.py survives)."""
+
+    async def kill(log: StreamLog, run: str) -> None:
+        def enough(lg: StreamLog) -> bool:
+            studies = {r.data["study_id"] for r in lg.run(run) if r.type == "cairn.tuning.requested.v1"}
+            return sum(r.data["study_id"] in studies for r in lg.of_type("cairn.trial.completed.v1")) >= after
+
+        await log.wait(enough, 300, f"{after} trials")
+        nc = await connect(system.settings, "bench")
+        try:
+            leader = (await nc.jetstream().stream_info(system.settings.stream)).cluster.leader
+        finally:
+            await nc.close()
+        victim = cluster.server(leader)
+        cluster.kill(victim)
+        await asyncio.sleep(10)  # the fault's length
+        await asyncio.to_thread(cluster.start_server, victim)
+
+    return kill
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=3000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=40)
+    args = parser.parse_args()
+    out: dict[str, Any] = {"events": args.events, "repeats": args.repeats, "trials": args.trials}
+    with tempfile.TemporaryDirectory() as tmp, Hosts(6) as hosts:
+        work = Path(tmp)
+        csv = table(work)
+        # Two clusters of three hosts each: the buckets have fixed names, so an R1 system and an R3
+        # system cannot share one cluster; both run at once so their studies can be interleaved.
+        clusters = {
+            "R1": NatsCluster(hosts, work / "nats-r1", name="r1", members=hosts.hosts[:3]).start(),
+            "R3": NatsCluster(hosts, work / "nats-r3", name="r3", members=hosts.hosts[3:]).start(),
+        }
+        systems: dict[str, System] = {}
+        try:
+            urls = clusters["R3"].urls
+            nc = await connect(CairnSettings(nats_url=urls))
+            js = nc.jetstream()
+            await js.add_stream(name="R1", subjects=["r1.>"], num_replicas=1)
+            await js.add_stream(name="R3", subjects=["r3.>"], num_replicas=3)
+            await nc.close()
+            rates = await interleave(
+                {r: (lambda r=r: publish_rate(urls, r, args.events)) for r in ("R1", "R3")}, args.repeats
+            )
+            out["events_per_s"] = {r: spread(column(rows, "events_per_s")) for r, rows in rates.items()}
+            out["events_per_s"]["r3_over_r1"] = ratio_spread(
+                column(rates["R3"], "events_per_s"), column(rates["R1"], "events_per_s")
+            )
+            for name, cluster in clusters.items():
+                systems[name] = await asyncio.to_thread(
+                    start_system,
+                    work / f"home-{name}",
+                    nats_url=cluster.urls,
+                    stream_replicas=int(name[1]),
+                    dask_workers=2,
+                    serve=False,
+                    allowed_roots=[str(work)],
+                )
+            runs = await interleave(
+                {name: (lambda s=system: study(s, csv, args.trials)) for name, system in systems.items()},
+                args.repeats,
+            )
+            out["trials_per_s"] = {name: spread(column(rows, "trials_per_s")) for name, rows in runs.items()}
+            out["trials_per_s"]["r3_over_r1"] = ratio_spread(
+                column(runs["R3"], "trials_per_s"), column(runs["R1"], "trials_per_s")
+            )
+            out["all_deployed"] = all(row["deployed"] for rows in runs.values() for row in rows)
+            killed = await study(
+                systems["R3"], csv, args.trials, await leader_killer(clusters["R3"], systems["R3"], 10)
+            )
+            unharmed = column(runs["R3"], "max_gap_s")
+            out["leader_kill"] = {
+                **killed,
+                "max_gap_unharmed_s": spread(unharmed),
+                "recovery_s": killed["max_gap_s"] - statistics.median(unharmed),
+            }
+        finally:
+            for system in systems.values():
+                system.stop()
+            for cluster in clusters.values():
+                cluster.close()
+    doc = rounded(out)
+    results = Path(__file__).with_name("results")
+    results.mkdir(exist_ok=True)
+    (results / "cluster.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(doc, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
