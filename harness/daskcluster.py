@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -299,11 +300,14 @@ class DaskHosts:
         self._release_address(dead)
         return dead
 
-    def move_scheduler(self, to: Host, timeout: float = 60.0) -> None:
-        """Kill the scheduler's host, give the Service address to `to`, start a new scheduler there.
+    def move_scheduler(self, to: Host, down_s: float = 0.0, timeout: float = 60.0) -> None:
+        """Kill the scheduler's host, give the Service address to `to`, start a new scheduler there
+        (`down_s` later: how long the new pod takes to be scheduled and pull its image).
         The workers lose their scheduler and exit; the kubelet starts them again, and they register
         with the new one at the same address."""
         self.kill_scheduler_host()
+        if down_s:
+            time.sleep(down_s)  # the outage's length
         self.scheduler_host = to
         self._hold_address(to)
         self._flush_neighbours()

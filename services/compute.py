@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask
@@ -60,6 +60,26 @@ class Compute:
     client: Client
     close: Callable[[], Awaitable[None]]
     description: str
+    # A remote scheduler: how to connect again. Dask's client retries a lost scheduler for its
+    # connect timeout (30 s) and then closes for good; a scheduler pod rescheduled after its node
+    # died takes longer than that, and every trial would then fail on the closed client.
+    reopen: Callable[[], Awaitable[Client]] | None = None
+    _reopening: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def live_client(self) -> Client:
+        """The client, connected again first if Dask closed it after losing the scheduler (an
+        OSError or TimeoutError while the scheduler is still away: retried by the bus policy)."""
+        if self.reopen is None or self.client.status in LIVE:
+            return self.client
+        async with self._reopening:
+            if self.client.status not in LIVE:
+                self.client = await self.reopen()
+        return self.client
+
+
+# A client that gave up is "closing", then "closed": a task submitted while it is closing is
+# dropped without an error (its future never completes), so only these count as live.
+LIVE = ("running", "connecting", "newly-created")
 
 
 def local_workers(settings: CairnSettings) -> int:
@@ -112,18 +132,22 @@ async def open_compute(settings: CairnSettings) -> Compute:
             address = kube_scheduler_address(settings)
         else:
             address = (await asyncio.to_thread(kube_cluster, settings)).scheduler_address
-        client = await Client(address, security=security, asynchronous=True)
+    else:
+        address = check_address(settings.dask, security)
 
-        async def close_kube() -> None:
-            await client.close()
-
-        return Compute(client, close_kube, f"KubeCluster({settings.dask_k8s_cluster}) at {address}")
-    client = await Client(check_address(settings.dask, security), security=security, asynchronous=True)
+    async def connect() -> Client:
+        return await Client(address, security=security, asynchronous=True)
 
     async def close_remote() -> None:
-        await client.close()
+        await compute.client.close()
 
-    return Compute(client, close_remote, f"scheduler {settings.dask}")
+    described = (
+        f"KubeCluster({settings.dask_k8s_cluster}) at {address}"
+        if settings.dask == "kubernetes"
+        else f"scheduler {settings.dask}"
+    )
+    compute = Compute(await connect(), close_remote, described, reopen=connect)
+    return compute
 
 
 def pace_heartbeats(scheduler: Any, seconds: float) -> None:

@@ -33,7 +33,7 @@ from harness.natscluster import NatsCluster
 from harness.stream import StreamLog
 from harness.system import start_system
 from services import supervisor
-from tests.test_scale_out import CAIRN, completed, submit, survived
+from tests.test_scale_out import CAIRN, TRIALS, completed, submit, survived
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,9 +184,42 @@ async def test_the_scheduler_host_killed_and_a_new_scheduler_started_on_another(
     run = await submit(system, "dask-scheduler-moved")
     await completed(log, run, 5)
     before = [w.starts for w in dask.workers]
+    running = await asyncio.to_thread(dask.processing_on, hosts[WORKER_A])
+    running += await asyncio.to_thread(dask.processing_on, hosts[WORKER_B])
+    assert running, "no trial in flight on the scheduler about to die"
     await asyncio.to_thread(dask.move_scheduler, hosts[SPARE])
     await survived(system, log, run)
     assert dask.scheduler_host is hosts[SPARE]
     assert [w.starts for w in dask.workers] > before  # the workers were restarted against it
     dead = [n for n, pid in system.runtime["pids"].items() if not supervisor.alive(pid)]
     assert not dead
+
+
+def trial_statuses(log: StreamLog, run: str) -> dict[str, int]:
+    study = next(r.data["study_id"] for r in log.run(run) if r.type == "cairn.tuning.requested.v1")
+    out: dict[str, int] = {}
+    for r in log.of_type("cairn.trial.completed.v1"):
+        if r.data["study_id"] == study:
+            out[r.data["status"]] = out.get(r.data["status"], 0) + 1
+    return out
+
+
+@pytest.mark.slow
+async def test_the_scheduler_gone_for_75_s_before_its_replacement_starts(dask_hosts) -> None:
+    """A replacement pod is not always up at once (scheduling, image pull): with no scheduler for
+    75 s, Dask's client notices (up to 30 s: TCP keepalive), retries for its connect timeout (30 s)
+    and closes for good. Training must connect again once the scheduler is back and record no
+    trial as a model failure meanwhile. Before services/compute.py's `Compute.live_client`, trials
+    submitted while the client was closing were dropped silently and the study never finished."""
+    system, hosts, dask = dask_hosts
+    log = StreamLog(system.settings)
+    await log.poll()
+    run = await submit(system, "dask-scheduler-gone-75-s")
+    await completed(log, run, 5)
+    back_to = hosts[SCHEDULER] if dask.scheduler_host is not hosts[SCHEDULER] else hosts[SPARE]
+    hosts.heal(back_to)  # a host that died earlier in this module is a fresh node now
+    await asyncio.to_thread(dask.move_scheduler, back_to, 75.0)
+    await survived(system, log, run)
+    assert trial_statuses(log, run) == {"ok": TRIALS}, trial_statuses(log, run)
+    training_log = (system.settings.home_dir / "logs" / "training.log").read_text()
+    assert "Failed to reconnect to scheduler" in training_log  # the client did give up

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
-from distributed.client import FutureCancelledError
+from distributed.client import ClosedClientError, FutureCancelledError
 from distributed.scheduler import KilledWorker
 from mlflow.entities import Metric as MlflowMetric
 from mlflow.entities import Param as MlflowParam
@@ -43,7 +43,15 @@ from services.tracking import Tracker
 from services.training import logic
 from services.trial_runs import TrialRun, TrialRunWriter
 
-TRANSIENT = (KilledWorker, FutureCancelledError, OSError, TimeoutError, asyncio.TimeoutError)
+# A closed client (Dask gave up on a lost scheduler) is the cluster's outage, not the model's fault.
+TRANSIENT = (
+    KilledWorker,
+    FutureCancelledError,
+    ClosedClientError,
+    OSError,
+    TimeoutError,
+    asyncio.TimeoutError,
+)
 
 
 def library_versions() -> dict[str, str]:
@@ -144,7 +152,8 @@ class Training(Service[TrainingContext]):
                 req.seed,
                 trial_device(placement),
             )
-            future = ctx.compute.client.submit(
+            client = await ctx.compute.live_client()
+            future = client.submit(
                 run_trial, spec, key=f"trial-{event.id}", pure=False, resources=placement or None
             )
             result = await future
@@ -227,7 +236,8 @@ class Training(Service[TrainingContext]):
             ctx.seed,
             trial_device(placement),
         )
-        fitted = await held.compute.client.submit(
+        client = await held.compute.live_client()
+        fitted = await client.submit(
             fit_final, spec, key=f"final-{event.id}", pure=False, resources=placement or None
         )
         transform = features.transform
