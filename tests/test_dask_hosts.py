@@ -102,10 +102,13 @@ def dask_hosts(tmp_path_factory):
             system.stop()
 
 
-def trials_in_flight_by_host(dask: DaskHosts) -> dict[str, int]:
-    """{client address: trial tasks it wants} as the scheduler sees them."""
+def wait_trials_in_flight_from(dask: DaskHosts, address: str, alive, timeout: float = 120.0) -> dict:
+    """Until the scheduler holds trial tasks wanted by a client on `address` (one client, polled).
+    The function run in the scheduler is local, so it is pickled by value (tests/ is not importable
+    there)."""
 
-    def count(dask_scheduler) -> dict[str, int]:
+    def _trials_by_client_host(dask_scheduler) -> dict[str, int]:
+        """{client host: trial tasks it wants}, run in the scheduler."""
         out: dict[str, int] = {}
         for key, ts in dask_scheduler.tasks.items():
             if not str(key).startswith("trial-"):
@@ -117,7 +120,16 @@ def trials_in_flight_by_host(dask: DaskHosts) -> dict[str, int]:
                 out[ip] = out.get(ip, 0) + 1
         return out
 
-    return dask.on_scheduler(count)
+    seen: dict[str, int] = {}
+    deadline = time.monotonic() + timeout
+    with dask._client() as client:  # noqa: SLF001 - the harness's TLS client
+        while not (now := client.run_on_scheduler(_trials_by_client_host)).get(address):
+            for ip, n in now.items():
+                seen[ip] = max(seen.get(ip, 0), n)
+            assert alive(), "the replica exited"
+            assert time.monotonic() < deadline, f"no trial in flight from {address}; seen {seen}"
+            time.sleep(0.05)
+    return now
 
 
 @pytest.mark.slow
@@ -156,12 +168,8 @@ async def test_one_of_two_training_replicas_partitioned_for_30_s(dask_hosts) -> 
     log = StreamLog(system.settings)
     await log.poll()
     run = await submit(system, "dask-replica-partition")
-    await completed(log, run, 3)
-    deadline = time.monotonic() + 120
-    while not (await asyncio.to_thread(trials_in_flight_by_host, dask)).get(host.address):
-        assert replica.poll() is None, f"the replica exited: see {log_path}"
-        assert time.monotonic() < deadline, "the replica never had a trial in flight"
-        await asyncio.sleep(0.2)
+    # Mid-study by construction: the replica's own trials are running or queued on the scheduler.
+    await asyncio.to_thread(wait_trials_in_flight_from, dask, host.address, lambda: replica.poll() is None)
     hosts.partition(host)
     try:
         await asyncio.sleep(30)  # the partition's length
