@@ -39,6 +39,7 @@ from harness.natscluster import NatsCluster  # noqa: E402
 from harness.stream import StreamLog  # noqa: E402
 from harness.system import System, start_system  # noqa: E402
 from services.bus.connection import connect  # noqa: E402
+from services.cache import NO_CACHE  # noqa: E402
 from services.settings import CairnSettings  # noqa: E402
 
 PAYLOAD = b"x" * 1024
@@ -78,7 +79,7 @@ async def study(system: System, csv: Path, trials: int, during: Any = None) -> d
     event = new_event(
         DataArrived(uri=csv.as_uri(), target="y", model_name=f"bench-{time.monotonic_ns()}", tuning=spec),
         source="/bench/cluster",
-    )
+    ).model_copy(update={NO_CACHE: "true"})  # every round computes: the same table, no cache hits
     log = StreamLog(system.settings)
     await log.poll()
     nc = await connect(system.settings, "bench")

@@ -25,6 +25,7 @@ from harness.stream import StreamLog
 from harness.system import System, start_system
 from services import supervisor
 from services.bus.connection import connect
+from services.cache import CACHED_FROM, NO_CACHE
 
 pytestmark = pytest.mark.slow
 CAIRN = str(Path(sys.executable).with_name("cairn"))
@@ -64,10 +65,12 @@ def table(home: Path, rows: int = 3000) -> Path:
 
 async def submit(system: System, model: str) -> str:
     spec = TuningSpec(
-        trials=TRIALS, families=[ModelFamily.xgboost], strategy=SearchStrategy.random, max_budget=60
+        trials=TRIALS, families=[ModelFamily.xgboost], strategy=SearchStrategy.random, max_budget=200
     )
     arrived = DataArrived(uri=table(system.home).as_uri(), target="y", model_name=model, tuning=spec)
-    event = new_event(arrived, source="/test/scale-out")
+    # Every test studies the same table: without `nocache` the second would be served from the
+    # step cache and no trial would be in flight when the fault lands.
+    event = new_event(arrived, source="/test/scale-out").model_copy(update={NO_CACHE: "true"})
     nc = await connect(system.settings, "test")
     try:
         await nc.jetstream().publish(
@@ -89,10 +92,20 @@ async def completed(log: StreamLog, run: str, at_least: int, timeout: float = 18
     await log.wait(enough, timeout, f"{at_least} trials of run {run}")
 
 
-async def survived(system: System, log: StreamLog, run: str, timeout: float = 300.0) -> None:
+async def survived(
+    system: System, log: StreamLog, run: str, timeout: float = 300.0, fault_at: float | None = None
+) -> None:
+    """The run deployed, every trial recorded once and computed (not served from the cache), the
+    audit chain whole, every service alive; with `fault_at` (time.time() when the fault landed), some
+    of the study's trials completed after it: the fault met a study in flight."""
     terminal = await log.wait(lambda lg: lg.terminal(run), timeout, f"a terminal event of run {run}")
     assert terminal.type == "cairn.model.deployed.v1", (terminal.type, terminal.data)
     study = next(r.data["study_id"] for r in log.run(run) if r.type == "cairn.tuning.requested.v1")
+    results = [r for r in log.of_type("cairn.trial.completed.v1") if r.data["study_id"] == study]
+    assert not [r for r in results if (r.doc or {}).get(CACHED_FROM)], "trials were served from the cache"
+    if fault_at is not None:
+        after = [r for r in results if r.ts.timestamp() > fault_at]
+        assert after, "the study had finished before the fault: nothing was in flight"
     counts = {k: v for k, v in log.trial_counts().items() if k[0] == study}
     assert len({trial for _, trial, _ in counts}) == TRIALS, counts
     assert set(counts.values()) == {1}, f"trial results recorded more than once: {counts}"
@@ -138,11 +151,12 @@ async def test_the_stream_leader_killed_mid_study_and_restarted_10_s_later(clust
     run = await submit(system, "leader-killed")
     await completed(log, run, 5)
     victim = cluster.server(await leader(system))
+    fault_at = time.time()
     cluster.kill(victim)
     killed = time.monotonic()
     await asyncio.sleep(10)  # the fault's length, not a wait for something to happen
     cluster.start_server(victim)
-    await survived(system, log, run)
+    await survived(system, log, run, fault_at=fault_at)
     assert await leader(system) is not None
     assert time.monotonic() - killed >= 10
 
@@ -158,12 +172,13 @@ async def test_a_minority_partition_for_30_s_mid_study(clustered) -> None:
     clients = {s.name: connections(s) for s in cluster.servers}
     victim = cluster.server(max(clients, key=lambda name: len(clients[name])))  # the busiest server
     assert clients[victim.name], f"no service connected to any server? {clients}"
+    fault_at = time.time()
     cluster.hosts.partition(victim.host)
     try:
         await asyncio.sleep(30)  # the partition's length
     finally:
         cluster.hosts.heal(victim.host)
-    await survived(system, log, run)
+    await survived(system, log, run, fault_at=fault_at)
 
 
 async def test_a_rolling_restart_in_lame_duck_mode(clustered) -> None:
@@ -173,8 +188,9 @@ async def test_a_rolling_restart_in_lame_duck_mode(clustered) -> None:
     await log.poll()
     run = await submit(system, "rolling-restart")
     await completed(log, run, 3)
+    fault_at = time.time()
     for server in cluster.servers:
         code = await asyncio.to_thread(cluster.lame_duck, server, 90)
         assert code is not None
         await asyncio.to_thread(cluster.start_server, server)
-    await survived(system, log, run)
+    await survived(system, log, run, fault_at=fault_at)
