@@ -95,6 +95,9 @@ def dask_hosts(tmp_path_factory):
             ack_wait_s=6.0,
             retry_backoff_s=[1.0, 2.0, 3.0, 5.0],
             max_deliver=20,
+            # Four trials per replica (16 by default for a remote scheduler): a second replica
+            # started later still gets trials of its own rather than whatever the first leaves.
+            trial_concurrency=4,
         )
         try:
             yield system, hosts, dask
