@@ -107,7 +107,9 @@ async def leader_killer(cluster: NatsCluster, system: System, after: int):
     """A `during` for `study`: once `after` trials of the run completed, SIGKILL the stream leader
     and start it again 10 s later (the fault tests/test_scale_out.py survives)."""
 
-    async def kill(log: StreamLog, run: str) -> None:
+    async def kill(_: StreamLog, run: str) -> None:
+        log = StreamLog(system.settings)  # its own reader: two polls of one StreamLog read twice
+
         def enough(lg: StreamLog) -> bool:
             studies = {r.data["study_id"] for r in lg.run(run) if r.type == "cairn.tuning.requested.v1"}
             return sum(r.data["study_id"] in studies for r in lg.of_type("cairn.trial.completed.v1")) >= after

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,7 @@ from harness.natscluster import NatsCluster
 from harness.stream import StreamLog
 from harness.system import start_system
 from services import supervisor
-from tests.test_scale_out import CAIRN, TRIALS, completed, submit, survived
+from tests.test_scale_out import TRIALS, completed, submit, survived
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,36 +104,6 @@ def dask_hosts(tmp_path_factory):
             system.stop()
 
 
-def wait_trials_in_flight_from(dask: DaskHosts, address: str, alive, timeout: float = 120.0) -> dict:
-    """Until the scheduler holds trial tasks wanted by a client on `address` (one client, polled).
-    The function run in the scheduler is local, so it is pickled by value (tests/ is not importable
-    there)."""
-
-    def _trials_by_client_host(dask_scheduler) -> dict[str, int]:
-        """{client host: trial tasks it wants}, run in the scheduler."""
-        out: dict[str, int] = {}
-        for key, ts in dask_scheduler.tasks.items():
-            if not str(key).startswith("trial-"):
-                continue
-            for client in ts.who_wants or ():
-                comm = dask_scheduler.client_comms.get(client.client_key)
-                peer = getattr(getattr(comm, "comm", None), "peer_address", "") or ""
-                ip = peer.removeprefix("tls://").rsplit(":", 1)[0]
-                out[ip] = out.get(ip, 0) + 1
-        return out
-
-    seen: dict[str, int] = {}
-    deadline = time.monotonic() + timeout
-    with dask._client() as client:  # noqa: SLF001 - the harness's TLS client
-        while not (now := client.run_on_scheduler(_trials_by_client_host)).get(address):
-            for ip, n in now.items():
-                seen[ip] = max(seen.get(ip, 0), n)
-            assert alive(), "the replica exited"
-            assert time.monotonic() < deadline, f"no trial in flight from {address}; seen {seen}"
-            time.sleep(0.05)
-    return now
-
-
 @pytest.mark.slow
 async def test_a_worker_host_partitioned_for_30_s_mid_trial(dask_hosts) -> None:
     system, hosts, dask = dask_hosts
@@ -151,36 +120,6 @@ async def test_a_worker_host_partitioned_for_30_s_mid_trial(dask_hosts) -> None:
     finally:
         dask.heal(victim)
     await survived(system, log, run)
-
-
-@pytest.mark.slow
-async def test_one_of_two_training_replicas_partitioned_for_30_s(dask_hosts) -> None:
-    """A second training process on a host of its own (same settings as the first): cut off with
-    trials in flight, they are redelivered to the first after the ack wait; healed, nothing twice."""
-    system, hosts, dask = dask_hosts
-    host = hosts[REPLICA]
-    log_path = system.settings.home_dir / "logs" / "training-replica.log"
-    with log_path.open("ab") as out:
-        replica = hosts.run(
-            host,
-            [CAIRN, "run", "training"],
-            env={**system.env, "CAIRN_HTTP_PORT": "8080"},
-            stdout=out,
-            stderr=out,
-        )
-    log = StreamLog(system.settings)
-    await log.poll()
-    run = await submit(system, "dask-replica-partition")
-    # Mid-study by construction: the replica's own trials are running or queued on the scheduler.
-    await asyncio.to_thread(wait_trials_in_flight_from, dask, host.address, lambda: replica.poll() is None)
-    hosts.partition(host)
-    try:
-        await asyncio.sleep(30)  # the partition's length
-    finally:
-        hosts.heal(host)
-    await survived(system, log, run)
-    assert replica.poll() is None, f"the replica exited: see {log_path}"
-    Hosts.stop(replica)
 
 
 @pytest.mark.slow
