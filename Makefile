@@ -10,11 +10,12 @@ install: $(VENV)/.installed system-deps
 
 # Debian's chromium (the auditor's page is tested in a real browser through Playwright, which
 # uses this system browser and downloads none), wrk (load for bench/serve.py) and postgresql
-# (pg_ctl: the tests start a private PostgreSQL server for the production stores). Under CI=true
-# a test that finds one missing fails instead of skipping (tests/conftest.py).
-SYSTEM_PACKAGES := chromium wrk postgresql
+# (pg_ctl: the tests start a private PostgreSQL server for the production stores) and iproute2
+# (`ip netns`: network namespaces as hosts, harness/hosts.py; root only). Under CI=true a test that
+# finds one missing fails instead of skipping (tests/conftest.py).
+SYSTEM_PACKAGES := chromium wrk postgresql iproute2
 system-deps:
-	@command -v chromium >/dev/null && command -v wrk >/dev/null \
+	@command -v chromium >/dev/null && command -v wrk >/dev/null && command -v ip >/dev/null \
 	  && { command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; } || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null || { apt-get update -q && apt-get install -y -q $(SYSTEM_PACKAGES); }; \
@@ -52,6 +53,7 @@ bench: install
 	$(PY) bench/cache.py
 	$(PY) bench/scale.py --trials 2000
 	$(PY) bench/startup.py
+	$(PY) bench/cluster.py
 
 schemas: install
 	$(CAIRN) schemas
