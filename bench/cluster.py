@@ -38,6 +38,7 @@ from harness.hosts import Hosts  # noqa: E402
 from harness.natscluster import NatsCluster  # noqa: E402
 from harness.stream import StreamLog  # noqa: E402
 from harness.system import System, start_system  # noqa: E402
+from harness.workloads import study_table  # noqa: E402
 from services.bus.connection import connect  # noqa: E402
 from services.cache import NO_CACHE  # noqa: E402
 from services.settings import CairnSettings  # noqa: E402
@@ -56,19 +57,6 @@ async def publish_rate(urls: str, stream: str, events: int) -> dict[str, float]:
     took = time.perf_counter() - start
     await nc.close()
     return {"events_per_s": events / took}
-
-
-def table(folder: Path, rows: int = 3000) -> Path:
-    import numpy as np
-    import pandas as pd
-
-    path = folder / "cluster-bench.csv"
-    rng = np.random.default_rng(7)
-    x = rng.normal(size=(rows, 6))
-    frame = pd.DataFrame(x, columns=[f"x{i}" for i in range(6)])
-    frame["y"] = x[:, 0] * 2 - x[:, 1] + np.sin(x[:, 2]) + rng.normal(scale=0.2, size=rows)
-    frame.to_csv(path, index=False)
-    return path
 
 
 async def study(system: System, csv: Path, trials: int, during: Any = None) -> dict[str, Any]:
@@ -137,7 +125,7 @@ async def main() -> None:
     out: dict[str, Any] = {"events": args.events, "repeats": args.repeats, "trials": args.trials}
     with tempfile.TemporaryDirectory() as tmp, Hosts(6) as hosts:
         work = Path(tmp)
-        csv = table(work)
+        csv = study_table(work)
         # Two clusters of three hosts each: the buckets have fixed names, so an R1 system and an R3
         # system cannot share one cluster; both run at once so their studies can be interleaved.
         clusters = {

@@ -39,8 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.hosts import Host, Hosts, _ip
-from harness.natscluster import wait_listening
+from harness.hosts import Host, Hosts, _ip, wait_listening
 from services.dask_tls import CA, CERT, KEY, SCHEDULER_PORT
 
 BIN = Path(sys.executable).parent

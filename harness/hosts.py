@@ -189,3 +189,18 @@ def leftovers(tag: str) -> list[str]:
         if device in (f"cb{tag}",) or device.startswith((f"cv{tag}", f"cp{tag}")):
             left.append(device)
     return left
+
+
+def wait_listening(address: str, port: int, timeout: float = 30.0) -> None:
+    """Until a TCP connection to address:port succeeds (a server on a host is up), or TimeoutError."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((address, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {address}:{port} after {timeout}s") from None
+            time.sleep(0.05)

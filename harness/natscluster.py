@@ -9,7 +9,6 @@ same host with the same store, so a test can take the cluster through what an op
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -157,16 +156,3 @@ def wait_healthy(server: ClusterServer, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{server.name} is not healthy after {timeout}s (see {server.workdir})")
         time.sleep(0.1)
-
-
-def wait_listening(address: str, port: int, timeout: float = 30.0) -> None:
-    """Until a TCP connection to address:port succeeds (the server is up), or TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((address, port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {address}:{port} after {timeout}s") from None
-            time.sleep(0.05)

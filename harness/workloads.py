@@ -42,6 +42,21 @@ def tiny_csv(folder: Path, i: int, rows: int = 60) -> Path:
     return path
 
 
+def study_table(folder: Path, rows: int = 3000) -> Path:
+    """A regression table (six features, a non-linear target) whose trials take a fraction of a
+    second: a 40-trial study that still has trials in flight when a fault lands."""
+    import pandas as pd
+
+    path = folder / "study.csv"
+    if not path.exists():
+        rng = np.random.default_rng(7)
+        x = rng.normal(size=(rows, 6))
+        frame = pd.DataFrame(x, columns=[f"x{i}" for i in range(6)])
+        frame["y"] = x[:, 0] * 2 - x[:, 1] + np.sin(x[:, 2]) + rng.normal(scale=0.2, size=rows)
+        frame.to_csv(path, index=False)
+    return path
+
+
 def tiny_spec() -> TuningSpec:
     return TuningSpec(trials=2, families=[ModelFamily.linear], strategy=SearchStrategy.random, max_budget=10)
 
@@ -217,5 +232,3 @@ async def trial_flood(
         "rss_before": rss_before,
         "rss_after": rss_after,
     }
-
-

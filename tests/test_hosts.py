@@ -4,13 +4,11 @@ process) outlives the block, even when the code inside it fails."""
 
 from __future__ import annotations
 
-import socket
 import sys
-import time
 
 import pytest
 
-from harness.hosts import Hosts, leftovers
+from harness.hosts import Hosts, leftovers, wait_listening
 from services.supervisor import free_port
 
 pytestmark = pytest.mark.slow
@@ -24,17 +22,6 @@ FETCH = (
 )
 
 
-def _serving(address: str, port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((address, port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-
-
 def test_hosts_reach_each_other_a_partition_cuts_one_off_and_teardown_leaves_nothing(tmp_path) -> None:
     (tmp_path / "hello.txt").write_text("hello from host 0")
     port = free_port()
@@ -45,7 +32,7 @@ def test_hosts_reach_each_other_a_partition_cuts_one_off_and_teardown_leaves_not
             [sys.executable, "-m", "http.server", str(port), "--bind", hosts[0].address],
             cwd=tmp_path,
         )
-        _serving(hosts[0].address, port)  # from the machine itself, through the bridge
+        wait_listening(hosts[0].address, port)  # from the machine itself, through the bridge
         url = hosts[0].url("http", port) + "/hello.txt"
         assert hosts.check(hosts[1], [sys.executable, "-c", FETCH, url]).stdout.strip() == "hello from host 0"
 

@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
-import pandas as pd
 import pytest
 
 from contracts import DataArrived, ModelFamily, SearchStrategy, TuningSpec, new_event
@@ -23,6 +21,7 @@ from harness.hosts import Hosts
 from harness.natscluster import NatsCluster
 from harness.stream import StreamLog
 from harness.system import System, start_system
+from harness.workloads import study_table
 from services import supervisor
 from services.bus.connection import connect
 from services.cache import CACHED_FROM, NO_CACHE
@@ -52,22 +51,11 @@ def clustered(tmp_path_factory):
             system.stop()
 
 
-def table(home: Path, rows: int = 3000) -> Path:
-    path = home / "scale-out.csv"
-    if not path.exists():
-        rng = np.random.default_rng(7)
-        x = rng.normal(size=(rows, 6))
-        frame = pd.DataFrame(x, columns=[f"x{i}" for i in range(6)])
-        frame["y"] = x[:, 0] * 2 - x[:, 1] + np.sin(x[:, 2]) + rng.normal(scale=0.2, size=rows)
-        frame.to_csv(path, index=False)
-    return path
-
-
 async def submit(system: System, model: str) -> str:
     spec = TuningSpec(
         trials=TRIALS, families=[ModelFamily.xgboost], strategy=SearchStrategy.random, max_budget=200
     )
-    arrived = DataArrived(uri=table(system.home).as_uri(), target="y", model_name=model, tuning=spec)
+    arrived = DataArrived(uri=study_table(system.home).as_uri(), target="y", model_name=model, tuning=spec)
     # Every test studies the same table: without `nocache` the second would be served from the
     # step cache and no trial would be in flight when the fault lands.
     event = new_event(arrived, source="/test/scale-out").model_copy(update={NO_CACHE: "true"})
