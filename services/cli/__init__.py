@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 import typer
+from nats.js.errors import ServiceUnavailableError
 
 from services.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, app
 
@@ -47,6 +48,12 @@ def main() -> None:
         _fail("aborted", EXIT_FAILED)
     except KeyboardInterrupt:
         sys.exit(130)
+    except ServiceUnavailableError:
+        _fail(
+            "NATS JetStream is temporarily unavailable (a cluster electing a leader, or a server "
+            "catching up after a restart or a partition): try again in a few seconds",
+            EXIT_FAILED,
+        )
     except Exception as exc:  # noqa: BLE001 - a bug, not a user error: still one line unless asked
         if os.environ.get("CAIRN_DEBUG"):
             raise

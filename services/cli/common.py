@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import typer
 
 from services.settings import CairnSettings
+
+T = TypeVar("T")
 
 HELP = """The `cairn` command line: run the system, feed it data, watch it, query it.
 
@@ -134,6 +138,22 @@ def full_id(store: Any, ident: str) -> str:
     return matches[0] if matches else ident
 
 
+async def jetstream_when_available(call: Callable[[], Awaitable[T]], patience_s: float = 30.0) -> T:
+    """`call()`, again while JetStream answers 503: a cluster electing a leader, or the server this
+    client reached catching up after a partition healed, is busy for seconds, not broken."""
+    from nats.js.errors import ServiceUnavailableError
+
+    deadline, delay = time.monotonic() + patience_s, 0.25
+    while True:
+        try:
+            return await call()
+        except ServiceUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
 async def stream_messages(s: CairnSettings) -> list[tuple[int, str, bytes]]:
     from nats.js.errors import NotFoundError
 
@@ -142,7 +162,7 @@ async def stream_messages(s: CairnSettings) -> list[tuple[int, str, bytes]]:
 
     nc = await connect_nats(s, "audit")
     try:
-        return await history_records(nc.jetstream(), s)
+        return await jetstream_when_available(lambda: history_records(nc.jetstream(), s))
     except NotFoundError:
         raise stream_missing(s) from None
     except ArchiveError as exc:
