@@ -19,6 +19,7 @@ from services.ingestion import logic
 from services.ingestion.problems import DataProblem
 from services.ingestion.sources import read_bytes, resolve_source
 from services.settings import CairnSettings
+from tests.conftest import missing_system_dependency
 
 TABLE = b"x,y\n" + b"".join(f"{i},{2 * i}\n".encode() for i in range(40))
 
@@ -203,7 +204,7 @@ def checked_and_forbidden(
         bad = _Recording(("127.0.0.2", port), b"secret,rows\n1,2\n", tls() if tls else None)
     except OSError as exc:
         good.server_close()
-        pytest.skip(f"127.0.0.2:{port} cannot be bound here: {exc}")
+        missing_system_dependency(f"127.0.0.2:{port} cannot be bound here (Linux routes all of 127/8): {exc}")
     threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (good, bad)]
     for thread in threads:
         thread.start()
