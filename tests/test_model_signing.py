@@ -46,9 +46,7 @@ Refused = model_signatures.SignatureRefused
 
 def admin_settings(home: Path) -> CairnSettings:
     """The home's settings as an operator holding the admin credentials (when `cairn up` runs auth)."""
-    settings = CairnSettings(home=home)
-    with_credentials = getattr(settings, "with_home_credentials", None)
-    return with_credentials("admin") if with_credentials else settings
+    return CairnSettings(home=home).with_home_credentials("admin")
 
 
 @pytest.fixture(scope="module")
