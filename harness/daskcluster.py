@@ -39,8 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.hosts import Host, Hosts, _ip, wait_listening
-from services.dask_tls import CA, CERT, KEY, SCHEDULER_PORT
+from harness.hosts import Host, Hosts, ip, wait_listening
+from services.platform.dask_tls import CA, CERT, KEY, SCHEDULER_PORT
 
 BIN = Path(sys.executable).parent
 CHART_TLS_DIR = "/etc/cairn/dask-tls"  # cairn.daskTLSDir
@@ -194,8 +194,8 @@ class DaskHosts:
     def _client(self, timeout: float = 60.0):
         from distributed import Client
 
-        from services.dask_tls import client_security
-        from services.settings import CairnSettings
+        from services.platform.dask_tls import client_security
+        from services.platform.settings import CairnSettings
 
         settings = CairnSettings(
             dask_tls_ca=self.tls_dir / CA, dask_tls_cert=self.tls_dir / CERT, dask_tls_key=self.tls_dir / KEY
@@ -219,10 +219,10 @@ class DaskHosts:
         return str(subnet.network_address + 200)
 
     def _hold_address(self, host: Host) -> None:
-        _ip("netns", "exec", host.name, "ip", "addr", "add", f"{self.service_address}/32", "dev", "eth0")
+        ip("netns", "exec", host.name, "ip", "addr", "add", f"{self.service_address}/32", "dev", "eth0")
 
     def _release_address(self, host: Host) -> None:
-        _ip(
+        ip(
             "netns",
             "exec",
             host.name,
@@ -238,9 +238,9 @@ class DaskHosts:
     def _flush_neighbours(self) -> None:
         """Forget which link-layer address held the Service address: what a gratuitous ARP from its
         new holder does to the caches of everyone on the segment."""
-        _ip("neigh", "flush", "to", self.service_address, check=False)
+        ip("neigh", "flush", "to", self.service_address, check=False)
         for host in self.hosts:
-            _ip("netns", "exec", host.name, "ip", "neigh", "flush", "to", self.service_address, check=False)
+            ip("netns", "exec", host.name, "ip", "neigh", "flush", "to", self.service_address, check=False)
 
     def _start_scheduler(self, timeout: float) -> None:
         log = open(self.workdir / f"scheduler-{self.scheduler_host.name}.log", "ab")  # noqa: SIM115

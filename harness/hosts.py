@@ -42,13 +42,15 @@ class Host:
         return f"{scheme}://{self.address}:{port}"
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`ip ARGS...` (iproute2) on this machine, what it printed; raises when it fails unless `check`
+    is False. Public for the harness modules that shape the hosts' network (harness/daskcluster.py)."""
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
 
 
 def _free_subnet() -> ipaddress.IPv4Network:
     """A /24 of NETWORK no interface on this machine uses yet (another Hosts may be open)."""
-    used = _ip("-4", "-o", "addr", "show").stdout
+    used = ip("-4", "-o", "addr", "show").stdout
     for _ in range(64):
         subnet = list(NETWORK.subnets(new_prefix=24))[secrets.randbelow(256)]
         if f" {subnet.network_address + 1}/" not in used:
@@ -92,24 +94,24 @@ class Hosts:
             raise HostsUnavailable("no `ip` command (Debian's iproute2)") from exc
         gateway = subnet.network_address + 1
         self.gateway = str(gateway)
-        _ip("link", "add", self.bridge, "type", "bridge")
-        _ip("addr", "add", f"{gateway}/24", "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
+        ip("link", "add", self.bridge, "type", "bridge")
+        ip("addr", "add", f"{gateway}/24", "dev", self.bridge)
+        ip("link", "set", self.bridge, "up")
         for i in range(self.count):
             name, link, inside = f"cairn-{self.tag}-{i}", f"cv{self.tag}{i}", f"cp{self.tag}{i}"
             address = str(gateway + 1 + i)
-            _ip("netns", "add", name)
+            ip("netns", "add", name)
             self.hosts.append(Host(name, address, link))
-            _ip("link", "add", link, "type", "veth", "peer", "name", inside)
-            _ip("link", "set", inside, "netns", name)
-            _ip("link", "set", link, "master", self.bridge)
-            _ip("link", "set", link, "up")
+            ip("link", "add", link, "type", "veth", "peer", "name", inside)
+            ip("link", "set", inside, "netns", name)
+            ip("link", "set", link, "master", self.bridge)
+            ip("link", "set", link, "up")
             inns = ("netns", "exec", name, "ip")
-            _ip(*inns, "link", "set", "lo", "up")
-            _ip(*inns, "link", "set", inside, "name", "eth0")
-            _ip(*inns, "addr", "add", f"{address}/24", "dev", "eth0")
-            _ip(*inns, "link", "set", "eth0", "up")
-            _ip(*inns, "route", "add", "default", "via", self.gateway)
+            ip(*inns, "link", "set", "lo", "up")
+            ip(*inns, "link", "set", inside, "name", "eth0")
+            ip(*inns, "addr", "add", f"{address}/24", "dev", "eth0")
+            ip(*inns, "link", "set", "eth0", "up")
+            ip(*inns, "route", "add", "default", "via", self.gateway)
 
     # Processes ------------------------------------------------------------------------------------
     def command(self, host: Host, argv: Sequence[str]) -> list[str]:
@@ -143,10 +145,10 @@ class Hosts:
     # Faults ---------------------------------------------------------------------------------------
     def partition(self, host: Host) -> None:
         """Cut `host` off: no packet in or out until `heal` (its processes keep running)."""
-        _ip("link", "set", host.link, "down")
+        ip("link", "set", host.link, "down")
 
     def heal(self, host: Host) -> None:
-        _ip("link", "set", host.link, "up")
+        ip("link", "set", host.link, "up")
 
     # Teardown -------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -158,9 +160,9 @@ class Hosts:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             _wait_empty(host.name)
-            _ip("link", "del", host.link, check=False)
-            _ip("netns", "del", host.name, check=False)
-        _ip("link", "del", self.bridge, check=False)
+            ip("link", "del", host.link, check=False)
+            ip("netns", "del", host.name, check=False)
+        ip("link", "del", self.bridge, check=False)
         self.hosts = []
 
     def leftovers(self) -> list[str]:
@@ -169,7 +171,7 @@ class Hosts:
 
 
 def _netns_pids(name: str) -> list[int]:
-    result = _ip("netns", "pids", name, check=False)
+    result = ip("netns", "pids", name, check=False)
     return [int(p) for p in result.stdout.split()] if result.returncode == 0 else []
 
 
@@ -181,9 +183,9 @@ def _wait_empty(name: str, timeout: float = 10.0) -> None:
 
 def leftovers(tag: str) -> list[str]:
     """What of a Hosts with this tag is still on the machine: namespaces, links, processes in them."""
-    left = [n.split()[0] for n in _ip("netns", "list").stdout.splitlines() if n.startswith(f"cairn-{tag}-")]
+    left = [n.split()[0] for n in ip("netns", "list").stdout.splitlines() if n.startswith(f"cairn-{tag}-")]
     left += [f"pid {pid} in {ns}" for ns in list(left) for pid in _netns_pids(ns)]
-    links = _ip("-o", "link", "show").stdout
+    links = ip("-o", "link", "show").stdout
     for line in links.splitlines():
         device = line.split(":")[1].strip().split("@")[0]
         if device in (f"cb{tag}",) or device.startswith((f"cv{tag}", f"cp{tag}")):
