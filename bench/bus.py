@@ -42,12 +42,12 @@ from nats.js.api import ConsumerConfig  # noqa: E402
 
 from bench.repeat import column, interleave, ratio_spread, rounded, spread  # noqa: E402
 from contracts import DataArrived, DataRejected, Envelope, new_event  # noqa: E402
-from services.bus.connection import connect  # noqa: E402
-from services.bus.consumer import Delivery  # noqa: E402
-from services.bus.embedded import EmbeddedNats  # noqa: E402
-from services.bus.provision import provision_all  # noqa: E402
-from services.runtime import Route, Service, ServiceRunner, event_loop_factory  # noqa: E402
-from services.settings import CairnSettings  # noqa: E402
+from services.platform.bus.connection import connect  # noqa: E402
+from services.platform.bus.consumer import Delivery  # noqa: E402
+from services.platform.bus.embedded import EmbeddedNats  # noqa: E402
+from services.platform.bus.provision import provision_all  # noqa: E402
+from services.platform.runtime import Route, Service, ServiceRunner, event_loop_factory  # noqa: E402
+from services.platform.settings import CairnSettings  # noqa: E402
 
 IN, OUT = DataArrived.EVENT_TYPE, DataRejected.EVENT_TYPE
 BATCH = 256  # raw_pipelined's fetch, and the cairn route's handler slots

@@ -1,4 +1,5 @@
-"""Beyond one host, in figures: what replication costs and what a leader's death costs.
+"""Beyond one host, in figures: what replication costs, what a leader's death costs, and what a
+second Dask worker host gives.
 
 Three nats-server processes, each on its own host (a network namespace, harness/hosts.py), joined
 by routes, every write fsynced (as in production). Figures, each side run once per round, rounds
@@ -12,16 +13,23 @@ interleaved (bench/repeat.py), medians with their spread:
 - `leader_kill`: during an R3 study the stream leader is SIGKILLed once 10 trials completed (and
   started again 10 s later); `recovery_s` is the longest gap between two trial completions minus
   the median longest gap of the unharmed R3 studies: what the failover costs the study.
+- `worker_hosts` (`--section worker-hosts`): the same study with its trials on Dask workers on one
+  host against two (the chart's scheduler and workers on hosts of their own, harness/daskcluster.py),
+  and against training's own local cluster of two workers, all up at once, rounds interleaved;
+  `two_over_one` and `two_over_local` are ratios of trials per second.
 
     .venv/bin/python bench/cluster.py [--events 3000] [--repeats 3] [--trials 40]
+    .venv/bin/python bench/cluster.py --section worker-hosts [--repeats 3] [--trials 40]
 
-Needs root (network namespaces), as CI has. Output: JSON on stdout and bench/results/cluster.json.
+Needs root (network namespaces), as CI has. Output: JSON on stdout and bench/results/cluster.json
+(`--section worker-hosts`: bench/results/cluster-worker-hosts.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -34,14 +42,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.repeat import column, interleave, ratio_spread, rounded, spread  # noqa: E402
 from contracts import DataArrived, ModelFamily, SearchStrategy, TuningSpec, new_event  # noqa: E402
+from harness.daskcluster import DaskHosts  # noqa: E402
 from harness.hosts import Hosts  # noqa: E402
 from harness.natscluster import NatsCluster  # noqa: E402
 from harness.stream import StreamLog  # noqa: E402
 from harness.system import System, start_system  # noqa: E402
 from harness.workloads import study_table  # noqa: E402
-from services.bus.connection import connect  # noqa: E402
-from services.cache import NO_CACHE  # noqa: E402
-from services.settings import CairnSettings  # noqa: E402
+from services.platform.bus.connection import connect  # noqa: E402
+from services.platform.cache import NO_CACHE  # noqa: E402
+from services.platform.settings import CairnSettings  # noqa: E402
 
 PAYLOAD = b"x" * 1024
 
@@ -116,16 +125,10 @@ async def leader_killer(cluster: NatsCluster, system: System, after: int):
     return kill
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--events", type=int, default=3000)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=40)
-    args = parser.parse_args()
-    out: dict[str, Any] = {"events": args.events, "repeats": args.repeats, "trials": args.trials}
-    with tempfile.TemporaryDirectory() as tmp, Hosts(6) as hosts:
-        work = Path(tmp)
-        csv = study_table(work)
+async def replication(work: Path, csv: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """`events_per_s`, `trials_per_s` (R1 against R3) and `leader_kill`."""
+    out: dict[str, Any] = {}
+    with Hosts(6) as hosts:
         # Two clusters of three hosts each: the buckets have fixed names, so an R1 system and an R3
         # system cannot share one cluster; both run at once so their studies can be interleaved.
         clusters = {
@@ -180,10 +183,79 @@ async def main() -> None:
                 system.stop()
             for cluster in clusters.values():
                 cluster.close()
+    return out
+
+
+async def worker_hosts(work: Path, csv: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """`worker_hosts`: the same study on Dask workers on one host against two, and against the
+    local cluster training starts by itself (two workers in its own process tree).
+
+    Three systems up at once, each with a nats-server on a host of its own (the buckets and the Dask
+    Service address have fixed names, so no two systems share hosts): `one` and `two` run the
+    chart's Dask scheduler on another host and one or two of the chart's workers (one thread each)
+    on hosts of their own, training reaching the scheduler over mutual TLS
+    (harness/daskcluster.py); `local` runs CAIRN_DASK=local with two workers. Every cairn service
+    runs on this machine.
+    """
+    systems: dict[str, System] = {}
+    with contextlib.ExitStack() as stack:
+        for name, workers in (("local", 0), ("one", 1), ("two", 2)):
+            hosts = stack.enter_context(Hosts(1 + (1 + workers if workers else 0)))
+            nats = stack.enter_context(NatsCluster(hosts, work / f"nats-{name}", members=[hosts[0]]))
+            compute: dict[str, Any] = {"dask_workers": 2}
+            if workers:
+                dask = stack.enter_context(DaskHosts(hosts, work / f"dask-{name}", hosts[1], hosts.hosts[2:]))
+                await asyncio.to_thread(dask.wait_workers)
+                compute = {"extra_env": dask.client_env()}
+            system = await asyncio.to_thread(
+                start_system,
+                work / f"home-{name}",
+                nats_url=nats.urls,
+                serve=False,
+                allowed_roots=[str(work)],
+                **compute,
+            )
+            stack.callback(system.stop)  # before its Dask and its server go
+            systems[name] = system
+        runs = await interleave(
+            {name: (lambda s=system: study(s, csv, args.trials)) for name, system in systems.items()},
+            args.repeats,
+        )
+    out: dict[str, Any] = {name: spread(column(rows, "trials_per_s")) for name, rows in runs.items()}
+    for a, b in (("two", "one"), ("two", "local")):
+        out[f"{a}_over_{b}"] = ratio_spread(column(runs[a], "trials_per_s"), column(runs[b], "trials_per_s"))
+    out["all_deployed"] = all(row["deployed"] for rows in runs.values() for row in rows)
+    return out
+
+
+SECTIONS = {"replication": "cluster.json", "worker-hosts": "cluster-worker-hosts.json", "all": "cluster.json"}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=3000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument(
+        "--section",
+        choices=list(SECTIONS),
+        default="replication",
+        help="replication: events_per_s, trials_per_s, leader_kill; worker-hosts: worker_hosts",
+    )
+    args = parser.parse_args()
+    out: dict[str, Any] = {"repeats": args.repeats, "trials": args.trials}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        csv = study_table(work)
+        if args.section in ("replication", "all"):
+            out["events"] = args.events
+            out.update(await replication(work, csv, args))
+        if args.section in ("worker-hosts", "all"):
+            out["worker_hosts"] = await worker_hosts(work, csv, args)
     doc = rounded(out)
     results = Path(__file__).with_name("results")
     results.mkdir(exist_ok=True)
-    (results / "cluster.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (results / SECTIONS[args.section]).write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps(doc, indent=2))
 
 

@@ -1,7 +1,7 @@
 """GPU against CPU for cairn's PyTorch training, in one run: tokens/s, time to a target
 validation loss, model FLOPs utilisation, and several trials packed onto one device.
 
-Needs only torch, numpy, safetensors and services/ml/textgen (no NATS, no MLflow, no data
+Needs only torch, numpy, safetensors and services/platform/ml/textgen (no NATS, no MLflow, no data
 download). The corpus is this Python's own standard library source (`*.py` under
 `sysconfig.get_paths()["stdlib"]`, site-packages excluded, sorted by relative path, files that
 are not UTF-8 skipped, capped in size), so every machine has it; the Python version is
@@ -59,9 +59,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.ml.textgen.model import GPTConfig, n_params, train_flops_per_token  # noqa: E402
-from services.ml.textgen.tokenizer import CorpusError, encode, train_bpe, validate_corpus  # noqa: E402
-from services.ml.textgen.train import shard_tokens, train_lm  # noqa: E402
+from services.platform.ml.textgen.model import GPTConfig, n_params, train_flops_per_token  # noqa: E402
+from services.platform.ml.textgen.tokenizer import CorpusError, encode, train_bpe, validate_corpus  # noqa: E402
+from services.platform.ml.textgen.train import shard_tokens, train_lm  # noqa: E402
 
 GPU_PEAKS_TFLOPS = [  # (substring of torch.cuda.get_device_name, dense BF16 TFLOP/s)
     ("H100 PCIe", 756.0),

@@ -25,9 +25,9 @@ from typing import Any
 import psutil
 
 from contracts import dead_letter_subject
-from services.bus.connection import connect
-from services.bus.embedded import EmbeddedNats
-from services.settings import CairnSettings
+from services.platform.bus.connection import connect
+from services.platform.bus.embedded import EmbeddedNats
+from services.platform.settings import CairnSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,7 +42,7 @@ async def publish_cost(home: Path, sync_interval: str, n: int) -> dict[str, Any]
     try:
         settings = CairnSettings(home=home, nats_url=server.url)
         nc = await connect(settings, "bench")
-        from services.bus.provision import provision
+        from services.platform.bus.provision import provision
 
         await provision(nc.jetstream(), settings)
         js = nc.jetstream()

@@ -35,7 +35,7 @@ from bench.shell_80 import scratch_system  # noqa: E402
 from contracts import DataArrived, ModelFamily, SearchStrategy, TuningCompleted, TuningSpec, new_event  # noqa: E402
 from services import supervisor  # noqa: E402
 from services.client import Client as CairnClient  # noqa: E402
-from services.settings import CairnSettings  # noqa: E402
+from services.platform.settings import CairnSettings  # noqa: E402
 
 MB = 1024 * 1024
 

@@ -35,18 +35,18 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from contracts import DataArrived, ModelFamily, SearchStrategy, TuningSpec  # noqa: E402
-from services.artifacts import ArtifactStore, read_verified  # noqa: E402
-from services.bus.connection import connect  # noqa: E402
-from services.bus.embedded import EmbeddedNats  # noqa: E402
-from services.bus.provision import provision_all  # noqa: E402
 from services.features import logic as features  # noqa: E402
 from services.ingestion.app import ingest  # noqa: E402
-from services.ml.bundle import save_bundle  # noqa: E402
-from services.ml.trial import TrialSpec, fit_final  # noqa: E402
-from services.model_loading import bundle_files  # noqa: E402
-from services.settings import CairnSettings  # noqa: E402
+from services.platform.artifacts import ArtifactStore, read_verified  # noqa: E402
+from services.platform.bus.connection import connect  # noqa: E402
+from services.platform.bus.embedded import EmbeddedNats  # noqa: E402
+from services.platform.bus.provision import provision_all  # noqa: E402
+from services.platform.ml.bundle import save_bundle  # noqa: E402
+from services.platform.ml.trial import TrialSpec, fit_final  # noqa: E402
+from services.platform.model_loading import bundle_files  # noqa: E402
+from services.platform.settings import CairnSettings  # noqa: E402
+from services.platform.tracking import Tracker  # noqa: E402
 from services.supervisor import free_port  # noqa: E402
-from services.tracking import Tracker  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CUTS = ["Fair", "Good", "Very Good", "Premium", "Ideal"]

@@ -44,17 +44,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.repeat import ratio_spread, rounded, spread  # noqa: E402
 from contracts import DataArrived, SearchStrategy, TuningSpec, new_event  # noqa: E402
 from services import supervisor  # noqa: E402
-from services.bus.embedded import EmbeddedNats  # noqa: E402
 from services.client import Client as CairnClient  # noqa: E402
-from services.compute import (  # noqa: E402
+from services.platform.bus.embedded import EmbeddedNats  # noqa: E402
+from services.platform.compute import (  # noqa: E402
     LOCAL_CLUSTER_CONFIG,
     LOCAL_CLUSTER_SYNC_S,
     LOCAL_HEARTBEAT_S,
     pace_heartbeats,
 )
-from services.ml.trial import TrialSpec, run_trial  # noqa: E402
-from services.runtime import event_loop_factory  # noqa: E402
-from services.settings import CairnSettings  # noqa: E402
+from services.platform.ml.trial import TrialSpec, run_trial  # noqa: E402
+from services.platform.runtime import event_loop_factory  # noqa: E402
+from services.platform.settings import CairnSettings  # noqa: E402
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:

@@ -357,7 +357,7 @@ class ModelDeployed(Contract):
         None,
         description="cairn-identity.json, signed with the bundle: model name, version and the manifest's "
         "sha256, so a signature made for one model version verifies as no other. The endpoint rebuilds "
-        "it from model_name and version rather than reading this copy (services.model_signatures).",
+        "it from model_name and version rather than reading this copy (services.platform.model_signatures).",
     )
 
 

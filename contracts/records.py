@@ -1,7 +1,7 @@
 """The inference endpoint's request records: which model version answered which request, and with what.
 
 Not an event (no envelope, not in the event log's PAYLOADS): records go to a stream of their own
-with a retention of their own (services.bus.provision), sampled by CAIRN_REQUEST_RECORD_RATE.
+with a retention of their own (services.platform.bus.provision), sampled by CAIRN_REQUEST_RECORD_RATE.
 """
 
 from __future__ import annotations

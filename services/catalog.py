@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from services.runtime import Service
-from services.settings import CairnSettings
+from services.platform.runtime import Service
+from services.platform.settings import CairnSettings
 
 SERVICES: dict[str, str] = {
     "ingestion": "services.ingestion.app:Ingestion",
@@ -31,7 +31,7 @@ def build_service(name: str, settings: CairnSettings) -> Service:
 
 def durables(name: str, settings: CairnSettings) -> list[str]:
     """The durable consumer names a service binds, without starting it."""
-    from services.bus.consumer import durable_name
+    from services.platform.bus.consumer import durable_name
 
     service = build_service(name, settings)
     routed = [durable_name(name, r.payload_cls, settings.namespace) for r in service.routes()]

@@ -27,9 +27,9 @@ from contracts import (
     stream_filter,
     subject_for,
 )
-from services.bus.connection import connect
-from services.bus.publisher import event_headers
-from services.settings import CairnSettings
+from services.platform.bus.connection import connect
+from services.platform.bus.publisher import event_headers
+from services.platform.settings import CairnSettings
 
 DEPLOYED, FAILED, NOT_PROMOTED = 0, 1, 3  # also the CLI's exit codes
 

@@ -29,8 +29,8 @@ from contracts import (
     is_dead_letter,
 )
 from services import supervisor
-from services.bus.connection import connect
-from services.settings import CairnSettings
+from services.platform.bus.connection import connect
+from services.platform.settings import CairnSettings
 
 
 def _cairn(home: Path, *args: str) -> int:

@@ -241,7 +241,7 @@ async def holds_bucket(js: Any) -> Any:
     """The bucket; LookupError (saying what to do) when the deployment was never provisioned with it."""
     from nats.js.errors import BucketNotFoundError, NotFoundError
 
-    from services.bus.provision import HOLDS_BUCKET
+    from services.platform.bus.provision import HOLDS_BUCKET
 
     try:
         return await js.key_value(HOLDS_BUCKET)

@@ -1,4 +1,4 @@
-"""Least-privilege NATS credentials, derived from the contracts (TLS material: services.tls).
+"""Least-privilege NATS credentials, derived from the contracts (TLS material: services.platform.tls).
 
 `write_nats_config(out, tls)` (behind `cairn nats-config`) writes:
 
@@ -22,7 +22,7 @@ The permission model (subjects for namespace `cairn`, stream `CAIRN`):
 - consumer API only for its own durables: create with the filter subject pinned in the API
   subject (`$JS.API.CONSUMER.CREATE.CAIRN.<durable>.<filter>`, which the server checks against
   the request), info, next-message and acks (`$JS.ACK.CAIRN.<durable>.>`);
-- replies only on its own inbox prefix `_INBOX_<user>` (see `services.bus.connection`), so one
+- replies only on its own inbox prefix `_INBOX_<user>` (see `services.platform.bus.connection`), so one
   service cannot read another's JetStream deliveries or API replies;
 - no stream administration, no direct get and no message get on the event stream: reading the
   log is done through the consumers above; provisioning is the `admin` user's job.
@@ -45,11 +45,11 @@ from contracts import (
     subject_for,
 )
 from contracts.records import record_subject
-from services.bus.connection import inbox_prefix
-from services.bus.consumer import durable_name
-from services.bus.provision import cache_bucket, champion_bucket, handled_bucket, study_bucket
-from services.settings import CairnSettings
-from services.tls import write_file, write_tls
+from services.platform.bus.connection import inbox_prefix
+from services.platform.bus.consumer import durable_name
+from services.platform.bus.provision import cache_bucket, champion_bucket, handled_bucket, study_bucket
+from services.platform.settings import CairnSettings
+from services.platform.tls import write_file, write_tls
 
 ADMIN = "admin"
 SERVE = "serve"
@@ -92,7 +92,7 @@ class ConsumerGrant:
 def service_consumers(name: str, settings: CairnSettings) -> list[ConsumerGrant]:
     """The durable consumers a service registers, read off a broker that never connects."""
     from services.catalog import build_service
-    from services.runtime import ServiceRunner
+    from services.platform.runtime import ServiceRunner
 
     runner = ServiceRunner(build_service(name, settings))
     routed = {durable_name(name, r.payload_cls, settings.namespace) for r in runner.service.routes()}
@@ -129,7 +129,7 @@ def _jetstream_consumer_grants(g: Grants, stream: str, consumer: ConsumerGrant) 
         f"$JS.ACK.{stream}.{consumer.durable}.>",
     )
     # Pull deliveries come to the subscriber's inbox. A subscriber left on FastStream's default
-    # `_INBOX.` forces a grant on every default inbox: pass services.bus.consumer.pull_inbox_prefix.
+    # `_INBOX.` forces a grant on every default inbox: pass services.platform.bus.consumer.pull_inbox_prefix.
     g.add_sub(consumer.inbox.rstrip(".") + ".>")
 
 
@@ -146,7 +146,7 @@ def _kv_grants(g: Grants, bucket: str) -> None:
 
 
 def _ledger_grants(g: Grants, bucket: str, service: str) -> None:
-    """The consumer policy's handled-inputs ledger (services.bus.ledger): a service puts and reads
+    """The consumer policy's handled-inputs ledger (services.platform.bus.ledger): a service puts and reads
     only keys under its own name (`<service>.>`); reads are direct gets that name the key."""
     kv_stream = f"KV_{bucket}"
     g.add_pub(

@@ -3,7 +3,7 @@
 The stream and the key-value buckets (services hold no stream-admin rights), the MLflow schema and
 the lineage store's schema (so services started at the same instant never race to create them),
 and, unless keys are set explicitly, the home's model-signing key pair, so a local system signs and
-verifies its champions by default (services.model_signatures).
+verifies its champions by default (services.platform.model_signatures).
 Idempotent: run it again after an upgrade and it updates what changed.
 """
 
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 
-from services.bus.connection import connect
-from services.bus.provision import provision_all
-from services.model_signatures import ensure_home_keys
-from services.settings import CairnSettings
+from services.platform.bus.connection import connect
+from services.platform.bus.provision import provision_all
+from services.platform.model_signatures import ensure_home_keys
+from services.platform.settings import CairnSettings
 
 
 async def provision_everything(settings: CairnSettings) -> dict[str, str]:
@@ -37,7 +37,7 @@ async def provision_everything(settings: CairnSettings) -> dict[str, str]:
 
 def _schemas(settings: CairnSettings) -> None:
     from services.lineage.store import LineageStore
-    from services.tracking import Tracker
+    from services.platform.tracking import Tracker
 
     Tracker(settings.tracking_uri)
     LineageStore(settings.lineage_url).close()

@@ -49,11 +49,11 @@ from contracts import (
     replay_namespace,
 )
 from services import supervisor
-from services.bus.connection import connect
-from services.bus.provision import provision_handled_bucket, provision_study_bucket, study_bucket
 from services.client import Client, RunTimeout
 from services.lineage.audit import history_records
-from services.settings import CairnSettings
+from services.platform.bus.connection import connect
+from services.platform.bus.provision import provision_handled_bucket, provision_study_bucket, study_bucket
+from services.platform.settings import CairnSettings
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 180.0

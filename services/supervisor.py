@@ -32,11 +32,11 @@ from pathlib import Path
 import httpx
 from pydantic import SecretStr
 
-from services.bus.embedded import EmbeddedNats, die_with_parent
 from services.catalog import SERVICES
 from services.nats_auth import ADMIN, SERVE, credentials_env
+from services.platform.bus.embedded import EmbeddedNats, die_with_parent
+from services.platform.settings import NATS_AUTH_DIR, RUNTIME_FILE, CairnSettings
 from services.provisioning import provision_everything
-from services.settings import NATS_AUTH_DIR, RUNTIME_FILE, CairnSettings
 
 LOOPBACK = "127.0.0.1"
 PROC = Path("/proc")

@@ -22,10 +22,10 @@ from nats.js.api import DeliverPolicy
 from psycopg import sql
 
 from contracts import Envelope, decode
-from services.bus.connection import connect
-from services.bus.embedded import EmbeddedNats
-from services.bus.provision import provision_all
-from services.settings import CairnSettings
+from services.platform.bus.connection import connect
+from services.platform.bus.embedded import EmbeddedNats
+from services.platform.bus.provision import provision_all
+from services.platform.settings import CairnSettings
 from services.supervisor import free_port
 
 

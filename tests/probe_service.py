@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from contracts import DataArrived, DataRejected, DatasetIngested, Envelope, new_event
-from services.bus.consumer import Delivery
-from services.runtime import Route, Service, ServiceRunner
-from services.settings import CairnSettings
+from services.platform.bus.consumer import Delivery
+from services.platform.runtime import Route, Service, ServiceRunner
+from services.platform.settings import CairnSettings
 
 
 class Probe(Service):

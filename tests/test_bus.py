@@ -17,7 +17,7 @@ import pytest
 
 from contracts import DataArrived, new_event
 from services.ingestion.app import Ingestion
-from services.runtime import ServiceRunner
+from services.platform.runtime import ServiceRunner
 from services.supervisor import free_port
 from tests.conftest import collect, env_for, events_of, wait_for
 
@@ -255,8 +255,8 @@ async def test_pub_acks_and_requests_share_one_reply_subscription(settings, js):
     comes fails its future after the timeout without leaving its entry behind."""
     from nats.js.errors import APIError, NoStreamResponseError
 
-    from services.bus.acks import PubAcks
-    from services.bus.provision import handled_bucket
+    from services.platform.bus.acks import PubAcks
+    from services.platform.bus.provision import handled_bucket
 
     nc = await nats.connect(settings.nats_url)
     try:
@@ -295,9 +295,9 @@ async def test_idle_routes_ask_again_at_once_when_a_restarted_server_is_back(
     has forgotten it. The runner drops the long polls on reconnect (`PullLoop.wake`, lineage's
     too) and asks again: here the polls last 10 minutes, so work after the restart would wait for
     them without that."""
-    from services.bus import pull
     from services.lineage.app import Lineage
     from services.lineage.store import LineageStore
+    from services.platform.bus import pull
 
     monkeypatch.setattr(pull, "FETCH_WAIT_S", 600.0)
     csv = small_csv(tmp_path)

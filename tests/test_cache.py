@@ -23,8 +23,16 @@ from contracts import (
     TuningSpec,
     new_event,
 )
-from services.cache import CACHED_FROM, NO_CACHE, StepVersion, carry_no_cache, entry_of, served, wants_cache
-from services.settings import CairnSettings
+from services.platform.cache import (
+    CACHED_FROM,
+    NO_CACHE,
+    StepVersion,
+    carry_no_cache,
+    entry_of,
+    served,
+    wants_cache,
+)
+from services.platform.settings import CairnSettings
 from tests.test_journeys import cairn, write_table
 
 TINY = ["--trials", "2", "--max-budget", "6", "--strategy", "random", "--families", "xgboost"]
@@ -57,42 +65,43 @@ def test_a_library_upgrade_moves_the_keys_of_the_steps_it_touches_only() -> None
 
 
 def test_imports_are_found_in_every_form_the_source_writes_them() -> None:
-    from services.cache import module_imports
+    from services.platform.cache import module_imports
 
     source = """
-import services.ml.transform as t
+import services.platform.ml.transform as t
 from contracts import DataArrived
 from . import logic
-from .. import settings
-from ..ml.textgen import tokenizer
+from ..platform import settings
+from ..platform.ml.textgen import tokenizer
 
 def later():
     from services.ingestion.text import ingest_text
     import importlib
-    return importlib.import_module("services.tracking")
+    return importlib.import_module("services.platform.tracking")
 """
     found = module_imports("services.ingestion.app", source)
     for name in (
-        "services.ml.transform",
+        "services.platform.ml.transform",
         "contracts",
         "contracts.DataArrived",
         "services.ingestion.logic",
-        "services.settings",
-        "services.ml.textgen.tokenizer",
+        "services.platform.settings",
+        "services.platform.ml.textgen.tokenizer",
         "services.ingestion.text",
-        "services.tracking",
+        "services.platform.tracking",
     ):
         assert name in found, name
     # In a package's __init__, `.` is the package itself.
-    assert "services.ml.transform" in module_imports("services.ml", "from .transform import x", True)
+    imported = module_imports("services.platform.ml", "from .transform import x", True)
+    assert "services.platform.ml.transform" in imported
 
 
 def test_a_step_key_covers_every_project_module_it_imports_transitively() -> None:
-    """Ingestion imports `services.ml.transform` and the tokenizer only through its own modules:
+    """Ingestion imports `services.platform.ml.transform` and the tokenizer only through its own modules:
     a change there is a new key (a miss), while a module no step imports moves no key."""
-    from services.cache import PROJECT_ROOT, code_hash, project_sources
     from services.features import app as features
     from services.ingestion import app as ingestion
+    from services.platform.cache import PROJECT_ROOT, code_hash, project_sources
     from services.tuning import app as tuning
 
     sources = project_sources(PROJECT_ROOT)
@@ -103,14 +112,15 @@ def test_a_step_key_covers_every_project_module_it_imports_transitively() -> Non
         return {**sources, module: (path, source.replace(b"\n", b"\n# one line changed\n", 1))}
 
     before = {step: code_hash(code, sources) for step, code in steps.items()}
-    for module in ("services.ml.transform", "services.ml.textgen.tokenizer", "contracts.types"):
+    modules = ("services.platform.ml.transform", "services.platform.ml.textgen.tokenizer", "contracts.types")
+    for module in modules:
         assert code_hash(ingestion.CODE, edited(module)) != before["ingestion"], module
     assert {step: code_hash(code, edited("services.cli.render")) for step, code in steps.items()} == before
 
 
 def test_a_service_started_from_changed_code_misses_the_cache(tmp_path: Path) -> None:
     """The real ingestion service, imported from a copy of the project (the checkout is never
-    touched): one line changed in `services/ml/transform.py` gives its route a new cache key for
+    touched): one line changed in `services/platform/ml/transform.py` gives its route a new cache key for
     the same arrival, so a resubmission computes; a change to the CLI leaves the key as it was."""
     import shutil
     import subprocess
@@ -124,7 +134,7 @@ def test_a_service_started_from_changed_code_misses_the_cache(tmp_path: Path) ->
         "assert Path(services.__file__).is_relative_to(Path.cwd()), services.__file__\n"
         "from contracts import DataArrived\n"
         "from services.ingestion.app import Ingestion\n"
-        "from services.settings import CairnSettings\n"
+        "from services.platform.settings import CairnSettings\n"
         "arrived = DataArrived(uri='file:///data/houses.csv', target='price', sha256='a' * 64)\n"
         "[route] = Ingestion(CairnSettings()).routes()\n"
         "print(route.cache_version.key(arrived.model_dump(mode='json')))\n"
@@ -149,7 +159,7 @@ def test_a_service_started_from_changed_code_misses_the_cache(tmp_path: Path) ->
     first = key()
     change("services/cli/render.py")
     assert key() == first, "a module ingestion never imports moved its key"
-    change("services/ml/transform.py")
+    change("services/platform/ml/transform.py")
     assert key() != first, "ingestion's key ignored a change to code it computes with"
 
 
@@ -187,7 +197,7 @@ def test_served_outputs_are_new_events_of_this_run_marked_with_their_origin() ->
 
 
 def test_a_replay_namespace_never_uses_the_cache() -> None:
-    from services.cache import StepCache
+    from services.platform.cache import StepCache
 
     assert StepCache(None, CairnSettings()).enabled
     assert not StepCache(None, CairnSettings(namespace="cairn.replay.abc")).enabled

@@ -16,8 +16,8 @@ import pytest
 
 from harness.hosts import Hosts
 from harness.natscluster import NatsCluster
-from services.bus.connection import connect
-from services.settings import CairnSettings
+from services.platform.bus.connection import connect
+from services.platform.settings import CairnSettings
 
 pytestmark = pytest.mark.slow
 CAIRN = str(Path(sys.executable).with_name("cairn"))

@@ -162,8 +162,8 @@ def test_dev_ports_only_in_the_override(base: dict[str, Any], dev: dict[str, Any
 
 def test_dask_talks_mutual_tls(base: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Scheduler, workers and training hold the generated certificates and use them; no one else."""
-    from services.dask_tls import CA, CA_KEY, CERT, KEY
-    from services.settings import CairnSettings
+    from services.platform.dask_tls import CA, CA_KEY, CERT, KEY
+    from services.platform.settings import CairnSettings
 
     folder = "/etc/cairn/dask-tls"
     flags = {

@@ -33,7 +33,7 @@ from contracts.schemas import SCHEMA_DIR, check, event_schema
 from contracts.subjects import ROOT, replay_namespace
 from contracts.types import Contract
 from contracts.upcasters import chain_of, earlier, older_types, upcast
-from services.bus.consumer import durable_name
+from services.platform.bus.consumer import durable_name
 from tests.rolling.builds import NEW_FIELD, NEW_VALUE, next_build
 
 CAIRN = str(Path(sys.executable).with_name("cairn"))
@@ -395,7 +395,7 @@ def test_a_v1_log_is_read_replayed_and_verified_by_a_v2_build(tmp_path: Path) ->
     `cairn replay` through the v2 build reaches the verdict the v1 run had: bit-identical."""
     import asyncio
 
-    from services.bus.embedded import EmbeddedNats
+    from services.platform.bus.embedded import EmbeddedNats
     from tests.fixtures.contracts_v1.make import ARTIFACTS
 
     records = _bundle()

@@ -159,7 +159,7 @@ async def test_the_scheduler_gone_for_75_s_before_its_replacement_starts(dask_ho
     """A replacement pod is not always up at once (scheduling, image pull): with no scheduler for
     75 s, Dask's client notices (up to 30 s: TCP keepalive), retries for its connect timeout (30 s)
     and closes for good. Training must connect again once the scheduler is back and record no
-    trial as a model failure meanwhile. Before services/compute.py's `Compute.live_client`, trials
+    trial as a model failure meanwhile. Before services/platform/compute.py's `Compute.live_client`, trials
     submitted while the client was closing were dropped silently and the study never finished."""
     system, hosts, dask = dask_hosts
     log = StreamLog(system.settings)

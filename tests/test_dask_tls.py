@@ -2,7 +2,7 @@
 
 Dask moves pickled tasks, so a client that reaches a scheduler runs code on its workers. Here a
 `dask scheduler` and a `dask worker` (the venv's CLIs, as compose and the chart start them) run
-with certificates from `services.dask_tls.write_dask_tls`; the client cairn's compute code builds
+with certificates from `services.platform.dask_tls.write_dask_tls`; the client cairn's compute code builds
 from settings runs a task over tls://, and clients without the cluster's certificate are refused
 by the scheduler. The training service's own LocalCluster is started the way the service starts
 it and must listen on loopback only, over TLS.
@@ -26,9 +26,9 @@ import pytest
 from distributed import Client
 from distributed.security import Security
 
-from services.compute import LOCAL_HEARTBEAT_S, open_compute
-from services.dask_tls import CA, CERT, KEY, DaskTLSError, kube_scheduler_address, write_dask_tls
-from services.settings import CairnSettings
+from services.platform.compute import LOCAL_HEARTBEAT_S, open_compute
+from services.platform.dask_tls import CA, CERT, KEY, DaskTLSError, kube_scheduler_address, write_dask_tls
+from services.platform.settings import CairnSettings
 from tests.conftest import wait_for
 
 DASK = str(Path(sys.executable).with_name("dask"))

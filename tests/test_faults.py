@@ -29,7 +29,7 @@ from mlflow import MlflowClient
 from contracts import DataArrived, ModelFamily, SearchStrategy, TuningSpec, new_event
 from harness.stream import StreamLog
 from harness.system import System, start_system
-from services.bus.connection import connect
+from services.platform.bus.connection import connect
 from services.supervisor import free_port
 
 pytestmark = pytest.mark.slow

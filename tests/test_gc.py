@@ -16,7 +16,7 @@ import fsspec
 import pytest
 
 from services import gc
-from services.artifacts import read_verified
+from services.platform.artifacts import read_verified
 from tests.test_cache import of_type, submit
 from tests.test_journeys import CAIRN, cairn, user_env, write_table
 

@@ -894,8 +894,15 @@ def test_dask_talks_mutual_tls_with_the_secret(
     """Scheduler, every worker group and training mount the Secret and use it; nothing else does."""
     import dask.config
 
-    from services.dask_tls import CA, CERT, KEY, DaskTLSError, client_security, kube_scheduler_address
-    from services.settings import CairnSettings
+    from services.platform.dask_tls import (
+        CA,
+        CERT,
+        KEY,
+        DaskTLSError,
+        client_security,
+        kube_scheduler_address,
+    )
+    from services.platform.settings import CairnSettings
 
     secret_keys = {"--tls-ca-file": "ca.crt", "--tls-cert": "tls.crt", "--tls-key": "tls.key"}
     cluster = one(everything_objects, "DaskCluster", f"{RELEASE}-dask")
@@ -1109,7 +1116,7 @@ def test_nats_permissions_on_a_real_server(default_objects: list[dict[str, Any]]
     refused; each user, with one, can do its job and no more."""
     import ssl
 
-    from services.tls import write_tls
+    from services.platform.tls import write_tls
 
     server = Path(sys.executable).parent / "nats-server"
     binary = str(server) if server.exists() else shutil.which("nats-server")
@@ -1203,8 +1210,8 @@ async def _exercise_permissions(
     import nats
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-    from services.bus.provision import provision_all
-    from services.settings import CairnSettings
+    from services.platform.bus.provision import provision_all
+    from services.platform.settings import CairnSettings
 
     stream = "CAIRN"
     violations: dict[str, list[str]] = {}
@@ -1462,7 +1469,7 @@ def secret_files(pod: dict[str, Any], container: dict[str, Any], volume_name: st
 
 def nats_tls_settings(container: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
     """The NATS settings a container's cairn process reads from its rendered environment."""
-    from services.settings import CairnSettings
+    from services.platform.settings import CairnSettings
 
     with monkeypatch.context() as m:
         for name in [k for k in os.environ if k.startswith("CAIRN_")]:
@@ -1749,9 +1756,9 @@ class HookRunner:
 
 
 def check_signing_pair(pair: dict[str, bytes], tmp_path: Path) -> None:
-    """The pair the code takes (services.model_signatures.check_key, as deployment and the endpoint
+    """The pair the code takes (services.platform.model_signatures.check_key, as deployment and the endpoint
     check theirs at start), and a signature made with private.pem verifies with public.pem."""
-    from services import model_signatures
+    from services.platform import model_signatures
 
     assert set(pair) == {"private.pem", "public.pem"}
     model_signatures.check_key(pair["private.pem"], True, "private.pem")
@@ -2135,7 +2142,7 @@ def generated_permissions() -> dict[str, Any]:
     """What services.nats_auth derives from the code, in the chart's file format."""
     from services.catalog import SERVICES as CATALOG
     from services.nats_auth import derive_permissions, service_consumers
-    from services.settings import CairnSettings
+    from services.platform.settings import CairnSettings
 
     settings = CairnSettings(
         nats_url="nats://127.0.0.1:4222", nats_user=None, stream="CAIRN", namespace="cairn"

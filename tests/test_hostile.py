@@ -41,8 +41,8 @@ from contracts import (
 )
 from harness.stream import Record, StreamLog
 from harness.system import System, start_system
-from services.bus.connection import connect
 from services.catalog import SERVICES, build_service
+from services.platform.bus.connection import connect
 
 CORPUS = Path(__file__).parent / "hostile"
 MAX_PAYLOAD = 8 * 1024 * 1024
@@ -81,7 +81,7 @@ def system(tmp_path_factory):
 
 def inputs() -> dict[str, list[str]]:
     """Every service's input subjects, from its own routes."""
-    from services.settings import CairnSettings
+    from services.platform.settings import CairnSettings
 
     settings = CairnSettings(nats_url="nats://127.0.0.1:1")
     out = {}
@@ -597,7 +597,7 @@ def test_allow_listed_network_sources_still_refuse_internal_addresses_and_foreig
     resolve_source decides before any byte is read."""
     from services.ingestion.problems import DataProblem
     from services.ingestion.sources import resolve_source
-    from services.settings import CairnSettings
+    from services.platform.settings import CairnSettings
 
     settings = CairnSettings(
         home=tmp_path,

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from contracts import DataArrived, DataFormat
-from services.artifacts import ArtifactStore
 from services.ingestion import logic
 from services.ingestion.problems import DataProblem
 from services.ingestion.sources import read_bytes, resolve_source
-from services.settings import CairnSettings
+from services.platform.artifacts import ArtifactStore
+from services.platform.settings import CairnSettings
 from tests.conftest import missing_system_dependency
 
 TABLE = b"x,y\n" + b"".join(f"{i},{2 * i}\n".encode() for i in range(40))
@@ -269,7 +269,7 @@ def test_https_connects_to_the_checked_address_and_still_verifies_the_host_name(
     from cryptography import x509
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    from services.tls import issue_cert, load_or_create_ca, write_file
+    from services.platform.tls import issue_cert, load_or_create_ca, write_file
 
     ca = load_or_create_ca(tmp_path / "ca.pem", tmp_path / "ca-key.pem", "test CA", 2)
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))

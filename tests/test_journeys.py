@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from services.bus.embedded import EmbeddedNats
+from services.platform.bus.embedded import EmbeddedNats
 from services.supervisor import free_port
 
 pytestmark = pytest.mark.slow
@@ -426,7 +426,7 @@ def test_no_command_needs_anything_beside_the_repository() -> None:
 def test_services_starting_together_create_the_mlflow_schema_once(tmp_path: Path) -> None:
     """Seven services on a fresh home each open MLflow at once: without the schema lock alembic's
     migrations collide (`table _alembic_tmp_experiments already exists`)."""
-    code = "import sys; from services.tracking import Tracker; Tracker(sys.argv[1])"
+    code = "import sys; from services.platform.tracking import Tracker; Tracker(sys.argv[1])"
     uri = f"sqlite:///{tmp_path / 'fresh-home' / 'mlflow.db'}"
     procs = [
         subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import psutil
 import pytest
 
-from services import compute as compute_module
-from services.runtime import Service, ServiceRunner
-from services.settings import CairnSettings
+from services.platform import compute as compute_module
+from services.platform.runtime import Service, ServiceRunner
+from services.platform.settings import CairnSettings
 from services.training import app as training_app
 from services.training.app import Training
 
@@ -80,7 +80,7 @@ async def test_runner_start_that_fails_closes_what_it_opened(tmp_path, monkeypat
     async def no_wait(settings, name):
         return None
 
-    monkeypatch.setattr("services.runtime.wait_for_stream", no_wait)
+    monkeypatch.setattr("services.platform.runtime.wait_for_stream", no_wait)
     log: list[str] = []
     runner = ServiceRunner(Recorder(CairnSettings(home=tmp_path, nats_url="nats://127.0.0.1:1"), log))
     started: list[str] = []
@@ -106,7 +106,7 @@ def test_services_run_on_uvloop() -> None:
     loop itself was about a fifth of training's and a third of tuning's CPU per trial."""
     import uvloop
 
-    from services.runtime import event_loop_factory
+    from services.platform.runtime import event_loop_factory
 
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         assert isinstance(runner.get_loop(), uvloop.Loop)

@@ -18,8 +18,6 @@ from sqlalchemy.engine import make_url
 
 from contracts import DataArrived, SearchStrategy, TuningSpec
 from services import supervisor
-from services.bus.connection import connect
-from services.bus.embedded import EmbeddedNats
 from services.lineage import graph, signing
 from services.lineage.audit import (
     export_bundle,
@@ -30,6 +28,8 @@ from services.lineage.audit import (
     verify_records,
 )
 from services.lineage.store import LineageStore
+from services.platform.bus.connection import connect
+from services.platform.bus.embedded import EmbeddedNats
 from services.replay import replay
 from tests.conftest import make_settings, wait_for
 from tests.test_pipeline import run_pipeline

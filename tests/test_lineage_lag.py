@@ -21,7 +21,7 @@ from services.lineage.app import DURABLE, Lineage
 from services.lineage.audit import verify_records
 from services.lineage.catchup import wait_until_caught_up
 from services.lineage.store import LineageStore
-from services.runtime import ServiceRunner
+from services.platform.runtime import ServiceRunner
 from tests.conftest import make_settings, wait_for
 
 ACK_WAIT_S = 30.0  # the default lease: what a message dropped in flight would hold the chain back

@@ -1,6 +1,6 @@
 """The local SQLite stores (MLflow's and lineage's) run in write-ahead-log mode.
 
-What the mode buys is measured in services/local_store.py; what is checked here is what a user of
+What the mode buys is measured in services/platform/local_store.py; what is checked here is what a user of
 the files sees: the mode is stored in the file (so every process that opens it uses it), a reader
 in the middle of a transaction does not stop a writer, and what was committed is there for the
 next process.
@@ -13,8 +13,8 @@ import sqlite3
 from pathlib import Path
 
 from services.lineage.store import LineageStore
-from services.local_store import write_ahead_log
-from services.tracking import Tracker
+from services.platform.local_store import write_ahead_log
+from services.platform.tracking import Tracker
 
 
 def journal_mode(path: Path) -> str:

@@ -26,13 +26,13 @@ import pytest
 
 from contracts import ArtifactRef, ModelDeployed, ModelRefused, new_event, subject_for
 from harness.stream import StreamLog
-from services import model_signatures
-from services.artifacts import ArtifactStore, sha256_bytes
-from services.bus.connection import connect
+from services.platform import model_signatures
+from services.platform.artifacts import ArtifactStore, sha256_bytes
+from services.platform.bus.connection import connect
+from services.platform.settings import CairnSettings
+from services.platform.tracking import Tracker
 from services.serving.app import InferenceServer
 from services.serving.logic import version_problem
-from services.settings import CairnSettings
-from services.tracking import Tracker
 from tests.test_journeys import cairn, user_env, wait_until, write_table
 
 MODEL = "signed"
@@ -333,9 +333,9 @@ def test_another_models_signed_champion_under_this_name_is_refused(system) -> No
 # The serve user may publish its refusals, and only those of the log ------------------------------
 def test_the_serve_user_may_publish_refusals_on_a_server_with_the_generated_users(tmp_path: Path) -> None:
     from contracts import ENDPOINT
-    from services.bus.embedded import EmbeddedNats
-    from services.bus.provision import provision_all
     from services.nats_auth import SERVE, credentials_env, derive_permissions, write_nats_config
+    from services.platform.bus.embedded import EmbeddedNats
+    from services.platform.bus.provision import provision_all
 
     assert SERVE == ENDPOINT, "the endpoint's NATS user is the producer its contracts name"
     assert subject_for(ModelRefused) in derive_permissions()[SERVE].publish

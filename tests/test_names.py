@@ -129,9 +129,9 @@ def test_subject_helpers() -> None:
 
 def test_every_routed_durable_carries_its_event_version(tmp_path) -> None:
     """docs/CONTRACTS.md: a v1 and a v2 route are two consumers, never one re-pointed durable."""
-    from services.bus.consumer import durable_name
     from services.catalog import build_service
-    from services.settings import CairnSettings
+    from services.platform.bus.consumer import durable_name
+    from services.platform.settings import CairnSettings
 
     settings = CairnSettings(home=tmp_path)
     for name in SERVICES:

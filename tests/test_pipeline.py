@@ -26,8 +26,8 @@ from contracts import (
     stream_filter,
 )
 from services import supervisor
-from services.bus.connection import connect
 from services.client import Client
+from services.platform.bus.connection import connect
 from tests.conftest import data_dir, make_settings
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
     home = tmp_path_factory.mktemp("cairn")
-    from services.bus.embedded import EmbeddedNats
+    from services.platform.bus.embedded import EmbeddedNats
 
     server = EmbeddedNats(home / "nats")
     server.start()

@@ -36,9 +36,9 @@ from contracts import (
     TuningSpec,
     new_event,
 )
-from services.bus.connection import connect
-from services.bus.provision import async_persist, handled_bucket, provision_all
-from services.settings import CairnSettings
+from services.platform.bus.connection import connect
+from services.platform.bus.provision import async_persist, handled_bucket, provision_all
+from services.platform.settings import CairnSettings
 from tests.conftest import collect, env_for, events_of, make_settings, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -41,22 +41,22 @@ from contracts import (
     new_event,
 )
 from harness.stream import Record, StreamLog
-from services.artifacts import ArtifactStore, read_verified, sha256_bytes
-from services.bus.connection import connect
-from services.bus.provision import champion_bucket
 from services.deployment.app import Deployment
 from services.deployment.logic import ChampionRecord
 from services.evaluation.app import Challenger, Evaluation, evaluate
 from services.features import logic as features
 from services.ingestion.app import ingest
-from services.ml.bundle import save_bundle
-from services.ml.holdout import holdout_frame
-from services.ml.trial import TrialSpec, fit_final
-from services.runtime import ServiceRunner
+from services.platform.artifacts import ArtifactStore, read_verified, sha256_bytes
+from services.platform.bus.connection import connect
+from services.platform.bus.provision import champion_bucket
+from services.platform.ml.bundle import save_bundle
+from services.platform.ml.holdout import holdout_frame
+from services.platform.ml.trial import TrialSpec, fit_final
+from services.platform.runtime import ServiceRunner
+from services.platform.settings import CairnSettings
+from services.platform.tracking import Tracker
 from services.serving.app import InferenceServer
-from services.settings import CairnSettings
 from services.supervisor import free_port
-from services.tracking import Tracker
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
@@ -190,7 +190,7 @@ class Lab:
 
     def rmse(self, trained: ModelTrained) -> float:
         from services.evaluation.app import holdout_metrics
-        from services.model_loading import load_from_store
+        from services.platform.model_loading import load_from_store
 
         holdout = holdout_frame(self.built.dataset, self.built.context.seed)
         return holdout_metrics(load_from_store(trained.model, self.settings), holdout)["rmse"]

@@ -23,8 +23,8 @@ from harness.stream import StreamLog
 from harness.system import System, start_system
 from harness.workloads import study_table
 from services import supervisor
-from services.bus.connection import connect
-from services.cache import CACHED_FROM, NO_CACHE
+from services.platform.bus.connection import connect
+from services.platform.cache import CACHED_FROM, NO_CACHE
 
 pytestmark = pytest.mark.slow
 CAIRN = str(Path(sys.executable).with_name("cairn"))

@@ -25,14 +25,14 @@ from contracts import DataArrived, ModelFamily, SearchStrategy, TuningSpec, new_
 from contracts.schemas import PRODUCERS
 from harness.stream import StreamLog
 from services import supervisor
-from services.artifacts import ArtifactStore, IntegrityError
-from services.bus.connection import connect
-from services.bus.embedded import EmbeddedNats, server_binary
-from services.bus.provision import provision_all
 from services.catalog import SERVICES
-from services.ml.bundle import load_bundle, save_bundle
 from services.nats_auth import credentials_env, derive_permissions, write_nats_config
-from services.settings import CairnSettings
+from services.platform.artifacts import ArtifactStore, IntegrityError
+from services.platform.bus.connection import connect
+from services.platform.bus.embedded import EmbeddedNats, server_binary
+from services.platform.bus.provision import provision_all
+from services.platform.ml.bundle import load_bundle, save_bundle
+from services.platform.settings import CairnSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -345,7 +345,7 @@ def spawn_all(home: Path, auth: Path, settings: CairnSettings) -> dict[str, Any]
 def least_privilege(secure):
     home, auth, server, settings_for = secure
     admin = settings_for("admin")
-    from services.tracking import Tracker
+    from services.platform.tracking import Tracker
 
     Tracker(admin.tracking_uri)  # the MLflow schema, as `cairn up` prepares it
     runtime = spawn_all(home, auth, admin)

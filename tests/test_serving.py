@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 
 from contracts import ModelDeployed, new_event
-from services.bus.connection import connect
-from services.bus.provision import record_stream
-from services.ml.transform import apply
-from services.model_loading import bundle_files
+from services.platform.bus.connection import connect
+from services.platform.bus.provision import record_stream
+from services.platform.ml.transform import apply
+from services.platform.model_loading import bundle_files
 from services.serving.logic import RequestProblem, checked_rows, features, v2_rows
 from services.supervisor import free_port
 from tests.test_registry import BEST, GOOD, make_lab
@@ -37,7 +37,7 @@ ROW = {"a": 0.3, "b": -1.2}
 
 
 def test_features_match_the_pandas_transform_and_v2_tensors_match_rows():
-    """The hot path's numpy features equal services.ml.transform.apply's, and both v2 forms give the rows."""
+    """The hot path's numpy features equal platform.ml.transform.apply's, and both v2 forms give the rows."""
     import pandas as pd
 
     spec = {
@@ -338,15 +338,15 @@ async def _wait(predicate, what: str, timeout: float = 180.0):
 
 
 async def test_generation_counts_real_tokens_and_streams_them_as_server_sent_events(settings):
-    """The endpoint's token loop gives the text services.ml.textgen.generate gives for the same seed;
+    """The endpoint's token loop gives the text services.platform.ml.textgen.generate gives for the same seed;
     `tokens` counts what was generated; `stream: true` sends one event per token, then the counts."""
     import torch
 
     from contracts import ArtifactRef
-    from services.ml.bundle import LoadedModel
-    from services.ml.textgen.generate import generate
-    from services.ml.textgen.model import GPT, GPTConfig, state_to_bytes
-    from services.ml.textgen.tokenizer import byte_tokenizer
+    from services.platform.ml.bundle import LoadedModel
+    from services.platform.ml.textgen.generate import generate
+    from services.platform.ml.textgen.model import GPT, GPTConfig, state_to_bytes
+    from services.platform.ml.textgen.tokenizer import byte_tokenizer
     from services.serving.app import InferenceServer
 
     tok = byte_tokenizer()
@@ -384,8 +384,8 @@ async def test_bad_requests_get_their_status_on_v1_and_v2(settings):
     """orjson on the hot path keeps the answers: 400 for broken JSON, 422 for NaN/Infinity and bad
     values, 413 over the size limit, 404 for an unknown model; a good request still answers."""
     from contracts import ArtifactRef, Task
-    from services.ml.bundle import LoadedModel
-    from services.ml.families import LinearPredictor
+    from services.platform.ml.bundle import LoadedModel
+    from services.platform.ml.families import LinearPredictor
     from services.serving.app import InferenceServer
 
     spec = {

@@ -16,10 +16,10 @@ import pytest
 import safetensors  # noqa: F401  (runtime dependencies: a missing one is an error, not a skip)
 import torch
 
-from services.ml.textgen import generate as gen_mod
-from services.ml.textgen.generate import generate, generate_ids
-from services.ml.textgen.model import GPTConfig, load_model, n_params, train_flops_per_token
-from services.ml.textgen.tokenizer import (
+from services.platform.ml.textgen import generate as gen_mod
+from services.platform.ml.textgen.generate import generate, generate_ids
+from services.platform.ml.textgen.model import GPTConfig, load_model, n_params, train_flops_per_token
+from services.platform.ml.textgen.tokenizer import (
     CorpusError,
     byte_tokenizer,
     decode,
@@ -28,7 +28,7 @@ from services.ml.textgen.tokenizer import (
     train_bpe,
     validate_corpus,
 )
-from services.ml.textgen.train import (
+from services.platform.ml.textgen.train import (
     join_shards,
     load_shard,
     perplexity,
@@ -159,7 +159,7 @@ def test_shards_round_trip():
 def test_flops_and_params():
     cfg = GPTConfig(vocab_size=1000, context=64, d_model=64, n_layers=2, n_heads=4)
     model = torch.nn.Module()
-    from services.ml.textgen.model import GPT
+    from services.platform.ml.textgen.model import GPT
 
     model = GPT(cfg)
     assert n_params(cfg) == sum(p.numel() for p in model.parameters())
@@ -233,7 +233,7 @@ def test_checkpoint_is_safetensors_not_pickle(corpus, monkeypatch):
     assert not model.training
     out = generate(ckpt, corpus["result"].config_json, corpus["tok"], "def ", 5, seed=0)
     assert isinstance(out, str)
-    for path in (ROOT / "services/ml/textgen").glob("*.py"):
+    for path in (ROOT / "services/platform/ml/textgen").glob("*.py"):
         source = path.read_text()
         assert (
             re.search(r"(?<!safetensors\.)torch\.load\(", source) is None and "import pickle" not in source

@@ -16,9 +16,15 @@ import safetensors  # noqa: F401  (runtime dependencies: a missing one is an err
 import torch
 
 from contracts.types import ModelFamily, Task
-from services.ml import placement
-from services.ml.fitted import FitRequest
-from services.ml.torch_mlp import MLP_FORMAT, MLPPredictor, fit_mlp, read_mlp_config, sample_mlp_params
+from services.platform.ml import placement
+from services.platform.ml.fitted import FitRequest
+from services.platform.ml.torch_mlp import (
+    MLP_FORMAT,
+    MLPPredictor,
+    fit_mlp,
+    read_mlp_config,
+    sample_mlp_params,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 def mlp(*args, **kwargs):
@@ -85,8 +91,8 @@ def test_bit_identical_across_processes():
     script = """
 import hashlib, numpy as np
 from contracts.types import Task
-from services.ml.fitted import FitRequest
-from services.ml.torch_mlp import fit_mlp
+from services.platform.ml.fitted import FitRequest
+from services.platform.ml.torch_mlp import fit_mlp
 rng = np.random.default_rng(0)
 x = rng.normal(size=(300, 4)).astype(np.float32); y = x[:, 0] * 2 + x[:, 1]
 request = FitRequest({"hidden": 16, "depth": 2}, 4, Task.regression, 0, 5,
@@ -126,7 +132,7 @@ def test_no_pickle_anywhere(monkeypatch):
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     assert MLPPredictor(data).predict(xv).shape == (len(xv), 3)
-    source = (ROOT / "services/ml/torch_mlp.py").read_text()
+    source = (ROOT / "services/platform/ml/torch_mlp.py").read_text()
     assert re.search(r"(?<!safetensors\.)torch\.load\(", source) is None and "import pickle" not in source
 
 

@@ -1,4 +1,4 @@
-"""Trial runs written in batches (services/trial_runs.py), against real MLflow stores.
+"""Trial runs written in batches (services/platform/trial_runs.py), against real MLflow stores.
 
 On SQLite and on PostgreSQL: a run written by the writer must read back through MlflowClient as
 the run `Tracker.log_run` writes (the writer reproduces MLflow's rows itself, so a change in
@@ -17,8 +17,8 @@ import pytest
 import sqlalchemy
 from mlflow.exceptions import MlflowException
 
-from services.tracking import EVENT_TAG, Tracker
-from services.trial_runs import TrialRun, TrialRunWriter, trial_run_id
+from services.platform.tracking import EVENT_TAG, Tracker
+from services.platform.trial_runs import TrialRun, TrialRunWriter, trial_run_id
 from tests.test_registry import MlflowServer
 
 EXPERIMENT = "trial-runs"

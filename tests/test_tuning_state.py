@@ -26,10 +26,10 @@ from contracts import (
     TuningSpec,
     new_event,
 )
-from services.bus.acks import PubAcks
-from services.bus.consumer import PermanentError
-from services.bus.kv import FastKeyValue
-from services.bus.provision import study_bucket
+from services.platform.bus.acks import PubAcks
+from services.platform.bus.consumer import PermanentError
+from services.platform.bus.kv import FastKeyValue
+from services.platform.bus.provision import study_bucket
 from services.tuning import logic, state
 from services.tuning.app import Tuning
 

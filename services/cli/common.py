@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from services.settings import CairnSettings
+from services.platform.settings import CairnSettings
 
 T = TypeVar("T")
 
@@ -62,7 +62,7 @@ def settings(user: str | None = ADMIN) -> CairnSettings:
 
 async def connect_nats(s: CairnSettings, name: str):
     """A NATS connection for a command, or a one-line error saying how to get one."""
-    from services.bus.connection import connect_once
+    from services.platform.bus.connection import connect_once
 
     try:
         url = s.resolved_nats_url()

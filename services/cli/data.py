@@ -20,7 +20,6 @@ from contracts import (
     TuningSpec,
     new_event,
 )
-from services.cache import NO_CACHE
 from services.cli.common import (
     EXIT_DEPLOYED,
     EXIT_FAILED,
@@ -37,7 +36,8 @@ from services.cli.common import (
     stream_missing,
 )
 from services.cli.render import Progress, print_event
-from services.settings import CairnSettings
+from services.platform.cache import NO_CACHE
+from services.platform.settings import CairnSettings
 
 SERVE_WAIT_S = 60.0  # after model.deployed, for the local endpoint to load and verify the champion
 
@@ -227,7 +227,7 @@ def _locate(s: CairnSettings, path: str, sha256: str | None, upload: bool) -> tu
             "(it must then be under CAIRN_ALLOWED_ROOTS of the ingestion service)",
             EXIT_USAGE,
         )
-    from services.artifacts import ArtifactStore
+    from services.platform.artifacts import ArtifactStore
 
     try:
         ref = ArtifactStore(s.artifacts).put_file(local, _media_type(local))

@@ -68,8 +68,8 @@ def keygen(
 ) -> None:
     """An EC P-256 key pair for OpenSSF model signing: deployment signs champions with the private key
     (CAIRN_MODEL_SIGNING_KEY), the endpoint verifies with the public one (CAIRN_MODEL_VERIFY_KEY)."""
-    from services.model_signatures import PRIVATE_NAME
-    from services.model_signatures import keygen as make_pair
+    from services.platform.model_signatures import PRIVATE_NAME
+    from services.platform.model_signatures import keygen as make_pair
 
     if (out / PRIVATE_NAME).exists():
         raise CliError(f"{out / PRIVATE_NAME} exists: keep it, or choose another --out")

@@ -76,7 +76,7 @@ def collect_garbage(
 ) -> None:
     """Delete the artifacts no champion, recent run, hold or unfinished run reaches; print bytes freed."""
     from services import gc
-    from services.tracking import Tracker
+    from services.platform.tracking import Tracker
 
     s = settings()
     if (keep_champions is not None and keep_champions < 0) or (keep_runs is not None and keep_runs < 0):

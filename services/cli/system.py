@@ -20,7 +20,7 @@ from services.cli.common import (
     settings,
     stream_missing,
 )
-from services.settings import CairnSettings
+from services.platform.settings import CairnSettings
 
 
 @app.command()
@@ -31,7 +31,7 @@ def run(
 ) -> None:
     """Run one service (an operator runs one process per replica); waits for NATS and the stream."""
     from services.catalog import SERVICES, build_service
-    from services.runtime import ServiceRunner, event_loop_factory
+    from services.platform.runtime import ServiceRunner, event_loop_factory
 
     if service not in SERVICES:
         raise CliError(f"unknown service {service!r}; choose one of: {', '.join(SERVICES)}", EXIT_USAGE)
@@ -270,7 +270,7 @@ def nats_config(
 ) -> None:
     """Generate a nats-server config with one user per service and least-privilege permissions."""
     from services.nats_auth import write_nats_config
-    from services.tls import write_tls
+    from services.platform.tls import write_tls
 
     if host and not tls:
         raise typer.BadParameter("--host names the server certificate: it needs --tls")
@@ -286,7 +286,7 @@ def dask_tls(
     out: Annotated[Path, typer.Option("--out", help="Folder for ca.crt, ca.key, tls.crt, tls.key.")],
 ) -> None:
     """Certificates for Dask's mutual TLS between services, scheduler and workers (keep ca.key offline)."""
-    from services.dask_tls import write_dask_tls
+    from services.platform.dask_tls import write_dask_tls
 
     for path in write_dask_tls(out):
         typer.echo(str(path))

@@ -6,7 +6,7 @@ decisions in flight for one model on two replicas only one can move it; the othe
 goes back to evaluation as an `evaluation-requested` event, to be decided against the new
 champion: a challenger is never promoted on evidence about a champion that is no longer there.
 
-With a signing key (services.model_signatures) every deployed bundle is signed with OpenSSF model
+With a signing key (services.platform.model_signatures) every deployed bundle is signed with OpenSSF model
 signing, together with its identity (model name and the registry version): so it is signed once the
 registry has given the version, and tagged on that version before the alias can move to it. The
 signature is stored beside it and named in `model.deployed`, so the endpoint can tell the bundle
@@ -29,14 +29,14 @@ from contracts import (
     ModelEvaluated,
     new_event,
 )
-from services.artifacts import IntegrityError
-from services.bus.consumer import Delivery, PermanentError
 from services.deployment.lock import ChampionLock, settle_alias
 from services.deployment.logic import Action, ChampionRecord, decide, deployed, reevaluation
-from services.model_loading import UnusableModel, bundle_files
-from services.model_signatures import Signed, sign_bundle, signing_key
-from services.runtime import Route, Service
-from services.tracking import Tracker
+from services.platform.artifacts import IntegrityError
+from services.platform.bus.consumer import Delivery, PermanentError
+from services.platform.model_loading import UnusableModel, bundle_files
+from services.platform.model_signatures import Signed, sign_bundle, signing_key
+from services.platform.runtime import Route, Service
+from services.platform.tracking import Tracker
 
 
 def verified_files(evaluated: ModelEvaluated, settings: Any) -> dict[str, bytes]:

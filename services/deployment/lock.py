@@ -13,9 +13,9 @@ from typing import Any
 
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
-from services.bus.provision import champion_bucket
 from services.deployment.logic import ChampionRecord
-from services.tracking import Tracker
+from services.platform.bus.provision import champion_bucket
+from services.platform.tracking import Tracker
 
 
 class ChampionLock:

@@ -14,7 +14,7 @@ from contracts import (
     ModelDeployed,
     ModelEvaluated,
 )
-from services.model_signatures import Signed
+from services.platform.model_signatures import Signed
 
 
 @dataclass(frozen=True)

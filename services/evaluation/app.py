@@ -28,16 +28,16 @@ from contracts import (
     Task,
     new_event,
 )
-from services.artifacts import IntegrityError
-from services.bus.consumer import Delivery, PermanentError
 from services.evaluation.logic import gate
-from services.ml import transform
-from services.ml.bundle import LoadedModel
-from services.ml.holdout import holdout_frame, holdout_text
-from services.ml.metrics import score_all
-from services.model_loading import UnusableModel, load_champion, load_from_store
-from services.runtime import Route, Service
-from services.tracking import Champion, Tracker
+from services.platform.artifacts import IntegrityError
+from services.platform.bus.consumer import Delivery, PermanentError
+from services.platform.ml import transform
+from services.platform.ml.bundle import LoadedModel
+from services.platform.ml.holdout import holdout_frame, holdout_text
+from services.platform.ml.metrics import score_all
+from services.platform.model_loading import UnusableModel, load_champion, load_from_store
+from services.platform.runtime import Route, Service
+from services.platform.tracking import Champion, Tracker
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contracts import Metric, Task
-from services.ml.metrics import better
+from services.platform.ml.metrics import better
 
 
 def gate(

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from contracts import DatasetIngested, Envelope, Task, new_event
-from services.artifacts import ArtifactStore
-from services.bus.consumer import Delivery, PermanentError
-from services.cache import StepVersion
 from services.features import logic
-from services.runtime import Route, Service
+from services.platform.artifacts import ArtifactStore
+from services.platform.bus.consumer import Delivery, PermanentError
+from services.platform.cache import StepVersion
+from services.platform.runtime import Route, Service
 
 CODE = ("features", "ml")  # and every project module they import
 LIBRARIES = ("pandas", "pyarrow", "numpy", "scikit-learn", "safetensors")

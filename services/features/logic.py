@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from contracts import ColumnKind, DatasetIngested, FeaturesBuilt, SplitSizes, Task
-from services.artifacts import ArtifactStore, read_verified
-from services.ml import transform
-from services.ml.featureset import N_CLASSES_KEY
-from services.ml.transform import SPLIT_COLUMN, TARGET_COLUMN, TEST, TRAIN, VALIDATION
+from services.platform.artifacts import ArtifactStore, read_verified
+from services.platform.ml import transform
+from services.platform.ml.featureset import N_CLASSES_KEY
+from services.platform.ml.transform import SPLIT_COLUMN, TARGET_COLUMN, TEST, TRAIN, VALIDATION
 
 
 class FeatureProblem(Exception):

@@ -10,9 +10,9 @@ import numpy as np
 import safetensors.numpy
 
 from contracts import ArtifactRef, DatasetIngested, FeaturesBuilt, SplitSizes
-from services.artifacts import ArtifactStore, read_verified
-from services.ml.holdout import SPLITS, split_text
-from services.ml.textgen.tokenizer import encode, train_bpe
+from services.platform.artifacts import ArtifactStore, read_verified
+from services.platform.ml.holdout import SPLITS, split_text
+from services.platform.ml.textgen.tokenizer import encode, train_bpe
 
 TOKENS_MEDIA_TYPE = "application/vnd.cairn.tokens+safetensors"
 TRANSFORM_MEDIA_TYPE = "application/vnd.cairn.text-transform+json"

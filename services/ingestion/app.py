@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from contracts import DataArrived, DataRejected, DatasetIngested, Envelope, new_event
-from services.artifacts import ArtifactStore
-from services.bus.consumer import Delivery, PermanentError
-from services.cache import StepVersion
 from services.ingestion import logic, sources
-from services.runtime import Route, Service
+from services.platform.artifacts import ArtifactStore
+from services.platform.bus.consumer import Delivery, PermanentError
+from services.platform.cache import StepVersion
+from services.platform.runtime import Route, Service
 
 
 def ingest(event: DataArrived, store: ArtifactStore, settings: Any) -> DatasetIngested:
@@ -37,7 +37,7 @@ def ingest(event: DataArrived, store: ArtifactStore, settings: Any) -> DatasetIn
     )
 
 
-# The step's code: its package and every project module it imports (services.ml.transform, the tokenizer).
+# The step's code: its package and every project module it imports (platform.ml.transform, the tokenizer).
 CODE = ("ingestion",)
 LIBRARIES = ("pandas", "pyarrow", "numpy")
 

@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from contracts import ColumnInfo, DataArrived, DataFormat, PipelineContext, Task
-from services.artifacts import sha256_bytes
 from services.ingestion.problems import DataProblem
 from services.ingestion.sources import DATA_SUFFIXES
-from services.ml.transform import column_kind, infer_task
-from services.settings import CairnSettings
+from services.platform.artifacts import sha256_bytes
+from services.platform.ml.transform import column_kind, infer_task
+from services.platform.settings import CairnSettings
 
 PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
 

@@ -23,9 +23,9 @@ from urllib.parse import unquote, urlsplit
 import fsspec
 
 from contracts import DataArrived, DataFormat
-from services.artifacts import ArtifactStore
 from services.ingestion.problems import DataProblem
-from services.settings import CairnSettings
+from services.platform.artifacts import ArtifactStore
+from services.platform.settings import CairnSettings
 
 if TYPE_CHECKING:
     import httpx

@@ -11,11 +11,11 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from contracts import DataArrived, DataFormat, DatasetIngested, PipelineContext, Task
-from services.artifacts import ArtifactStore
 from services.ingestion import logic, sources
 from services.ingestion.sources import is_own_state
-from services.ml.textgen.tokenizer import CorpusError, validate_corpus
-from services.settings import CairnSettings
+from services.platform.artifacts import ArtifactStore
+from services.platform.ml.textgen.tokenizer import CorpusError, validate_corpus
+from services.platform.settings import CairnSettings
 
 TEXT_MEDIA_TYPE = "text/plain; charset=utf-8"
 CORPUS_SUFFIXES = (".py", ".txt", ".md", ".rst")

@@ -24,21 +24,21 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from contracts import stream_filter
-from services.bus.consumer import pull_inbox_prefix
-from services.bus.pull import LongPoll, ready
 from services.lineage.archive import Archive, archive_and_trim, signing_key
 from services.lineage.logic import plan
 from services.lineage.openlineage import STEPS, OpenLineageSink, make_client, run_events
 from services.lineage.store import LineageStore, OutOfOrder, Record
-from services.runtime import Route, Service
-from services.settings import CairnSettings
+from services.platform.bus.consumer import pull_inbox_prefix
+from services.platform.bus.pull import LongPoll, ready
+from services.platform.runtime import Route, Service
+from services.platform.settings import CairnSettings
 
 log = logging.getLogger(__name__)
 DURABLE = "lineage"
 SUBJECT = stream_filter()
 BATCH = 256
 # How long a stop waits for a store write in progress (the long poll itself is dropped at once;
-# services.bus.pull.LongPoll).
+# services.platform.bus.pull.LongPoll).
 STOP_WAIT_S = 10.0
 
 

@@ -26,7 +26,7 @@ from sqlalchemy import select
 
 from services.lineage import signing
 from services.lineage.store import GENESIS, LineageStore, Record, chain_hash, decode_body, records
-from services.settings import CairnSettings
+from services.platform.settings import CairnSettings
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from services.bus.connection import connect
 from services.lineage.store import LineageStore
-from services.settings import CairnSettings
+from services.platform.bus.connection import connect
+from services.platform.settings import CairnSettings
 
 POLL_S = 0.05
 

@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 
 from contracts import is_dead_letter
-from services.local_store import schema_lock, write_ahead_log
+from services.platform.local_store import schema_lock, write_ahead_log
 
 GENESIS = "0" * 64
 

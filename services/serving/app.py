@@ -3,7 +3,7 @@
 A request takes a reference to the model it started with; a swap replaces the reference only
 after the new bundle is loaded and verified, so in-flight requests finish on the old model and
 no request sees a half-loaded one. With a verify key (CAIRN_MODEL_VERIFY_KEY, or the home's from
-`cairn up`) a bundle is served only with a model signature that verifies (services.model_signatures)
+`cairn up`) a bundle is served only with a model signature that verifies (services.platform.model_signatures)
 on its files and on the identity it is served as (name and version, rebuilt here, never read);
 a champion refused for any reason leaves the old one serving and is published as `model.refused`.
 Each model has its own micro-batcher (services.serving.batching):
@@ -39,12 +39,12 @@ from starlette.routing import Route
 
 from contracts import ArtifactRef, ContractError, Envelope, ModelDeployed, ModelRefused, decode, subject_for
 from contracts.records import RequestRecord
-from services import model_signatures
-from services.bus.connection import connect
-from services.ml.bundle import BUNDLE_MEDIA_TYPE, LoadedModel
-from services.ml.families import import_tree_library
-from services.ml.transform import input_schema
-from services.model_loading import (
+from services.platform import model_signatures
+from services.platform.bus.connection import connect
+from services.platform.ml.bundle import BUNDLE_MEDIA_TYPE, LoadedModel
+from services.platform.ml.families import import_tree_library
+from services.platform.ml.transform import input_schema
+from services.platform.model_loading import (
     ESTIMATOR_FILE,
     MANIFEST_FILE,
     bundle_files,
@@ -52,6 +52,8 @@ from services.model_loading import (
     champion_ref,
     from_bytes,
 )
+from services.platform.settings import CairnSettings
+from services.platform.tracking import Champion, Tracker
 from services.serving.batching import MicroBatcher, fast_predict
 from services.serving.logic import (
     GenerateRequest,
@@ -67,8 +69,6 @@ from services.serving.logic import (
 )
 from services.serving.records import RequestRecorder, input_hash
 from services.serving.textstream import TextDecoder, TextModel
-from services.settings import CairnSettings
-from services.tracking import Champion, Tracker
 
 log = logging.getLogger(__name__)
 WATCH_HEARTBEAT_S = 2.0
@@ -138,7 +138,7 @@ class InferenceServer:
 
         The URIs come from events: the bundle's and its estimator's are checked against the store
         before anything is fetched (no request to an address an event names), then every byte is
-        hash-verified and parsed as JSON / XGBoost UBJSON (services.model_loading).
+        hash-verified and parsed as JSON / XGBoost UBJSON (services.platform.model_loading).
         """
         return self._verified(name, version, ref, bundle_files(ref, self.settings), signature)
 

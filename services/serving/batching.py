@@ -21,7 +21,7 @@ import numpy as np
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
-def fast_predict(model) -> Predict:  # noqa: ANN001 - a services.ml.bundle.LoadedModel
+def fast_predict(model) -> Predict:  # noqa: ANN001 - a services.platform.ml.bundle.LoadedModel
     """The model's predict on a ready feature matrix; XGBoost through `inplace_predict` (no DMatrix)."""
     predictor = model.predictor
     booster = getattr(predictor, "booster", None)

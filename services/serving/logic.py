@@ -149,7 +149,7 @@ def _plainly_valid(rows: list[Any], schema: dict[str, str]) -> bool:
 
 
 def features(spec: dict[str, Any], rows: list[dict[str, Any]]) -> np.ndarray:
-    """Checked rows -> the float32 feature matrix, as services.ml.transform.apply builds it from a
+    """Checked rows -> the float32 feature matrix, as services.platform.ml.transform.apply builds it from a
     DataFrame (missing numerics: the training mean; unknown or missing categories: -1), without one.
 
     A DataFrame costs ~1 ms per request before any model runs; a column at a time in numpy does not.

@@ -2,7 +2,7 @@
 
 The MLflow model directory that deployment registers holds the cairn bundle as it is (`bundle.json`,
 `estimator`) beside MLflow's `MLmodel`; `load_context` verifies the manifest against the hash in
-the model config and the estimator against the manifest (services.model_loading.from_bytes) before
+the model config and the estimator against the manifest (services.platform.model_loading.from_bytes) before
 anything is used, so `mlflow.pyfunc.load_model("models:/NAME@champion")`, `mlflow models serve`,
 and KServe's or Seldon's MLflow runtimes (with cairn installed) serve the very bytes cairn serves.
 """
@@ -24,9 +24,9 @@ class CairnBundleModel(PythonModel):
 
     def load_context(self, context: Any) -> None:
         from contracts import ArtifactRef
-        from services.artifacts import IntegrityError
-        from services.ml.bundle import BUNDLE_MEDIA_TYPE
-        from services.model_loading import from_bytes
+        from services.platform.artifacts import IntegrityError
+        from services.platform.ml.bundle import BUNDLE_MEDIA_TYPE
+        from services.platform.model_loading import from_bytes
 
         manifest_path = Path(context.artifacts["manifest"])
         manifest = manifest_path.read_bytes()

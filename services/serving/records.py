@@ -19,8 +19,8 @@ from typing import Any
 import orjson
 
 from contracts.records import RequestRecord, record_subject
-from services.bus.provision import record_stream
-from services.settings import CairnSettings
+from services.platform.bus.provision import record_stream
+from services.platform.settings import CairnSettings
 
 log = logging.getLogger(__name__)
 FLUSH_S = 0.5

@@ -1,4 +1,4 @@
-"""Token-by-token generation for the endpoint: the same sampling as services.ml.textgen.generate
+"""Token-by-token generation for the endpoint: the same sampling as services.platform.ml.textgen.generate
 (seeded torch.Generator, temperature, top-k, greedy at 0), one token at a time, so a response can
 stream each token as it is produced and count the tokens really generated.
 
@@ -15,13 +15,13 @@ from typing import Any
 
 @dataclass
 class TextModel:
-    model: Any  # services.ml.textgen.model.GPT, in eval mode on the CPU
-    tokenizer: Any  # services.ml.textgen.tokenizer.Tokenizer
+    model: Any  # services.platform.ml.textgen.model.GPT, in eval mode on the CPU
+    tokenizer: Any  # services.platform.ml.textgen.tokenizer.Tokenizer
 
     @classmethod
     def load(cls, checkpoint: bytes, config: Any, tokenizer: Any) -> TextModel:
-        from services.ml.textgen.model import load_model
-        from services.ml.textgen.tokenizer import load_tokenizer
+        from services.platform.ml.textgen.model import load_model
+        from services.platform.ml.textgen.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer)
         model = load_model(checkpoint, config, "cpu")

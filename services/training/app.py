@@ -32,16 +32,16 @@ from contracts import (
     new_event,
 )
 from services import __version__
-from services.artifacts import ArtifactStore, IntegrityError, read_verified
-from services.bus.consumer import Delivery
-from services.compute import Compute, open_compute, trial_concurrency
-from services.ml.bundle import save_bundle
-from services.ml.placement import cluster_resources_async, trial_device, trial_resources
-from services.ml.trial import TrialSpec, fit_final, run_trial
-from services.runtime import Route, Service
-from services.tracking import Tracker
+from services.platform.artifacts import ArtifactStore, IntegrityError, read_verified
+from services.platform.bus.consumer import Delivery
+from services.platform.compute import Compute, open_compute, trial_concurrency
+from services.platform.ml.bundle import save_bundle
+from services.platform.ml.placement import cluster_resources_async, trial_device, trial_resources
+from services.platform.ml.trial import TrialSpec, fit_final, run_trial
+from services.platform.runtime import Route, Service
+from services.platform.tracking import Tracker
+from services.platform.trial_runs import TrialRun, TrialRunWriter
 from services.training import logic
-from services.trial_runs import TrialRun, TrialRunWriter
 
 # A closed client (Dask gave up on a lost scheduler) is the cluster's outage, not the model's fault.
 TRANSIENT = (

@@ -26,12 +26,12 @@ from contracts import (
     event_type_of,
     new_event,
 )
-from services.bus.consumer import Delivery, PermanentError
-from services.bus.kv import FastKeyValue
-from services.bus.provision import study_bucket
-from services.cache import StepVersion
-from services.runtime import Route, Service
-from services.settings import CairnSettings
+from services.platform.bus.consumer import Delivery, PermanentError
+from services.platform.bus.kv import FastKeyValue
+from services.platform.bus.provision import study_bucket
+from services.platform.cache import StepVersion
+from services.platform.runtime import Route, Service
+from services.platform.settings import CairnSettings
 from services.tuning import logic, state
 
 # A study's outcome is computed by training's trial functions: their code and libraries count too.
@@ -75,7 +75,7 @@ class Tuning(Service):
         """The study bucket, looked up once, as the ledger and the step cache do theirs:
         `js.key_value` asks the server for the stream's info every time (an API call, and an audit
         advisory the server publishes). Read and written on the publisher's reply subscription
-        (services.bus.kv): two calls per trial result (the result, the tally's compare-and-set on
+        (services.platform.bus.kv): two calls per trial result (the result, the tally's compare-and-set on
         the copy this replica last wrote; a third, the read, when that copy is stale)."""
         if self._studies is None:
             js = self.publisher.broker.config.connection_state.stream  # type: ignore[union-attr]

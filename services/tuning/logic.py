@@ -29,8 +29,8 @@ from contracts import (
     TrialsPromoted,
     TuningRequested,
 )
-from services.ml.families import default_metric
-from services.ml.metrics import sort_key
+from services.platform.ml.families import default_metric
+from services.platform.ml.metrics import sort_key
 
 
 def study_id_for(features_event_id: str) -> str:
@@ -53,7 +53,7 @@ def sample_params(family: ModelFamily, rng: np.random.Generator) -> dict[str, An
             "reg_lambda": round(_loguniform(rng, 0.1, 10.0), 4),
         }
     if family is ModelFamily.mlp:
-        from services.ml.torch_mlp import sample_mlp_params
+        from services.platform.ml.torch_mlp import sample_mlp_params
 
         return sample_mlp_params(rng)
     if family is ModelFamily.transformer:

@@ -27,7 +27,7 @@ from typing import Any
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from contracts import Envelope, TrialCompleted, TuningRequested
-from services.bus.consumer import PermanentError
+from services.platform.bus.consumer import PermanentError
 from services.tuning import logic
 
 # Concurrent gets when a complete rung is read: enough to hide round trips, few enough that one

@@ -5,7 +5,7 @@ the cairn image, pre-install and pre-upgrade.
 Idempotent: when every Secret it keeps already holds a complete set whose certificates are
 valid for more than --renew-days, signed by the CA it keeps, and (NATS) names every --nats-host,
 it changes nothing. Otherwise it seeds the work folder with the CA it keeps (so the commands keep
-it: services.tls.load_or_create_ca) and reissues the leaves; --rotate-ca starts from a new CA.
+it: services.platform.tls.load_or_create_ca) and reissues the leaves; --rotate-ca starts from a new CA.
 
 The model-signing pair (--model-signing-secret: private.pem, public.pem) is made once, when the
 Secret holds no private key, and never replaced after: a new key would make every champion signed

@@ -214,7 +214,7 @@ true
 {{- end -}}
 
 {{/*
-OpenSSF model signing of champions (services.model_signatures), on unless `insecure: true`
+OpenSSF model signing of champions (services.platform.model_signatures), on unless `insecure: true`
 (modelSigning.enabled=false alone fails the render: cairn.validateValues). One Secret holds the
 pair: private.pem, mounted only into the service with services.<name>.signsModels (deployment:
 CAIRN_MODEL_SIGNING_KEY), and public.pem, mounted only into the inference endpoint
@@ -283,7 +283,7 @@ true
   readOnly: true
 {{- end -}}
 
-{{/* What services.bus.connection.tls_context reads (services/settings.py: nats_tls_*). */}}
+{{/* What services.platform.bus.connection.tls_context reads (services/platform/settings.py: nats_tls_*). */}}
 {{- define "cairn.natsTLSEnv" -}}
 {{- $dir := include "cairn.natsTLSDir" . -}}
 - name: CAIRN_NATS_TLS_CA
@@ -297,7 +297,7 @@ true
 {{/*
 Dask mutual TLS: scheduler, workers and training hold the Secret's certificate, and nothing
 without it is let in. Dask runs the pickled tasks it is sent, so this is what keeps code out of
-the workers. The local mode has its own (loopback, throwaway certificate: services/compute.py).
+the workers. The local mode has its own (loopback, throwaway certificate: services/platform/compute.py).
 */}}
 {{- define "cairn.daskTLS" -}}
 {{- if and (include "cairn.tls" .) (ne .Values.dask.mode "local") -}}
@@ -323,7 +323,7 @@ true
 - {{ $dir }}/tls.key
 {{- end -}}
 
-{{/* The training client's identity (services/dask_tls.py: client_security). */}}
+{{/* The training client's identity (services/platform/dask_tls.py: client_security). */}}
 {{- define "cairn.daskTLSEnv" -}}
 {{- $dir := include "cairn.daskTLSDir" . -}}
 - name: CAIRN_DASK_TLS_CA

@@ -1,0 +1,120 @@
+"""Where artifacts may be read from: the artifact store, never an address an event names.
+
+Applied by the consumer policy to every `ArtifactRef` in an incoming event (injected by the
+runtime, so the bus knows nothing of artifacts) and by model loading to registry sources.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from contracts.types import ArtifactRef
+from services.platform.settings import CairnSettings
+
+
+class ArtifactLocationError(ValueError):
+    """An artifact URI outside the configured store: refused before any byte is fetched."""
+
+
+# NUL and the other C0 control characters, and DEL.
+CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+
+
+def check_artifact_uri(uri: str, settings: CairnSettings) -> str:
+    """Artifacts are read only from the artifact store, never from an address an event names.
+
+    Events carry artifact URIs; without this check a forged event could make a service fetch
+    `http://169.254.169.254/...` or read `/etc/passwd` before the hash check refuses the bytes.
+    """
+    return _check_artifact_uri(uri, settings.artifacts.rstrip("/"))
+
+
+def _check_artifact_uri(uri: str, root: str) -> str:
+    from urllib.parse import unquote, urlsplit
+
+    # NUL (raw or %00) and other control characters name no stored artifact, and NUL would make
+    # the path resolution below raise instead of refusing.
+    if CONTROL_CHARACTER.search(uri) or CONTROL_CHARACTER.search(unquote(uri)):
+        raise ArtifactLocationError(f"artifact {uri[:200]!r} contains a control character (NUL, ...)")
+    parts, root_parts = urlsplit(uri), urlsplit(root)
+    if any(len(name.encode()) > 255 for name in unquote(parts.path).split("/")):
+        # Longer than any file system's name limit: no artifact is stored there, and reading it
+        # would fail as an OSError, which handlers retry as an outage.
+        raise ArtifactLocationError(f"artifact {uri[:200]!r} has a path segment over 255 bytes")
+    scheme = (parts.scheme or "file").lower()
+    if scheme != (root_parts.scheme or "file").lower():
+        raise ArtifactLocationError(f"artifact {uri[:200]!r} is not in the artifact store {root}")
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ArtifactLocationError(f"artifact {uri[:200]!r} names a host")
+        path = Path(unquote(parts.path)).resolve()
+        if not path.is_relative_to(_store_directory(root_parts.path)):
+            raise ArtifactLocationError(f"artifact {uri[:200]!r} is outside the artifact store {root}")
+        return uri
+    if parts.netloc != root_parts.netloc or not (parts.path + "/").startswith(
+        root_parts.path.rstrip("/") + "/"
+    ):
+        raise ArtifactLocationError(f"artifact {uri[:200]!r} is outside the artifact store {root}")
+    if ".." in parts.path.split("/"):
+        raise ArtifactLocationError(f"artifact {uri[:200]!r} climbs out of the store")
+    return uri
+
+
+def foreign_artifacts(payload: Any, settings: CairnSettings) -> list[str]:
+    """Every ArtifactRef in a payload whose URI is not in this deployment's artifact store."""
+    found: list[str] = []
+    root = settings.artifacts.rstrip("/")  # resolves the home directory: once per payload
+
+    def walk(value: Any) -> None:
+        if isinstance(value, ArtifactRef):
+            try:
+                _check_artifact_uri(value.uri, root)
+            except ArtifactLocationError as exc:
+                found.append(str(exc))
+        elif isinstance(value, BaseModel):
+            for name in _fields_with_refs(type(value)):
+                walk(getattr(value, name))
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+
+    walk(payload)
+    return found
+
+
+@lru_cache(maxsize=8)
+def _store_directory(path: str) -> Path:
+    """The store's directory with its links resolved (a dozen system calls), once per root: the
+    check runs on every message that names an artifact."""
+    from urllib.parse import unquote
+
+    return Path(unquote(path)).resolve()
+
+
+@cache
+def _fields_with_refs(model: type[BaseModel]) -> tuple[str, ...]:
+    """The fields of a model whose type can hold an ArtifactRef, worked out once per class: the
+    check runs on every message, and most payloads hold few references or none."""
+    return tuple(name for name, info in model.model_fields.items() if _can_hold_ref(info.annotation, set()))
+
+
+def _can_hold_ref(annotation: Any, seen: set[Any]) -> bool:
+    if annotation in seen:
+        return False
+    seen.add(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if issubclass(annotation, ArtifactRef):
+            return True
+        return any(_can_hold_ref(info.annotation, seen) for info in annotation.model_fields.values())
+    if annotation is Any or annotation is object:
+        return True  # unknown content: walk it
+    return any(_can_hold_ref(arg, seen) for arg in typing.get_args(annotation))
