@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.hosts import Host, Hosts
-from services.bus.embedded import server_binary
+from services.platform.bus.embedded import server_binary
 
 CLIENT_PORT, ROUTE_PORT, MONITOR_PORT = 4222, 6222, 8222
 

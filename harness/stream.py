@@ -15,8 +15,8 @@ from typing import Any
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from contracts import TrialCompleted, is_dead_letter, stream_filter, type_ends_run  # noqa: E402
-from services.bus.connection import connect
-from services.settings import CairnSettings
+from services.platform.bus.connection import connect
+from services.platform.settings import CairnSettings
 
 GIB = 1024**3
 

@@ -15,8 +15,8 @@ from typing import Any
 import psutil
 
 from services import supervisor
-from services.bus.embedded import EmbeddedNats
-from services.settings import RUNTIME_FILE, CairnSettings
+from services.platform.bus.embedded import EmbeddedNats
+from services.platform.settings import RUNTIME_FILE, CairnSettings
 
 # A running system ----------------------------------------------------------------------------
 

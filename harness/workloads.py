@@ -26,7 +26,7 @@ from contracts import (  # noqa: E402
 )
 from harness.stream import LineageWatch, Record, StreamLog, publish_all
 from harness.system import System, rss
-from services.settings import CairnSettings
+from services.platform.settings import CairnSettings
 
 GIB = 1024**3
 
@@ -76,9 +76,9 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 def build_featureset(settings: CairnSettings, csv: Path) -> Any:
     """A feature set made in-process by the same pure functions ingestion and features use."""
-    from services.artifacts import ArtifactStore
     from services.features import logic as features
     from services.ingestion.app import ingest
+    from services.platform.artifacts import ArtifactStore
 
     store = ArtifactStore(settings.artifacts)
     ingested = ingest(DataArrived(uri=csv.as_uri(), target="y", tuning=tiny_spec()), store, settings)
