@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m services.demo
+	$(PY) -m services.tools.demo
 
 up: install
 	$(CAIRN) up

@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from contracts import DataArrived, ModelFamily, SearchStrategy, TuningSpec, new_event  # noqa: E402
 from harness.system import start_system  # noqa: E402
 from harness.workloads import tiny_csv, tiny_spec  # noqa: E402
-from services.client import Client  # noqa: E402
 from services.platform.artifacts import ArtifactStore  # noqa: E402
 from services.platform.cache import NO_CACHE  # noqa: E402
+from services.tools.client import Client  # noqa: E402
 
 CAIRN = str(Path(sys.executable).with_name("cairn"))
 

@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.repeat import rounded  # noqa: E402
 from bench.shell_80 import scratch_system  # noqa: E402
 from contracts import DataArrived, ModelFamily, SearchStrategy, TuningCompleted, TuningSpec, new_event  # noqa: E402
-from services import supervisor  # noqa: E402
-from services.client import Client as CairnClient  # noqa: E402
 from services.platform.settings import CairnSettings  # noqa: E402
+from services.tools import supervisor  # noqa: E402
+from services.tools.client import Client as CairnClient  # noqa: E402
 
 MB = 1024 * 1024
 

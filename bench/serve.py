@@ -46,7 +46,7 @@ from services.platform.ml.trial import TrialSpec, fit_final  # noqa: E402
 from services.platform.model_loading import bundle_files  # noqa: E402
 from services.platform.settings import CairnSettings  # noqa: E402
 from services.platform.tracking import Tracker  # noqa: E402
-from services.supervisor import free_port  # noqa: E402
+from services.tools.supervisor import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CUTS = ["Fair", "Good", "Very Good", "Premium", "Ideal"]

@@ -43,8 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.repeat import ratio_spread, rounded, spread  # noqa: E402
 from contracts import DataArrived, SearchStrategy, TuningSpec, new_event  # noqa: E402
-from services import supervisor  # noqa: E402
-from services.client import Client as CairnClient  # noqa: E402
 from services.platform.bus.embedded import EmbeddedNats  # noqa: E402
 from services.platform.compute import (  # noqa: E402
     LOCAL_CLUSTER_CONFIG,
@@ -55,6 +53,8 @@ from services.platform.compute import (  # noqa: E402
 from services.platform.ml.trial import TrialSpec, run_trial  # noqa: E402
 from services.platform.runtime import event_loop_factory  # noqa: E402
 from services.platform.settings import CairnSettings  # noqa: E402
+from services.tools import supervisor  # noqa: E402
+from services.tools.client import Client as CairnClient  # noqa: E402
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:

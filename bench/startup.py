@@ -26,7 +26,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.repeat import rounded, spread  # noqa: E402
-from services.catalog import SERVICES  # noqa: E402
+from services.tools.catalog import SERVICES  # noqa: E402
 
 CAIRN = str(Path(sys.executable).with_name("cairn"))
 
@@ -61,7 +61,7 @@ def up_and_stop() -> tuple[float, float]:
 
 def import_cpu_s(name: str) -> float:
     """CPU seconds of a fresh interpreter that imports one service's module and nothing else."""
-    code = f"from services.catalog import service_class; service_class({name!r})"
+    code = f"from services.tools.catalog import service_class; service_class({name!r})"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run([sys.executable, "-c", code], check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -14,9 +14,9 @@ from typing import Any
 
 import psutil
 
-from services import supervisor
 from services.platform.bus.embedded import EmbeddedNats
 from services.platform.settings import RUNTIME_FILE, CairnSettings
+from services.tools import supervisor
 
 # A running system ----------------------------------------------------------------------------
 
@@ -109,7 +109,7 @@ def start_system(
 ) -> System:
     """`service_env`: variables for one service only (that one is started after the others);
     `nats_url`: run on that NATS (a cluster's seed list) instead of starting an embedded server."""
-    from services.catalog import SERVICES
+    from services.tools.catalog import SERVICES
 
     home = Path(home)
     service_env = service_env or {}

@@ -26,7 +26,7 @@ from services.platform.bus.connection import connect
 from services.platform.bus.embedded import EmbeddedNats
 from services.platform.bus.provision import provision_all
 from services.platform.settings import CairnSettings
-from services.supervisor import free_port
+from services.tools.supervisor import free_port
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.supervisor import free_port
+from services.tools.supervisor import free_port
 from tests.conftest import missing_system_dependency
 from tests.test_journeys import CAIRN, cairn, user_env, wait_until, write_table
 

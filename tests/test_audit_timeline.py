@@ -10,7 +10,7 @@ import pytest
 
 from contracts import DataArrived, new_event
 from services.lineage import timeline
-from services.replay import select_roots
+from services.tools.replay import select_roots
 
 T0 = datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=UTC)
 

@@ -18,7 +18,7 @@ import pytest
 from contracts import DataArrived, new_event
 from services.ingestion.app import Ingestion
 from services.platform.runtime import ServiceRunner
-from services.supervisor import free_port
+from services.tools.supervisor import free_port
 from tests.conftest import collect, env_for, events_of, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ async def test_two_replicas_share_one_durable_consumer_exactly_once(settings, js
     ports = [free_port(), free_port()]
     procs = [
         _spawn(
-            ["-m", "services.cli", "run", "ingestion"],
+            ["-m", "services.tools.cli", "run", "ingestion"],
             settings,
             {"CAIRN_HTTP_PORT": str(p)},
             tmp_path / f"replica{i}.log",
@@ -189,7 +189,7 @@ async def test_a_service_stops_on_sigterm_while_its_server_is_gone(settings, js,
     instead and the process exits, rather than waiting forever on nats-py's reconnect loop."""
     port = free_port()
     proc = _spawn(
-        ["-m", "services.cli", "run", "ingestion"],
+        ["-m", "services.tools.cli", "run", "ingestion"],
         settings,
         {"CAIRN_HTTP_PORT": str(port)},
         tmp_path / "ingestion.log",

@@ -327,7 +327,7 @@ def test_rolling_upgrade_one_service_at_a_time_in_both_orders(
     root = tmp_path_factory.mktemp("rolling")
     build = next_build("optional-field", root / "builds")
     table = write_table(root / "data", rows=120)
-    # Services start as `python -m services.cli`: the working directory comes first on sys.path,
+    # Services start as `python -m services.tools.cli`: the working directory comes first on sys.path,
     # and in the checkout it would shadow the build's contracts.
     monkeypatch.chdir(root)
     system = start_system(root, serve=False)

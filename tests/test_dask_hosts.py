@@ -31,7 +31,7 @@ from harness.hosts import Hosts
 from harness.natscluster import NatsCluster
 from harness.stream import StreamLog
 from harness.system import start_system
-from services import supervisor
+from services.tools import supervisor
 from tests.test_scale_out import TRIALS, completed, submit, survived
 
 ROOT = Path(__file__).resolve().parents[1]

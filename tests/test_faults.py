@@ -30,7 +30,7 @@ from contracts import DataArrived, ModelFamily, SearchStrategy, TuningSpec, new_
 from harness.stream import StreamLog
 from harness.system import System, start_system
 from services.platform.bus.connection import connect
-from services.supervisor import free_port
+from services.tools.supervisor import free_port
 
 pytestmark = pytest.mark.slow
 MLFLOW = Path(sys.executable).parent / "mlflow"

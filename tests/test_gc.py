@@ -15,8 +15,8 @@ from typing import Any
 import fsspec
 import pytest
 
-from services import gc
 from services.platform.artifacts import read_verified
+from services.tools import gc
 from tests.test_cache import of_type, submit
 from tests.test_journeys import CAIRN, cairn, user_env, write_table
 
@@ -166,8 +166,8 @@ def test_gc_frees_what_nothing_keeps_and_an_audit_of_the_champion_stays_complete
 
 
 def test_grace_durations() -> None:
-    from services.cli.common import CliError
-    from services.cli.store import parse_duration
+    from services.tools.cli.common import CliError
+    from services.tools.cli.store import parse_duration
 
     assert [parse_duration(t) for t in ("90", "90s", "30m", "1h", "7d", "0s")] == [
         90,

@@ -13,7 +13,7 @@ The NATS server config the chart renders is run by a real nats-server, and every
 permissions are exercised with nats-py the way the services use the bus.
 
 `python -m tests.test_helm_chart --write-permissions` regenerates helm/cairn/files/
-nats-permissions.json from the code (services.nats_auth); a test fails when the file drifts.
+nats-permissions.json from the code (services.tools.nats_auth); a test fails when the file drifts.
 """
 
 from __future__ import annotations
@@ -1102,10 +1102,10 @@ def test_provisioning_hook_runs_as_admin(default_objects: list[dict[str, Any]]) 
 
 
 def test_nats_permissions_match_the_code() -> None:
-    """files/nats-permissions.json is what services.nats_auth derives from the code today."""
+    """files/nats-permissions.json is what services.tools.nats_auth derives from the code today."""
     committed = json.loads(PERMISSIONS.read_text())
     assert committed == generated_permissions(), (
-        "helm/cairn/files/nats-permissions.json drifted from services.nats_auth.derive_permissions; "
+        "helm/cairn/files/nats-permissions.json drifted from services.tools.nats_auth.derive_permissions; "
         "regenerate with: python -m tests.test_helm_chart --write-permissions"
     )
 
@@ -2139,17 +2139,17 @@ def test_model_signing_enabled_false_alone_fails_and_names_insecure() -> None:
 
 # The generated permissions file ----------------------------------------------------------------
 def generated_permissions() -> dict[str, Any]:
-    """What services.nats_auth derives from the code, in the chart's file format."""
-    from services.catalog import SERVICES as CATALOG
-    from services.nats_auth import derive_permissions, service_consumers
+    """What services.tools.nats_auth derives from the code, in the chart's file format."""
     from services.platform.settings import CairnSettings
+    from services.tools.catalog import SERVICES as CATALOG
+    from services.tools.nats_auth import derive_permissions, service_consumers
 
     settings = CairnSettings(
         nats_url="nats://127.0.0.1:4222", nats_user=None, stream="CAIRN", namespace="cairn"
     )
     users = derive_permissions(settings)
     return {
-        "_comment": "Generated from the code (services.nats_auth.derive_permissions): do not edit. "
+        "_comment": "Generated from the code (services.tools.nats_auth.derive_permissions): do not edit. "
         "Regenerate with `python -m tests.test_helm_chart --write-permissions`; "
         "tests/test_helm_chart.py fails when it drifts.",
         "stream": settings.stream,

@@ -41,8 +41,8 @@ from contracts import (
 )
 from harness.stream import Record, StreamLog
 from harness.system import System, start_system
-from services.catalog import SERVICES, build_service
 from services.platform.bus.connection import connect
+from services.tools.catalog import SERVICES, build_service
 
 CORPUS = Path(__file__).parent / "hostile"
 MAX_PAYLOAD = 8 * 1024 * 1024

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from harness.hosts import Hosts, leftovers, wait_listening
-from services.supervisor import free_port
+from services.tools.supervisor import free_port
 
 pytestmark = pytest.mark.slow
 

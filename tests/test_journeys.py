@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from services.platform.bus.embedded import EmbeddedNats
-from services.supervisor import free_port
+from services.tools.supervisor import free_port
 
 pytestmark = pytest.mark.slow
 

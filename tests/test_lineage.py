@@ -17,7 +17,6 @@ from sklearn.datasets import load_diabetes
 from sqlalchemy.engine import make_url
 
 from contracts import DataArrived, SearchStrategy, TuningSpec
-from services import supervisor
 from services.lineage import graph, signing
 from services.lineage.audit import (
     export_bundle,
@@ -30,7 +29,8 @@ from services.lineage.audit import (
 from services.lineage.store import LineageStore
 from services.platform.bus.connection import connect
 from services.platform.bus.embedded import EmbeddedNats
-from services.replay import replay
+from services.tools import supervisor
+from services.tools.replay import replay
 from tests.conftest import make_settings, wait_for
 from tests.test_pipeline import run_pipeline
 

@@ -1,7 +1,7 @@
 """Least privilege on one host, and stopping only what was started, through the `cairn` executable.
 
 `cairn up --detach` on a fresh home: its nats-server admits only the users of operator mode
-(services.nats_auth), each child holds its own user's password only, the CLI finds the right user in
+(services.tools.nats_auth), each child holds its own user's password only, the CLI finds the right user in
 the home, health and metrics listen on loopback. `cairn down` signals a recorded pid only while the
 process is the one `cairn up` started (a planted `sleep` stands for a pid reused after a reboot).
 """
@@ -259,7 +259,7 @@ def test_down_never_signals_a_pid_it_did_not_start(tmp_path: Path) -> None:
         reborn = {  # what cairn recorded of the pid's process before the reboot
             "boot": "00000000-0000-0000-0000-000000000000",
             "start": 1234,
-            "cmdline": ["python", "-m", "services.cli", "run", "training"],
+            "cmdline": ["python", "-m", "services.tools.cli", "run", "training"],
         }
         runtime = {
             "pids": {"training": child, "nats-server": nats_server},

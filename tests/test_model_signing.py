@@ -333,9 +333,9 @@ def test_another_models_signed_champion_under_this_name_is_refused(system) -> No
 # The serve user may publish its refusals, and only those of the log ------------------------------
 def test_the_serve_user_may_publish_refusals_on_a_server_with_the_generated_users(tmp_path: Path) -> None:
     from contracts import ENDPOINT
-    from services.nats_auth import SERVE, credentials_env, derive_permissions, write_nats_config
     from services.platform.bus.embedded import EmbeddedNats
     from services.platform.bus.provision import provision_all
+    from services.tools.nats_auth import SERVE, credentials_env, derive_permissions, write_nats_config
 
     assert SERVE == ENDPOINT, "the endpoint's NATS user is the producer its contracts name"
     assert subject_for(ModelRefused) in derive_permissions()[SERVE].publish

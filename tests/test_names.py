@@ -31,7 +31,7 @@ from contracts import (
     type_ends_run,
 )
 from contracts.subjects import ROOT, dead_letter_subject, replay_namespace
-from services.catalog import SERVICES
+from services.tools.catalog import SERVICES
 
 SERVICES_DIR = Path(__file__).resolve().parents[1] / "services"
 # The command line (cli.py, its cli/ package and client.py) and the demo still spell names while
@@ -129,9 +129,9 @@ def test_subject_helpers() -> None:
 
 def test_every_routed_durable_carries_its_event_version(tmp_path) -> None:
     """docs/CONTRACTS.md: a v1 and a v2 route are two consumers, never one re-pointed durable."""
-    from services.catalog import build_service
     from services.platform.bus.consumer import durable_name
     from services.platform.settings import CairnSettings
+    from services.tools.catalog import build_service
 
     settings = CairnSettings(home=tmp_path)
     for name in SERVICES:

@@ -25,9 +25,9 @@ from contracts import (
     new_event,
     stream_filter,
 )
-from services import supervisor
-from services.client import Client
 from services.platform.bus.connection import connect
+from services.tools import supervisor
+from services.tools.client import Client
 from tests.conftest import data_dir, make_settings
 
 pytestmark = pytest.mark.slow
@@ -239,7 +239,7 @@ def stdlib_corpus(folder: Path) -> Path:
 
 
 async def test_text_generation_from_corpus_to_generate_and_bit_identical_replay(system):
-    from services.replay import replay
+    from services.tools.replay import replay
 
     settings, runtime = system
     corpus = stdlib_corpus(data_dir(settings))

@@ -56,7 +56,7 @@ from services.platform.runtime import ServiceRunner
 from services.platform.settings import CairnSettings
 from services.platform.tracking import Tracker
 from services.serving.app import InferenceServer
-from services.supervisor import free_port
+from services.tools.supervisor import free_port
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow

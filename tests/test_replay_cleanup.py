@@ -21,7 +21,7 @@ from contracts import DataArrived, new_event, replay_namespace, subject_for
 from services.lineage.archive import Archive, archive_and_trim, signing_key
 from services.lineage.audit import stream_records
 from services.lineage.store import LineageStore
-from services.replay import replay_of, replay_ttl, stale_replays
+from services.tools.replay import replay_of, replay_ttl, stale_replays
 from tests.conftest import data_dir, make_settings, wait_for
 from tests.test_journeys import CAIRN, user_env
 

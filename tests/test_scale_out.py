@@ -22,9 +22,9 @@ from harness.natscluster import NatsCluster
 from harness.stream import StreamLog
 from harness.system import System, start_system
 from harness.workloads import study_table
-from services import supervisor
 from services.platform.bus.connection import connect
 from services.platform.cache import CACHED_FROM, NO_CACHE
+from services.tools import supervisor
 
 pytestmark = pytest.mark.slow
 CAIRN = str(Path(sys.executable).with_name("cairn"))

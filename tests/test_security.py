@@ -24,15 +24,15 @@ from nats.js.api import ConsumerConfig
 from contracts import DataArrived, ModelFamily, SearchStrategy, TuningSpec, new_event, subject_for
 from contracts.schemas import PRODUCERS
 from harness.stream import StreamLog
-from services import supervisor
-from services.catalog import SERVICES
-from services.nats_auth import credentials_env, derive_permissions, write_nats_config
 from services.platform.artifacts import ArtifactStore, IntegrityError
 from services.platform.bus.connection import connect
 from services.platform.bus.embedded import EmbeddedNats, server_binary
 from services.platform.bus.provision import provision_all
 from services.platform.ml.bundle import load_bundle, save_bundle
 from services.platform.settings import CairnSettings
+from services.tools import supervisor
+from services.tools.catalog import SERVICES
+from services.tools.nats_auth import credentials_env, derive_permissions, write_nats_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ async def as_user(settings: CairnSettings) -> tuple[nats.NATS, Errors]:
 def test_cli_writes_a_config_nats_server_accepts(tmp_path):
     out = tmp_path / "auth"
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "nats-config", "--out", str(out), "--tls"],
+        [sys.executable, "-m", "services.tools.cli", "nats-config", "--out", str(out), "--tls"],
         cwd=ROOT,
         capture_output=True,
         text=True,

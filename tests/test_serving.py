@@ -29,7 +29,7 @@ from services.platform.bus.provision import record_stream
 from services.platform.ml.transform import apply
 from services.platform.model_loading import bundle_files
 from services.serving.logic import RequestProblem, checked_rows, features, v2_rows
-from services.supervisor import free_port
+from services.tools.supervisor import free_port
 from tests.test_registry import BEST, GOOD, make_lab
 
 CAIRN = Path(sys.executable).parent / "cairn"

@@ -23,8 +23,8 @@ import pytest
 from harness.hosts import Hosts
 from harness.natscluster import NatsCluster
 from harness.system import start_system
-from services import supervisor
-from services.catalog import SERVICES
+from services.tools import supervisor
+from services.tools.catalog import SERVICES
 
 pytestmark = pytest.mark.slow
 CAIRN = str(Path(sys.executable).with_name("cairn"))

@@ -109,7 +109,7 @@ class Lineage(Service[LineageContext]):
 
     def subscribe_extra(self, broker: NatsBroker) -> None:
         """Declare the consumer without a handler: FastStream opens nothing for it, but it names the
-        durable, filter and inbox the NATS permissions are derived from (services.nats_auth)."""
+        durable, filter and inbox the NATS permissions are derived from (services.tools.nats_auth)."""
         broker.subscriber(
             SUBJECT,
             stream=JStream(self.settings.stream, declare=False),

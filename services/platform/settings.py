@@ -158,7 +158,7 @@ class CairnSettings(BaseSettings):
         7 * 86400, gt=0, description="How long the request-record stream keeps a record."
     )
 
-    # Step cache and retention (services.platform.cache, services.gc)
+    # Step cache and retention (services.platform.cache, services.tools.gc)
     cache: bool = Field(True, description="Serve step outputs from the content-keyed cache (cairn_cache).")
     cache_libraries: dict[str, str] = Field(
         default_factory=dict,

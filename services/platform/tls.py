@@ -1,6 +1,6 @@
 """TLS material for nats-server and its clients: a CA, a server and a client certificate.
 
-Generated with `cryptography` by `cairn nats-config --tls` (services.nats_auth); an existing CA is
+Generated with `cryptography` by `cairn nats-config --tls` (services.tools.nats_auth); an existing CA is
 kept so the certificates it signed stay valid. `load_or_create_ca` and `issue_cert` are shared
 with services.platform.dask_tls (the Dask cluster's CA and member certificate).
 """

@@ -15,7 +15,7 @@ from services.platform.settings import CairnSettings
 
 def inbox_prefix(user: str) -> str:
     """Reply subjects of one NATS user. With credentials every process uses `_INBOX_<user>`, so the
-    generated permissions (services.nats_auth) can let each user read only its own replies and
+    generated permissions (services.tools.nats_auth) can let each user read only its own replies and
     JetStream deliveries; without credentials nats-py's default `_INBOX` is kept."""
     return f"_INBOX_{user}"
 

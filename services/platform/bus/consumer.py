@@ -412,7 +412,7 @@ def subscribe(
 
     The consumer is also declared on the broker, without a handler (FastStream opens nothing for
     it): that declaration names the durable, filter and inbox the NATS permissions are derived
-    from (services.nats_auth), the same one the pull loop binds.
+    from (services.tools.nats_auth), the same one the pull loop binds.
     """
     settings = consumer.settings
     subject = subject_for(consumer.payload_cls, settings.namespace)
@@ -435,7 +435,7 @@ def subscribe(
         inactive_threshold=None if is_live(settings.namespace) else settings.replay_inactive_s,
     )
     # Pull deliveries arrive on this inbox. Per-user inboxes let NATS permissions keep each
-    # service's deliveries private (services.nats_auth); without credentials nothing changes.
+    # service's deliveries private (services.tools.nats_auth); without credentials nothing changes.
     inbox = pull_inbox_prefix(settings) if settings.nats_user else None
     broker.subscriber(
         subject,

@@ -115,7 +115,7 @@ async def provision_handled_bucket(js: JetStreamContext, settings: CairnSettings
     """One key per (service, input): kept `handled_ttl_s` (a week by default), then forgotten.
 
     Direct get is on so that a service's reads go through a subject naming its own keys, which the
-    generated NATS permissions pin (services.nats_auth). A changed TTL is applied on the next run.
+    generated NATS permissions pin (services.tools.nats_auth). A changed TTL is applied on the next run.
 
     Where the server allows it (`async_persist`), the bucket's stream acknowledges records before
     they reach disk: a handled event is then one fsync (its output) instead of three. Losing the
@@ -198,7 +198,7 @@ async def provision_holds_bucket(js: JetStreamContext, settings: CairnSettings) 
     """`cairn hold`'s legal holds, one key per hold, shared by every operator of the deployment.
 
     Kept until released (no TTL), with a few revisions so a release can be traced; no service user
-    is granted it (services.nats_auth): only operator tools hold, release and read for gc.
+    is granted it (services.tools.nats_auth): only operator tools hold, release and read for gc.
     """
     description = "cairn gc: legal holds, one key per held run, artifact or model version"
     config = _kv_config(settings, HOLDS_BUCKET, description=description)

@@ -48,12 +48,12 @@ from contracts import (
     new_event,
     replay_namespace,
 )
-from services import supervisor
-from services.client import Client, RunTimeout
 from services.lineage.audit import history_records
 from services.platform.bus.connection import connect
 from services.platform.bus.provision import provision_handled_bucket, provision_study_bucket, study_bucket
 from services.platform.settings import CairnSettings
+from services.tools import supervisor
+from services.tools.client import Client, RunTimeout
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 180.0

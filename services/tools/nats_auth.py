@@ -91,8 +91,8 @@ class ConsumerGrant:
 
 def service_consumers(name: str, settings: CairnSettings) -> list[ConsumerGrant]:
     """The durable consumers a service registers, read off a broker that never connects."""
-    from services.catalog import build_service
     from services.platform.runtime import ServiceRunner
+    from services.tools.catalog import build_service
 
     runner = ServiceRunner(build_service(name, settings))
     routed = {durable_name(name, r.payload_cls, settings.namespace) for r in runner.service.routes()}
@@ -111,7 +111,7 @@ def service_consumers(name: str, settings: CairnSettings) -> list[ConsumerGrant]
 
 def cache_steps(name: str, settings: CairnSettings) -> set[str]:
     """The steps whose outputs a service keeps in the step cache (its routes' `cache_version`)."""
-    from services.catalog import build_service
+    from services.tools.catalog import build_service
 
     routes = build_service(name, settings).routes()
     return {r.cache_version.step for r in routes if r.cache_version is not None}
@@ -180,7 +180,7 @@ def _reader_grants(stream: str) -> Grants:
 
 def derive_permissions(settings: CairnSettings | None = None) -> dict[str, Grants]:
     """Every user and what it may publish and subscribe to, derived from contracts and services."""
-    from services.catalog import SERVICES
+    from services.tools.catalog import SERVICES
 
     base = settings or CairnSettings()
     # A URL is needed to build a broker object; nothing connects to it.
@@ -230,7 +230,7 @@ def derive_permissions(settings: CairnSettings | None = None) -> dict[str, Grant
     users[UPSTREAM] = upstream
 
     users[READER] = _reader_grants(stream)
-    # Only operator tools reach the holds bucket (services.gc, bucket cairn_holds): `cairn hold` writes
+    # Only operator tools reach the holds bucket (services.tools.gc, bucket cairn_holds): `cairn hold` writes
     # it, `cairn gc` reads it; no service user is granted it, so a compromised service cannot
     # release a legal hold.
     admin = Grants(ADMIN, role="provisioning and operator tools (cairn provision, status, events, hold, gc)")

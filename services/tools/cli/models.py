@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from services.cli.common import (
+from services.tools.cli.common import (
     EXIT_USAGE,
     CliError,
     app,
@@ -24,7 +24,7 @@ def predict(
     ] = None,
 ) -> None:
     """Ask the inference endpoint for predictions and print them."""
-    from services.client import Client, EndpointError
+    from services.tools.client import Client, EndpointError
 
     try:
         json.loads(rows)
@@ -51,7 +51,7 @@ def generate(
     ] = None,
 ) -> None:
     """Continue a prompt with a deployed text model."""
-    from services.client import Client, EndpointError
+    from services.tools.client import Client, EndpointError
 
     sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
     try:

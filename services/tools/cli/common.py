@@ -39,7 +39,7 @@ class CliError(Exception):
         self.code = code
 
 
-ADMIN, READER, UPSTREAM = "admin", "reader", "upstream"  # services.nats_auth's users
+ADMIN, READER, UPSTREAM = "admin", "reader", "upstream"  # services.tools.nats_auth's users
 
 
 def settings(user: str | None = ADMIN) -> CairnSettings:
@@ -88,7 +88,7 @@ def configure_logging(s: CairnSettings) -> None:
 
 async def client_for(s: CairnSettings, name: str) -> Any:
     """A client on a connection whose errors are one line (see `connect_nats`)."""
-    from services.client import Client
+    from services.tools.client import Client
 
     return Client(s, name, nc=await connect_nats(s, name))
 

@@ -28,14 +28,14 @@ from contracts import (
     decode,
     is_dead_letter,
 )
-from services import supervisor
 from services.platform.bus.connection import connect
 from services.platform.settings import CairnSettings
+from services.tools import supervisor
 
 
 def _cairn(home: Path, *args: str) -> int:
     env = {**os.environ, "CAIRN_HOME": str(home), "CAIRN_ALLOWED_ROOTS": json.dumps([str(home)])}
-    return subprocess.call([sys.executable, "-m", "services.cli", *args], env=env)
+    return subprocess.call([sys.executable, "-m", "services.tools.cli", *args], env=env)
 
 
 async def run_events(s: CairnSettings) -> list:

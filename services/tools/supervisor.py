@@ -6,7 +6,7 @@ Children die with the supervisor whatever ends it: SIGTERM and SIGINT stop them 
 (`die_with_parent`). A detached start (`cairn up --detach`) leaves them running for `cairn down`.
 
 Least privilege on one host: the embedded nats-server runs with the users and permissions of
-operator mode (`services.nats_auth`), their passwords in `$CAIRN_HOME/nats-auth` (0700, files
+operator mode (`services.tools.nats_auth`), their passwords in `$CAIRN_HOME/nats-auth` (0700, files
 0600); each child gets only its own user's, and health ports bind 127.0.0.1.
 
 Stop only what we started: each child's identity (boot id, start time, command line, from /proc) is
@@ -32,11 +32,11 @@ from pathlib import Path
 import httpx
 from pydantic import SecretStr
 
-from services.catalog import SERVICES
-from services.nats_auth import ADMIN, SERVE, credentials_env
 from services.platform.bus.embedded import EmbeddedNats, die_with_parent
 from services.platform.settings import NATS_AUTH_DIR, RUNTIME_FILE, CairnSettings
-from services.provisioning import provision_everything
+from services.tools.catalog import SERVICES
+from services.tools.nats_auth import ADMIN, SERVE, credentials_env
+from services.tools.provisioning import provision_everything
 
 LOOPBACK = "127.0.0.1"
 PROC = Path("/proc")
@@ -95,7 +95,7 @@ def spawn(
     log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *args],
+            [sys.executable, "-m", "services.tools.cli", *args],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -107,9 +107,9 @@ def spawn(
 
 
 def write_local_auth(settings: CairnSettings) -> Path:
-    """The embedded server's users, permissions and passwords (`services.nats_auth`, as `cairn
+    """The embedded server's users, permissions and passwords (`services.tools.nats_auth`, as `cairn
     nats-config` writes them for operators) in a folder only the home's owner can enter."""
-    from services.nats_auth import write_nats_config
+    from services.tools.nats_auth import write_nats_config
 
     auth = settings.home_dir / NATS_AUTH_DIR
     auth.mkdir(mode=0o700, exist_ok=True)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from services.cli.common import CliError, app, configure_logging, connect_nats, settings
+from services.tools.cli.common import CliError, app, configure_logging, connect_nats, settings
 
 serving_app = typer.Typer(no_args_is_help=True, help="The inference endpoint and its request records.")
 app.add_typer(serving_app, name="serving")
@@ -25,7 +25,7 @@ def start(
 ) -> None:
     """Run the endpoint (v1 and Open Inference Protocol v2 routes) with its worker processes."""
     from services.serving.launch import run_endpoint
-    from services.supervisor import PortInUse, check_port
+    from services.tools.supervisor import PortInUse, check_port
 
     s = settings("serve")  # against `cairn up`'s server from this home: as the endpoint's user
     if workers is not None:

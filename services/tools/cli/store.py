@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from services.cli.common import EXIT_USAGE, CliError, app, connect_nats, settings, stream_missing
+from services.tools.cli.common import EXIT_USAGE, CliError, app, connect_nats, settings, stream_missing
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -31,9 +31,9 @@ def parse_duration(text: str) -> float:
 def _caught_up_runs(s: Any) -> dict[str, Any]:
     """The runs of the lineage store, which must first have every event of the stream: a reference
     gc does not see would be a file it deletes."""
-    from services import gc
     from services.lineage.catchup import wait_until_caught_up
     from services.lineage.store import LineageStore, artifact_refs
+    from services.tools import gc
 
     store = LineageStore(s.lineage_url)
 
@@ -75,8 +75,8 @@ def collect_garbage(
     ] = None,
 ) -> None:
     """Delete the artifacts no champion, recent run, hold or unfinished run reaches; print bytes freed."""
-    from services import gc
     from services.platform.tracking import Tracker
+    from services.tools import gc
 
     s = settings()
     if (keep_champions is not None and keep_champions < 0) or (keep_runs is not None and keep_runs < 0):
@@ -138,7 +138,7 @@ def hold(
     """Keep a run, an artifact or a model version from `cairn gc` until released (a legal hold).
 
     Holds live in the deployment's NATS (bucket cairn_holds), so every operator and home sees them."""
-    from services import gc
+    from services.tools import gc
 
     s = settings()
     if list_:
@@ -169,7 +169,7 @@ def hold(
 
 async def _with_holds(s: Any, work: Callable[[Any], Awaitable[T]]) -> T:
     """`work` on the deployment's holds bucket, after importing this home's old holds.json (once)."""
-    from services import gc
+    from services.tools import gc
 
     nc = await connect_nats(s, "hold")
     try:

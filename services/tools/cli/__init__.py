@@ -15,16 +15,16 @@ from typing import Any
 import typer
 from nats.js.errors import ServiceUnavailableError
 
-from services.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, app
+from services.tools.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, app
 
 # Each module registers its commands; `cairn --help` lists them in this order.
 # isort: off
-from services.cli import system  # noqa: E402, F401
-from services.cli import data  # noqa: E402, F401
-from services.cli import models  # noqa: E402, F401
-from services.cli import audit  # noqa: E402, F401
-from services.cli import store  # noqa: E402, F401
-from services.cli import serving  # noqa: E402, F401
+from services.tools.cli import system  # noqa: E402, F401
+from services.tools.cli import data  # noqa: E402, F401
+from services.tools.cli import models  # noqa: E402, F401
+from services.tools.cli import audit  # noqa: E402, F401
+from services.tools.cli import store  # noqa: E402, F401
+from services.tools.cli import serving  # noqa: E402, F401
 # isort: on
 
 __all__ = ["app", "main"]

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from services.cli.common import (
+from services.tools.cli.common import (
     EXIT_FAILED,
     EXIT_USAGE,
     CliError,
@@ -158,8 +158,8 @@ def replay(
     """Re-run history in an isolated namespace; exit 0 only if every artifact is bit-identical (with
     --shadow: every verdict the same), else 1."""
     from services.lineage.timeline import instant
-    from services.replay import render
-    from services.replay import replay as run_replay
+    from services.tools.replay import render
+    from services.tools.replay import replay as run_replay
 
     if not (correlation or since or until or from_seq):
         raise CliError("give --correlation, --since, --until or --from-seq", EXIT_USAGE)

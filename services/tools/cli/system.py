@@ -10,7 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
-from services.cli.common import (
+from services.platform.settings import CairnSettings
+from services.tools.cli.common import (
     EXIT_USAGE,
     READER,
     CliError,
@@ -20,7 +21,6 @@ from services.cli.common import (
     settings,
     stream_missing,
 )
-from services.platform.settings import CairnSettings
 
 
 @app.command()
@@ -30,8 +30,8 @@ def run(
     ],
 ) -> None:
     """Run one service (an operator runs one process per replica); waits for NATS and the stream."""
-    from services.catalog import SERVICES, build_service
     from services.platform.runtime import ServiceRunner, event_loop_factory
+    from services.tools.catalog import SERVICES, build_service
 
     if service not in SERVICES:
         raise CliError(f"unknown service {service!r}; choose one of: {', '.join(SERVICES)}", EXIT_USAGE)
@@ -65,7 +65,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address; default CAIRN_SERVE_HOST.")] = None,
 ) -> None:
     """Run the inference endpoint for every model's champion (same as `cairn serving start`)."""
-    from services.cli.serving import start
+    from services.tools.cli.serving import start
 
     start(port=port, host=host, workers=None)
 
@@ -73,7 +73,7 @@ def serve(
 @app.command()
 def provision() -> None:
     """The admin step: create or update the stream, the buckets, the MLflow and lineage schemas."""
-    from services.provisioning import provision_everything
+    from services.tools.provisioning import provision_everything
 
     s = settings()
 
@@ -96,7 +96,7 @@ def up(
     In the foreground, SIGINT or SIGTERM stops everything; so does SIGKILL (children die with it)."""
     import signal
 
-    from services import supervisor
+    from services.tools import supervisor
 
     s = settings(None)  # the supervisor gives each child its own user
     if running := supervisor.still_running(s):
@@ -138,7 +138,7 @@ def up(
 
 def _watch_children(runtime: dict) -> None:
     """Block until a signal; say once when a child exits on its own (its log says why)."""
-    from services import supervisor
+    from services.tools import supervisor
 
     reported: set[str] = set()
     while True:
@@ -152,7 +152,7 @@ def _watch_children(runtime: dict) -> None:
 @app.command()
 def down() -> None:
     """Stop what `cairn up` started from this home."""
-    from services import supervisor
+    from services.tools import supervisor
 
     s = settings(None)
     stopped = []
@@ -174,7 +174,7 @@ def down() -> None:
 def status() -> None:
     """The NATS cluster (servers, the stream's leader, replicas current or lagging) and each service's
     consumers: bound, live, pending (lag). Exit 0 only when all are live and every replica current."""
-    from services.catalog import SERVICES, durables
+    from services.tools.catalog import SERVICES, durables
 
     s = settings(READER)
 
@@ -269,8 +269,8 @@ def nats_config(
     ] = None,
 ) -> None:
     """Generate a nats-server config with one user per service and least-privilege permissions."""
-    from services.nats_auth import write_nats_config
     from services.platform.tls import write_tls
+    from services.tools.nats_auth import write_nats_config
 
     if host and not tls:
         raise typer.BadParameter("--host names the server certificate: it needs --tls")

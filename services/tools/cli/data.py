@@ -20,7 +20,9 @@ from contracts import (
     TuningSpec,
     new_event,
 )
-from services.cli.common import (
+from services.platform.cache import NO_CACHE
+from services.platform.settings import CairnSettings
+from services.tools.cli.common import (
     EXIT_DEPLOYED,
     EXIT_FAILED,
     EXIT_USAGE,
@@ -35,9 +37,7 @@ from services.cli.common import (
     settings,
     stream_missing,
 )
-from services.cli.render import Progress, print_event
-from services.platform.cache import NO_CACHE
-from services.platform.settings import CairnSettings
+from services.tools.cli.render import Progress, print_event
 
 SERVE_WAIT_S = 60.0  # after model.deployed, for the local endpoint to load and verify the champion
 
@@ -252,7 +252,7 @@ async def _submit(
 ) -> int:
     """Publish as `s` (against `cairn up`'s server: the `upstream` user, which may publish arrivals
     only) and follow the run as `reader` (which may only read)."""
-    from services.client import RunTimeout
+    from services.tools.client import RunTimeout
 
     async with await client_for(s, "submit") as client:
         if not wait:
@@ -276,7 +276,7 @@ def _until_served(s: CairnSettings, end: Any) -> int:
     """A run deployed through the system `cairn up` runs from this home: return once its endpoint
     serves the new champion, so that `submit --wait && predict` meets it (the endpoint swaps a
     moment after the decision). An endpoint elsewhere (Kubernetes, `cairn serve`) is not waited for."""
-    from services.client import DEPLOYED, wait_until_served
+    from services.tools.client import DEPLOYED, wait_until_served
 
     runtime = s.runtime()
     local = runtime.get("serve_url") and runtime.get("nats_url") == s.resolved_nats_url()
