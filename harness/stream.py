@@ -1,4 +1,5 @@
-"""The event log read as a test or a benchmark needs it: incrementally, by run, with its lineage."""
+"""The event log as a test or a benchmark needs it: read incrementally through the client's reader,
+viewed by run, with its lineage."""
 
 from __future__ import annotations
 
@@ -12,21 +13,37 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from nats.js.api import ConsumerConfig, DeliverPolicy
-
-from contracts import TrialCompleted, is_dead_letter, stream_filter, type_ends_run  # noqa: E402
+from contracts import TrialCompleted, is_dead_letter, type_ends_run
 from services.platform.bus.connection import connect
 from services.platform.settings import CairnSettings
+from services.tools.client import Client
 
-GIB = 1024**3
 
 @dataclass
 class Record:
+    """One message of the log as a test inspects it: the event as plain JSON (None for a dead letter
+    or bytes that are not an event), its headers and its stream time."""
+
     seq: int
     subject: str
     ts: datetime
     doc: dict[str, Any] | None
     headers: dict[str, str]
+
+    @classmethod
+    def of(cls, msg: Any) -> Record:
+        try:
+            doc = json.loads(msg.data) if not is_dead_letter(msg.subject) else None
+        except (ValueError, RecursionError):
+            doc = None
+        meta = msg.metadata
+        return cls(
+            meta.sequence.stream,
+            msg.subject,
+            meta.timestamp,
+            doc if isinstance(doc, dict) else None,
+            dict(msg.headers or {}),
+        )
 
     @property
     def type(self) -> str | None:
@@ -43,49 +60,21 @@ class Record:
 
 @dataclass
 class StreamLog:
-    """The stream read incrementally, each poll on a fresh connection (survives server restarts)."""
+    """The log read incrementally through the client, each poll on a fresh connection (so it
+    survives server restarts)."""
 
     settings: CairnSettings
     records: list[Record] = field(default_factory=list)
     next_seq: int = 1
 
     async def poll(self) -> list[Record]:
-        try:
-            nc = await connect(self.settings, "bench-reader")
-        except Exception:  # noqa: BLE001 - the server is restarting: nothing new yet
-            return []
+        """What the stream gained since the last poll; a restart mid-read keeps what was read."""
         new: list[Record] = []
-        try:
-            js = nc.jetstream()
-            last = (await js.stream_info(self.settings.stream)).state.last_seq
-            if last < self.next_seq:
-                return []
-            sub = await js.subscribe(
-                stream_filter(),
-                ordered_consumer=True,
-                config=ConsumerConfig(
-                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.next_seq
-                ),
-            )
-            while self.next_seq <= last:
-                msg = await sub.next_msg(timeout=10)
-                meta = msg.metadata
-                try:
-                    doc = json.loads(msg.data) if not is_dead_letter(msg.subject) else None
-                except (ValueError, RecursionError):
-                    doc = None
-                if not isinstance(doc, dict):
-                    doc = None
-                new.append(
-                    Record(meta.sequence.stream, msg.subject, meta.timestamp, doc, dict(msg.headers or {}))
-                )
-                self.next_seq = meta.sequence.stream + 1
-            await sub.unsubscribe()
-        except Exception:  # noqa: BLE001 - a restart mid-read: keep what we have, read on next poll
-            pass
-        finally:
-            with contextlib.suppress(Exception):
-                await nc.close()
+        with contextlib.suppress(Exception):  # the server is restarting: the next poll reads on
+            async with Client(self.settings, "bench-reader") as client:
+                async for msg in client.read_log(self.next_seq):
+                    new.append(Record.of(msg))
+                    self.next_seq = new[-1].seq + 1
         self.records.extend(new)
         return new
 
@@ -124,11 +113,7 @@ class StreamLog:
         out: dict[str, Record] = {}
         for r in self.records:
             c = r.correlation
-            if (
-                c in correlations
-                and c not in out
-                and type_ends_run(r.type, r.data.get("passed"))
-            ):
+            if c in correlations and c not in out and type_ends_run(r.type, r.data.get("passed")):
                 out[c] = r
         return out
 
@@ -217,6 +202,3 @@ async def wait_streamed(settings: CairnSettings, n: int, subject: str, timeout: 
         raise AssertionError(f"{subject}: fewer than {n} stored after {timeout}s")
     finally:
         await nc.close()
-
-
-# Data ----------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """The Python client of a cairn deployment: publish an arrival, follow a run to its end, ask the
 inference endpoint.
 
-The one place that knows how to watch a run: the CLI, replay, the benchmarks and the tests use it,
-and an upstream Python system imports it to publish arrivals (any other language publishes the
-JSON Schema'd event itself).
+The one place that knows how to read the log and watch a run: the CLI, replay, the demo, gc, the
+benchmarks and the tests use it, and an upstream Python system imports it to publish arrivals (any
+other language publishes the JSON Schema'd event itself).
 
     async with Client(CairnSettings()) as client:
         end = await client.run(new_event(DataArrived(uri=..., target="price"), source="/my/system"))
@@ -13,7 +13,7 @@ JSON Schema'd event itself).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from services.platform.bus.publisher import event_headers
 from services.platform.settings import CairnSettings
 
 DEPLOYED, FAILED, NOT_PROMOTED = 0, 1, 3  # also the CLI's exit codes
+READ_TIMEOUT_S = 10.0  # for the next message of a log being read to its end
 
 
 def outcome(event: Envelope[Any]) -> int | None:
@@ -146,6 +147,46 @@ class Client:
                 return RunEnd(event, code, seen)
         raise RunTimeout(correlation, timeout, seen)
 
+    # Reading the log ------------------------------------------------------------------------
+    async def read_log(self, start_seq: int = 1) -> AsyncIterator[Any]:
+        """The stream's messages (every namespace, dead letters too) from `start_seq` to the last
+        one at the time of the call, in order. An ordered ephemeral consumer reads them: it leaves
+        nothing on the server, and asks again for a message lost in flight."""
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        state = (await self.js.stream_info(self.settings.stream)).state
+        if state.last_seq < max(start_seq, state.first_seq):
+            return
+        sub = await self.js.subscribe(
+            stream_filter(),
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq),
+        )
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=READ_TIMEOUT_S)
+                yield msg
+                if msg.metadata.sequence.stream >= state.last_seq or msg.metadata.num_pending == 0:
+                    return
+        finally:
+            await sub.unsubscribe()
+
+    async def events(self, start_seq: int = 1) -> AsyncIterator[Envelope[Any]]:
+        """The log's events from `start_seq`, decoded; dead letters and invalid events are skipped."""
+        async for msg in self.read_log(start_seq):
+            if (event := _event(msg)) is not None:
+                yield event
+
+    async def history(self) -> list[tuple[int, str, bytes]]:
+        """The whole log as (sequence, subject, raw bytes): the archive (what retention took out of
+        the stream, its chain and signatures checked), then the stream; ArchiveError on a gap."""
+        import asyncio
+
+        from services.lineage.archive import Archive, history, public_key
+
+        live = [(m.metadata.sequence.stream, m.subject, m.data) async for m in self.read_log()]
+        return await asyncio.to_thread(history, Archive.of(self.settings), live, public_key(self.settings))
+
     # The inference endpoint -----------------------------------------------------------------
     def endpoint(self, url: str | None = None) -> str:
         s = self.settings
@@ -209,15 +250,20 @@ def wait_until_served(endpoint: str, model: str, version: int, timeout_s: float 
     return last
 
 
-def _run_event(msg: Any, correlation: str) -> Envelope[Any] | None:
-    """The message as an event of this run, or None (another run, a dead letter, an invalid event)."""
+def _event(msg: Any) -> Envelope[Any] | None:
+    """The message as an event, or None (a dead letter, an invalid event)."""
     if is_dead_letter(msg.subject):
         return None
     try:
-        event = decode(msg.data)
+        return decode(msg.data)
     except Exception:  # noqa: BLE001 - the log may hold invalid events; they belong to no run
         return None
-    return event if event.correlationid == correlation else None
+
+
+def _run_event(msg: Any, correlation: str) -> Envelope[Any] | None:
+    """The message as an event of this run, or None (another run, a dead letter, an invalid event)."""
+    event = _event(msg)
+    return event if event is not None and event.correlationid == correlation else None
 
 
 def _http(method: str, url: str, **kwargs: Any) -> Any:

@@ -14,23 +14,23 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 from sklearn.datasets import load_diabetes
 
 from contracts import (
     DatasetIngested,
+    Envelope,
     FeaturesBuilt,
     ModelDeployed,
     ModelEvaluated,
     ModelTrained,
     TuningCompleted,
-    decode,
-    is_dead_letter,
 )
-from services.platform.bus.connection import connect
 from services.platform.settings import CairnSettings
 from services.tools import supervisor
+from services.tools.client import Client
 
 
 def _cairn(home: Path, *args: str) -> int:
@@ -38,23 +38,10 @@ def _cairn(home: Path, *args: str) -> int:
     return subprocess.call([sys.executable, "-m", "services.tools.cli", *args], env=env)
 
 
-async def run_events(s: CairnSettings) -> list:
-    """Every event of the stream (the demo's home has one run), decoded."""
-    nc = await connect(s, "demo")
-    js = nc.jetstream()
-    info = await js.stream_info(s.stream)
-    sub = await js.subscribe(f"{s.namespace}.>", ordered_consumer=True)
-    events = []
-    try:
-        while info.state.last_seq:
-            msg = await sub.next_msg(timeout=5)
-            if not is_dead_letter(msg.subject):
-                events.append(decode(msg.data))
-            if msg.metadata.sequence.stream >= info.state.last_seq:
-                break
-    finally:
-        await nc.close()
-    return events
+async def run_events(s: CairnSettings) -> list[Envelope[Any]]:
+    """Every event of the log (the demo's home has one run)."""
+    async with Client(s, "demo") as client:
+        return [event async for event in client.events()]
 
 
 def lineage_lines(events: list, correlation: str) -> list[str]:

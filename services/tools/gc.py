@@ -2,8 +2,8 @@
 
 Content addressing makes every artifact a file named by its sha256, shared by every run that
 produced the same bytes (a resubmission served from the step cache names the first run's files).
-So what to keep is a set of hashes, computed from the lineage store (every event ever published,
-and each artifact it names) and the model registry:
+So what to keep is a set of hashes, computed from the whole log (archive and stream, read through
+the client: every event ever published, and each artifact it names) and the model registry:
 
 - every artifact of the runs of the current and the last `keep_champions` past champions of each
   model (from model-deployed events, and the registry's `champion` alias), so an audit of a kept
@@ -113,6 +113,22 @@ def runs_of(events: Iterable[tuple[int, Mapping[str, Any], Iterable[str]]]) -> d
         if event_type == TRAINED and isinstance(data.get("model"), dict) and data.get("mlflow_run_id"):
             run.mlflow_runs[data["model"]["sha256"]] = data["mlflow_run_id"]
     return runs
+
+
+def runs_of_log(records: Iterable[tuple[int, str, bytes]]) -> dict[str, Run]:
+    """Runs from the log's raw (sequence, subject, bytes), dead letters included: a refused event
+    that names artifacts keeps them, as the lineage store records it too."""
+    from services.lineage.store import artifact_refs
+
+    events = []
+    for seq, _, body in records:
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(doc, dict):
+            events.append((seq, doc, [ref["sha256"] for _, ref in artifact_refs(doc.get("data"))]))
+    return runs_of(events)
 
 
 def champion_runs(runs: Mapping[str, Run], keep: int) -> dict[str, str]:

@@ -13,7 +13,15 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from services.tools.cli.common import EXIT_USAGE, CliError, app, connect_nats, settings, stream_missing
+from services.tools.cli.common import (
+    EXIT_USAGE,
+    CliError,
+    app,
+    client_for,
+    connect_nats,
+    settings,
+    stream_missing,
+)
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -28,36 +36,27 @@ def parse_duration(text: str) -> float:
     return float(found[1]) * UNITS[found[2]]
 
 
-def _caught_up_runs(s: Any) -> dict[str, Any]:
-    """The runs of the lineage store, which must first have every event of the stream: a reference
-    gc does not see would be a file it deletes."""
-    from services.lineage.catchup import wait_until_caught_up
-    from services.lineage.store import LineageStore, artifact_refs
+def _logged_runs(s: Any) -> dict[str, Any]:
+    """The runs of the whole log, archive and stream, read through the client: a reference gc does
+    not see would be a file it deletes, so an archive it cannot check stops it."""
+    from nats.js.errors import NotFoundError
+
+    from services.lineage.archive import ArchiveError
     from services.tools import gc
 
-    store = LineageStore(s.lineage_url)
+    async def go() -> list[tuple[int, str, bytes]]:
+        async with await client_for(s, "gc") as client:
+            try:
+                return await client.history()
+            except NotFoundError:
+                raise stream_missing(s) from None
 
-    async def go() -> tuple[int, int]:
-        from nats.js.errors import NotFoundError
-
-        await (await connect_nats(s, "gc")).close()
-        try:
-            return await wait_until_caught_up(s, store, 60.0)
-        except NotFoundError:
-            raise stream_missing(s) from None
-
-    at, last = asyncio.run(go())
-    if at < last:
+    try:
+        return gc.runs_of_log(asyncio.run(go()))
+    except ArchiveError as exc:
         raise CliError(
-            f"the lineage store is behind the stream ({at} of {last} events): is the lineage service "
-            "running? gc deletes nothing it cannot see the references of"
-        )
-    events = []
-    for record in store.all():
-        doc = record.event()
-        if doc is not None:
-            events.append((record.seq, doc, [ref["sha256"] for _, ref in artifact_refs(doc.get("data"))]))
-    return gc.runs_of(events)
+            f"cannot read the archive ({exc}): gc deletes nothing it cannot see the references of"
+        ) from None
 
 
 @app.command("gc")
@@ -86,7 +85,7 @@ def collect_garbage(
         keep_runs=s.gc_keep_runs if keep_runs is None else keep_runs,
         grace_s=s.gc_grace_s if grace is None else parse_duration(grace),
     )
-    runs = _caught_up_runs(s)
+    runs = _logged_runs(s)
     try:
         tracker = Tracker.from_settings(s)
         champions = [c.model_sha256 for c in tracker.champions().values() if c.model_sha256]
@@ -155,7 +154,7 @@ def hold(
         typer.echo(f"released {ident}")
         return
     try:
-        held = gc.resolve_hold(ident, _caught_up_runs(s))
+        held = gc.resolve_hold(ident, _logged_runs(s))
     except LookupError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     held = dataclasses.replace(held, by=f"{getpass.getuser()}@{socket.gethostname()}")
