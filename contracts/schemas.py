@@ -1,12 +1,22 @@
-"""Generate the published JSON Schemas (one per event type) and the AsyncAPI document.
+"""Generate the published JSON Schemas (one per event type) and the AsyncAPI document, and guard
+them against the last release.
 
-Who publishes each type is ``contracts.events.PRODUCERS``, read off the payload classes; it is
-re-exported here for the importers of old.
+Compatibility is judged against a release snapshot (``contracts/releases/<version>/``: the schemas
+and AsyncAPI document as released, with a manifest of their sha256), never against the working
+tree's files, which anyone can regenerate. Writing, checking and cutting a release all go through
+``judge``; a snapshot is never rewritten. Who publishes each type is ``contracts.events.PRODUCERS``,
+read off the payload classes; it is re-exported here for the importers of old.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import shutil
+import sys
+import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +27,11 @@ from contracts.subjects import dead_letter_subject, stream_filter, subject_for
 from contracts.types import is_strict
 from contracts.upcasters import split_version
 
-SCHEMA_DIR = Path(__file__).parent / "schemas"
-ASYNCAPI_PATH = Path(__file__).parent / "asyncapi.json"
+PACKAGE_DIR = Path(__file__).parent
+SCHEMA_DIR = PACKAGE_DIR / "schemas"
+ASYNCAPI_PATH = PACKAGE_DIR / "asyncapi.json"
+RELEASES_DIR = PACKAGE_DIR / "releases"
+MANIFEST = "manifest.json"
 
 
 def event_schema(event_type: str) -> dict[str, Any]:
@@ -83,11 +96,15 @@ def asyncapi_text() -> str:
     return json.dumps(asyncapi_document(), indent=2, sort_keys=True) + "\n"
 
 
-def check(released_dir: Path = SCHEMA_DIR, schemas: dict[str, dict[str, Any]] | None = None) -> list[Report]:
-    """Each model's schema against its released (committed) predecessor; `schemas` overrides models.
+def check(released_dir: Path | None = None, schemas: dict[str, dict[str, Any]] | None = None) -> list[Report]:
+    """Each model's schema against its released predecessor; `schemas` overrides the models.
 
+    `released_dir` defaults to the latest release's schemas (none released: every type is new).
     A released type that no model publishes any more must be readable through an upcaster.
     """
+    if released_dir is None:
+        latest = latest_release()
+        released_dir = latest / "schemas" if latest else RELEASES_DIR / "none"
     current = schemas if schemas is not None else {t: event_schema(t) for t in TYPES}
     reports = []
     for event_type, schema in sorted(current.items()):
@@ -108,8 +125,115 @@ def check(released_dir: Path = SCHEMA_DIR, schemas: dict[str, dict[str, Any]] | 
     return reports
 
 
-def write_all() -> list[Path]:
-    """Write the schemas of today's models; released schemas of superseded versions stay as they are."""
+# Releases --------------------------------------------------------------------------------------------
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version))
+
+
+def latest_release(releases: Path = RELEASES_DIR) -> Path | None:
+    """The snapshot of the highest version that has a manifest; None before the first release."""
+    snapshots = [manifest.parent for manifest in releases.glob(f"*/{MANIFEST}")]
+    return max(snapshots, key=lambda d: _version_key(d.name), default=None)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _snapshot_files(release: Path) -> dict[str, str]:
+    paths = [*sorted((release / "schemas").glob("*.json")), release / "asyncapi.json"]
+    return {p.relative_to(release).as_posix(): _sha256(p) for p in paths if p.is_file()}
+
+
+def edited_release(release: Path) -> list[str]:
+    """What changed in a snapshot since it was cut: a release is judged as it was, so it is never edited."""
+    manifest = json.loads((release / MANIFEST).read_text())
+    problems = []
+    if manifest.get("version") != release.name:
+        problems.append(f"release {release.name}: its manifest names version {manifest.get('version')!r}")
+    cut, now = manifest.get("files", {}), _snapshot_files(release)
+    for name in sorted(cut.keys() | now.keys()):
+        if cut.get(name) != now.get(name):
+            state = "added" if name not in cut else "removed" if name not in now else "changed"
+            problems.append(f"release {release.name}: {name} {state} since the release was cut")
+    return problems
+
+
+@dataclass
+class Verdict:
+    """Today's models against the latest release: what breaks it, what only adds to it."""
+
+    release: str | None
+    breaking: list[str] = field(default_factory=list)  # incompatible changes, and edits to the snapshot
+    additive: list[str] = field(default_factory=list)
+
+
+class Refused(Exception):
+    """A write, check or release refused; each line names one problem."""
+
+    def __init__(self, message: str, lines: list[str]):
+        super().__init__(message)
+        self.lines = lines
+
+
+def judge(releases: Path = RELEASES_DIR) -> Verdict:
+    latest = latest_release(releases)
+    reports = check(latest / "schemas" if latest else releases / "none")
+    verdict = Verdict(latest.name if latest else None, edited_release(latest) if latest else [])
+    for report in reports:
+        lines = report.lines()
+        verdict.breaking += lines[: len(report.breaking)]
+        verdict.additive += lines[len(report.breaking) :]
+    return verdict
+
+
+def refuse_incompatible(verdict: Verdict, also: list[str] | None = None) -> None:
+    """Raise naming every breaking change (and the `also` problems); a new vN type is additive."""
+    also = also or []
+    if not verdict.breaking and not also:
+        return
+    parts = []
+    if verdict.breaking:
+        parts.append(
+            f"{len(verdict.breaking)} backward-incompatible change(s) against release {verdict.release}: "
+            "publish a new vN with an upcaster instead (docs/CONTRACTS.md)"
+        )
+    if also:
+        parts.append(f"{len(also)} generated file(s) out of date: run `cairn schemas`")
+    raise Refused("; ".join(parts), verdict.breaking + also)
+
+
+def stale_files() -> list[str]:
+    """The working tree's generated files that are not what today's models generate."""
+    expected = {SCHEMA_DIR / name: text for name, text in schema_files().items()}
+    expected[ASYNCAPI_PATH] = asyncapi_text()
+    shown = PACKAGE_DIR.parent
+    stale = [
+        f"{path.relative_to(shown)}: {'missing' if not path.is_file() else 'not what the models generate'}"
+        for path, text in expected.items()
+        if not path.is_file() or path.read_text() != text
+    ]
+    for path in sorted(SCHEMA_DIR.glob("*.json")):
+        if path not in expected and path.stem not in OLDER_TYPES:
+            stale.append(f"{path.relative_to(shown)}: no model publishes it and no upcaster reads it")
+    return stale
+
+
+def check_all(releases: Path = RELEASES_DIR) -> Verdict:
+    """`cairn schemas --check`: compatible with the release, and the generated files current.
+
+    No snapshot at all is refused: an install without its releases would otherwise pass anything."""
+    verdict = judge(releases)
+    if verdict.release is None:
+        raise Refused(f"no release snapshot in {releases}: cut the first with `cairn schemas --release`", [])
+    refuse_incompatible(verdict, stale_files())
+    return verdict
+
+
+def write_all(releases: Path = RELEASES_DIR) -> list[Path]:
+    """Write the schemas of today's models, refused if they break the release; released schemas of
+    superseded versions stay as they are."""
+    refuse_incompatible(judge(releases))
     SCHEMA_DIR.mkdir(exist_ok=True)
     written = []
     for name, text in schema_files().items():
@@ -124,6 +248,51 @@ def write_all() -> list[Path]:
     return written
 
 
+def project_version() -> str:
+    """The [project] version of the checkout's pyproject.toml: a release is cut from a checkout (an
+    editable install's metadata would lag a version bump)."""
+    pyproject = PACKAGE_DIR.parent / "pyproject.toml"
+    if not pyproject.is_file():
+        raise Refused(f"no {pyproject}: cut a release from a checkout of cairn", [])
+    return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+
+
+def cut_release(releases: Path = RELEASES_DIR) -> Path:
+    """Snapshot the committed schemas as release `project_version()`: compatible with the latest
+    release (if any) and current with the models, so the snapshot is what is committed."""
+    version = project_version()
+    target = releases / version
+    if target.exists():
+        raise Refused(
+            f"release {version} already has a snapshot ({target}); a release is never rewritten: "
+            "bump [project] version in pyproject.toml first",
+            [],
+        )
+    latest = latest_release(releases)
+    if latest and _version_key(version) < _version_key(latest.name):
+        raise Refused(f"version {version} is older than the latest release {latest.name}", [])
+    refuse_incompatible(judge(releases), stale_files())
+    (target / "schemas").mkdir(parents=True)
+    for path in sorted(SCHEMA_DIR.glob("*.json")):
+        shutil.copyfile(path, target / "schemas" / path.name)
+    shutil.copyfile(ASYNCAPI_PATH, target / "asyncapi.json")
+    manifest = {"version": version, "files": _snapshot_files(target)}
+    (target / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return target
+
+
+def main() -> int:
+    """`python -m contracts.schemas`: write, under the same refusal as `cairn schemas`."""
+    try:
+        for path in write_all():
+            print(path)
+    except Refused as exc:
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        print(f"contracts.schemas: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    for p in write_all():
-        print(p)
+    sys.exit(main())

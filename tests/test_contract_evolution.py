@@ -29,7 +29,7 @@ from contracts import (
     new_event,
 )
 from contracts.compat import compare
-from contracts.schemas import SCHEMA_DIR, check, event_schema
+from contracts.schemas import check, event_schema, latest_release
 from contracts.subjects import ROOT, replay_namespace
 from contracts.types import Contract
 from contracts.upcasters import chain_of, earlier, older_types, upcast
@@ -41,7 +41,10 @@ TRIAL = "cairn.trial.completed.v1"
 
 
 def released(event_type: str) -> dict[str, Any]:
-    return json.loads((SCHEMA_DIR / f"{event_type}.json").read_text())
+    """The schema of the last release, which compatibility is judged against (not the working tree)."""
+    release = latest_release()
+    assert release is not None
+    return json.loads((release / "schemas" / f"{event_type}.json").read_text())
 
 
 def schema_of(payload_cls: type[Contract]) -> dict[str, Any]:
@@ -220,29 +223,42 @@ def test_a_removed_field_and_a_removed_type_are_breaking(tmp_path: Path) -> None
     assert reports["cairn.data.rejected.v2"].additive == [("<type>", "new event type")]
 
 
-def _schemas_check(build: Path | None, cwd: Path) -> subprocess.CompletedProcess[str]:
+def _schemas(build: Path | None, cwd: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(cwd)}
     if build is not None:
         env["PYTHONPATH"] = str(build)
     return subprocess.run(
-        [CAIRN, "schemas", "--check"], env=env, cwd=cwd, capture_output=True, text=True, check=False
+        [CAIRN, "schemas", *flags], env=env, cwd=cwd, capture_output=True, text=True, check=False
     )
 
 
 def test_cairn_schemas_check_for_a_person(tmp_path: Path) -> None:
-    today = _schemas_check(None, tmp_path)
+    today = _schemas(None, tmp_path, "--check")
     assert today.returncode == 0, today.stderr
-    assert today.stdout.strip().endswith("compatible with the released schemas")
-    added = _schemas_check(next_build("optional-field", tmp_path), tmp_path)
-    assert added.returncode == 0, added.stderr
-    assert f"cairn.dataset.ingested.v1: data.{NEW_FIELD}: optional field added (compatible)" in added.stdout
-    v2 = _schemas_check(next_build("v2-rename", tmp_path), tmp_path)
-    assert v2.returncode == 0, v2.stderr  # v1 superseded, but readable through its upcaster
-    assert "cairn.dataset.ingested.v2: <type>: new event type (compatible)" in v2.stdout
-    broken = _schemas_check(next_build("required-field", tmp_path), tmp_path)
+    assert today.stdout.strip().endswith("compatible with release 0.1.0; the generated files are current")
+    added = next_build("optional-field", tmp_path)
+    stale = _schemas(added, tmp_path, "--check")
+    assert stale.returncode == 1, "the model changed, its schema file was not regenerated"
+    assert "1 generated file(s) out of date: run `cairn schemas`" in stale.stderr
+    assert _schemas(added, tmp_path).returncode == 0
+    added_check = _schemas(added, tmp_path, "--check")
+    assert added_check.returncode == 0, added_check.stderr
+    line = f"cairn.dataset.ingested.v1: data.{NEW_FIELD}: optional field added (compatible)"
+    assert line in added_check.stdout
+    v2 = next_build("v2-rename", tmp_path)
+    written = _schemas(v2, tmp_path)  # a new vN is not a break: v1 stays readable through its upcaster
+    assert written.returncode == 0, written.stderr
+    v2_schemas = v2 / "contracts" / "schemas"
+    assert (v2_schemas / "cairn.dataset.ingested.v2.json").is_file()
+    assert (v2_schemas / "cairn.dataset.ingested.v1.json").is_file(), "kept: v1 is still in the log"
+    v2_check = _schemas(v2, tmp_path, "--check")
+    assert v2_check.returncode == 0, v2_check.stderr
+    assert "cairn.dataset.ingested.v2: <type>: new event type (compatible)" in v2_check.stdout
+    broken = _schemas(next_build("required-field", tmp_path), tmp_path)
     assert broken.returncode == 1
     assert "cairn.dataset.ingested.v1: data.profiler: required field added" in broken.stderr
-    assert broken.stderr.strip().splitlines()[-1].startswith("cairn: 1 backward-incompatible change(s)")
+    last = broken.stderr.strip().splitlines()[-1]
+    assert last.startswith("cairn: 1 backward-incompatible change(s) against release 0.1.0")
 
 
 def test_types_are_all_v_numbered() -> None:

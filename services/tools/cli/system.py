@@ -295,33 +295,39 @@ def dask_tls(
 @app.command()
 def schemas(
     check: Annotated[
-        bool, typer.Option("--check", help="Only compare the models with the released schemas.")
+        bool,
+        typer.Option("--check", help="Only check: against the last release, generated files current."),
+    ] = False,
+    release: Annotated[
+        bool,
+        typer.Option("--release", help="Snapshot the schemas as release <pyproject version>; no rewrites."),
     ] = False,
 ) -> None:
-    """Write the JSON Schemas and the AsyncAPI document into contracts/, if the change is compatible.
+    """Write the JSON Schemas and the AsyncAPI document into contracts/, if compatible with the release.
 
-    The committed schemas are the released contract: a change old events or not-yet-upgraded
-    consumers could not follow (docs/CONTRACTS.md) is refused, naming each field; exit 1."""
-    from contracts.schemas import check as check_schemas
-    from contracts.schemas import write_all
+    Compatibility is judged against the last release's snapshot (contracts/releases/<version>/), not
+    the working tree: a change old events or not-yet-upgraded consumers could not follow
+    (docs/CONTRACTS.md) is refused, naming each field; exit 1."""
+    from contracts.schemas import Refused, check_all, cut_release, judge, write_all
 
-    reports = check_schemas()
-    breaking = [line for r in reports for line in r.lines()[: len(r.breaking)]]
-    additive = [line for r in reports for line in r.lines()[len(r.breaking) :]]
-    for line in additive:
-        typer.echo(line)
-    if breaking:
-        for line in breaking:
+    if check and release:
+        raise CliError("--check and --release exclude each other", EXIT_USAGE)
+    try:
+        verdict = judge()
+        for line in verdict.additive:
+            typer.echo(line)
+        if check:
+            check_all()
+            typer.echo(f"compatible with release {verdict.release}; the generated files are current")
+        elif release:
+            typer.echo(str(cut_release()))
+        else:
+            for path in write_all():
+                typer.echo(str(path))
+    except Refused as exc:
+        for line in exc.lines:
             typer.echo(line, err=True)
-        raise CliError(
-            f"{len(breaking)} backward-incompatible change(s): publish a new vN with an upcaster "
-            "instead (docs/CONTRACTS.md)"
-        )
-    if check:
-        typer.echo("compatible with the released schemas" + (" (additive changes above)" if additive else ""))
-        return
-    for path in write_all():
-        typer.echo(str(path))
+        raise CliError(str(exc)) from None
 
 
 @app.command("settings")
