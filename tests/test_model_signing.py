@@ -31,8 +31,9 @@ from services.platform.artifacts import ArtifactStore, sha256_bytes
 from services.platform.bus.connection import connect
 from services.platform.settings import CairnSettings
 from services.platform.tracking import Tracker
-from services.serving.app import InferenceServer
+from services.serving.champion import Champions
 from services.serving.logic import version_problem
+from services.serving.metrics import EndpointMetrics
 from tests.test_journeys import cairn, user_env, wait_until, write_table
 
 MODEL = "signed"
@@ -290,13 +291,13 @@ def test_a_signed_older_version_redeployed_as_a_later_one_is_refused(system) -> 
     tracker = Tracker.from_settings(settings)
     champion = tracker.champion(MODEL)
     assert champion is not None and champion.version == deployed["version"] and champion.signature_uri
-    server = InferenceServer(settings)
-    server.verify_key = model_signatures.home_keys(CairnSettings(home=s["home"]))[1]
-    assert server._load_champion(MODEL, champion, tracker).ref.sha256 == old_bundle.sha256
+    champions = Champions(settings, EndpointMetrics())
+    champions.verify_key = model_signatures.home_keys(CairnSettings(home=s["home"]))[1]
+    assert champions.load_champion(MODEL, champion, tracker).ref.sha256 == old_bundle.sha256
     with pytest.raises(Refused, match=f"identity mismatch: not signed as {MODEL} v{later}"):
-        server._load_champion(MODEL, dataclasses.replace(champion, version=later), tracker)
+        champions.load_champion(MODEL, dataclasses.replace(champion, version=later), tracker)
     with pytest.raises(Refused, match=f"identity mismatch: not signed as {OTHER} v"):
-        server._load_champion(OTHER, champion, tracker)
+        champions.load_champion(OTHER, champion, tracker)
 
 
 @pytest.mark.slow

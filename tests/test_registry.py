@@ -55,7 +55,8 @@ from services.platform.ml.trial import TrialSpec, fit_final
 from services.platform.runtime import ServiceRunner
 from services.platform.settings import CairnSettings
 from services.platform.tracking import Tracker
-from services.serving.app import InferenceServer
+from services.serving.champion import Champions
+from services.serving.metrics import EndpointMetrics
 from services.tools.supervisor import free_port
 from tests.conftest import wait_for
 
@@ -517,7 +518,7 @@ async def test_registry_on_a_real_mlflow_server_with_postgresql(
 
         expected = lab.rmse(second)
         forget(second.model)
-        endpoint = InferenceServer(s)
+        endpoint = Champions(s, EndpointMetrics())
         await endpoint.load_champions()
         served = endpoint.models["pg"]
         assert served.version == 2 and served.model.ref.sha256 == second.model.sha256
@@ -528,10 +529,10 @@ async def test_registry_on_a_real_mlflow_server_with_postgresql(
 
         for path in server.artifacts.rglob("cairn-model/bundle.json"):
             path.write_bytes(path.read_bytes().replace(b'"budget"', b'"budgeT"'))
-        tampered = InferenceServer(s)
+        tampered = Champions(s, EndpointMetrics())
         await tampered.load_champions()
         assert "pg" not in tampered.models
-        assert tampered.refused.labels("pg")._value.get() == 1
+        assert tampered.metrics.refused.labels("pg")._value.get() == 1
     finally:
         server.stop()
 

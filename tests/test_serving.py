@@ -360,7 +360,8 @@ async def test_generation_counts_real_tokens_and_streams_them_as_server_sent_eve
     }
     ref = ArtifactRef(uri="file:///tmp/lm.json", sha256="0" * 64, size=1, media_type="application/json")
     server = InferenceServer(settings)
-    server.models = {"lm": server._ready("lm", 1, LoadedModel(ref, manifest, checkpoint=checkpoint))}
+    lm = LoadedModel(ref, manifest, checkpoint=checkpoint)
+    server.champions.models = {"lm": server.champions.prepare("lm", 1, lm)}
     ask = {"prompt": "def ", "max_tokens": 9, "temperature": 0.8, "top_k": 20, "seed": 7}
     expected = generate(checkpoint, config, tok, ask["prompt"], 9, 0.8, 20, 7)
 
@@ -404,7 +405,7 @@ async def test_bad_requests_get_their_status_on_v1_and_v2(settings):
     )
     small = settings.model_copy(update={"max_request_bytes": 4096})
     server = InferenceServer(small)
-    server.models = {"m": server._ready("m", 3, model)}
+    server.champions.models = {"m": server.champions.prepare("m", 3, model)}
     transport = httpx.ASGITransport(app=server.app())
     async with httpx.AsyncClient(transport=transport, base_url="http://cairn") as client:
         cases = {

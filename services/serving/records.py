@@ -14,13 +14,17 @@ import contextlib
 import hashlib
 import logging
 import random
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from contracts.records import RequestRecord, record_subject
 from services.platform.bus.provision import record_stream
 from services.platform.settings import CairnSettings
+
+if TYPE_CHECKING:
+    from services.serving.champion import Served
 
 log = logging.getLogger(__name__)
 FLUSH_S = 0.5
@@ -45,6 +49,20 @@ class RequestRecorder:
 
     def sampled(self) -> bool:
         return self.rate > 0 and (self.rate >= 1 or self.rng.random() < self.rate)
+
+    def record(self, served: Served, route: str, body: bytes, rows: int, output: Any, start: float,
+               request_id: str) -> None:
+        """One answered request, if sampled: `start` is its perf_counter at arrival."""
+        if not self.sampled():
+            return
+        self.add(
+            RequestRecord(
+                request_id=request_id, model_name=served.name, model_version=served.version,
+                model_sha256=served.model.ref.sha256, route=route, input_sha256=input_hash(body), rows=rows,
+                output=output, received_at=time.time() - (time.perf_counter() - start),
+                latency_ms=(time.perf_counter() - start) * 1000,
+            )
+        )
 
     def add(self, record: RequestRecord) -> None:
         if len(self.buffer) >= MAX_BUFFERED:

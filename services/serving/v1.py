@@ -1,0 +1,63 @@
+"""cairn's own routes (/v1/models...): list the champions, predict on raw rows, health."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from services.platform.ml.transform import input_schema
+from services.serving.champion import Served
+from services.serving.intake import Intake, json_response
+from services.serving.logic import features, present
+
+
+class V1:
+    def __init__(self, intake: Intake):
+        self.intake = intake
+
+    async def predict(self, request: Request) -> Response:
+        return await self.intake.admitted(request, self._predict)
+
+    async def _predict(self, request: Request, served: Served) -> Response:
+        intake = self.intake
+        start = time.perf_counter()
+        got = await intake.rows(request, served, v2=False)
+        if isinstance(got, Response):
+            return got
+        name, body, (_, rows) = got
+        out = await served.batcher(features(served.model.spec, rows))
+        predictions = present(served.task, served.model.spec["classes"], out)
+        intake.metrics.latency.labels(name).observe(time.perf_counter() - start)
+        intake.metrics.requests.labels(name, "200").inc()
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        intake.recorder.record(served, "predict", body, len(rows), predictions, start, request_id)
+        return json_response(
+            {"model": name, "version": served.version, "sha256": served.model.ref.sha256,
+             "predictions": predictions},
+            headers=intake.worker,
+        )
+
+    async def list_models(self, _: Request) -> Response:
+        return json_response(
+            {
+                name: {
+                    "version": s.version,
+                    "sha256": s.model.ref.sha256,
+                    "family": s.model.manifest["family"],
+                    "task": s.task,
+                    "columns": input_schema(s.model.spec) if "columns" in s.model.spec else None,
+                }
+                for name, s in sorted(self.intake.champions.models.items())
+            }
+        )
+
+    async def healthz(self, _: Request) -> Response:
+        return json_response({"alive": True})
+
+    async def readyz(self, _: Request) -> Response:
+        champions = self.intake.champions
+        ok = champions.is_ready()
+        return json_response({"ready": ok, "models": sorted(champions.models)}, 200 if ok else 503)

@@ -1,0 +1,94 @@
+"""The Open Inference Protocol v2 (/v2/...), as KServe, Triton and MLServer clients speak it:
+named tensors in, named tensors out (JSON); a path that names a version is answered by that one."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from services.platform.ml.transform import input_schema
+from services.serving.champion import Served
+from services.serving.intake import Intake, json_response
+from services.serving.logic import features, v2_outputs, version_problem
+
+V2_TYPES = {"numeric": "FP64", "boolean": "BOOL", "categorical": "BYTES"}
+
+
+class V2:
+    def __init__(self, intake: Intake):
+        self.intake = intake
+
+    async def infer(self, request: Request) -> Response:
+        """Open Inference Protocol: named tensors in, named tensors out (JSON)."""
+        return await self.intake.admitted(request, self._infer)
+
+    async def _infer(self, request: Request, served: Served) -> Response:
+        intake = self.intake
+        start = time.perf_counter()
+        got = await intake.rows(request, served, v2=True)
+        if isinstance(got, Response):
+            return got
+        name, body, (doc, rows) = got
+        if not rows:
+            return intake.error(name, 422, "no rows")
+        out = await served.batcher(features(served.model.spec, rows))
+        outputs = v2_outputs(served.task, served.model.spec["classes"], out)
+        wanted = {o.get("name") for o in doc.get("outputs") or [] if isinstance(o, dict)}
+        if wanted:
+            outputs = [o for o in outputs if o["name"] in wanted]
+        intake.metrics.latency.labels(name).observe(time.perf_counter() - start)
+        intake.metrics.requests.labels(name, "200").inc()
+        request_id = str(doc.get("id") or request.headers.get("x-request-id") or uuid.uuid4().hex)
+        intake.recorder.record(served, "infer", body, len(rows), outputs, start, request_id)
+        return json_response(
+            {"model_name": name, "model_version": str(served.version), "id": request_id, "outputs": outputs,
+             "parameters": {"sha256": served.model.ref.sha256}},
+            headers=intake.worker,
+        )
+
+    async def live(self, _: Request) -> Response:
+        return json_response({"live": True})
+
+    async def ready(self, _: Request) -> Response:
+        ok = self.intake.champions.is_ready()
+        return json_response({"ready": ok}, 200 if ok else 503)
+
+    async def server(self, _: Request) -> Response:
+        return json_response({"name": "cairn", "version": "1", "extensions": []})
+
+    async def model(self, request: Request) -> Response:
+        """Model metadata: the input tensors are the model's columns, in the order a 2-D tensor uses."""
+        name, version = request.path_params["name"], request.path_params.get("version")
+        served = self.intake.champions.models.get(name)
+        if served is None:
+            return json_response({"error": f"no champion for model {name!r}"}, 404)
+        if (problem := version_problem(name, version, served.version)) is not None:
+            served_version = str(served.version)
+            doc = {"error": problem, "version": version, "served_version": served_version}
+            return json_response(doc, 404)
+        if served.task == "text_generation":
+            inputs = [{"name": "prompt", "datatype": "BYTES", "shape": [1]}]
+            outputs = [{"name": "text", "datatype": "BYTES", "shape": [1]}]
+        else:
+            inputs = [{"name": c, "datatype": V2_TYPES.get(k, "FP64"), "shape": [-1]}
+                      for c, k in input_schema(served.model.spec).items()]
+            outputs = [{"name": "predict", "datatype": "FP64", "shape": [-1]}]
+            if served.task == "classification":
+                outputs = [{"name": "predict", "datatype": "BYTES", "shape": [-1]},
+                           {"name": "probabilities", "datatype": "FP64",
+                            "shape": [-1, len(served.model.spec["classes"])]}]
+        return json_response(
+            {"name": name, "versions": [str(served.version)],
+             "platform": f"cairn-{served.model.manifest['family']}",
+             "inputs": inputs, "outputs": outputs,
+             "parameters": {"sha256": served.model.ref.sha256, "task": served.task}}
+        )
+
+    async def model_ready(self, request: Request) -> Response:
+        name, version = request.path_params["name"], request.path_params.get("version")
+        served = self.intake.champions.models.get(name)
+        ready = served is not None and version_problem(name, version, served.version) is None
+        return json_response({"name": name, "ready": ready}, 200 if ready else 404)
