@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CAIRN := $(VENV)/bin/cairn
 
-.PHONY: install system-deps demo up down test test-fast lint bench schemas clean
+.PHONY: install lock system-deps demo up down test test-fast lint bench schemas clean
 
 install: $(VENV)/.installed system-deps
 
@@ -21,11 +21,27 @@ system-deps:
 	    apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null || { apt-get update -q && apt-get install -y -q $(SYSTEM_PACKAGES); }; \
 	  else echo "install Debian's $(SYSTEM_PACKAGES) (sudo apt-get install $(SYSTEM_PACKAGES)) for the browser, PostgreSQL and load tests"; fi; }
 
-$(VENV)/.installed: pyproject.toml
+# Exactly the locked versions, each file checked against its hash; then cairn itself, without
+# resolving anything. docs/DEPENDENCIES.md says how the lock is made and how to upgrade.
+$(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --require-hashes -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
+
+# Regenerate requirements.lock from pyproject.toml (runtime and dev), keeping every pin it already
+# holds that still fits; `make lock UPGRADE=mlflow` moves one package (UPGRADE=all: every one). uv
+# reads no pip configuration, so it is handed pip's indexes and find-links (the CPU torch wheel lies
+# on local disk) and, like pip, takes the best match across all of them: the hashes are those of the
+# files pip will install.
+UPGRADE ?=
+lock: $(VENV)/.installed
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
+	  --index-strategy unsafe-best-match --custom-compile-command 'make lock' -o requirements.lock -q \
+	  $$(for u in $$($(PY) -m pip config get global.extra-index-url 2>/dev/null); do echo --extra-index-url $$u; done) \
+	  $$(for l in $$($(PY) -m pip config get global.find-links 2>/dev/null) $$PIP_FIND_LINKS; do echo --find-links $$l; done) \
+	  $(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),--upgrade-package $(p)))
 
 demo: install
 	$(PY) -m services.tools.demo
