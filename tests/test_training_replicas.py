@@ -2,16 +2,20 @@
 
 Every service runs as its own process on this machine, on a nats-server on a host of its own; a
 second training process, started as an operator starts a replica (`cairn run training`, the same
-settings), runs on a third host with its own local Dask. Both pull trial requests from the one
-durable consumer, so each holds some of a study's trials at any moment. The replica is cut off for
-30 s while it holds some: they are not acked, so the server hands them to the first replica once
-their ack wait (6 s here) has passed, and the study finishes without the cut-off one. Healed, the
-replica reconnects and sends what it had left (its results, their ledger records, its acks); its
-results carry the same event ids as the ones already stored, so nothing is recorded twice.
+settings), runs on another host with its own local Dask. Both pull trial requests from the one
+durable consumer, four at a time each, so each holds some of a study's trials at any moment. The
+replica is cut off for 30 s while it holds some (read on its host, through its loopback, after the
+cut). It cannot ack them: its attempts to publish their results time out there (10 s) and the
+server hands the trials to the first replica once their ack wait (6 s here) has passed, so every
+result of the study is stored while the replica is still cut off (the cut lasts until then if 30 s
+was not enough: a loaded machine). Healed, the replica reconnects and is ready again with nothing
+in flight.
 
-The test ends as the other fault tests do (tests/test_scale_out.py): the run deployed, every trial
-result recorded once per (study, trial, rung), `cairn audit verify` OK, every service process (the
-replica included) alive; and one MLflow run per trial result.
+The test then ends as the other fault tests do (tests/test_scale_out.py): the run deployed, every
+trial result recorded once per (study, trial, rung), `cairn audit verify` OK, every service process
+(the replica included) alive; and one MLflow trial run per result (the cut-off replica may have
+written the runs of the trials it held, MLflow's SQLite store being on this machine's disk: run ids
+follow the trial event's id, so the other replica's write of the same trial is the same run).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness.hosts import Host, Hosts
 from harness.natscluster import NatsCluster
-from harness.stream import StreamLog
+from harness.stream import Record, StreamLog
 from harness.system import System, start_system
 from tests.test_scale_out import CAIRN, TRIALS, completed, submit, survived
 
@@ -110,6 +114,7 @@ async def test_one_of_two_training_replicas_partitioned_for_30_s_mid_study(repli
     await log.poll()
     run = await submit(system, "training-replica-partition")
     await completed(log, run, 5)
+    study = next(r.data["study_id"] for r in log.run(run) if r.type == "cairn.tuning.requested.v1")
     await asyncio.to_thread(
         wait_replica, host, replica, lambda _, m: in_flight(m) >= 1, "trials of its own in flight", 120
     )
@@ -123,42 +128,38 @@ async def test_one_of_two_training_replicas_partitioned_for_30_s_mid_study(repli
         assert inside.returncode == 0, inside.stderr
         held = in_flight(inside.stdout)
         assert held >= 1, "the replica held no trial when it was cut off"
-        await asyncio.sleep(PARTITION_S)  # the partition's length
+        await asyncio.sleep(PARTITION_S)  # the partition's length, at least
+        # The other replica took the held trials: every result is stored while this one is still
+        # cut off (about 7 s after the cut on a quiet machine; longer only on a loaded one).
+        await log.wait(
+            lambda lg: len(trial_results(lg, study)) >= TRIALS, 120, "every result, the replica cut off"
+        )
     finally:
         hosts.heal(host)
-    healed_at = time.time()
+    stored_by = max(r.ts.timestamp() for r in trial_results(log, study).values()) - fault_at
 
-    # The other replica took the held trials: every result was stored while this one was cut off.
-    await log.poll()
-    study = next(r.data["study_id"] for r in log.run(run) if r.type == "cairn.tuning.requested.v1")
-    before_heal = {
-        r.data["trial_id"]
-        for r in log.of_type("cairn.trial.completed.v1")
-        if r.data["study_id"] == study and r.ts.timestamp() < healed_at
-    }
-    assert len(before_heal) == TRIALS, f"{len(before_heal)} of {TRIALS} trials done before the heal"
-    last = max(
-        r.ts.timestamp()
-        for r in log.of_type("cairn.trial.completed.v1")
-        if r.data["study_id"] == study
-    )
-    print(f"DIAG last trial stored {last - fault_at:.1f}s after the cut")
-
-    # Healed: the replica reconnects and settles what it held (nothing left in flight), so whatever
-    # it sends late is in the log before the log is counted.
+    # Healed: the replica reconnects (ready) with nothing in flight, so anything it sends late (what
+    # it queued while disconnected) is in the log before the log is counted.
     await asyncio.to_thread(
         wait_replica, host, replica, lambda ready, m: ready and in_flight(m) == 0, "reconnected, settled", 120
     )
     await survived(system, log, run, fault_at=fault_at)
-    print(f"DIAG terminal {log.terminal(run).ts.timestamp() - fault_at:.1f}s after the cut")
     assert replica.poll() is None, "the replica exited"
 
-    # MLflow: one trial run per trial result (run ids follow the trial event's id, so the replica's
-    # late write and the other replica's are one run).
+    # MLflow: one trial run per trial result, whichever replica wrote it, once or twice.
     results = [r for r in log.of_type("cairn.trial.completed.v1") if r.data["study_id"] == study]
     runs = await asyncio.to_thread(trial_runs, system, "training-replica-partition", study)
     assert Counter(runs) == Counter(f"{study}/t{r.data['trial_id']}/r{r.data['rung']}" for r in results), runs
-    print(f"held {held:g} trials when cut off; partition {healed_at - fault_at:.1f}s")
+    print(f"cut off holding {held:g} trials; every result stored {stored_by:.1f} s after the cut")
+
+
+def trial_results(log: StreamLog, study: str) -> dict[int, Record]:
+    """The study's first stored result of each trial."""
+    out: dict[int, Record] = {}
+    for r in log.of_type("cairn.trial.completed.v1"):
+        if r.data["study_id"] == study:
+            out.setdefault(r.data["trial_id"], r)
+    return out
 
 
 def trial_runs(system: System, experiment: str, study: str) -> list[str]:
