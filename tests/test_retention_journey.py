@@ -1,6 +1,6 @@
 """A bounded stream with an unbroken audit, driven through the `cairn` executable: a small byte
 retention pushes the first run out of the stream into the archive; `cairn events`, `cairn lineage`,
-`cairn audit verify` and `cairn replay` of that archived run all still work."""
+`cairn audit verify`, `cairn hold`, `cairn gc` and `cairn replay` of that archived run all still work."""
 
 from __future__ import annotations
 
@@ -58,6 +58,12 @@ def test_an_archived_run_stays_auditable_and_replayable(tmp_path: Path) -> None:
         lineage = cairn("lineage", first_run[:8], env=env, cwd=tmp_path)
         assert lineage.returncode == 0, lineage.stderr
         assert "model.deployed" in lineage.stdout or "deployed" in lineage.stdout, lineage.stdout
+
+        # gc and hold read the same history: the archived run is found, and gc runs on it.
+        held = cairn("hold", first_run[:8], env=env, cwd=tmp_path)
+        assert held.returncode == 0 and f"run {first_run}" in held.stdout, held.stdout + held.stderr
+        collected = cairn("gc", "--dry-run", "--keep-runs", "0", "--grace", "0s", env=env, cwd=tmp_path)
+        assert collected.returncode == 0, collected.stdout + collected.stderr
 
         replayed = cairn("replay", "--correlation", first_run, env=env, cwd=tmp_path, timeout=400)
         assert replayed.returncode == 0, replayed.stdout + replayed.stderr
