@@ -40,43 +40,14 @@ from services.platform.bus.ledger import HandledLedger
 from services.platform.bus.metrics import ServiceMetrics
 from services.platform.bus.publisher import EventPublisher
 from services.platform.bus.pull import PullLoop
-from services.platform.cache import (
-    StepCache,
-    StepVersion,
-    carry_no_cache,
-    missing_artifacts,
-    served,
-    wants_cache,
-)
+from services.platform.cache import StepCache, StepVersion
+from services.platform.http_server import QuietServer
 from services.platform.settings import CairnSettings
+from services.platform.step_cache import behind_cache
 
 log = logging.getLogger(__name__)
 
 C = TypeVar("C")
-
-
-class QuietServer(uvicorn.Server):
-    """uvicorn, waking once a second instead of ten times to look for its exit flag.
-
-    That tick was most of an idle service's CPU (2.7 ms per second before, 1 after, read from the
-    process's CPU time); the Date header it refreshes has a one-second resolution, and `exit`
-    ends the wait at once.
-    """
-
-    def __init__(self, config: uvicorn.Config):
-        super().__init__(config)
-        self._exit = asyncio.Event()
-
-    def exit(self) -> None:
-        self.should_exit = True
-        self._exit.set()
-
-    async def main_loop(self) -> None:
-        tick = 0
-        while not await self.on_tick(tick):  # a multiple of ten: the Date header is refreshed
-            tick += 10
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._exit.wait(), 1.0)
 
 
 @dataclass(frozen=True)
@@ -202,7 +173,16 @@ class ServiceRunner:
             consumer = EventConsumer(
                 service=service.name,
                 payload_cls=route.payload_cls,
-                handler=self._cached(route),
+                handler=behind_cache(
+                    route.handler,
+                    route.cache_version,
+                    route.cache_inputs,
+                    route.cache_store,
+                    cache=self.service.cache,
+                    service=service.name,
+                    source=service.source,
+                    metrics=service.metrics,
+                ),
                 settings=self.settings,
                 publisher=self.service.publisher,
                 metrics=service.metrics,
@@ -223,38 +203,6 @@ class ServiceRunner:
         for loop in self.loops:
             loop.wake()
         self.service.reconnected()
-
-    def _cached(self, route: Route) -> Handler:
-        """The route's handler behind the step cache; every output carries a run's `nocache` on.
-
-        A hit republishes the kept outputs as events of this run (marked `cachedfrom`) and runs
-        nothing; a miss runs the handler and keeps what it returned (unless `cache_store` is off).
-        """
-        service, cache = self.service, self.service.cache
-        assert cache is not None
-        step = route.cache_version
-
-        @functools.wraps(route.handler)
-        async def handle(event: Envelope[Any], delivery: Any) -> Sequence[Envelope[Any]]:
-            key = None
-            if step is not None and route.cache_inputs is not None and cache.enabled:
-                inputs = route.cache_inputs(event)
-                key = step.key(inputs) if inputs is not None else None
-            if key is not None and wants_cache(event):
-                entry = await cache.get(step.step, key)  # type: ignore[union-attr]
-                outputs = served(entry, event, service.source)
-                if outputs and not await asyncio.to_thread(missing_artifacts, outputs):
-                    service.metrics.cache_hits.labels(service.name, step.step).inc()  # type: ignore[union-attr]
-                    log.info("%s: %s served from cache (%s)", service.name, event.id, key[:12])
-                    return carry_no_cache(event, outputs)
-            if key is not None:
-                service.metrics.cache_misses.labels(service.name, step.step).inc()  # type: ignore[union-attr]
-            outputs = await route.handler(event, delivery)
-            if key is not None and route.cache_store:
-                await cache.put(step.step, key, outputs)  # type: ignore[union-attr]
-            return carry_no_cache(event, outputs)
-
-        return handle
 
     async def start(self) -> None:
         """Open the service, the broker, `attach` and HTTP in order; a failure (or a cancel) closes

@@ -37,7 +37,7 @@ def run_endpoint(settings: CairnSettings, host: str, port: int) -> None:
     common = {"host": host, "port": port, "log_level": "warning", "limit_concurrency": 256 * workers,
               "access_log": False, **uvicorn_options()}
     if workers == 1:
-        from services.platform.runtime import QuietServer
+        from services.platform.http_server import QuietServer
         from services.serving.app import InferenceServer
 
         # What uvicorn.run does for one worker, with the services' quieter main loop.
