@@ -249,14 +249,13 @@ async def subject_count(js, subject: str) -> int:
     return (info.state.subjects or {}).get(subject, 0)
 
 
-async def test_pub_acks_and_requests_share_one_reply_subscription(settings, js):
-    """PubAcks: a stored publish resolves with its PubAck, a refused one with the server's error, a
-    request with the reply message unread (direct gets, statuses included), and a reply that never
-    comes fails its future after the timeout without leaving its entry behind."""
+async def test_pub_acks_resolve_refuse_and_time_out(settings, js):
+    """PubAcks: a stored publish resolves with its PubAck, a refused one with the server's error
+    (nats-py 2.16's publish_async leaves that future pending: nats-io/nats.py#985), and a reply that
+    never comes fails its future after the timeout without leaving its entry behind."""
     from nats.js.errors import APIError, NoStreamResponseError
 
     from services.platform.bus.acks import PubAcks
-    from services.platform.bus.provision import handled_bucket
 
     nc = await nats.connect(settings.nats_url)
     try:
@@ -269,21 +268,13 @@ async def test_pub_acks_and_requests_share_one_reply_subscription(settings, js):
         with pytest.raises(NoStreamResponseError):
             await (await acks.send("nowhere.in.any.stream", b"{}"))
 
-        bucket = await js.key_value(handled_bucket(settings.namespace))
-        await bucket.put("probe.key", b"kept")
-        direct = f"$JS.API.DIRECT.GET.KV_{bucket._name}.$KV.{bucket._name}."
-        found = await (await acks.request(direct + "probe.key"))
-        assert found.data == b"kept" and not (found.headers or {}).get("Status")
-        missing = await (await acks.request(direct + "probe.absent"))
-        assert missing.headers["Status"] == "404", "a status reply comes back unread, not raised"
-
         async def answer_nothing(_msg: object) -> None:
             return None
 
         await nc.subscribe("silent.responder", cb=answer_nothing)
         with pytest.raises(TimeoutError):
-            await (await acks.request("silent.responder"))
-        assert not acks._waiting, "every settled request left the table"
+            await (await acks.send("silent.responder", b"{}"))
+        assert not acks._waiting, "every settled publish left the table"
     finally:
         await nc.close()
 

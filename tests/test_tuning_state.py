@@ -26,9 +26,7 @@ from contracts import (
     TuningSpec,
     new_event,
 )
-from services.platform.bus.acks import PubAcks
 from services.platform.bus.consumer import PermanentError
-from services.platform.bus.kv import FastKeyValue
 from services.platform.bus.provision import study_bucket
 from services.tuning import logic, state
 from services.tuning.app import Tuning
@@ -84,15 +82,10 @@ def result(plan_event: Any, trial_id: int, rung: int, score: float | None, tag: 
     return new_event(done, source="/training", cause=plan_event, key=f"{trial_id}:{rung}{tag}")
 
 
-@pytest.fixture(params=["FastKeyValue", "nats-py"])
-async def kv(request, js, settings):
-    """The bucket as the service holds it (on a PubAcks reply subscription), and as nats-py's
-    KeyValue, which it stands in for: the same outcomes from both."""
-    bucket = await js.key_value(study_bucket(settings.namespace))
-    if request.param == "nats-py":
-        return bucket
-    acks = PubAcks(js._nc)
-    return FastKeyValue(bucket, lambda: acks)
+@pytest.fixture
+async def kv(js, settings):
+    """The bucket as the service holds it: nats-py's KeyValue."""
+    return await js.key_value(study_bucket(settings.namespace))
 
 
 async def start(replica: Tuning, trials: int, strategy: SearchStrategy, seed: int = 7) -> Any:

@@ -27,7 +27,6 @@ from contracts import (
     new_event,
 )
 from services.platform.bus.consumer import Delivery, PermanentError
-from services.platform.bus.kv import FastKeyValue
 from services.platform.bus.provision import study_bucket
 from services.platform.cache import StepVersion
 from services.platform.runtime import Route, Service
@@ -74,13 +73,12 @@ class Tuning(Service):
     async def _kv(self) -> Any:
         """The study bucket, looked up once, as the ledger and the step cache do theirs:
         `js.key_value` asks the server for the stream's info every time (an API call, and an audit
-        advisory the server publishes). Read and written on the publisher's reply subscription
-        (services.platform.bus.kv): two calls per trial result (the result, the tally's compare-and-set on
-        the copy this replica last wrote; a third, the read, when that copy is stale)."""
+        advisory the server publishes). Two calls per trial result (the result, the tally's
+        compare-and-set on the copy this replica last wrote; a third, the read, when that copy is
+        stale), through nats-py's KeyValue."""
         if self._studies is None:
             js = self.publisher.broker.config.connection_state.stream  # type: ignore[union-attr]
-            bucket = await js.key_value(study_bucket(self.settings.namespace))
-            self._studies = FastKeyValue(bucket, lambda: self.publisher.acks)  # type: ignore[union-attr]
+            self._studies = await js.key_value(study_bucket(self.settings.namespace))
         return self._studies
 
     async def on_features_built(

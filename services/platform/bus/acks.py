@@ -1,12 +1,13 @@
 """JetStream publishes whose PubAcks come back as futures, on one reply subscription.
 
-nats-py's `publish_async` does the same, but per message it waits on a semaphore through
-`asyncio.wait_for`, draws two random tokens and builds a `PubAck` dataclass from the reply: on
-the event path that was a tenth of a service's CPU per event (bench/bus.py). Here a reply is only
-looked at for an error; the caller asked for the message to be stored, not for its sequence. A
-reply that never comes fails its future after `timeout_s` (one sweeper per connection, instead of
-a timer per message). `request` shares the same subscription for replies read whole (the
-ledger's direct gets): nats-py's `request` draws a token and arms a timer per call.
+What nats-py's `publish_async` offers, which cairn would use (it costs within twice as much:
+bench/public_api.py, figures in docs/DESIGN-NOTES.md) but for one fault: in nats-py 2.16, a
+publish the server refuses (an expected stream or last sequence that does not match) leaves its
+future pending forever, the error raised inside the client's reply callback
+(nats-io/nats.py#985, fix proposed in #994). Here a refusal fails its future with nats-py's own
+exception, and a reply that never comes fails it after `timeout_s` (one sweeper per connection,
+instead of a timer per message). A reply is only looked at for an error; the caller asked for the
+message to be stored, not for its sequence.
 """
 
 from __future__ import annotations
@@ -29,14 +30,13 @@ class PubAcks:
         self.timeout_s = timeout_s
         self._prefix = ""
         self._next = 0
-        # token -> (future, deadline, whether the reply is a PubAck to check or a message to return)
-        self._waiting: dict[str, tuple[asyncio.Future[Any], float, bool]] = {}
+        self._waiting: dict[str, tuple[asyncio.Future[bytes], float]] = {}  # token -> (future, deadline)
         self._started: asyncio.Future[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     async def _start(self) -> None:
-        # Under the connection's own inbox prefix, which the NATS permissions already grant.
-        prefix = f"{bytes(self._nc._inbox_prefix).decode()}.{self._nc._nuid.next().decode()}."
+        # A new inbox, under the connection's own inbox prefix, which the NATS permissions already grant.
+        prefix = self._nc.new_inbox() + "."
         await self._nc.subscribe(prefix + "*", cb=self._on_reply)
         self._prefix = prefix
         self._sweeper = asyncio.create_task(self._sweep(), name="pubacks-sweeper")
@@ -48,7 +48,7 @@ class PubAcks:
         while not self._nc.is_closed:
             await asyncio.sleep(min(1.0, self.timeout_s / 4))
             now = loop.time()
-            for token, (future, deadline, _) in list(self._waiting.items()):
+            for token, (future, deadline) in list(self._waiting.items()):
                 if deadline > now:
                     break
                 del self._waiting[token]
@@ -59,15 +59,6 @@ class PubAcks:
         self, subject: str, body: bytes, headers: dict[str, str] | None = None
     ) -> asyncio.Future[bytes]:
         """Publish for the stream; the future holds the PubAck's bytes, or its error."""
-        return await self._publish(subject, body, headers, pub_ack=True)
-
-    async def request(self, subject: str, body: bytes = b"") -> asyncio.Future[Any]:
-        """A request whose reply message (headers, data) the future holds, unread."""
-        return await self._publish(subject, body, None, pub_ack=False)
-
-    async def _publish(
-        self, subject: str, body: bytes, headers: dict[str, str] | None, pub_ack: bool
-    ) -> asyncio.Future[Any]:
         if not self._prefix:
             if self._started is None:
                 self._started = asyncio.ensure_future(self._start())
@@ -75,8 +66,8 @@ class PubAcks:
         self._next += 1
         token = str(self._next)
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._waiting[token] = (future, loop.time() + self.timeout_s, pub_ack)
+        future: asyncio.Future[bytes] = loop.create_future()
+        self._waiting[token] = (future, loop.time() + self.timeout_s)
         try:
             await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
         except BaseException:
@@ -91,10 +82,8 @@ class PubAcks:
         waiting = self._waiting.pop(msg.subject[len(self._prefix) :], None)
         if waiting is None or waiting[0].done():
             return
-        future, _, pub_ack = waiting
-        if not pub_ack:
-            future.set_result(msg)
-        elif msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
+        future = waiting[0]
+        if msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
             future.set_exception(NoStreamResponseError())
         elif b'"error"' in msg.data and "error" in (doc := json.loads(msg.data)):
             future.set_exception(_api_error(doc["error"]))

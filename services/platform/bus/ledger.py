@@ -37,9 +37,9 @@ from typing import Any
 import orjson
 from faststream.nats import NatsBroker
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
 
 from contracts import Envelope, decode
-from services.platform.bus.kv import FastKeyValue
 from services.platform.bus.provision import handled_bucket
 from services.platform.bus.publisher import EventPublisher
 from services.platform.settings import CairnSettings
@@ -71,8 +71,8 @@ class HandledLedger:
         self.service = service
         self.publisher = publisher  # its PubAck futures carry the records' writes
         self.bucket = handled_bucket(settings.namespace)
-        self._kv: FastKeyValue | None = None
-        self._opening: asyncio.Future[FastKeyValue] | None = None
+        self._kv: KeyValue | None = None
+        self._opening: asyncio.Future[KeyValue] | None = None
 
     def key(self, event: Envelope[Any] | None, stream_sequence: int | None) -> str:
         """`<service>.<digest of type and id>`; a message that is no event is known by its sequence.
@@ -84,7 +84,7 @@ class HandledLedger:
         digest = hashlib.sha256(f"{event.type}\n{event.id}".encode()).hexdigest()[:40]
         return f"{self.service}.{digest}"
 
-    async def _bucket(self) -> FastKeyValue:
+    async def _bucket(self) -> KeyValue:
         if self._kv is None:
             # Many messages may ask at once on a cold start: one lookup serves them all.
             if self._opening is None or (self._opening.done() and self._opening.exception()):
@@ -92,11 +92,11 @@ class HandledLedger:
             self._kv = await asyncio.shield(self._opening)
         return self._kv
 
-    async def _open(self) -> FastKeyValue:
-        """The bucket, read on the publisher's reply subscription: it is read once per message."""
+    async def _open(self) -> KeyValue:
+        """The bucket's handle, looked up once (each look-up is a stream-info call)."""
         js = self.broker.config.connection_state.stream
         try:
-            return FastKeyValue(await js.key_value(self.bucket), lambda: self.publisher.acks)
+            return await js.key_value(self.bucket)
         except BucketNotFoundError:
             raise LookupError(f"KV bucket {self.bucket} not found: run `cairn provision`") from None
 
@@ -140,8 +140,9 @@ class HandledLedger:
 
     async def _send(self, key: str, value: bytes) -> asyncio.Future[Any]:
         """kv.put, its PubAck as a future, so the outputs can follow it on the wire at once."""
-        kv = await self._bucket()
-        return await self.publisher.acks.send(kv.subject(key), value)
+        await self._bucket()  # the bucket exists (LookupError otherwise)
+        # Where nats-py's KeyValue.put publishes a key (cairn uses no JetStream domain).
+        return await self.publisher.acks.send(f"$KV.{self.bucket}.{key}", value)
 
 
 def _record_bytes(service: str, outcome: str, output_ids: list[str], encoded: list[str]) -> bytes:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
-from typing import Any
 
 from nats.aio.client import ServerVersion
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    PersistMode,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from contracts.records import record_subject
@@ -121,29 +126,25 @@ async def provision_handled_bucket(js: JetStreamContext, settings: CairnSettings
     they reach disk: a handled event is then one fsync (its output) instead of three. Losing the
     last records in a server crash costs a rerun, never a second copy in the log: the redelivery
     that follows the crash comes within the duplicate window, which drops the rerun's outputs. The
-    mode is fixed when the stream is created, so the bucket is created and updated through the
-    JetStream API directly (nats-py's config models do not carry the field).
+    mode is fixed when the stream is created, so where it applies the bucket's stream is created as
+    nats-py's `create_key_value` would create it, with the mode added (`add_stream`).
     """
     bucket = handled_bucket(settings.namespace)
     name = f"KV_{bucket}"
     try:
-        current = await _stream_api(js, f"STREAM.INFO.{name}")
+        current = (await js.stream_info(name)).config
     except NotFoundError:
         description = "cairn consumer policy: inputs each service has handled, and their outputs"
         ttl = settings.handled_ttl_s
         config = _kv_config(settings, bucket, description=description, ttl=ttl, direct=True)
-        server = js._nc.connected_server_version
+        server = js._nc.connected_server_version  # nats-py: the context does not name its connection
         if not (settings.ledger_async_persist and async_persist(server, settings.stream_replicas)):
             await js.create_key_value(config)
             return
-        doc = _kv_stream_config(config).as_dict() | {"persist_mode": "async"}
-        await _stream_api(js, f"STREAM.CREATE.{name}", doc)
+        await js.add_stream(_kv_stream_config(config), persist_mode=PersistMode.ASYNC)
         return
-    config = current["config"]
-    ttl_ns = int(settings.handled_ttl_s * 1e9)
-    if config.get("max_age") != ttl_ns:
-        # The server's own document, so fields nats-py does not know (persist_mode) stay as they are.
-        await _stream_api(js, f"STREAM.UPDATE.{name}", config | {"max_age": ttl_ns})
+    if current.max_age != settings.handled_ttl_s:
+        await js.update_stream(current, max_age=settings.handled_ttl_s)
 
 
 def async_persist(server: ServerVersion, replicas: int) -> bool:
@@ -171,12 +172,6 @@ def _kv_stream_config(config: KeyValueConfig) -> StreamConfig:
         num_replicas=config.replicas,
         storage=config.storage,
     )
-
-
-async def _stream_api(js: JetStreamContext, call: str, doc: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One JetStream API call with a raw JSON body; errors raised as nats-py raises them."""
-    payload = json.dumps(doc).encode() if doc is not None else b""
-    return await js._api_request(f"{js._prefix}.{call}", payload, timeout=js._timeout)
 
 
 async def provision_all(js: JetStreamContext, settings: CairnSettings) -> str:

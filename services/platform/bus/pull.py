@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
+from nats.js.errors import APIError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # trial); at 10 s about half that. A stop cancels the poll at once, and a reconnect (`wake`)
 # replaces it: a restarted server has forgotten the request.
 FETCH_WAIT_S = 10.0
-READY_WAIT_S = 1.0  # the server answers a no-wait request at once; this only bounds a lost reply
+READY_WAIT_S = 1.0  # bounds `ready` where the consumer turned out empty, and a lost reply
 
 
 class PullLoop:
@@ -193,17 +193,12 @@ class LongPoll:
 
 
 async def ready(sub: Any, batch: int) -> list[Msg]:
-    """Up to `batch` messages the server holds now: a no-wait pull request, read until the server's
-    status line (404 no messages, or 408) or the batch is full."""
-    request = json.dumps({"batch": batch, "no_wait": True}).encode()
-    await sub._nc.publish(sub._nms, request, sub._deliver)
-    out: list[Msg] = []
-    while len(out) < batch:
-        try:
-            msg = await sub._sub.next_msg(timeout=READY_WAIT_S)
-        except TimeoutError:
-            break
-        if msg.headers and msg.headers.get("Status"):
-            break
-        out.append(msg)
-    return out
+    """Up to `batch` messages the server holds now: nats-py's batch fetch, whose first request is a
+    no-wait one, answered with what the consumer holds and a status line. Only where the consumer
+    turned out empty (another replica took what `num_pending` counted) does it wait, up to
+    READY_WAIT_S, for the next message. Cairn read that first reply itself, on the subscription's
+    internals, until the fetch measured no dearer (bench/public_api.py, docs/DESIGN-NOTES.md)."""
+    try:
+        return await sub.fetch(batch, timeout=READY_WAIT_S)
+    except (TimeoutError, APIError):  # nothing taken: nats-py raises only before the first message
+        return []
