@@ -114,7 +114,7 @@ async def test_store_down_loses_nothing(settings, js, tmp_path, caplog):
         lock = sqlite3.connect(db, isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")
         try:
-            with caplog.at_level(logging.ERROR, logger="services.lineage.app"):
+            with caplog.at_level(logging.ERROR, logger="services.lineage.writer"):
                 last = await publish_burst(js, 30)
                 await wait_for(
                     lambda: any("store write failed" in r.getMessage() for r in caplog.records),
