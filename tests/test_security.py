@@ -28,7 +28,8 @@ from services.platform.artifacts import ArtifactStore, IntegrityError
 from services.platform.bus.connection import connect
 from services.platform.bus.embedded import EmbeddedNats, server_binary
 from services.platform.bus.provision import provision_all
-from services.platform.ml.bundle import load_bundle, save_bundle
+from services.platform.ml.bundle import save_bundle
+from services.platform.model_loading import load_from_store
 from services.platform.settings import CairnSettings
 from services.tools import supervisor
 from services.tools.catalog import SERVICES
@@ -484,14 +485,16 @@ async def test_a_tampered_model_is_refused_by_evaluation_and_the_inference_serve
 
 
 def test_no_pickle_is_ever_loaded_from_the_store(tmp_path):
-    """A bundle naming a pickled estimator, with every hash right, is refused without unpickling."""
+    """A bundle naming a pickled estimator, with every hash right, is refused without unpickling by
+    the loader the services use (services.platform.model_loading)."""
     marker = tmp_path / "unpickled"
 
     class Payload:
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    store = ArtifactStore((tmp_path / "artifacts").as_uri())
+    settings = CairnSettings(home=tmp_path / "home", artifacts_url=(tmp_path / "artifacts").as_uri())
+    store = ArtifactStore(settings.artifacts)
     blob = pickle.dumps(Payload())
     spec = {"task": "regression", "classes": [], "target": "y", "columns": []}
     for fmt in ("pickle", "sklearn-pickle", "joblib", "xgboost-ubj"):
@@ -505,7 +508,7 @@ def test_no_pickle_is_ever_loaded_from_the_store(tmp_path):
             budget=1,
         )
         with pytest.raises(Exception) as refused:  # noqa: PT011
-            load_bundle(ref)
+            load_from_store(ref, settings)
         assert "unknown estimator format" in str(refused.value) or fmt == "xgboost-ubj", refused.value
     assert not marker.exists(), "something unpickled a stored artifact"
     # And bytes that do not match their hash are never parsed at all.
@@ -521,4 +524,4 @@ def test_no_pickle_is_ever_loaded_from_the_store(tmp_path):
     )
     Path(ok.uri.removeprefix("file://")).write_bytes(b"\x80\x04tampered")
     with pytest.raises(IntegrityError):
-        load_bundle(ok)
+        load_from_store(ok, settings)

@@ -346,10 +346,10 @@ async def test_generation_counts_real_tokens_and_streams_them_as_server_sent_eve
     from services.platform.ml.bundle import LoadedModel
     from services.platform.ml.textgen.generate import generate
     from services.platform.ml.textgen.model import GPT, GPTConfig, state_to_bytes
-    from services.platform.ml.textgen.tokenizer import byte_tokenizer
+    from services.platform.ml.textgen.tokenizer import train_bpe
     from services.serving.app import InferenceServer
 
-    tok = byte_tokenizer()
+    tok = train_bpe("", 256)  # no merges: the byte-level tokenizer
     config = {"vocab_size": 256, "context": 32, "d_model": 32, "n_layers": 1, "n_heads": 2}
     torch.manual_seed(0)
     checkpoint = state_to_bytes(GPT(GPTConfig.from_dict(config)).state_dict())

@@ -21,7 +21,6 @@ from services.platform.ml.textgen.generate import generate, generate_ids
 from services.platform.ml.textgen.model import GPTConfig, load_model, n_params, train_flops_per_token
 from services.platform.ml.textgen.tokenizer import (
     CorpusError,
-    byte_tokenizer,
     decode,
     encode,
     load_tokenizer,
@@ -108,8 +107,8 @@ def test_bpe_is_deterministic_with_tie_breaking():
     assert json.loads(train_bpe("abc", 300))["vocab_size"] == 256
 
 
-def test_byte_tokenizer():
-    tok = byte_tokenizer()
+def test_a_tokenizer_without_merges_is_byte_level():
+    tok = train_bpe("", 256)
     text = "plain bytes: ñ ✓"
     ids = encode(tok, text)
     assert list(ids) == list(text.encode())

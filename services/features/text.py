@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from contracts import ArtifactRef, DatasetIngested, FeaturesBuilt, SplitSizes
+from contracts import DatasetIngested, FeaturesBuilt, SplitSizes
 from services.platform.artifacts import ArtifactStore, read_verified
 from services.platform.ml.holdout import SPLITS, split_text
 from services.platform.ml.textgen.tokenizer import encode, train_bpe
@@ -25,10 +25,6 @@ class TextFeatureProblem(Exception):
 def tokens_file(tokens: dict[str, np.ndarray]) -> bytes:
     arrays = {k: np.ascontiguousarray(v, dtype=np.int32) for k, v in tokens.items()}
     return bytes(safetensors.numpy.save(arrays))
-
-
-def load_tokens(ref: ArtifactRef) -> dict[str, np.ndarray]:
-    return safetensors.numpy.load(read_verified(ref.uri, ref.sha256))
 
 
 def build_text(ingested: DatasetIngested, store: ArtifactStore) -> FeaturesBuilt:

@@ -8,7 +8,6 @@ import math
 from typing import Any, Protocol
 
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from contracts import ArtifactRef, Envelope, ModelRefused, derive_id, new_event
@@ -79,14 +78,10 @@ class RequestProblem(ValueError):
     pass
 
 
-def parse_rows(body: Any, schema: dict[str, str]) -> pd.DataFrame:
-    """Accept one object, a list of objects, or {"rows": [...]}; refuse unknown columns and bad types."""
-    rows = checked_rows(body, schema)
-    return pd.DataFrame.from_records(rows, columns=list(schema))
-
-
 def checked_rows(body: Any, schema: dict[str, str]) -> list[dict[str, Any]]:
-    """The rows of a request body, validated against the input schema (no pandas: the hot path)."""
+    """The rows of a request body, validated against the input schema (no pandas: the hot path).
+
+    Accepts one object, a list of objects, or {"rows": [...]}; refuses unknown columns and bad types."""
     rows = body.get("rows") if isinstance(body, dict) and "rows" in body else body
     if isinstance(rows, dict):
         rows = [rows]

@@ -1,8 +1,8 @@
 """The model bundle: a JSON manifest (transform + estimator reference), content-addressed.
 
-Loading verifies both hashes and never unpickles anything. Tables: the transform is the
-feature spec and the estimator predicts. Text: the transform carries the tokenizer and the
-estimator is a safetensors checkpoint with its model config.
+Loading (services.platform.model_loading) verifies both hashes and never unpickles anything.
+Tables: the transform is the feature spec and the estimator predicts. Text: the transform
+carries the tokenizer and the estimator is a safetensors checkpoint with its model config.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 
 from contracts.types import ArtifactRef, ModelFamily, Task
-from services.platform.artifacts import ArtifactStore, read_verified
+from services.platform.artifacts import ArtifactStore
 from services.platform.ml import transform
-from services.platform.ml.registry import Model, predictor
+from services.platform.ml.registry import Model
 
 BUNDLE_MEDIA_TYPE = "application/vnd.cairn.model+json"
 _SUFFIX = {"xgboost-ubj": ".ubj", "linear-json": ".json"}
@@ -99,15 +99,3 @@ class LoadedModel:
         tokens = encode(self.spec["tokenizer"], text)
         return perplexity(self.checkpoint, self.manifest["estimator"]["config"], tokens, device="cpu")
 
-
-def load_bundle(ref: ArtifactRef) -> LoadedModel:
-    manifest = json.loads(read_verified(ref.uri, ref.sha256))
-    if manifest.get("format") != "cairn.model.v1":
-        raise ValueError(f"{ref.uri}: not a cairn model bundle")
-    est = manifest["estimator"]
-    data = read_verified(est["uri"], est["sha256"])
-    task = Task(manifest["transform"]["task"])
-    if task is Task.text_generation:
-        return LoadedModel(ref, manifest, checkpoint=data)
-    n_classes = len(manifest["transform"]["classes"])
-    return LoadedModel(ref, manifest, predictor(est["format"], data, task, n_classes))

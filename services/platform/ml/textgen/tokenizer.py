@@ -63,11 +63,6 @@ def validate_corpus(data: bytes, max_bytes: int = MAX_CORPUS_BYTES, name: str = 
         ) from None
 
 
-def byte_tokenizer() -> str:
-    """The byte-level tokenizer (vocab 256, no merges) as JSON."""
-    return _dump([])
-
-
 def _dump(merges: Sequence[tuple[int, int]]) -> str:
     doc = {
         "format": FORMAT,
