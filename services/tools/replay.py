@@ -48,7 +48,6 @@ from contracts import (
     new_event,
     replay_namespace,
 )
-from services.lineage.audit import history_records
 from services.platform.bus.connection import connect
 from services.platform.bus.provision import provision_handled_bucket, provision_study_bucket, study_bucket
 from services.platform.settings import CairnSettings
@@ -356,11 +355,8 @@ async def sweep_replays(js: Any, settings: CairnSettings) -> dict[str, list[str]
 
 
 async def _history(settings: CairnSettings) -> list[tuple[int, Envelope[Any]]]:
-    nc = await connect(settings, "replay")
-    try:
-        raw = await history_records(nc.jetstream(), settings)
-    finally:
-        await nc.close()
+    async with Client(settings, "replay") as client:
+        raw = await client.history()
     events = []
     for seq, subject, body in raw:
         if is_dead_letter(subject):
