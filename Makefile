@@ -70,6 +70,7 @@ bench: install
 	$(PY) bench/scale.py --trials 2000
 	$(PY) bench/startup.py
 	$(PY) bench/cluster.py
+	$(PY) bench/public_api.py
 
 schemas: install
 	$(CAIRN) schemas

@@ -12,9 +12,11 @@ Each pair runs the workload its caller runs, the same content on both sides:
   server runs) provisioned as cairn provisions it:
   `pubacks` (bus/acks.py) against `publish_async` and awaited `publish`: events published in bursts
   of 256 (the publisher's window), every PubAck waited for;
-  `fast_kv_get` / `fast_kv_update` (bus/kv.py) against nats-py KeyValue `get` / `update`: awaited
-  one after the other on the handled-inputs bucket, as the ledger and tuning call them;
-  `ready` (bus/pull.py) against `fetch(batch)`: a backlog of 600 events drained as PullLoop
+  `fast_kv_get` / `fast_kv_update` (bus/kv.py's FastKeyValue, now in bench/retired.py) against
+  nats-py KeyValue `get` / `update`: awaited one after the other on the handled-inputs bucket, as
+  the ledger and tuning call them;
+  `ready` (bus/pull.py's no-wait request, now in bench/retired.py) against `fetch(batch)` (what
+  bus/pull.py's `ready` is now): a backlog of 600 events drained as PullLoop
   drains it, a one-message long poll then up to the free slots at once, every message acked; with
   4 slots (tuning's TrialCompleted route) and 256 (lineage's batch), each side its own durable.
 
@@ -22,6 +24,7 @@ Every side runs once per round, every other round in reverse order (A B C, C B A
 event loop a service runs on (uvloop). Per side: the median wall time per operation with its
 spread, and the CPU time of this process per operation (the client's own cost; nats-server and the
 disk are not in it). Per pair: public / private, the ratio of paired repeats (bench/repeat.py).
+Issue 28's rule: the private path stays only where the public API costs more than twice as much.
 
     .venv/bin/python bench/public_api.py [--trials 40] [--messages 512] [--kv-ops 500] [--backlog 600]
         [--repeats 5]
@@ -407,15 +410,18 @@ async def main() -> None:
 
 def table(result: dict[str, Any]) -> str:
     """The figures as people read them: median ms per operation (wall, CPU), public / private."""
-    lines = [f"{'side':<16} {'ms/op':>8} {'cpu ms/op':>10}   public/private (min-max)"]
+    lines = [f"{'side':<16} {'ms/op':>8} {'cpu ms/op':>10}   public/private: wall (min-max), cpu (min-max)"]
     for pair, (private, publics) in PAIRS.items():
         doc = result[pair]
         for side in (private, *publics):
             wall, cpu = doc[side]["ms_per_op"], doc[side]["cpu_ms_per_op"]
             ratio = ""
             if side != private:
-                r = doc[f"{side}_vs_{private}"]["ms_per_op"]
-                ratio = f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
+                r, c = (doc[f"{side}_vs_{private}"][m] for m in ("ms_per_op", "cpu_ms_per_op"))
+                ratio = (
+                    f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}), "
+                    f"{c['median']:.2f} ({c['min']:.2f}-{c['max']:.2f})"
+                )
             lines.append(f"{side:<16} {wall['median']:>8.3f} {cpu['median']:>10.3f}   {ratio}")
     return "\n".join(lines)
 
