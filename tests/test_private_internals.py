@@ -26,13 +26,11 @@ import nats
 import pytest
 from faststream.nats import JStream, NatsBroker, PullSub
 from nats.aio.client import Client
-from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, StreamConfig
+from nats.js.api import ConsumerConfig
 from nats.js.client import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from services.platform.bus.embedded import EmbeddedNats
 
-INBOX = "_INBOX_internals"
 STREAM = "INTERNALS"
 
 
@@ -66,8 +64,7 @@ class Internal:
             pytest.fail(self.changed(f"{fn.__qualname__}{inspect.signature(fn)}: {exc}"), pytrace=False)
 
 
-# A nats-server, a connection, a bucket with direct gets and a pull subscription, shared by the
-# module (each test only reads them).
+# A nats-server and a connection, shared by the module (each test only reads them).
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     server = EmbeddedNats(tmp_path_factory.mktemp("nats"))
@@ -78,160 +75,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.fixture(scope="module")
 async def nc(server: EmbeddedNats) -> AsyncIterator[Client]:
-    nc = await nats.connect(server.url, inbox_prefix=INBOX)
+    nc = await nats.connect(server.url)
     yield nc
     await nc.close()
 
 
-@pytest.fixture(scope="module")
-async def js(nc: Client) -> JetStreamContext:
-    js = nc.jetstream()
-    await js.add_stream(StreamConfig(name=STREAM, subjects=["internals.>"]))
-    return js
-
-
-@pytest.fixture(scope="module")
-async def kv(js: JetStreamContext) -> Any:
-    return await js.create_key_value(KeyValueConfig(bucket="internals", direct=True))
-
-
-@pytest.fixture(scope="module")
-async def psub(js: JetStreamContext) -> Any:
-    config = ConsumerConfig(durable_name="internals", ack_policy=AckPolicy.EXPLICIT)
-    return await js.pull_subscribe("internals.x", durable="internals", stream=STREAM, config=config)
-
-
 # nats-py: services/platform/bus --------------------------------------------------------------------
-async def test_nats_client_inbox_prefix(nc: Client) -> None:
-    internal = Internal("nats-py", "Client._inbox_prefix", "services/platform/bus/acks.py")
-    prefix = internal.attr(nc, "_inbox_prefix")
-    internal.expect(
-        isinstance(prefix, bytes | bytearray) and bytes(prefix) == INBOX.encode(),
-        f"expected the bytes of the connect(inbox_prefix=...) given, got {prefix!r}",
-    )
-
-
-async def test_nats_client_nuid(nc: Client) -> None:
-    internal = Internal("nats-py", "Client._nuid", "services/platform/bus/acks.py")
-    nuid = internal.attr(nc, "_nuid")
-    first, second = internal.attr(nuid, "next")(), nuid.next()
-    internal.expect(
-        isinstance(first, bytes | bytearray) and first != second and bytes(first).decode().isalnum(),
-        f"expected `.next()` to give a fresh alphanumeric token as bytes, got {first!r}, {second!r}",
-    )
-
-
-async def test_nats_keyvalue_pre(kv: Any) -> None:
-    internal = Internal("nats-py", "KeyValue._pre", "services/platform/bus/kv.py")
-    pre = internal.attr(kv, "_pre")
-    internal.expect(
-        pre == "$KV.internals.", f"expected the bucket's subject prefix '$KV.internals.', got {pre!r}"
-    )
-    # FastKeyValue publishes a write to `_pre + key`: it must be what the bucket reads.
-    await kv._js.publish(f"{pre}written", b"by subject")
-    entry = await kv.get("written")
-    internal.expect(entry.value == b"by subject", f"a publish to {pre}written read back {entry.value!r}")
-
-
-async def test_nats_keyvalue_direct(kv: Any, js: JetStreamContext) -> None:
-    internal = Internal("nats-py", "KeyValue._direct", "services/platform/bus/kv.py")
-    plain = await js.create_key_value(KeyValueConfig(bucket="internals_plain"))
-    direct, not_direct = internal.attr(kv, "_direct"), internal.attr(plain, "_direct")
-    internal.expect(
-        direct is True and not not_direct,
-        f"expected True for a bucket with allow_direct and false otherwise, got {direct!r}, {not_direct!r}",
-    )
-
-
-async def test_nats_keyvalue_stream(kv: Any) -> None:
-    internal = Internal("nats-py", "KeyValue._stream", "services/platform/bus/kv.py")
-    stream = internal.attr(kv, "_stream")
-    internal.expect(
-        stream == "KV_internals", f"expected the bucket's stream name 'KV_internals', got {stream!r}"
-    )
-
-
-async def test_nats_keyvalue_js(kv: Any) -> None:
-    internal = Internal("nats-py", "KeyValue._js", "services/platform/bus/kv.py")
-    kv_js = internal.attr(kv, "_js")
-    internal.expect(isinstance(kv_js, JetStreamContext), f"expected a JetStreamContext, got {kv_js!r}")
-
-
-async def test_nats_jetstream_prefix(js: JetStreamContext) -> None:
-    internal = Internal(
-        "nats-py", "JetStreamContext._prefix", "services/platform/bus/kv.py and bus/provision.py"
-    )
-    prefix = internal.attr(js, "_prefix")
-    internal.expect(prefix == "$JS.API", f"expected the API prefix '$JS.API' (no domain), got {prefix!r}")
-
-
-async def test_nats_jetstream_timeout(js: JetStreamContext) -> None:
-    internal = Internal("nats-py", "JetStreamContext._timeout", "services/platform/bus/provision.py")
-    timeout = internal.attr(js, "_timeout")
-    internal.expect(
-        isinstance(timeout, int | float) and timeout > 0, f"expected seconds as a number, got {timeout!r}"
-    )
-
-
-async def test_nats_jetstream_nc(js: JetStreamContext, nc: Client) -> None:
+async def test_nats_jetstream_nc(nc: Client) -> None:
     internal = Internal("nats-py", "JetStreamContext._nc", "services/platform/bus/provision.py")
-    js_nc = internal.attr(js, "_nc")
+    js_nc = internal.attr(nc.jetstream(), "_nc")
     internal.expect(js_nc is nc, f"expected the connection the context was made from, got {js_nc!r}")
     server = js_nc.connected_server_version
     internal.expect(server.major >= 2, f"connected_server_version gave {server!r}")
-
-
-async def test_nats_jetstream_api_request(js: JetStreamContext) -> None:
-    internal = Internal("nats-py", "JetStreamContext._api_request", "services/platform/bus/provision.py")
-    api_request = internal.attr(js, "_api_request")
-    internal.binds(api_request, f"{js._prefix}.STREAM.INFO.{STREAM}", b"", timeout=js._timeout)
-    info = await api_request(f"{js._prefix}.STREAM.INFO.{STREAM}", b"", timeout=js._timeout)
-    internal.expect(
-        isinstance(info, dict) and info.get("config", {}).get("name") == STREAM,
-        f"expected the server's JSON reply as a dict, got {info!r}",
-    )
-    try:
-        await api_request(f"{js._prefix}.STREAM.INFO.NO_SUCH_STREAM", b"", timeout=js._timeout)
-    except NotFoundError:
-        pass
-    except Exception as exc:  # noqa: BLE001 - the failure names what came instead
-        pytest.fail(internal.changed(f"a missing stream raised {exc!r}, not NotFoundError"), pytrace=False)
-    else:
-        pytest.fail(internal.changed("a missing stream raised nothing, not NotFoundError"), pytrace=False)
-
-
-async def test_nats_pull_subscription_nc(psub: Any, nc: Client) -> None:
-    internal = Internal("nats-py", "PullSubscription._nc", "services/platform/bus/pull.py")
-    sub_nc = internal.attr(psub, "_nc")
-    internal.expect(sub_nc is nc, f"expected the subscription's connection, got {sub_nc!r}")
-
-
-async def test_nats_pull_subscription_nms(psub: Any) -> None:
-    internal = Internal("nats-py", "PullSubscription._nms", "services/platform/bus/pull.py")
-    nms = internal.attr(psub, "_nms")
-    expected = f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.internals"
-    internal.expect(nms == expected, f"expected the pull request subject {expected!r}, got {nms!r}")
-
-
-async def test_nats_pull_subscription_deliver(psub: Any) -> None:
-    internal = Internal("nats-py", "PullSubscription._deliver", "services/platform/bus/pull.py")
-    deliver = internal.attr(psub, "_deliver")
-    internal.expect(
-        isinstance(deliver, str) and deliver.startswith(INBOX + "."),
-        f"expected the deliver inbox as a str under {INBOX}., got {deliver!r}",
-    )
-
-
-async def test_nats_pull_subscription_sub(psub: Any, js: JetStreamContext) -> None:
-    internal = Internal("nats-py", "PullSubscription._sub", "services/platform/bus/pull.py")
-    sub = internal.attr(psub, "_sub")
-    internal.binds(internal.attr(sub, "next_msg"), timeout=1.0)
-    # What bus.pull.ready does: a no-wait pull request to _nms, replies read from _sub.
-    await js.publish("internals.x", b"one")
-    await psub._nc.publish(psub._nms, b'{"batch": 1, "no_wait": true}', psub._deliver)
-    msg = await sub.next_msg(timeout=5.0)
-    internal.expect(msg.data == b"one", f"a no-wait pull request read back {msg!r}")
-    await msg.ack()
 
 
 # FastStream: the runtime, the bus and services/tools/nats_auth.py ------------------------------------
