@@ -52,8 +52,12 @@ up: install
 down: install
 	$(CAIRN) down
 
+# Two workers (pytest-xdist); a test module runs whole on one worker, so its module-scoped fixtures
+# are built once. Every test starts its own servers on free ports and namespaces of its own tag, so
+# the workers share nothing. PYTEST_WORKERS=0 runs the suite in this process.
+PYTEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest --durations=25
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not k8s"

@@ -14,17 +14,20 @@ the `with` block. Needs root (CI and this machine's sessions run as root).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import os
 import secrets
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 NETWORK = ipaddress.ip_network("10.250.0.0/16")  # carved into one /24 per Hosts; never routed out
+SUBNET_LOCK = os.path.join(tempfile.gettempdir(), "cairn-hosts.lock")  # held while a Hosts claims a /24
 
 
 class HostsUnavailable(RuntimeError):
@@ -88,14 +91,18 @@ class Hosts:
         return iter(self.hosts)
 
     def _build(self) -> None:
-        try:
-            subnet = _free_subnet()
-        except FileNotFoundError as exc:
-            raise HostsUnavailable("no `ip` command (Debian's iproute2)") from exc
-        gateway = subnet.network_address + 1
-        self.gateway = str(gateway)
-        ip("link", "add", self.bridge, "type", "bridge")
-        ip("addr", "add", f"{gateway}/24", "dev", self.bridge)
+        # One Hosts at a time picks its /24 and claims it on its bridge: two test workers building at
+        # once would otherwise both see the same /24 free.
+        with open(SUBNET_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                subnet = _free_subnet()
+            except FileNotFoundError as exc:
+                raise HostsUnavailable("no `ip` command (Debian's iproute2)") from exc
+            gateway = subnet.network_address + 1
+            self.gateway = str(gateway)
+            ip("link", "add", self.bridge, "type", "bridge")
+            ip("addr", "add", f"{gateway}/24", "dev", self.bridge)
         ip("link", "set", self.bridge, "up")
         for i in range(self.count):
             name, link, inside = f"cairn-{self.tag}-{i}", f"cv{self.tag}{i}", f"cp{self.tag}{i}"
