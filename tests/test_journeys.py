@@ -385,6 +385,7 @@ USER_ERRORS = [
     (["submit", "{data}", "--target", "price", "--task", "poetry"], {}, 2, "unknown task"),
     (["up", "--bogus"], {}, 2, "No such option"),
     (["status"], {"CAIRN_MAX_DELIVER": "many"}, 2, "CAIRN_MAX_DELIVER"),
+    (["status"], {"CAIRN_ALLOWED_ROOTS": "/data"}, 2, "CAIRN_ALLOWED_ROOTS is not JSON"),
     (["audit", "verify", "--bundle", "/no/such/bundle"], {}, 2, "no such file"),
 ]
 

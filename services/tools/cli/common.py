@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -46,6 +47,7 @@ def settings(user: str | None = ADMIN) -> CairnSettings:
     """The settings, as `user` of the nats-server `cairn up` runs from this home when one does and
     no NATS URL or user is set: commands that only read pass READER; None for no NATS user."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     try:
         s = CairnSettings()
@@ -54,6 +56,13 @@ def settings(user: str | None = ADMIN) -> CairnSettings:
             f"CAIRN_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
         )
         raise CliError(f"invalid setting: {problems}", EXIT_USAGE) from None
+    except SettingsError as exc:  # a list or map setting that is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"CAIRN_{field.group(1).upper()}" if field else "a CAIRN_ setting"
+        raise CliError(
+            f"invalid setting: {name} is not JSON (lists are written as JSON, e.g. {name}='[\"/data\"]')",
+            EXIT_USAGE,
+        ) from None
     try:
         return s.with_home_credentials(user) if user else s
     except RuntimeError as exc:
