@@ -47,9 +47,13 @@ def stream_config(settings: CairnSettings) -> StreamConfig:
 
 async def provision(js: JetStreamContext, settings: CairnSettings) -> str:
     """Create the stream, or update it to the declared config; returns what was done."""
-    config = stream_config(settings)
+    return await create_or_update(js, stream_config(settings))
+
+
+async def create_or_update(js: JetStreamContext, config: StreamConfig) -> str:
+    """Add the stream `config` names, or update it to `config`; returns what was done."""
     try:
-        await js.stream_info(settings.stream)
+        await js.stream_info(config.name)
     except NotFoundError:
         await js.add_stream(config)
         return "created"
@@ -232,10 +236,4 @@ async def provision_record_stream(js: JetStreamContext, settings: CairnSettings)
         num_replicas=settings.stream_replicas,
         allow_direct=True,
     )
-    try:
-        await js.stream_info(config.name)
-    except NotFoundError:
-        await js.add_stream(config)
-        return "created"
-    await js.update_stream(config)
-    return "updated"
+    return await create_or_update(js, config)
