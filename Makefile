@@ -52,10 +52,11 @@ up: install
 down: install
 	$(CAIRN) down
 
-# Two workers (pytest-xdist); a test module runs whole on one worker, so its module-scoped fixtures
+# Three workers (pytest-xdist) on two cores: many tests wait on servers, partitions and restarts rather
+# than compute. A test module runs whole on one worker, so its module-scoped fixtures
 # are built once. Every test starts its own servers on free ports and namespaces of its own tag, so
 # the workers share nothing. PYTEST_WORKERS=0 runs the suite in this process.
-PYTEST_WORKERS ?= 2
+PYTEST_WORKERS ?= 3
 test: install
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 

@@ -29,6 +29,14 @@ from services.platform.settings import CairnSettings
 from services.tools.supervisor import free_port
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with slow tests first: `make test` hands whole modules to its workers in this order,
+    and a long module handed out last would run alone at the end. Stable, so every worker collects
+    the same order (pytest-xdist requires it)."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path):
     server = EmbeddedNats(tmp_path / "nats")
