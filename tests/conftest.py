@@ -29,14 +29,6 @@ from services.platform.settings import CairnSettings
 from services.tools.supervisor import free_port
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules with slow tests first: `make test` hands whole modules to its workers in this order,
-    and a long module handed out last would run alone at the end. Stable, so every worker collects
-    the same order (pytest-xdist requires it)."""
-    slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)
-
-
 @pytest.fixture
 def nats_server(tmp_path: Path):
     server = EmbeddedNats(tmp_path / "nats")
@@ -241,9 +233,12 @@ def postgresql_url(postgresql_server: PostgresServer) -> Iterator[str]:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def retention_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One `cairn up` on a fresh home for the cache and gc journeys (tests/test_cache.py, test_gc.py).
+
+    Per module: `make test`'s workers take whole modules, so the two modules rarely share a worker,
+    and a session-wide `cairn up` would idle on its worker until the very end.
 
     A gate margin no challenger can beat: a model's first run deploys, a different model after it
     ends at the gate, and the champion's own bytes are confirmed (so which run is champion is fixed)."""
