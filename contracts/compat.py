@@ -2,8 +2,9 @@
 
 The released contract is the last release's snapshot (``contracts/releases/<version>/``, judged in
 contracts/schemas.py). Comparing a model's schema with its released predecessor finds the changes
-that would break a reader of the log or a consumer not yet upgraded: a field removed, a required field added, a type narrowed (a type, enum
-value or null dropped, a bound tightened, a pattern changed, unknown fields no longer allowed).
+that would break a reader of the log or a consumer not yet upgraded: a field removed, a required
+field added, a type narrowed (a type, enum value or null dropped, a bound tightened, a pattern
+changed, unknown fields no longer allowed).
 Everything else (an optional field added, a type widened) is additive. docs/CONTRACTS.md has the
 rules and what to do instead of a breaking change.
 """
