@@ -179,13 +179,11 @@ class Client:
 
     async def history(self) -> list[tuple[int, str, bytes]]:
         """The whole log as (sequence, subject, raw bytes): the archive (what retention took out of
-        the stream, its chain and signatures checked), then the stream; ArchiveError on a gap."""
-        import asyncio
+        the stream, its chain and signatures checked), then the stream; ArchiveError on a gap.
+        The lineage service's audit reads the same history, so both go through one function."""
+        from services.lineage.audit import history_records
 
-        from services.lineage.archive import Archive, history, public_key
-
-        live = [(m.metadata.sequence.stream, m.subject, m.data) async for m in self.read_log()]
-        return await asyncio.to_thread(history, Archive.of(self.settings), live, public_key(self.settings))
+        return await history_records(self.js, self.settings)
 
     # The inference endpoint -----------------------------------------------------------------
     def endpoint(self, url: str | None = None) -> str:
