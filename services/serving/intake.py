@@ -1,5 +1,6 @@
-"""A request's way in, shared by every route: its body bounded, its JSON parsed, the model it names
-found, its rows checked; every refusal answered as JSON and counted."""
+"""A request's way in, shared by every route: its body bounded, its JSON parsed (on v2, with any
+binary tensors after it read in), the model it names found, its rows checked; every refusal
+answered as JSON and counted."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from starlette.responses import Response
 
 from services.platform.ml.transform import input_schema
 from services.platform.settings import CairnSettings
+from services.serving.binary_tensors import HEADER, BinaryProblem, split_body, with_binary_inputs
 from services.serving.champion import Champions, Served
 from services.serving.logic import RequestProblem, checked_rows, v2_rows, version_problem
 from services.serving.metrics import EndpointMetrics
@@ -112,10 +114,17 @@ class Intake:
         body = await self.read_body(request, name)
         if isinstance(body, Response):
             return body
+        header_length = request.headers.get(HEADER) if v2 else None
         try:
-            doc = self.parse_json(body)
+            head, tensors = split_body(body, header_length)
+            doc = self.parse_json(head)
+            if v2:  # binary tensors (Triton's extension) become the JSON data they stand for
+                doc = with_binary_inputs(doc, tensors)
+        except BinaryProblem as exc:
+            return self.error(name, 400, str(exc))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            return self.error(name, 400, "body is not JSON")
+            what = "body" if header_length is None else f"JSON header ({HEADER} bytes)"
+            return self.error(name, 400, f"{what} is not JSON")
         try:
             schema = input_schema(served.model.spec)
             rows = v2_rows(doc, schema) if v2 else checked_rows(doc, schema)

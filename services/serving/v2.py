@@ -1,5 +1,6 @@
 """The Open Inference Protocol v2 (/v2/...), as KServe, Triton and MLServer clients speak it:
-named tensors in, named tensors out (JSON); a path that names a version is answered by that one."""
+named tensors in, named tensors out, as JSON or as Triton's binary tensor data
+(services.serving.binary_tensors); a path that names a version is answered by that one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services.platform.ml.transform import input_schema
+from services.serving import binary_tensors
 from services.serving.champion import Served
 from services.serving.intake import Intake, json_response
 from services.serving.logic import features, v2_outputs, version_problem
@@ -22,7 +24,7 @@ class V2:
         self.intake = intake
 
     async def infer(self, request: Request) -> Response:
-        """Open Inference Protocol: named tensors in, named tensors out (JSON)."""
+        """Open Inference Protocol: named tensors in, named tensors out (JSON or binary)."""
         return await self.intake.admitted(request, self._infer)
 
     async def _infer(self, request: Request, served: Served) -> Response:
@@ -36,18 +38,21 @@ class V2:
             return intake.error(name, 422, "no rows")
         out = await served.batcher(features(served.model.spec, rows))
         outputs = v2_outputs(served.task, served.model.spec["classes"], out)
-        wanted = {o.get("name") for o in doc.get("outputs") or [] if isinstance(o, dict)}
+        wanted = {o.get("name") for o in binary_tensors.requested_outputs(doc)}
         if wanted:
             outputs = [o for o in outputs if o["name"] in wanted]
         intake.metrics.latency.labels(name).observe(time.perf_counter() - start)
         intake.metrics.requests.labels(name, "200").inc()
         request_id = str(doc.get("id") or request.headers.get("x-request-id") or uuid.uuid4().hex)
         intake.recorder.record(served, "infer", body, len(rows), outputs, start, request_id)
-        return json_response(
-            {"model_name": name, "model_version": str(served.version), "id": request_id, "outputs": outputs,
-             "parameters": {"sha256": served.model.ref.sha256}},
-            headers=intake.worker,
-        )
+        answer = {"model_name": name, "model_version": str(served.version), "id": request_id,
+                  "outputs": outputs, "parameters": {"sha256": served.model.ref.sha256}}
+        binary = binary_tensors.binary_outputs(doc, [o["name"] for o in outputs])
+        if not binary:
+            return json_response(answer, headers=intake.worker)
+        content, header_length = binary_tensors.response_body(answer, binary)
+        headers = {**intake.worker, binary_tensors.HEADER: str(header_length)}
+        return Response(content, headers=headers, media_type=binary_tensors.MEDIA_TYPE)
 
     async def live(self, _: Request) -> Response:
         return json_response({"live": True})
@@ -57,7 +62,7 @@ class V2:
         return json_response({"ready": ok}, 200 if ok else 503)
 
     async def server(self, _: Request) -> Response:
-        return json_response({"name": "cairn", "version": "1", "extensions": []})
+        return json_response({"name": "cairn", "version": "1", "extensions": ["binary_tensor_data"]})
 
     async def model(self, request: Request) -> Response:
         """Model metadata: the input tensors are the model's columns, in the order a 2-D tensor uses."""
