@@ -371,6 +371,8 @@ INCONSISTENT = {
         }
     },
     "an external server needs nats.tls.clientSecretName": {
+    "grpc port out of range": {"inference": {"grpc": {"port": 70000}}},
+    "grpc probes as text": {"inference": {"grpc": {"probes": "yes"}}},
         "nats": {
             "internal": {"enabled": False},
             "external": {"url": "tls://nats:4222"},
@@ -434,6 +436,9 @@ def test_retention_reaches_only_the_lineage_service_with_its_signing_key() -> No
 
 
 @pytest.mark.parametrize(("reason", "values"), list(INCONSISTENT.items()), ids=list(INCONSISTENT))
+    "inference.grpc.probes needs inference.grpc.enabled": {
+        "inference": {"grpc": {"enabled": False, "probes": True}}
+    },
 def test_validate_values_fails_with_the_reason(reason: str, values: dict[str, Any]) -> None:
     with pytest.raises(helm.HelmRenderError) as failure:
         render(values)
@@ -548,6 +553,44 @@ def test_inference_scales_on_its_request_rate_through_an_hpa_or_keda() -> None:
     keda_objs = objects(render({"inference": {"autoscaling": keda}}))
     validate_all(keda_objs)
     assert not find(keda_objs, "HorizontalPodAutoscaler", f"{RELEASE}-inference")
+def test_inference_serves_grpc_on_its_own_port_and_probes_through_grpc_health_on_request(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    """The Open Inference Protocol's gRPC port: the container's, its setting, the Service's and the
+    NetworkPolicy's; Kubernetes' `grpc:` probes (grpc.health.v1) when asked; none of it when off."""
+    (container,) = pod_spec(one(default_objects, "Deployment", f"{RELEASE}-inference"))["containers"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8080, "grpc": 8081}
+    assert env_of(container)["CAIRN_SERVE_GRPC_PORT"] == "8081"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"  # HTTP probes unless asked
+    ports = one(default_objects, "Service", f"{RELEASE}-inference")["spec"]["ports"]
+    assert ports[1] == {
+        "name": "grpc",
+        "port": 8081,
+        "targetPort": "grpc",
+        "protocol": "TCP",
+        "appProtocol": "kubernetes.io/h2c",
+    }
+    policy = one(default_objects, "NetworkPolicy", f"{RELEASE}-inference")["spec"]
+    assert {"port": 8081, "protocol": "TCP"} in policy["ingress"][0]["ports"]
+
+    objs = objects(render({"inference": {"grpc": {"port": 9001, "servicePort": 443, "probes": True}}}))
+    validate_all(objs)  # a grpc probe of the shape the Kubernetes schema takes
+    (container,) = pod_spec(one(objs, "Deployment", f"{RELEASE}-inference"))["containers"]
+    for probe in ("startupProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {"port": 9001, "service": "liveness"}, probe
+        assert "httpGet" not in container[probe]
+    assert container["readinessProbe"]["grpc"] == {"port": 9001}  # service "": ready, as /readyz
+    assert env_of(container)["CAIRN_SERVE_GRPC_PORT"] == "9001"
+    service = one(objs, "Service", f"{RELEASE}-inference")["spec"]["ports"][1]
+    assert (service["port"], service["targetPort"]) == (443, "grpc")
+
+    objs = objects(render({"inference": {"grpc": {"enabled": False}}}))
+    (container,) = pod_spec(one(objs, "Deployment", f"{RELEASE}-inference"))["containers"]
+    assert [p["name"] for p in container["ports"]] == ["http"]
+    assert "CAIRN_SERVE_GRPC_PORT" not in env_of(container)
+    assert [p["name"] for p in one(objs, "Service", f"{RELEASE}-inference")["spec"]["ports"]] == ["http"]
+
+
     scaled = one(keda_objs, "ScaledObject", f"{RELEASE}-inference")["spec"]
     rate, p99 = (t["metadata"] for t in scaled["triggers"])
     assert rate["threshold"] == "300" and "rate(cairn_inference_requests_total{namespace=" in rate["query"]
@@ -1376,7 +1419,9 @@ def test_network_policies(
         }
     ]
     inference = one(default_objects, "NetworkPolicy", f"{RELEASE}-inference")["spec"]
-    assert inference["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}]}]  # open by default
+    assert inference["ingress"] == [  # open by default: HTTP and gRPC
+        {"ports": [{"port": 8080, "protocol": "TCP"}, {"port": 8081, "protocol": "TCP"}]}
+    ]
     restricted = one(everything_objects, "NetworkPolicy", f"{RELEASE}-inference")["spec"]["ingress"][0]
     assert (
         restricted["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == "ingress"

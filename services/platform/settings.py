@@ -145,6 +145,11 @@ class CairnSettings(BaseSettings):
     )
     serve_host: str = Field("127.0.0.1", description="Inference endpoint bind address.")
     serve_port: int = Field(8080, ge=0, description="Inference endpoint port.")
+    serve_grpc_port: int = Field(
+        0, ge=0, le=65535,
+        description="Port of the endpoint's gRPC services (Open Inference Protocol, grpc.health.v1) on "
+        "CAIRN_SERVE_HOST beside the HTTP port; 0: no gRPC.",
+    )
     max_request_bytes: int = Field(1024 * 1024, gt=0, description="Largest inference request.")
     serve_workers: int = Field(1, ge=0, description="Endpoint worker processes; 0: one per CPU.")
     serve_batch_wait_ms: float = Field(

@@ -4,8 +4,10 @@ This module assembles it: the champions (services.serving.champion) kept current
 deployment watch (services.serving.watch), and the routes that answer from them: cairn's own
 (/v1/models..., services.serving.v1), text generation (services.serving.generate), and the Open
 Inference Protocol v2 (/v2/..., services.serving.v2) that KServe, Triton and MLServer clients
-speak. Several worker processes (CAIRN_SERVE_WORKERS) each run one InferenceServer with its own
-deployment watch, so each swaps by itself.
+speak, and the same protocol over gRPC on CAIRN_SERVE_GRPC_PORT (services.serving.grpc_server), on
+this event loop so that it answers from these champions. Several worker processes
+(CAIRN_SERVE_WORKERS) each run one InferenceServer with its own deployment watch, so each swaps by
+itself.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from services.platform.ml.families import import_tree_library
 from services.platform.settings import CairnSettings
 from services.serving.champion import Champions
 from services.serving.generate import Generation
+from services.serving.grpc_server import grpc_endpoint
 from services.serving.intake import Intake
 from services.serving.metrics import EndpointMetrics
 from services.serving.records import RequestRecorder
@@ -48,6 +51,8 @@ class InferenceServer:
         self.intake = Intake(settings, self.champions, self.metrics, self.recorder, worker)
         self._watch: asyncio.Task[Any] | None = None
         self.watching = asyncio.Event()
+        self._grpc = contextlib.AsyncExitStack()  # the gRPC server, when CAIRN_SERVE_GRPC_PORT is set
+        self.grpc_port: int | None = None  # the port it bound
 
     async def startup(self) -> None:
         champions = self.champions
@@ -65,8 +70,14 @@ class InferenceServer:
         await asyncio.to_thread(import_tree_library)
         await champions.load_champions()
         champions.loaded.set()
+        if port := self.settings.serve_grpc_port:  # several workers share the port, as HTTP's
+            shared = self.settings.serve_workers != 1
+            endpoint = grpc_endpoint(self.intake, self.settings.serve_host, port, shared)
+            self.grpc_port = await self._grpc.enter_async_context(endpoint)
+            log.info("Open Inference Protocol over gRPC on %s:%d", self.settings.serve_host, self.grpc_port)
 
     async def shutdown(self) -> None:
+        await self._grpc.aclose()  # in-flight calls finish (STOP_GRACE_S) before the batchers close
         if self._watch:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -3,13 +3,15 @@
 Several workers: uvicorn binds the port once and starts each worker with the app factory
 (`services.serving.app:create_app`); each loads the champions and watches deployments by
 itself. Their metrics go to prometheus_client's multiprocess files so /metrics, whichever worker
-answers, counts every worker's requests.
+answers, counts every worker's requests. With CAIRN_SERVE_GRPC_PORT, every worker serves gRPC
+on that one port too (SO_REUSEPORT), on the bind address given here.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 
 from services.platform.settings import CairnSettings
@@ -30,9 +32,26 @@ def uvicorn_options() -> dict:
     return {"loop": "uvloop", "http": "httptools"} if fast else {}
 
 
+def check_grpc_port(host: str, port: int) -> None:
+    """Refuse to start when the gRPC port is taken: a worker that cannot bind it fails its start,
+    and uvicorn would start it again and again."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise RuntimeError(
+                f"port {port} on {host} is in use or not ours ({exc.strerror}): set CAIRN_SERVE_GRPC_PORT to "
+                "a free port, or 0 for no gRPC"
+            ) from None
+
+
 def run_endpoint(settings: CairnSettings, host: str, port: int) -> None:
     import uvicorn
 
+    settings = settings.model_copy(update={"serve_host": host})  # gRPC binds where HTTP does
+    if settings.serve_grpc_port:
+        check_grpc_port(host, settings.serve_grpc_port)
     workers = worker_count(settings)
     common = {"host": host, "port": port, "log_level": "warning", "limit_concurrency": 256 * workers,
               "access_log": False, **uvicorn_options()}

@@ -240,3 +240,20 @@ def present(task: str, classes: list[Any], out: np.ndarray) -> list[Any]:
          "probabilities": dict(zip(classes, row, strict=True))}
         for row in out.astype(float).tolist()
     ]
+
+
+TENSOR_TYPES = {"numeric": "FP64", "boolean": "BOOL", "categorical": "BYTES"}  # a column kind's v2 datatype
+
+
+def model_tensors(task: str, schema: dict[str, str], classes: list[Any]) -> tuple[list[dict], list[dict]]:
+    """A model's v2 metadata tensors (inputs, outputs): one input per column, in the order a 2-D
+    tensor uses; `predict`, and `probabilities` for classifiers (as v2_outputs answers)."""
+    if task == "text_generation":
+        return ([{"name": "prompt", "datatype": "BYTES", "shape": [1]}],
+                [{"name": "text", "datatype": "BYTES", "shape": [1]}])
+    inputs = [{"name": c, "datatype": TENSOR_TYPES.get(k, "FP64"), "shape": [-1]} for c, k in schema.items()]
+    if task != "classification":
+        return inputs, [{"name": "predict", "datatype": "FP64", "shape": [-1]}]
+    kind = "BYTES" if any(isinstance(c, str) for c in classes) else "FP64"
+    return inputs, [{"name": "predict", "datatype": kind, "shape": [-1]},
+                    {"name": "probabilities", "datatype": "FP64", "shape": [-1, len(classes)]}]
