@@ -350,6 +350,8 @@ BAD_VALUES = {
     "partial autoscaling override of a wrong type": {
         "services": {"tuning": {"autoscaling": {"type": "vpa"}}}
     },
+    "grpc port out of range": {"inference": {"grpc": {"port": 70000}}},
+    "grpc probes as text": {"inference": {"grpc": {"probes": "yes"}}},
 }
 
 
@@ -371,8 +373,6 @@ INCONSISTENT = {
         }
     },
     "an external server needs nats.tls.clientSecretName": {
-    "grpc port out of range": {"inference": {"grpc": {"port": 70000}}},
-    "grpc probes as text": {"inference": {"grpc": {"probes": "yes"}}},
         "nats": {
             "internal": {"enabled": False},
             "external": {"url": "tls://nats:4222"},
@@ -415,6 +415,9 @@ INCONSISTENT = {
     },
     "regenerate it for the new stream": {"config": {"stream": "OTHER"}},
     "lineage.retention: a retention limit needs": {"lineage": {"retention": {"maxBytes": 1000000}}},
+    "inference.grpc.probes needs inference.grpc.enabled": {
+        "inference": {"grpc": {"enabled": False, "probes": True}}
+    },
 }
 
 
@@ -436,9 +439,6 @@ def test_retention_reaches_only_the_lineage_service_with_its_signing_key() -> No
 
 
 @pytest.mark.parametrize(("reason", "values"), list(INCONSISTENT.items()), ids=list(INCONSISTENT))
-    "inference.grpc.probes needs inference.grpc.enabled": {
-        "inference": {"grpc": {"enabled": False, "probes": True}}
-    },
 def test_validate_values_fails_with_the_reason(reason: str, values: dict[str, Any]) -> None:
     with pytest.raises(helm.HelmRenderError) as failure:
         render(values)
@@ -532,27 +532,6 @@ def test_each_service_is_its_own_deployment_with_its_own_replicas() -> None:
     assert service["spec"]["ports"][0]["targetPort"] == "http"
 
 
-def test_inference_scales_on_its_request_rate_through_an_hpa_or_keda() -> None:
-    """type requests: an HPA on the Pods metric prometheus-adapter serves (docs/KUBERNETES.md);
-    type keda: KEDA's Prometheus scaler on the rate and the p99 of the endpoint's own metrics."""
-    on = {"enabled": True, "requests": {"targetPerPod": 300}}
-    hpa_objs = objects(render({"inference": {"autoscaling": {**on, "type": "requests"}}}))
-    validate_all(hpa_objs)
-    hpa = one(hpa_objs, "HorizontalPodAutoscaler", f"{RELEASE}-inference")["spec"]
-    assert hpa["metrics"] == [
-        {
-            "type": "Pods",
-            "pods": {
-                "metric": {"name": "cairn_inference_requests_per_second"},
-                "target": {"type": "AverageValue", "averageValue": "300"},
-            },
-        }
-    ]
-    assert "replicas" not in one(hpa_objs, "Deployment", f"{RELEASE}-inference")["spec"]
-    keda = {**on, "type": "keda", "keda": {"prometheusUrl": "http://prometheus:9090", "p99Seconds": "0.01"}}
-    keda_objs = objects(render({"inference": {"autoscaling": keda}}))
-    validate_all(keda_objs)
-    assert not find(keda_objs, "HorizontalPodAutoscaler", f"{RELEASE}-inference")
 def test_inference_serves_grpc_on_its_own_port_and_probes_through_grpc_health_on_request(
     default_objects: list[dict[str, Any]],
 ) -> None:
@@ -591,6 +570,27 @@ def test_inference_serves_grpc_on_its_own_port_and_probes_through_grpc_health_on
     assert [p["name"] for p in one(objs, "Service", f"{RELEASE}-inference")["spec"]["ports"]] == ["http"]
 
 
+def test_inference_scales_on_its_request_rate_through_an_hpa_or_keda() -> None:
+    """type requests: an HPA on the Pods metric prometheus-adapter serves (docs/KUBERNETES.md);
+    type keda: KEDA's Prometheus scaler on the rate and the p99 of the endpoint's own metrics."""
+    on = {"enabled": True, "requests": {"targetPerPod": 300}}
+    hpa_objs = objects(render({"inference": {"autoscaling": {**on, "type": "requests"}}}))
+    validate_all(hpa_objs)
+    hpa = one(hpa_objs, "HorizontalPodAutoscaler", f"{RELEASE}-inference")["spec"]
+    assert hpa["metrics"] == [
+        {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": "cairn_inference_requests_per_second"},
+                "target": {"type": "AverageValue", "averageValue": "300"},
+            },
+        }
+    ]
+    assert "replicas" not in one(hpa_objs, "Deployment", f"{RELEASE}-inference")["spec"]
+    keda = {**on, "type": "keda", "keda": {"prometheusUrl": "http://prometheus:9090", "p99Seconds": "0.01"}}
+    keda_objs = objects(render({"inference": {"autoscaling": keda}}))
+    validate_all(keda_objs)
+    assert not find(keda_objs, "HorizontalPodAutoscaler", f"{RELEASE}-inference")
     scaled = one(keda_objs, "ScaledObject", f"{RELEASE}-inference")["spec"]
     rate, p99 = (t["metadata"] for t in scaled["triggers"])
     assert rate["threshold"] == "300" and "rate(cairn_inference_requests_total{namespace=" in rate["query"]
