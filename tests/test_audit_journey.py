@@ -252,10 +252,48 @@ def test_the_auditors_page_in_a_real_browser(history: dict, tmp_path_factory: py
                 assert step in labels, labels
             assert page.locator("svg#graph path.edge").count() >= nodes.count() - 1
             page.screenshot(path=str(shots / "run-graph.png"), full_page=True)
+
+            # The model page: every champion's holdout metrics as `cairn audit at` gives them, the
+            # failed gate marked at the challenger's, each mark linking to its run.
+            page.goto(f"{page_url}/model/{MODEL}")
+            chart = page.locator(f'svg.model[data-model="{MODEL}"]')
+            metric = chart.get_attribute("data-metric")
+            panel = chart.locator(f'g.panel[data-metric="{metric}"]')
+            champions = panel.locator("g.point.champion")
+            assert champions.count() == len(h["deployed"])
+            for i, deployed in enumerate(h["deployed"]):
+                answer = at(h, ms(deployed["time"]))
+                mark = champions.nth(i)
+                assert mark.get_attribute("data-version") == str(answer["version"])
+                assert float(mark.get_attribute("data-value")) == answer["gate"]["metrics"][metric]
+                assert mark.locator("xpath=..").get_attribute("href") == f"/run/{answer['correlation']}"
+            refused = [e for e in h["evaluated"] if not e["data"]["passed"]]
+            gates = panel.locator("g.point.gatefail")
+            assert gates.count() == len(refused)
+            assert float(gates.nth(0).get_attribute("data-value")) == refused[0]["data"]["metrics"][metric]
+            assert gates.nth(0).get_attribute("data-run") == refused[0]["correlationid"]
+            page.screenshot(path=str(shots / "model-page.png"), full_page=True)
+
+            # A study page per run: one mark per trial result the log holds for it; a study the step
+            # cache served says so and links to the run whose trials it reused.
+            listing = cairn("events", "--json", env=h["env"], cwd=h["root"])
+            logged = [json.loads(line) for line in listing.stdout.splitlines() if line.startswith("{")]
+            for run in h["runs"]:
+                page.goto(f"{page_url}/study/{run}")
+                mine = [e for e in logged if e["correlationid"] == run]
+                results = [e for e in mine if e["type"] == "cairn.trial.completed.v1"]
+                assert page.locator("svg.study g.trial").count() == len(results)
+                end = next(e for e in mine if e["type"] == "cairn.tuning.completed.v1")
+                assert page.locator("#leaderboard tr.entry").count() == len(end["data"]["leaderboard"])
+                origin = next((e for e in logged if e["id"] == end.get("cachedfrom")), None)
+                cached = page.locator("#cached a")
+                assert cached.count() == (1 if origin else 0)
+                if origin:
+                    assert cached.get_attribute("href") == f"/study/{origin['correlationid']}"
             browser.close()
-        for name in ("auditor-view.png", "run-graph.png"):
+        for name in ("auditor-view.png", "run-graph.png", "model-page.png"):
             assert (shots / name).stat().st_size > 10_000
-        print(f"screenshots: {shots}/auditor-view.png {shots}/run-graph.png")
+        print(f"screenshots: {shots}/auditor-view.png {shots}/run-graph.png {shots}/model-page.png")
     finally:
         ui.terminate()
         ui.wait(10)

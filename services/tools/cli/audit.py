@@ -277,11 +277,33 @@ def ui(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8090,
     host: Annotated[str, typer.Option(help="Address to bind (default: this machine only).")] = "127.0.0.1",
 ) -> None:
-    """The auditor's view, read-only: runs, a run's lineage graph, champion timelines, chain status."""
+    """The auditor's view, read-only: runs, lineage graphs, champion timelines, chain status, each
+    run's study, each model's holdout metrics, and a live page of consumer lag and trials in flight."""
     import uvicorn
 
     from services.lineage.web import app as web_app
 
     s = settings()
     typer.echo(f"cairn ui on http://{host}:{port}/ (read-only, store {s.lineage_url})", err=True)
-    uvicorn.run(web_app(s.lineage_url), host=host, port=port, log_level="warning")
+    uvicorn.run(web_app(s.lineage_url, _consumer_lags()), host=host, port=port, log_level="warning")
+
+
+def _consumer_lags():
+    """Each consumer's lag as `cairn status` reads it, as the reader user, on a connection per call
+    (the live page asks every few seconds); the consumers' names are found once."""
+    from services.tools.cli.common import READER, connect_nats
+    from services.tools.cli.system import consumer_lags, consumer_names
+
+    names: list[tuple[str, str]] = []
+
+    async def lags():
+        reader = settings(READER)
+        if not names:
+            names.extend(await asyncio.to_thread(consumer_names, reader))
+        nc = await connect_nats(reader, "ui")
+        try:
+            return await consumer_lags(nc.jetstream(), reader.stream, names)
+        finally:
+            await nc.close()
+
+    return lags

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -170,12 +171,50 @@ def down() -> None:
     typer.echo("stopped: " + (", ".join(stopped + result.stopped) or "nothing was running"))
 
 
+@dataclass(frozen=True)
+class ConsumerLag:
+    """A service's durable consumer as `cairn status` reports it; `cairn ui`'s live page draws it."""
+
+    service: str
+    durable: str
+    state: str  # live, IDLE-NO-PULLERS (bound by nobody pulling) or MISSING
+    pending: int = 0  # not delivered yet: the lag
+    ack_pending: int = 0  # delivered, not acknowledged yet: in flight
+    redelivered: int = 0
+
+
+def consumer_names(s: CairnSettings) -> list[tuple[str, str]]:
+    """(service, durable) for every consumer the services bind."""
+    from services.tools.catalog import SERVICES, durables
+
+    return [(name, durable) for name in SERVICES for durable in durables(name, s)]
+
+
+async def consumer_lags(js: Any, stream: str, names: list[tuple[str, str]]) -> list[ConsumerLag]:
+    """Each consumer's lag from the server: live when someone pulls or holds a message."""
+    from nats.js.errors import NotFoundError
+
+    out = []
+    for name, durable in names:
+        try:
+            info = await js.consumer_info(stream, durable)
+        except NotFoundError:
+            out.append(ConsumerLag(name, durable, "MISSING"))
+            continue
+        live = (info.num_waiting or 0) > 0 or (info.num_ack_pending or 0) > 0
+        out.append(
+            ConsumerLag(
+                name, durable, "live" if live else "IDLE-NO-PULLERS",
+                info.num_pending or 0, info.num_ack_pending or 0, info.num_redelivered or 0,
+            )
+        )  # fmt: skip
+    return out
+
+
 @app.command()
 def status() -> None:
     """The NATS cluster (servers, the stream's leader, replicas current or lagging) and each service's
     consumers: bound, live, pending (lag). Exit 0 only when all are live and every replica current."""
-    from services.tools.catalog import SERVICES, durables
-
     s = settings(READER)
 
     async def go() -> bool:
@@ -193,21 +232,15 @@ def status() -> None:
             for line in lines:
                 typer.echo(line)
             all_live &= healthy
-            for name in SERVICES:
-                for durable in durables(name, s):
-                    try:
-                        info = await js.consumer_info(s.stream, durable)
-                    except NotFoundError:
-                        typer.echo(f"{name:<11} {durable:<34} MISSING")
-                        all_live = False
-                        continue
-                    live = (info.num_waiting or 0) > 0 or (info.num_ack_pending or 0) > 0
-                    all_live &= live
-                    typer.echo(
-                        f"{name:<11} {durable:<34} {'live' if live else 'IDLE-NO-PULLERS':<16} "
-                        f"pending={info.num_pending} in-flight={info.num_ack_pending} "
-                        f"redelivered={info.num_redelivered}"
-                    )
+            for lag in await consumer_lags(js, s.stream, consumer_names(s)):
+                all_live &= lag.state == "live"
+                if lag.state == "MISSING":
+                    typer.echo(f"{lag.service:<11} {lag.durable:<34} MISSING")
+                    continue
+                typer.echo(
+                    f"{lag.service:<11} {lag.durable:<34} {lag.state:<16} pending={lag.pending} "
+                    f"in-flight={lag.ack_pending} redelivered={lag.redelivered}"
+                )
         finally:
             await nc.close()
         return all_live
