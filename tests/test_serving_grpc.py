@@ -156,6 +156,20 @@ def test_tensors_read_alike_from_contents_and_raw_bytes_and_answer_back_as_they_
         request_doc(typed)
 
 
+def test_a_taken_grpc_port_stops_the_start_naming_the_setting():
+    """Before any worker starts: a worker that cannot bind would be restarted by uvicorn forever."""
+    import socket
+
+    from services.serving.launch import check_grpc_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"port {port} on 127.0.0.1 is in use.*CAIRN_SERVE_GRPC_PORT"):
+            check_grpc_port("127.0.0.1", port)
+
+
 # One endpoint -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 async def served(tmp_path_factory):
@@ -333,6 +347,15 @@ async def test_tritonclient_grpc_gets_the_http_predictions_status_codes_metrics_
     assert await asyncio.to_thread(health, b"inference.GRPCInferenceService") == b"\x08\x01"
     assert await asyncio.to_thread(health, b"liveness") == b"\x08\x01"
     assert await asyncio.to_thread(health, b"nope") == "NOT_FOUND"
+
+    def watch_first() -> bytes:
+        with grpc.insecure_channel(address) as channel:
+            stream = channel.unary_stream("/grpc.health.v1.Health/Watch")(b"", timeout=10)
+            first = next(stream)
+            stream.cancel()
+            return first
+
+    assert await asyncio.to_thread(watch_first) == b"\x08\x01"
 
     # Both workers serve the one gRPC port: fresh connections land on either.
     def worker() -> str:
