@@ -11,15 +11,18 @@ install: $(VENV)/.installed system-deps
 # Debian's chromium (the auditor's page is tested in a real browser through Playwright, which
 # uses this system browser and downloads none), wrk (load for bench/serve.py) and postgresql
 # (pg_ctl: the tests start a private PostgreSQL server for the production stores) and iproute2
-# (`ip netns`: network namespaces as hosts, harness/hosts.py; root only). Under CI=true a test that
-# finds one missing fails instead of skipping (tests/conftest.py).
-SYSTEM_PACKAGES := chromium wrk postgresql iproute2
+# (`ip netns`: network namespaces as hosts, harness/hosts.py; root only) and prometheus (promtool
+# tests the alert rules, and the tests run their own Prometheus: tests/test_alerts.py,
+# tests/test_prometheus.py; where systemd runs, the package also starts one on :9090). Under CI=true
+# a test that finds one missing fails instead of skipping (tests/conftest.py).
+SYSTEM_PACKAGES := chromium wrk postgresql iproute2 prometheus
 system-deps:
 	@command -v chromium >/dev/null && command -v wrk >/dev/null && command -v ip >/dev/null \
+	  && command -v prometheus >/dev/null && command -v promtool >/dev/null \
 	  && { command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; } || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null || { apt-get update -q && apt-get install -y -q $(SYSTEM_PACKAGES); }; \
-	  else echo "install Debian's $(SYSTEM_PACKAGES) (sudo apt-get install $(SYSTEM_PACKAGES)) for the browser, PostgreSQL and load tests"; fi; }
+	  else echo "install Debian's $(SYSTEM_PACKAGES) (sudo apt-get install $(SYSTEM_PACKAGES)) for the browser, PostgreSQL, load and alert tests"; fi; }
 
 # Exactly the locked versions, each file checked against its hash; then cairn itself, without
 # resolving anything. docs/DEPENDENCIES.md says how the lock is made and how to upgrade.

@@ -66,7 +66,10 @@ EVERYTHING: dict[str, Any] = {
         "tuning": {"env": [{"name": "CAIRN_TRIAL_CONCURRENCY", "value": "8"}], "podAnnotations": {"a": "b"}},
     },
     "inference": {"autoscaling": {"enabled": True}, "podLabels": {"tier": "serving"}},
-    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "metrics": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+        "prometheusRule": {"crdsInstalled": True, "labels": {"release": "prom"}},
+    },
     "imagePullSecrets": [{"name": "regcred"}],
     "config": {
         "extraEnvFrom": [{"secretRef": {"name": "s3"}}],
@@ -233,6 +236,23 @@ def check_service_monitor(obj: dict[str, Any]) -> None:
         assert set(endpoint) == {"port", "path", "interval"} and endpoint["path"] == "/metrics"
 
 
+PROMETHEUS_RULE_KEYS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
+
+
+def check_prometheus_rule(obj: dict[str, Any]) -> None:
+    """monitoring.coreos.com/v1 PrometheusRule: named groups of rules, each one alert or one recording
+    with a PromQL expression (promtool checks the expressions: tests/test_alerts.py)."""
+    assert set(obj["spec"]) == {"groups"} and obj["spec"]["groups"]
+    for group in obj["spec"]["groups"]:
+        assert set(group) <= {"name", "interval", "rules", "limit"} and group["name"] and group["rules"]
+        for rule in group["rules"]:
+            assert set(rule) <= PROMETHEUS_RULE_KEYS and ("alert" in rule) != ("record" in rule), rule
+            assert isinstance(rule["expr"], str) and rule["expr"], rule
+            assert isinstance(rule.get("for", "0s"), str) and rule.get("for", "0s")[-1] in "smhdwy", rule
+            for key in ("labels", "annotations"):
+                assert all(isinstance(v, str) for v in rule.get(key, {}).values()), rule
+
+
 CERT_MANAGER_USAGES = {"digital signature", "key encipherment", "server auth", "client auth"}
 
 
@@ -266,6 +286,7 @@ CRD_CHECKS = {
     ("kubernetes.dask.org/v1", "DaskAutoscaler"): check_dask_autoscaler,
     ("keda.sh/v1alpha1", "ScaledObject"): check_scaled_object,
     ("monitoring.coreos.com/v1", "ServiceMonitor"): check_service_monitor,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): check_prometheus_rule,
 }
 
 

@@ -143,6 +143,9 @@ def evaluate(challenger: Challenger, tracker: Tracker, settings: Any) -> ModelEv
     )
 
 
+GATE_OUTCOMES = ("passed", "failed")  # cairn_gate_decisions_total's outcome label
+
+
 class Evaluation(Service[Tracker]):
     name = "evaluation"
 
@@ -171,4 +174,9 @@ class Evaluation(Service[Tracker]):
 
     async def _decide(self, challenger: Challenger, cause: Envelope[Any]) -> list[Envelope[Any]]:
         result = await asyncio.to_thread(evaluate, challenger, self.context, self.settings)
-        return [new_event(result, source=self.source, cause=cause, subject=result.context.model_name)]
+        model = result.context.model_name
+        for outcome in GATE_OUTCOMES:  # both series exist from a model's first decision on
+            self.metrics.gate_decisions.labels(self.name, model, outcome)
+        outcome = "passed" if result.passed else "failed"
+        self.metrics.gate_decisions.labels(self.name, model, outcome).inc()
+        return [new_event(result, source=self.source, cause=cause, subject=model)]

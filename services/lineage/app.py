@@ -140,7 +140,7 @@ class Lineage(Service[LineageContext]):
         writer = ChainWriter(self.settings, self.store, self.sink, stopping, self.metrics, self.name, SUBJECT)
         self._task = asyncio.create_task(self._follow(writer), name="lineage-follow")
         if self.settings.retention_max_age_s or self.settings.retention_max_bytes:
-            archiving = keep_archiving(js, self.settings, self.store, self._stopping)
+            archiving = keep_archiving(js, self.settings, self.store, self._stopping, self.metrics)
             self._archiver = asyncio.create_task(archiving, name="lineage-archive")
 
     async def detach(self) -> None:

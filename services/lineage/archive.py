@@ -311,6 +311,7 @@ class Trim:
     archived: int  # records written to new segments
     first_kept: int  # the stream's first sequence afterwards
     held_by: str | None = None  # why retention stopped short of its cutoff, if it did
+    overdue: int = 0  # records retention sends out that the stream still holds (held back)
 
 
 async def consumers_floor(js: object, stream: str) -> tuple[int, str | None]:
@@ -342,6 +343,7 @@ async def archive_and_trim(
         stream_bytes=info.state.bytes,
         max_bytes=settings.retention_max_bytes,
     )
+    wanted = cutoff
     floor, who = await consumers_floor(js, settings.stream)
     held_by = None
     if floor and cutoff >= floor:
@@ -360,7 +362,8 @@ async def archive_and_trim(
         # Purge keeps every message at or above `seq`: what is gone from the stream is archived.
         await js.purge_stream(settings.stream, seq=cutoff + 1)  # type: ignore[attr-defined]
         log.info("retention: archived up to %d, the stream now starts at %d", cutoff, cutoff + 1)
-    return Trim(written, max(first, cutoff + 1), held_by)
+    first_kept = max(first, cutoff + 1)
+    return Trim(written, first_kept, held_by, overdue=max(0, wanted - first_kept + 1))
 
 
 def history(

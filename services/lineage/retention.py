@@ -10,15 +10,23 @@ from typing import Any
 from services.lineage.archive import Archive, archive_and_trim, signing_key
 from services.lineage.stopping import pause
 from services.lineage.store import LineageStore
+from services.platform.bus.metrics import ServiceMetrics
 from services.platform.settings import CairnSettings
 
 log = logging.getLogger(__name__)
 
 
 async def keep_archiving(
-    js: Any, settings: CairnSettings, store: LineageStore, stopping: asyncio.Event
+    js: Any, settings: CairnSettings, store: LineageStore, stopping: asyncio.Event, metrics: ServiceMetrics
 ) -> None:
-    """Every CAIRN_ARCHIVE_INTERVAL_S: archive what retention sends out, then trim the stream."""
+    """Every CAIRN_ARCHIVE_INTERVAL_S: archive what retention sends out, then trim the stream.
+
+    Its gauges say how far the stream is behind its limits and when a pass last succeeded (the
+    start counts as one, so an archiver that never succeeds is seen too)."""
+    overdue = metrics.archive_overdue.labels(metrics.service)
+    succeeded = metrics.archive_success.labels(metrics.service)
+    overdue.set(0)
+    succeeded.set_to_current_time()
     archive = Archive.of(settings)
     key = await asyncio.to_thread(signing_key, settings)
     while not stopping.is_set():
@@ -27,10 +35,13 @@ async def keep_archiving(
             return
         try:
             trim = await archive_and_trim(js, settings, store, archive, key)
-            if trim.held_by:
-                log.info("retention held back: %s", trim.held_by)
         except Exception:  # noqa: BLE001 - the stream keeps everything until the next try
             log.exception("archiving failed; the stream keeps its events")
+            continue
+        if trim.held_by:
+            log.info("retention held back: %s", trim.held_by)
+        overdue.set(trim.overdue)
+        succeeded.set_to_current_time()
 
 
 async def from_archive(head: int, js: Any, settings: CairnSettings, store: LineageStore) -> int:

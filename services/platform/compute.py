@@ -82,6 +82,15 @@ class Compute:
 LIVE = ("running", "connecting", "newly-created")
 
 
+def known_workers(compute: Compute) -> int:
+    """Workers the scheduler had when the client last asked (distributed refreshes this every
+    `scheduler-info-interval`, 2 s): read at scrape time, it costs no call; 0 once the client gave up."""
+    client = compute.client
+    if client.status not in LIVE:
+        return 0
+    return int(client.scheduler_info().get("n_workers", 0))
+
+
 def local_workers(settings: CairnSettings) -> int:
     return settings.dask_workers or os.cpu_count() or 1
 

@@ -308,6 +308,7 @@ class ServiceRunner:
             return self._ready_cache[1], self._ready_cache[2]
         ok, why = await self._check_ready()
         self._ready_cache = (now, ok, why)
+        self.service.metrics.ready.labels(self.service.name).set(1 if ok else 0)
         return ok, why
 
     async def _check_ready(self) -> tuple[bool, str]:

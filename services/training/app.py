@@ -34,7 +34,7 @@ from contracts import (
 from services import __version__
 from services.platform.artifacts import ArtifactStore, IntegrityError, read_verified
 from services.platform.bus.consumer import Delivery
-from services.platform.compute import Compute, open_compute, trial_concurrency
+from services.platform.compute import Compute, known_workers, open_compute, trial_concurrency
 from services.platform.ml.bundle import save_bundle
 from services.platform.ml.placement import cluster_resources_async, trial_device, trial_resources
 from services.platform.ml.trial import TrialSpec, fit_final, run_trial
@@ -118,6 +118,8 @@ class Training(Service[TrainingContext]):
         async with contextlib.AsyncExitStack() as opened:
             compute = await open_compute(self.settings)
             opened.push_async_callback(compute.close)
+            self.metrics.dask_workers.labels(self.name).set_function(lambda: known_workers(compute))
+            opened.callback(self.metrics.dask_workers.remove, self.name)
             available = await cluster_resources_async(compute.client)
             tracker = await asyncio.to_thread(Tracker, self.settings.tracking_uri)
             trial_runs = TrialRunWriter.for_tracker(tracker)

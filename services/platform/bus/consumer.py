@@ -263,6 +263,8 @@ class EventConsumer:
             kept = await self.ledger.pending_async(key, outputs, encoded, self.publisher.max_payload())
             await self.publisher.publish_all(outputs, encoded, waiting=kept)
         await self.ledger.done(key, OK, [out.id for out in outputs])
+        for out in outputs:
+            self.metrics.published.labels(self.service, out.type).inc()
 
     async def _run_handler(self, event: Envelope[Any], delivery: Delivery) -> Sequence[Envelope[Any]]:
         """The handler, bounded by `handler_timeout_s`; past it, cancelled and HandlerTimeout raised.
@@ -357,6 +359,7 @@ class EventConsumer:
                 correlation_id=correlation if correlation and _valid_id(correlation) else None,
             )
         await self.publisher.publish(rejection)
+        self.metrics.published.labels(self.service, rejection.type).inc()
         try:
             await self.ledger.done(inbound.key, REJECTED, [rejection.id])
         except Exception:  # noqa: BLE001 - the dead letter stands; a redelivery would only repeat it

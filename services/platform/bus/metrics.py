@@ -46,3 +46,41 @@ class ServiceMetrics:
         self.trials_running = Gauge(
             "cairn_trials_running", "Trials running on Dask from this replica.", registry=self.registry
         )
+        # For the operator's alerts and dashboards (docs/OPERATIONS.md): labelled, so a service
+        # exports a family only once it sets a value.
+        self.published = Counter(
+            "cairn_events_published_total",
+            "Events published by handlers (outputs and rejections), by type.",
+            ["service", "type"],
+            registry=self.registry,
+        )
+        self.ready = Gauge(
+            "cairn_service_ready",
+            "1 when /readyz would answer ready, else 0.",
+            ["service"],
+            registry=self.registry,
+        )
+        self.gate_decisions = Counter(
+            "cairn_gate_decisions_total",
+            "Champion/challenger gate decisions, by model and outcome (passed, failed).",
+            ["service", "model", "outcome"],
+            registry=self.registry,
+        )
+        self.dask_workers = Gauge(
+            "cairn_dask_workers",
+            "Workers the Dask scheduler has, as this client last saw.",
+            ["service"],
+            registry=self.registry,
+        )
+        self.archive_overdue = Gauge(
+            "cairn_archive_overdue_records",
+            "Records the retention limits send out that are still in the stream after the last trim.",
+            ["service"],
+            registry=self.registry,
+        )
+        self.archive_success = Gauge(
+            "cairn_archive_last_success_timestamp_seconds",
+            "When the archiver last finished a pass without an error (Unix time).",
+            ["service"],
+            registry=self.registry,
+        )
