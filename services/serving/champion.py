@@ -122,7 +122,6 @@ class Champions:
         old = self.models.get(name)
         self.models = {**self.models, name: served}
         self.metrics.swaps.labels(name).inc()
-        self.metrics.refused.labels(name)  # its refusals count from 0 (what rate and increase need)
         if old is not None and old.batcher is not None:
             task = asyncio.get_running_loop().create_task(old.batcher.close())  # answers its queue, then ends
             self._closing.add(task)
