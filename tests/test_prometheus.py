@@ -1,7 +1,7 @@
 """The alerts and dashboards against a real Prometheus scraping a running system.
 
 Debian's `prometheus`, started here on a free port with a temp TSDB, scrapes every service and the
-endpoint of one `cairn up` (one scrape a second, the chart's rules loaded) while one small run goes
+endpoint of one `cairn up` (a scrape every 2 s, the chart's rules loaded) while one small run goes
 through, then the same file again (served from the step cache), a few predictions, and what a
 healthy run never shows, provoked: a dead letter and a refused champion. Afterwards: every metric
 and label an alert or a panel names is one the services exported (the label-values and series APIs,
@@ -72,13 +72,14 @@ class Scraped:
 
 @contextlib.contextmanager
 def prometheus(root: Path, targets: dict[str, str], rules: dict[str, Any]) -> Iterator[str]:
-    """Debian's prometheus on a free loopback port, scraping `targets` (job -> base URL) each second."""
+    """Debian's prometheus on a free loopback port, scraping `targets` (job -> base URL)."""
     binary = shutil.which("prometheus")
     if binary is None:
         missing_system_dependency("no prometheus (Debian's prometheus package; `make install` installs it)")
     (root / "rules.yaml").write_text(yaml.safe_dump(rules))
     config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        # A scrape's timeout is its interval: 2 s leaves room for a loaded machine.
+        "global": {"scrape_interval": "2s", "evaluation_interval": "1s"},
         "rule_files": [str(root / "rules.yaml")],
         "scrape_configs": [
             {"job_name": job, "static_configs": [{"targets": [url.split("://", 1)[1]]}]}
@@ -268,9 +269,11 @@ def test_the_signal_splitter_finds_each_operand() -> None:
 
 
 # The checks ------------------------------------------------------------------------------------
-def test_every_target_was_scraped(scraped: Scraped) -> None:
+def test_every_target_was_scraped_and_every_service_said_ready(scraped: Scraped) -> None:
     targets = scraped.get("/api/v1/targets")["activeTargets"]
-    assert len(targets) == len(SERVICES) + 1 and all(t["health"] == "up" for t in targets), targets
+    assert len(targets) == len(SERVICES) + 1, targets
+    assert instant(scraped.url, "count(max_over_time(up[10m]) == 1)") == len(targets)
+    assert instant(scraped.url, "count(max_over_time(cairn_service_ready[10m]) == 1)") == len(SERVICES)
 
 
 def test_every_rule_evaluates_and_fires_on_what_was_provoked_only(scraped: Scraped) -> None:
@@ -280,9 +283,11 @@ def test_every_rule_evaluates_and_fires_on_what_was_provoked_only(scraped: Scrap
         assert rule["health"] == "ok" and not rule.get("lastError"), rule
     state = {r["name"]: r["state"] for r in rules}
     assert state.pop("CairnDeadLetters") == "firing", "the provoked dead letter"
-    quiet = {"CairnGateFailures", "CairnServiceNotReady", "CairnDaskWorkersLost"}
-    quiet |= {"CairnArchiverFailing", "CairnArchiveBehindRetention", "CairnInferenceP99High"}
+    # Not even pending. CairnServiceNotReady may be: a scrape that timed out on a loaded machine.
+    quiet = {"CairnGateFailures", "CairnDaskWorkersLost", "CairnInferenceP99High"}
+    quiet |= {"CairnArchiverFailing", "CairnArchiveBehindRetention"}
     assert all(state[name] == "inactive" for name in quiet), state
+    assert all(value != "firing" for value in state.values()), state
 
 
 QUERIES = [("alert " + where, expr) for where, expr in alert_queries()] + [
