@@ -333,6 +333,11 @@ def test_the_rule_needs_the_operator_and_can_be_turned_off() -> None:
     labelled = {"metrics": {"prometheusRule": {"crdsInstalled": True, "labels": {"release": "prom"}}}}
     (rule,) = find(objects(render(labelled)), "PrometheusRule")
     assert rule["metadata"]["labels"]["release"] == "prom"
+    # Without labels of its own, those the ServiceMonitor is selected by (kube-prometheus-stack
+    # selects both by its release).
+    inherited = merged(CRDS, {"metrics": {"serviceMonitor": {"labels": {"release": "kps"}}}})
+    (rule,) = find(objects(render(inherited)), "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kps"
 
 
 # The dashboards -------------------------------------------------------------------------------
