@@ -107,9 +107,14 @@ CASES: dict[str, tuple[list[Case], list[Case]]] = {
     "CairnConsumerLagGrowing": (
         [
             Case(
-                {series(PENDING, service="training", consumer=TRIAL_CONSUMER): "0+5x40"},
+                {  # two replicas report the durable they share: one alert
+                    series(PENDING, service="training", consumer=TRIAL_CONSUMER): "0+5x40",
+                    series(
+                        PENDING, service="training", consumer=TRIAL_CONSUMER, instance="10.0.0.5:8000"
+                    ): "0+5x40",
+                },
                 "30m",
-                [(scraped(service="training", consumer=TRIAL_CONSUMER), 150)],
+                [({"service": "training", "consumer": TRIAL_CONSUMER}, 150)],
             )
         ],
         [
@@ -198,14 +203,19 @@ CASES: dict[str, tuple[list[Case], list[Case]]] = {
     ),
     "CairnDaskWorkersLost": (
         [
-            # Every worker gone; one of four gone while trials ran.
+            # Every worker gone (seen by two replicas: one alert); one of four gone while trials ran.
             Case(
-                {series(WORKERS, service="training"): "2x10 0x30"}, "20m", [(scraped(service="training"), 0)]
+                {
+                    series(WORKERS, service="training"): "2x10 0x30",
+                    series(WORKERS, service="training", instance="10.0.0.5:8000"): "2x10 0x30",
+                },
+                "20m",
+                [({"service": "training"}, 0)],
             ),
             Case(
                 {series(WORKERS, service="training"): "4x10 3x30", series(TRIALS): "2x40"},
                 "15m",
-                [(scraped(service="training"), 3)],
+                [({"service": "training"}, 3)],
             ),
         ],
         [
