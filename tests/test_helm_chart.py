@@ -252,7 +252,8 @@ def check_service_monitor(obj: dict[str, Any]) -> None:
     assert spec["selector"]["matchLabels"]["cairn.dev/metrics"] == "true"
     assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     for endpoint in spec["endpoints"]:
-        assert set(endpoint) == {"port", "path", "interval"} and endpoint["path"] == "/metrics"
+        assert set(endpoint) == {"port", "path", "interval", "honorLabels"} and endpoint["path"] == "/metrics"
+        assert endpoint["honorLabels"] is True, "the services' own `service` label, as the alerts read it"
 
 
 PROMETHEUS_RULE_KEYS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
