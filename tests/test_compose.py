@@ -98,6 +98,7 @@ def test_every_service_is_present(base: dict[str, Any]) -> None:
         assert svc["build"]["dockerfile"] == "docker/Dockerfile"
         assert Path(svc["build"]["context"]).resolve() == ROOT
     assert base["services"]["inference"]["command"] == ["serve", "--host", "0.0.0.0", "--port", "8080"]
+    assert base["services"]["inference"]["environment"]["CAIRN_SERVE_GRPC_PORT"] == "8081"
     assert base["services"]["provision"]["command"] == ["provision"]
     for name in ("dask-scheduler", "dask-worker"):
         assert base["services"][name]["build"]["dockerfile"] == "docker/Dockerfile.worker"
@@ -155,7 +156,7 @@ def test_dev_ports_only_in_the_override(base: dict[str, Any], dev: dict[str, Any
         for name, svc in dev["services"].items()
     }
     assert ("127.0.0.1", "4222") in published["nats"]
-    assert ("127.0.0.1", "8080") in published["inference"]
+    assert {("127.0.0.1", "8080"), ("127.0.0.1", "8081")} <= published["inference"]
     assert ("127.0.0.1", "5000") in published["mlflow"]
     assert all(ip == "127.0.0.1" for ports in published.values() for ip, _ in ports)
 
