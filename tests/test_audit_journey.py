@@ -255,6 +255,7 @@ def test_the_auditors_page_in_a_real_browser(history: dict, tmp_path_factory: py
 
             # The model page: every champion's holdout metrics as `cairn audit at` gives them, the
             # failed gate marked at the challenger's, each mark linking to its run.
+            page.set_viewport_size({"width": 1100, "height": 500})
             page.goto(f"{page_url}/model/{MODEL}")
             chart = page.locator(f'svg.model[data-model="{MODEL}"]')
             metric = chart.get_attribute("data-metric")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from contracts import Metric
 from services.lineage.studies import InFlight, RungPlan, Study, Trial
 
 FAMILY_COLOURS = {
@@ -25,6 +26,7 @@ FAMILY_COLOURS = {
     "transformer": "#66a61e",
 }
 OTHER = "#777"
+GATES = ", the gate's metric"
 BAD = "#b00020"
 
 
@@ -71,10 +73,11 @@ class Axis:
     top: float
 
     @classmethod
-    def over(cls, values: Iterable[float], bottom: float, top: float) -> Axis:
+    def over(cls, values: Iterable[float], bottom: float, top: float, margin: float = 0.08) -> Axis:
+        """An axis over `values`, with `margin` of their range free above and below."""
         values = [v for v in values if math.isfinite(v)]
         lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-        pad = (hi - lo) * 0.08 or abs(hi) * 0.1 or 1.0
+        pad = (hi - lo) * margin or abs(hi) * 0.1 or 1.0
         return cls(lo - pad, hi + pad, bottom, top)
 
     def __call__(self, value: float) -> float:
@@ -123,12 +126,11 @@ def study_svg(study: Study) -> str:
     scores = [t.score for t in study.trials if t.score is not None]
     y = Axis.over(scores, bottom, top)
     best = study.leaderboard[0] if study.leaderboard else None
-    better = "higher" if study.higher_is_better else "lower"
     parts = [
         f'<svg class="study" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"'
         f"{_attrs(study=study.study_id, metric=study.metric, run=study.correlation)}>",
         f'<text x="{left}" y="14" font-weight="bold">validation {_e(study.metric)} '
-        f"({better} is better) against budget</text>",
+        f"({_better(study.metric)}) against budget</text>",
         y.grid(left, width - 20),
     ]
     index = {r.rung: i for i, r in enumerate(rungs)}
@@ -231,6 +233,11 @@ class ModelMark:
     note: str = ""
 
 
+def _better(metric: str) -> str:
+    known = metric in Metric.__members__
+    return "higher is better" if known and Metric(metric).higher_is_better else "lower is better"
+
+
 def _stamp(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -242,8 +249,8 @@ def model_svg(model: str, metric: str, marks: Sequence[ModelMark]) -> str:
     at the challenger's metric, a failed deployment a red square. Each mark links to its run."""
     names = sorted({k for m in marks for k in m.metrics}, key=lambda k: (k != metric, k))
     step = 110 if len(marks) <= 12 else max(1400 // max(len(marks), 1), 14)
-    left, panel, gap = 70, 120, 34
-    width = left + step * max(len(marks), 1) + 30
+    left, panel, gap = 70, 130, 50
+    width = max(left + step * max(len(marks), 1) + 30, 560)
     height = gap + len(names or [metric]) * (panel + gap) + 30
     parts = [
         f'<svg class="model" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"'
@@ -253,10 +260,10 @@ def model_svg(model: str, metric: str, marks: Sequence[ModelMark]) -> str:
     for n, name in enumerate(names):
         top = gap + n * (panel + gap)
         bottom = top + panel
-        y = Axis.over((m.metrics[name] for m in marks if name in m.metrics), bottom, top)
+        y = Axis.over((m.metrics[name] for m in marks if name in m.metrics), bottom, top, margin=0.18)
         parts.append(
             f'<g class="panel"{_attrs(metric=name)}><text x="{left}" y="{top - 10}" font-weight="bold">'
-            f"holdout {_e(name)}{' (the gate' + chr(39) + 's metric)' if name == metric else ''}</text>"
+            f"holdout {_e(name)} ({_better(name)}{GATES if name == metric else ''})</text>"
             + y.grid(left, width - 30)
         )
         held = [
@@ -357,7 +364,7 @@ def flight_svg(trials: Sequence[InFlight]) -> str:
     width = 300 + (size + 3) * max((len(ts) for ts in runs.values()), default=1)
     families = sorted({t.family for t in trials})
     parts = [
-        f'<svg class="flight" xmlns="http://www.w3.org/2000/svg" width="{max(width, 420)}" '
+        f'<svg class="flight" xmlns="http://www.w3.org/2000/svg" width="{max(width, 560)}" '
         f'height="{row * len(runs) + 26}"{_attrs(count=len(trials))}>',
         _legend(families, 300, row * len(runs) + 18),
     ]

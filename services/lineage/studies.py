@@ -13,7 +13,6 @@ from typing import Any
 from sqlalchemy import select
 
 from contracts import (
-    Metric,
     TrialCompleted,
     TrialRequested,
     TrialsPromoted,
@@ -84,10 +83,6 @@ class Study:
     promotions: list[Promotion] = field(default_factory=list)
     leaderboard: list[Entry] = field(default_factory=list)
     cached_from: str | None = None  # tuning.completed republished from the step cache: its origin event
-
-    @property
-    def higher_is_better(self) -> bool:
-        return Metric(self.metric).higher_is_better if self.metric in Metric.__members__ else False
 
     def survivors(self, rung: int) -> set[int]:
         """The trials of `rung` promoted to the next one."""

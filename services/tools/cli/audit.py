@@ -298,8 +298,8 @@ def _consumer_lags():
 
     async def lags():
         reader = settings(READER)
-        if not names:
-            names.extend(await asyncio.to_thread(consumer_names, reader))
+        if not names:  # two first calls at once both look: each replaces, neither adds
+            names[:] = await asyncio.to_thread(consumer_names, reader)
         nc = await connect_nats(reader, "ui")
         try:
             return await consumer_lags(nc.jetstream(), reader.stream, names)
