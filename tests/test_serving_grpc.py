@@ -271,6 +271,7 @@ async def test_tritonclient_grpc_gets_the_http_predictions_status_codes_metrics_
                     list(meta.versions),
                     [(t.name, t.datatype, list(t.shape)) for t in meta.inputs],
                 ),
+                "outputs": [(t.name, t.datatype, list(t.shape)) for t in meta.outputs],
             }
 
     calls = await asyncio.to_thread(protocol_calls)
@@ -278,11 +279,12 @@ async def test_tritonclient_grpc_gets_the_http_predictions_status_codes_metrics_
     assert calls == {
         "live": True, "ready": True, "model ready": True, "version 1 ready": True, "version 7 ready": False,
         "nope ready": False, "server": "cairn", "meta": ("srv", ["1"], inputs),
+        "outputs": [("predict", "FP64", [-1])],
     }  # fmt: skip
     http_meta = (await served.client.get(url + "/v2/models/srv")).json()
-    assert [(t["name"], t["datatype"]) for t in http_meta["inputs"]] == [
-        (n, d) for n, d, _ in calls["meta"][2]
-    ]
+    # Both protocols describe the model with one function (logic.model_tensors).
+    assert [(t["name"], t["datatype"], t["shape"]) for t in http_meta["inputs"]] == calls["meta"][2]
+    assert [(t["name"], t["datatype"], t["shape"]) for t in http_meta["outputs"]] == calls["outputs"]
 
     # tritonclient's default (raw tensors): the HTTP route's predictions, to the bit.
     result = await asyncio.to_thread(_triton_infer, address, ROWS, request_id="g1")

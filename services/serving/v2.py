@@ -14,9 +14,7 @@ from services.platform.ml.transform import input_schema
 from services.serving import binary_tensors
 from services.serving.champion import Served
 from services.serving.intake import Intake, json_response
-from services.serving.logic import features, v2_outputs, version_problem
-
-V2_TYPES = {"numeric": "FP64", "boolean": "BOOL", "categorical": "BYTES"}
+from services.serving.logic import features, model_tensors, v2_outputs, version_problem
 
 
 class V2:
@@ -74,17 +72,9 @@ class V2:
             served_version = str(served.version)
             doc = {"error": problem, "version": version, "served_version": served_version}
             return json_response(doc, 404)
-        if served.task == "text_generation":
-            inputs = [{"name": "prompt", "datatype": "BYTES", "shape": [1]}]
-            outputs = [{"name": "text", "datatype": "BYTES", "shape": [1]}]
-        else:
-            inputs = [{"name": c, "datatype": V2_TYPES.get(k, "FP64"), "shape": [-1]}
-                      for c, k in input_schema(served.model.spec).items()]
-            outputs = [{"name": "predict", "datatype": "FP64", "shape": [-1]}]
-            if served.task == "classification":
-                outputs = [{"name": "predict", "datatype": "BYTES", "shape": [-1]},
-                           {"name": "probabilities", "datatype": "FP64",
-                            "shape": [-1, len(served.model.spec["classes"])]}]
+        spec = served.model.spec
+        schema = input_schema(spec) if served.task != "text_generation" else {}
+        inputs, outputs = model_tensors(served.task, schema, spec.get("classes") or [])
         return json_response(
             {"name": name, "versions": [str(served.version)],
              "platform": f"cairn-{served.model.manifest['family']}",
