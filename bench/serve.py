@@ -51,6 +51,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from bench.repeat import column, interleave, ratio_spread, rounded, spread  # noqa: E402
 from bench.serve_peers import mlserver_folder, mlserver_venv, mlserver_version  # noqa: E402
+from bench.serve_profile import Profiler  # noqa: E402
 from contracts import DataArrived, ModelFamily, SearchStrategy, TuningSpec  # noqa: E402
 from services.features import logic as features  # noqa: E402
 from services.ingestion.app import ingest  # noqa: E402
@@ -407,7 +408,12 @@ def main() -> None:
     parser.add_argument("--cairn-route", choices=["v2", "v1"], default="v2", help="cairn's HTTP route")
     parser.add_argument("--rows", type=int, default=20_000, help="training rows")
     parser.add_argument("--rounds-xgb", type=int, default=300, help="XGBoost boosting rounds")
-    parser.add_argument("--json", type=Path, help="also write the full report here")
+    parser.add_argument(
+        "--json", type=Path, help="also write the full report here (and py-spy's stacks beside it)"
+    )
+    parser.add_argument(
+        "--py-spy", type=Path, help="a py-spy executable: profile cairn's processes over the timed rounds"
+    )
     args = parser.parse_args()
     peers, labels = args.peers.split(","), args.cases.split(",")
     if shutil.which("wrk") is None:
@@ -531,7 +537,10 @@ def main() -> None:
 
         sides = {f"{c.peer}:{c.label}": (lambda c=c: timed(c)) for c in cases}
         load_before = os.getloadavg()
+        stacks = args.json.with_suffix(".pyspy.txt") if args.json else work / "cairn.pyspy.txt"
+        profiler = args.py_spy and Profiler(args.py_spy, servers["cairn"].pid, stacks)
         results = asyncio.run(interleave(sides, args.rounds))
+        profile = profiler.stop() if profiler else None
         report = {
             "bench": "serve",
             "command": "bench/serve.py " + " ".join(sys.argv[1:]),
@@ -548,12 +557,19 @@ def main() -> None:
             "same_predictions": same,
             "cases": summary(results, cases),
             "runs": results,
+            **({"cairn_profile": profile} if profile else {}),
         }
         report = rounded(report, 3)
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
         print(json.dumps({k: v for k, v in report.items() if k not in ("cases", "runs")}, indent=2))
         print(table(report))
+        if profile:
+            print(f"cairn, py-spy: {profile['samples']} samples, {profile['busy_samples']} busy")
+            for kind in ("waiting_pct_of_all", "buckets_pct_of_busy", "python_self_pct_of_busy"):
+                print(f"  {kind}:")
+                for name, pct in report["cairn_profile"][kind]:
+                    print(f"    {pct:5.1f}  {name}")
     finally:
         for proc in procs:
             try:
