@@ -74,7 +74,8 @@ WAITING = {
 }
 # What a busy sample's time was for: the first rule (in this order) that a frame matches, Python
 # frames read from the leaf up, then native ones, so that json inside xgboost counts as predict, a
-# socket write under uvicorn's send as HTTP, and the loop's own C code as the loop.
+# socket write under uvicorn's send as HTTP; only the frames above the event loop count (uvicorn
+# started it), and a sample in none of these is the loop's own.
 BUCKETS = [
     ("predict (xgboost inplace_predict)", ("xgboost/", "libxgboost")),
     ("feature matrix (logic.features)", ("serving/logic.py:features",)),
@@ -101,12 +102,16 @@ def bucket(frames: list[str]) -> str:
     for name, patterns in WAITING.items():
         if any(p in f for f in frames for p in patterns):
             return name
-    python = [f for f in frames if ".py:" in f]  # Python frames first: a write() is its caller's
-    for frame in [*reversed(python), *reversed(frames)]:
+    if any("gc_collect" in f for f in frames):  # set off by whichever allocation comes when it is due
+        return "garbage collection (gc)"
+    loop = [i for i, f in enumerate(frames) if f.startswith("asyncio/runners.py")]
+    above = frames[loop[-1] + 1 :] if loop else frames  # what the loop runs, not what started it
+    python = [f for f in above if ".py:" in f]  # Python frames first: a write() is its caller's
+    for frame in [*reversed(python), *reversed(above)]:
         for name, patterns in BUCKETS:
             if any(p in frame for p in patterns):
                 return name
-    return "other"
+    return "event loop (uvloop, asyncio)" if loop else "other"
 
 
 def summary(collapsed: str, top: int = 20) -> dict[str, object]:
