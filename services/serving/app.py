@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 from typing import Any
@@ -69,6 +70,10 @@ class InferenceServer:
         self.recorder.start(champions.nc)
         await asyncio.to_thread(import_tree_library)
         await champions.load_champions()
+        # What start-up made (libraries, the champions) lives as long as the worker: frozen, the
+        # collector stops walking it on every pass (one-row throughput +35-45 %, p99 45 ms -> 10-20
+        # ms in docs/SERVING.md's alternated runs).
+        gc.freeze()
         champions.loaded.set()
         if port := self.settings.serve_grpc_port:  # several workers share the port, as HTTP's
             shared = self.settings.serve_workers != 1
