@@ -68,6 +68,17 @@ def running(procs: list[psutil.Process]) -> list[psutil.Process]:
     return alive
 
 
+def stop_all(procs) -> None:
+    """SIGTERM every process at once, then wait for each; kill what is still up after 20 s."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def write_table(folder: Path, rows: int = 240, seed: int = 0) -> Path:
     """A small regression table with a clear signal, written where a user keeps data."""
     import numpy as np
@@ -229,13 +240,7 @@ def operated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             "url": f"http://127.0.0.1:{serve_port}",
         }
     finally:
-        for p in procs.values():
-            p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs.values())
         nats.stop()
 
 

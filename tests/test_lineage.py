@@ -46,29 +46,31 @@ def audited(tmp_path_factory):
     server = EmbeddedNats(home / "nats")
     server.start()
     settings = make_settings(server.url, home, ack_wait_s=30.0, openlineage_url=f"file://{home}/ol.jsonl")
-    runtime = supervisor.up(settings)
-    assert not supervisor.wait_ready(runtime, 180)
-    csv = home / "diabetes.csv"
-    load_diabetes(as_frame=True, scaled=False).frame.to_csv(csv, index=False)
-    import asyncio
+    try:  # a start or a run that fails leaves nothing running either
+        runtime = supervisor.up(settings)
+        assert not supervisor.wait_ready(runtime, 180)
+        csv = home / "diabetes.csv"
+        load_diabetes(as_frame=True, scaled=False).frame.to_csv(csv, index=False)
+        import asyncio
 
-    run = asyncio.run(
-        run_pipeline(
-            settings,
-            DataArrived(
-                uri=csv.as_uri(),
-                target="target",
-                model_name="audited",
-                tuning=TuningSpec(
-                    trials=9, strategy=SearchStrategy.asha, families=["xgboost", "linear"], max_budget=60
+        run = asyncio.run(
+            run_pipeline(
+                settings,
+                DataArrived(
+                    uri=csv.as_uri(),
+                    target="target",
+                    model_name="audited",
+                    tuning=TuningSpec(
+                        trials=9, strategy=SearchStrategy.asha, families=["xgboost", "linear"], max_budget=60
+                    ),
                 ),
-            ),
+            )
         )
-    )
-    assert run[-1].type == "cairn.model.deployed.v1"
-    yield settings, run, csv
-    supervisor.down(settings)
-    server.stop()
+        assert run[-1].type == "cairn.model.deployed.v1"
+        yield settings, run, csv
+    finally:
+        supervisor.down(settings)
+        server.stop()
 
 
 async def _stream(settings):

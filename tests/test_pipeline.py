@@ -41,12 +41,14 @@ def system(tmp_path_factory):
     server = EmbeddedNats(home / "nats")
     server.start()
     settings = make_settings(server.url, home, ack_wait_s=30.0)
-    runtime = supervisor.up(settings)
-    not_ready = supervisor.wait_ready(runtime, 180)
-    assert not not_ready, not_ready
-    yield settings, runtime
-    supervisor.down(settings)
-    server.stop()
+    try:  # a start that fails leaves nothing running either
+        runtime = supervisor.up(settings)
+        not_ready = supervisor.wait_ready(runtime, 180)
+        assert not not_ready, not_ready
+        yield settings, runtime
+    finally:
+        supervisor.down(settings)
+        server.stop()
 
 
 async def run_pipeline(settings, arrived: DataArrived, timeout: float = 240) -> list[Envelope[Any]]:

@@ -163,13 +163,7 @@ async def test_champion_served_by_mlflow_and_cairn_v2_protocol_and_hot_swap_unde
     with endpoint(settings, port, workers=2) as proc:
         async with httpx.AsyncClient(timeout=30) as client:
 
-            async def up() -> bool:
-                assert proc.poll() is None, (settings.home_dir / "serve-test.log").read_text()[-3000:]
-                with contextlib.suppress(httpx.TransportError):
-                    return (await client.get(url + "/v2/health/ready")).status_code == 200
-                return False
-
-            await _wait(up, "the endpoint ready")
+            await endpoint_ready(client, url, proc, settings)
             v1 = (await client.post(url + "/v1/models/srv/predict", json={"rows": rows})).json()
             assert v1["version"] == 1 and v1["sha256"] == first.model.sha256
             assert v1["predictions"] == pytest.approx(by_mlflow, rel=1e-6)
@@ -323,6 +317,18 @@ def _triton_infer(port: int, rows: list[dict]) -> list[float]:
         return [float(v) for v in result.as_numpy("predict")]
     finally:
         client.close()
+
+
+async def endpoint_ready(client: httpx.AsyncClient, url: str, proc, settings) -> None:
+    """Wait until the endpoint says ready; an endpoint that died fails with its log."""
+
+    async def up() -> bool:
+        assert proc.poll() is None, (settings.home_dir / "serve-test.log").read_text()[-3000:]
+        with contextlib.suppress(httpx.TransportError):
+            return (await client.get(url + "/v2/health/ready")).status_code == 200
+        return False
+
+    await _wait(up, "the endpoint ready")
 
 
 async def _wait(predicate, what: str, timeout: float = 180.0):

@@ -8,7 +8,6 @@ records them, answers gRPC health checks, and swaps its champion for gRPC caller
 
 from __future__ import annotations
 
-import contextlib
 import types
 from typing import Any
 
@@ -26,7 +25,7 @@ from services.serving.logic import RequestProblem, v2_rows
 from services.tools.supervisor import free_port
 from tests.conftest import data_dir, make_settings
 from tests.test_registry import BEST, GOOD, make_lab
-from tests.test_serving import _publish_deployed, _register, _wait, endpoint
+from tests.test_serving import _publish_deployed, _register, _wait, endpoint, endpoint_ready
 
 ROWS = [{"a": 0.3, "b": -1.2}, {"a": 1.5, "b": 0.2}, {"a": -0.7, "b": 2.0}]
 SERVICE = "/inference.GRPCInferenceService/"
@@ -189,14 +188,7 @@ async def served(tmp_path_factory):
         url = f"http://127.0.0.1:{port}"
         with endpoint(settings, port, workers=2) as proc:
             async with httpx.AsyncClient(timeout=30) as client:
-
-                async def up() -> bool:
-                    assert proc.poll() is None, (settings.home_dir / "serve-test.log").read_text()[-3000:]
-                    with contextlib.suppress(httpx.TransportError):
-                        return (await client.get(url + "/v2/health/ready")).status_code == 200
-                    return False
-
-                await _wait(up, "the endpoint ready")
+                await endpoint_ready(client, url, proc, settings)
                 yield types.SimpleNamespace(
                     settings=settings, lab=lab, first=first, second=second, url=url, client=client,
                     grpc=f"127.0.0.1:{settings.serve_grpc_port}", js=nc.jetstream(),

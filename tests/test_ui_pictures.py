@@ -32,7 +32,7 @@ from services.platform.bus.embedded import EmbeddedNats
 from services.tools.cli.system import ConsumerLag
 from services.tools.supervisor import free_port
 from tests.conftest import missing_system_dependency
-from tests.test_journeys import CAIRN, SERVICES, cairn, user_env, wait_until, write_table
+from tests.test_journeys import CAIRN, SERVICES, cairn, stop_all, user_env, wait_until, write_table
 
 CHROMIUM = Path("/usr/bin/chromium")
 SVG = "{http://www.w3.org/2000/svg}"
@@ -251,13 +251,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         wait_until(serving, 60, "cairn ui to serve")
         yield {"root": root, "env": env, "url": url, "start": start, "procs": procs, "logs": logs}
     finally:
-        for p in procs.values():
-            p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs.values())
         nats.stop()
         print(f"pictures system: {time.monotonic() - started:.0f}s")
 
