@@ -45,14 +45,16 @@ def cairn(
     )
 
 
-
-
 def wait_until(predicate, timeout: float, what: str):
+    """Poll `predicate` until it is truthy. Between calls it waits at least as long as the call
+    took: a predicate that runs the `cairn` executable (about a second of CPU) then takes at most
+    half a core from the system it waits for, instead of a whole one."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        started = time.monotonic()
         if value := predicate():
             return value
-        time.sleep(0.1)
+        time.sleep(max(0.1, time.monotonic() - started))
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
