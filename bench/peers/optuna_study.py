@@ -2,14 +2,15 @@
 
 Everything but the scheduling is cairn's own code, imported: the table is ingested and its
 features built by the ingestion and features steps called as functions (so the split, the
-transform and the test rows are the ones cairn's run gets from the same file and seed); the search
-space is `services.tuning.logic.sample_params`, its draws turned into Optuna suggestions
-(`OptunaDraws`); the rungs are `rungs_for` (33/100/300 rounds at the defaults), given to Optuna's
-SuccessiveHalvingPruner as min_resource and reduction factor; each rung of a trial is
-`run_trial`, the function cairn's Dask workers run, from scratch at that budget as cairn does; the
-families alternate by trial number as in cairn's plan. Then the best trial is refitted at the full
-budget (`fit_final`, cairn's final fit) and scored on the test split (`score_all`, evaluation's
-metrics). Optuna runs `n_jobs` trials at a time in threads (XGBoost fits release the GIL).
+transform and the test rows are the ones cairn's run gets from the same file and seed); tuning's
+`plan_study` gives the rungs (33/100/300 rounds at the defaults: Optuna's SuccessiveHalvingPruner
+gets the first as min_resource, and eta as reduction factor), the metric and each trial's family;
+the search space is `sample_params`, its draws turned into Optuna suggestions (`OptunaDraws`), or,
+with `--sampler plan`, the plan's own configurations. Each rung of a trial is `run_trial`, the
+function cairn's Dask workers run, from scratch at that budget as cairn does. Then the best trial
+is refitted at the full budget (`fit_final`, cairn's final fit) and scored on the test split
+(`score_all`, evaluation's metrics). Optuna runs `n_jobs` trials at a time in threads (XGBoost
+fits release the GIL).
 
 Optuna is never a dependency of cairn: it lives in .venv-optuna at the repository root
 (git-ignored), made by `optuna_python()` on first use. That venv sees the project's .venv through
@@ -41,18 +42,17 @@ ROOT = Path(__file__).resolve().parents[2]
 OPTUNA_VENV = ROOT / ".venv-optuna"
 sys.path.insert(0, str(ROOT))
 
-from contracts import DataArrived, Metric, ModelFamily, SearchStrategy, Task, TuningSpec  # noqa: E402
+from contracts import DataArrived, Metric, ModelFamily, SearchStrategy, TuningRequested, TuningSpec  # noqa: E402
 from services.features.logic import build  # noqa: E402
 from services.ingestion.app import ingest  # noqa: E402
 from services.platform.artifacts import ArtifactStore  # noqa: E402
 from services.platform.ml import registry  # noqa: E402
-from services.platform.ml.families import default_metric  # noqa: E402
 from services.platform.ml.featureset import load_featureset  # noqa: E402
 from services.platform.ml.metrics import score_all  # noqa: E402
 from services.platform.ml.transform import TEST  # noqa: E402
 from services.platform.ml.trial import TrialSpec, fit_final, run_trial  # noqa: E402
 from services.platform.settings import CairnSettings  # noqa: E402
-from services.tuning.logic import rungs_for, sample_params  # noqa: E402
+from services.tuning.logic import plan_study, sample_params  # noqa: E402
 
 
 def optuna_python(venv: Path = OPTUNA_VENV) -> Path:
@@ -110,36 +110,33 @@ def prepare(csv: Path, target: str, spec: TuningSpec, store_dir: Path) -> Any:
     return build(ingested, store)
 
 
-def metric_for(spec: TuningSpec, task: Task) -> Metric:
-    """The study's metric as cairn's plan picks it (`plan_study`)."""
-    return spec.metric if spec.metric and spec.metric.task is task else default_metric(task)
-
-
 def trial_spec(features: Any, family: str, params: dict[str, Any], budget: int, metric: Metric) -> TrialSpec:
     """One fit on the feature set, as cairn's tuning asks its workers for one."""
     fs, ctx = features.featureset, features.context
     return TrialSpec(fs.uri, fs.sha256, family, params, budget, ctx.task.value, metric.value, ctx.seed)
 
 
-def study(features: Any, spec: TuningSpec, sampler: str, n_jobs: int) -> tuple[Any, list[Any]]:
-    """The Optuna study over cairn's space and rungs: successive halving as Optuna does it
-    (asynchronous: a trial goes on if it is in the top 1/eta of those that reached its rung so far)."""
+def study(plan: TuningRequested, sampler: str, n_jobs: int) -> Any:
+    """Optuna's study over cairn's plan: its rungs, metric and families (trial i's family is plan
+    trial i's), the parameters drawn by Optuna from the same space (`plan`: plan trial i's own, so
+    both sides try the same configurations). Successive halving as Optuna does it: asynchronous, a
+    trial goes on if it is in the top 1/eta of those that reached its rung so far."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ctx = features.context
-    metric = metric_for(spec, ctx.task)
-    rungs = rungs_for(spec.strategy, spec.trials, spec.max_budget, spec.eta)
-    families = [f for f in spec.families if f is not ModelFamily.transformer] or [ModelFamily.xgboost]
+    rungs, metric = plan.rungs, plan.metric
 
     def objective(trial: Any) -> float:
-        family = families[trial.number % len(families)]
-        params = sample_params(family, OptunaDraws(trial, family))
+        planned = plan.configurations[trial.number]
+        family = planned.family
+        params = (
+            dict(planned.params) if sampler == "plan" else sample_params(family, OptunaDraws(trial, family))
+        )
         trial.set_user_attr("family", family.value)
         trial.set_user_attr("params", params)
         value = float("nan")
         for i, rung in enumerate(rungs):
-            value = run_trial(trial_spec(features, family.value, params, rung.budget, metric))["score"]
+            value = run_trial(trial_spec(plan.features, family.value, params, rung.budget, metric))["score"]
             trial.report(value, rung.budget)
             # Not after the last rung: a trial pruned there would have done all its work for nothing.
             if i + 1 < len(rungs) and trial.should_prune():
@@ -147,29 +144,36 @@ def study(features: Any, spec: TuningSpec, sampler: str, n_jobs: int) -> tuple[A
         return value
 
     pruner = (
-        optuna.pruners.SuccessiveHalvingPruner(min_resource=rungs[0].budget, reduction_factor=spec.eta)
+        optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=rungs[0].budget, reduction_factor=plan.context.tuning.eta
+        )
         if len(rungs) > 1
         else optuna.pruners.NopPruner()
     )
-    samplers = {"random": optuna.samplers.RandomSampler, "tpe": optuna.samplers.TPESampler}
+    seed = plan.context.seed
+    chosen = (
+        optuna.samplers.TPESampler(seed=seed)
+        if sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=seed)
+    )
     direction = "maximize" if metric.higher_is_better else "minimize"
-    study = optuna.create_study(direction=direction, sampler=samplers[sampler](seed=ctx.seed), pruner=pruner)
+    done = optuna.create_study(direction=direction, sampler=chosen, pruner=pruner)
     # A trial whose model cannot fit is a failed trial, as in cairn, not the end of the study.
-    study.optimize(objective, n_trials=spec.trials, n_jobs=n_jobs, catch=(Exception,))
-    return study, rungs
+    done.optimize(objective, n_trials=len(plan.configurations), n_jobs=n_jobs, catch=(Exception,))
+    return done
 
 
-def refit_and_score(features: Any, spec: TuningSpec, best: Any) -> tuple[dict[str, float], float]:
+def refit_and_score(plan: TuningRequested, best: Any) -> tuple[dict[str, float], float]:
     """The best configuration at the full budget (cairn's final fit), scored on the test split."""
-    ctx, fs = features.context, features.featureset
+    features, task = plan.features, plan.context.task
     attrs = best.user_attrs
     final = fit_final(
-        trial_spec(features, attrs["family"], attrs["params"], spec.max_budget, metric_for(spec, ctx.task))
+        trial_spec(features, attrs["family"], attrs["params"], plan.context.tuning.max_budget, plan.metric)
     )
     started = time.perf_counter()
-    model = registry.predictor(final["format"], final["estimator"], ctx.task, final["n_classes"])
-    x_test, y_test = load_featureset(fs.uri, fs.sha256).split(TEST)
-    return score_all(ctx.task, y_test, model.predict(x_test)), time.perf_counter() - started
+    model = registry.predictor(final["format"], final["estimator"], task, final["n_classes"])
+    x_test, y_test = load_featureset(features.featureset.uri, features.featureset.sha256).split(TEST)
+    return score_all(task, y_test, model.predict(x_test)), time.perf_counter() - started
 
 
 def main() -> None:
@@ -181,7 +185,12 @@ def main() -> None:
     parser.add_argument("--eta", type=int, default=3)
     parser.add_argument("--strategy", choices=[s.value for s in SearchStrategy], default="asha")
     parser.add_argument("--families", nargs="+", default=["xgboost", "random_forest"])
-    parser.add_argument("--sampler", choices=["random", "tpe"], default="random")
+    parser.add_argument(
+        "--sampler",
+        choices=["random", "tpe", "plan"],
+        default="random",
+        help="Optuna's RandomSampler or TPESampler over cairn's space; plan: cairn's own draws",
+    )
     parser.add_argument("--n-jobs", type=int, default=2, help="trials at a time (cairn: one per Dask worker)")
     args = parser.parse_args()
     import optuna  # before the clock, like the rest of the imports
@@ -197,11 +206,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cairn-optuna-") as tmp:
         features = prepare(args.csv.resolve(), args.target, spec, Path(tmp))
         load_featureset(features.featureset.uri, features.featureset.sha256)  # once, before two threads ask
+        plan = plan_study("optuna-peer", features)
         marks["prepared"] = time.perf_counter()
-        done, rungs = study(features, spec, args.sampler, args.n_jobs)
+        done = study(plan, args.sampler, args.n_jobs)
         marks["studied"] = time.perf_counter()
-        holdout, scoring_s = refit_and_score(features, spec, done.best_trial)
+        holdout, scoring_s = refit_and_score(plan, done.best_trial)
         marks["scored"] = time.perf_counter()
+    rungs = plan.rungs
     halving = f"SuccessiveHalvingPruner(min_resource={rungs[0].budget}, reduction_factor={args.eta})"
     states = Counter(t.state.name.lower() for t in done.trials)
     fits = Counter(step for t in done.trials for step in t.intermediate_values)
