@@ -168,7 +168,9 @@ def summary(cairn: list[dict[str, Any]], peer: list[dict[str, Any]]) -> dict[str
         "optuna_holdout_rmse": spread([r["holdout"]["rmse"] for r in peer]),
         "cairn_phases_s": {name: spread([r["phases_s"][name] for r in cairn]) for name, _, _ in PHASES},
         "optuna_phases_s": {k: spread([r["phases_s"][k] for r in peer]) for k in peer[0]["phases_s"]},
+        # The fits' own time (run_trial's clock), summed: more fits, or the same fits slower.
         "cairn_trial_compute_s": spread([r["trial_compute_s"] for r in cairn]),
+        "optuna_trial_compute_s": spread([r["trial_compute_s"] for r in peer]),
     }
 
 
@@ -244,6 +246,12 @@ def main() -> None:
     print(line("wall ratio cairn / optuna", result["ratio_cairn_over_optuna"], "x"))
     print(line("holdout R2 cairn", result["cairn_holdout_r2"], "", 4))
     print(line("holdout R2 optuna", result["optuna_holdout_r2"], "", 4))
+    print(line("trial compute cairn (fits' clock)", result["cairn_trial_compute_s"]))
+    print(line("trial compute optuna (fits' clock)", result["optuna_trial_compute_s"]))
+    for name, s in result["cairn_phases_s"].items():
+        print(line(f"  cairn {name}", s))
+    for name, s in result["optuna_phases_s"].items():
+        print(line(f"  optuna {name}", s))
 
 
 if __name__ == "__main__":

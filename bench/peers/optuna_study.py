@@ -134,9 +134,11 @@ def study(plan: TuningRequested, sampler: str, n_jobs: int) -> Any:
         )
         trial.set_user_attr("family", family.value)
         trial.set_user_attr("params", params)
-        value = float("nan")
+        value, compute = float("nan"), 0.0
         for i, rung in enumerate(rungs):
-            value = run_trial(trial_spec(plan.features, family.value, params, rung.budget, metric))["score"]
+            result = run_trial(trial_spec(plan.features, family.value, params, rung.budget, metric))
+            value, compute = result["score"], compute + result["duration_s"]
+            trial.set_user_attr("compute_s", compute)
             trial.report(value, rung.budget)
             # Not after the last rung: a trial pruned there would have done all its work for nothing.
             if i + 1 < len(rungs) and trial.should_prune():
@@ -227,6 +229,7 @@ def main() -> None:
                 "rungs": [r.budget for r in rungs],
                 "fits_per_rung": {str(b): fits.get(b, 0) for b in (r.budget for r in rungs)},
                 "trials": dict(states),
+                "trial_compute_s": sum(t.user_attrs.get("compute_s", 0.0) for t in done.trials),
                 "best": {
                     "family": best.user_attrs["family"],
                     "params": best.user_attrs["params"],
