@@ -314,3 +314,43 @@ async def test_idle_routes_ask_again_at_once_when_a_restarted_server_is_back(
         store.close()
         for runner in reversed(runners):
             await runner.stop()
+
+
+async def test_a_cluster_busy_for_now_is_waited_for_and_anything_else_is_not():
+    """JetStream's 503 and its "no suitable peers for placement" (10005: a cluster that has not yet
+    counted its peers online, seen by `cairn provision` right after a three-server cluster started)
+    are retried, each new reason said once; any other refusal is raised at once, and a busy spell
+    that outlasts the patience is raised as it came."""
+    from nats.js.errors import APIError, ServiceUnavailableError
+
+    from services.platform.bus.availability import busy_for_now, jetstream_when_available
+
+    offline = "no suitable peers for placement, peer offline"
+    placement = APIError(code=400, err_code=10005, description=offline)
+    refusals = [ServiceUnavailableError(code=503), placement, placement]
+    said: list[str] = []
+
+    async def call() -> str:
+        if refusals:
+            raise refusals.pop(0)
+        return "provisioned"
+
+    assert await jetstream_when_available(call, 30, said.append) == "provisioned"
+    assert said == ["JetStream temporarily unavailable", offline]
+
+    other = APIError(code=400, err_code=10058, description="stream name already in use")
+    assert busy_for_now(other) is None
+
+    async def refused() -> None:
+        raise other
+
+    with pytest.raises(APIError) as raised:
+        await jetstream_when_available(refused, 30)
+    assert raised.value is other
+
+    async def always_busy() -> None:
+        raise placement
+
+    with pytest.raises(APIError) as raised:
+        await jetstream_when_available(always_busy, 0)
+    assert raised.value.err_code == 10005

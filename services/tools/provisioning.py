@@ -10,19 +10,26 @@ Idempotent: run it again after an upgrade and it updates what changed.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
+from services.platform.bus.availability import jetstream_when_available
 from services.platform.bus.connection import connect
 from services.platform.bus.provision import provision_all
 from services.platform.model_signatures import ensure_home_keys
 from services.platform.settings import CairnSettings
 
 
-async def provision_everything(settings: CairnSettings) -> dict[str, str]:
-    """Returns what was done, per part, for the admin to read."""
+async def provision_everything(
+    settings: CairnSettings, on_wait: Callable[[str], None] | None = None
+) -> dict[str, str]:
+    """Returns what was done, per part, for the admin to read. A cluster still forming (no leader
+    yet, too few peers counted online to place replicas) is waited for, up to a minute: a
+    provisioning Job started beside a fresh NATS StatefulSet meets one; `on_wait` hears why."""
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     nc = await connect(settings, "admin")
     try:
-        stream = await provision_all(nc.jetstream(), settings)
+        js = nc.jetstream()
+        stream = await jetstream_when_available(lambda: provision_all(js, settings), 60.0, on_wait)
     finally:
         await nc.close()
     await asyncio.to_thread(_schemas, settings)

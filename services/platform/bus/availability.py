@@ -8,13 +8,57 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from services.platform.bus.connection import connect_once
 from services.platform.settings import CairnSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# JetStream's "no suitable peers for placement": a replicated stream or bucket cannot be placed
+# because the meta leader counts too few peers online. Right after a cluster starts, or while a
+# server restarts, that lasts seconds; with a server really down it lasts until it is back.
+NO_PEERS_FOR_PLACEMENT = 10005
+
+
+def busy_for_now(exc: BaseException) -> str | None:
+    """Why JetStream refused, when the refusal is one a forming or healing cluster gives for
+    seconds (a 503 while it elects a leader or catches up; no peers to place replicas on yet);
+    None for any other error."""
+    if isinstance(exc, ServiceUnavailableError):
+        return "JetStream temporarily unavailable"
+    if isinstance(exc, APIError) and exc.err_code == NO_PEERS_FOR_PLACEMENT:
+        return exc.description or "no suitable peers for placement"
+    return None
+
+
+async def jetstream_when_available(
+    call: Callable[[], Awaitable[T]],
+    patience_s: float = 30.0,
+    on_wait: Callable[[str], None] | None = None,
+) -> T:
+    """`call()`, again while JetStream is busy for now (`busy_for_now`): a cluster electing a
+    leader, a server catching up after a partition healed, peers not yet counted online are
+    seconds, not a failure. `on_wait` hears each new reason once; after `patience_s` the last
+    refusal is raised."""
+    deadline, delay, said = time.monotonic() + patience_s, 0.25, None
+    while True:
+        try:
+            return await call()
+        except APIError as exc:
+            why = busy_for_now(exc)
+            if why is None or time.monotonic() > deadline:
+                raise
+            if on_wait is not None and why != said:
+                on_wait(why)
+            said = why
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 async def stream_state(settings: CairnSettings, who: str) -> str | None:

@@ -13,8 +13,9 @@ import sys
 from typing import Any
 
 import typer
-from nats.js.errors import ServiceUnavailableError
+from nats.js.errors import APIError, ServiceUnavailableError
 
+from services.platform.bus.availability import NO_PEERS_FOR_PLACEMENT
 from services.tools.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, app
 
 # Each module registers its commands; `cairn --help` lists them in this order.
@@ -54,11 +55,23 @@ def main() -> None:
             "catching up after a restart or a partition): try again in a few seconds",
             EXIT_FAILED,
         )
+    except APIError as exc:
+        if exc.err_code != NO_PEERS_FOR_PLACEMENT:
+            _internal_error(exc)
+        _fail(
+            f"NATS JetStream cannot place the replicas ({exc.description}): CAIRN_STREAM_REPLICAS "
+            "needs that many servers up; `cairn status` shows which is offline",
+            EXIT_FAILED,
+        )
     except Exception as exc:  # noqa: BLE001 - a bug, not a user error: still one line unless asked
-        if os.environ.get("CAIRN_DEBUG"):
-            raise
-        _fail(f"internal error: {type(exc).__name__}: {exc} (CAIRN_DEBUG=1 shows the traceback)", EXIT_FAILED)
+        _internal_error(exc)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _internal_error(exc: Exception) -> None:
+    if os.environ.get("CAIRN_DEBUG"):
+        raise exc
+    _fail(f"internal error: {type(exc).__name__}: {exc} (CAIRN_DEBUG=1 shows the traceback)", EXIT_FAILED)
 
 
 def _click_exceptions() -> Any:

@@ -5,15 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
 
 from services.platform.settings import CairnSettings
-
-T = TypeVar("T")
 
 HELP = """The `cairn` command line: run the system, feed it data, watch it, query it.
 
@@ -147,27 +143,12 @@ def full_id(store: Any, ident: str) -> str:
     return matches[0] if matches else ident
 
 
-async def jetstream_when_available(call: Callable[[], Awaitable[T]], patience_s: float = 30.0) -> T:
-    """`call()`, again while JetStream answers 503: a cluster electing a leader, or the server this
-    client reached catching up after a partition healed, is busy for seconds, not broken."""
-    from nats.js.errors import ServiceUnavailableError
-
-    deadline, delay = time.monotonic() + patience_s, 0.25
-    while True:
-        try:
-            return await call()
-        except ServiceUnavailableError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-
 async def stream_messages(s: CairnSettings) -> list[tuple[int, str, bytes]]:
     from nats.js.errors import NotFoundError
 
     from services.lineage.archive import ArchiveError
     from services.lineage.audit import history_records
+    from services.platform.bus.availability import jetstream_when_available
 
     nc = await connect_nats(s, "audit")
     try:

@@ -78,10 +78,13 @@ def provision() -> None:
 
     s = settings()
 
+    def waiting(why: str) -> None:
+        typer.echo(f"waiting for JetStream: {why}", err=True)
+
     async def go() -> dict[str, str]:
         nc = await connect_nats(s, "admin")  # a clear error when NATS is not there
         await nc.close()
-        return await provision_everything(s)
+        return await provision_everything(s, on_wait=waiting)
 
     for part, done in asyncio.run(go()).items():
         typer.echo(f"{part}: {done}")
