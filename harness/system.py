@@ -32,6 +32,17 @@ def _environ(extra: dict[str, str]) -> Iterator[None]:
         os.environ.update(saved)
 
 
+def _unreaped_child(pid: int) -> bool:
+    """A child of ours that has exited and not been waited for: its pid (and group) cannot have been
+    given to anyone else yet, and its group may still hold its Dask workers."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state, parent = stat[stat.rindex(")") + 2 :].split()[:2]
+    return state == "Z" and int(parent) == os.getpid()
+
+
 @dataclass
 class System:
     """nats-server, the services `cairn up` starts (each its own process) and the endpoint."""
@@ -64,31 +75,52 @@ class System:
         (self.settings.home_dir / RUNTIME_FILE).write_text(json.dumps(self.runtime, indent=2))
         return proc.pid
 
+    def _signal(self, pid: int, sig: int) -> None:
+        """Signal `pid`'s group only while it is still the process this system started: once reaped,
+        a pid is handed to whatever starts next (pid_max is 32,768 here, and a full suite wraps it
+        several times), and every cairn service leads its own group, so a stale killpg stops some
+        other test's service."""
+        if supervisor.is_ours(self.runtime, pid) or _unreaped_child(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, sig)
+
     def kill(self, name: str) -> None:
         """kill -9 a service and everything it started (its Dask workers): a crashed container."""
         pid = self.runtime["pids"][name]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+        self._signal(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
 
     def not_ready(self, timeout: float = 180.0) -> dict[str, str]:
-        return supervisor.wait_ready(self.runtime, timeout)
+        waiting = supervisor.wait_ready(self.runtime, timeout)
+        return {name: why + self.last_words(name) for name, why in waiting.items()}
+
+    def last_words(self, name: str, lines: int = 20) -> str:
+        """The end of a service's log, for a failure message (the home is gone once CI ends)."""
+        path = self.settings.home_dir / "logs" / f"{name}.log"
+        try:
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return f"\n--- last lines of {path.name} ---\n" + "\n".join(tail)
+
+    def post_mortem(self) -> str:
+        """Which processes have died, with the end of each one's log."""
+        dead = [n for n, pid in self.runtime["pids"].items() if not supervisor.alive(pid)]
+        return "; ".join(f"{n} is gone{self.last_words(n)}" for n in dead) or "every process runs"
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM every process group at once (supervisor.down does one after the other), then
         SIGKILL what is left; nats-server last."""
         pids = dict(self.runtime["pids"])
         for pid in pids.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
+            self._signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for pid in pids.values():
-            while supervisor.alive(pid) and time.monotonic() < deadline:  # noqa: SLF001
+            while supervisor.alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if supervisor.alive(pid):  # noqa: SLF001
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+            if supervisor.alive(pid):
+                self._signal(pid, signal.SIGKILL)
         with contextlib.suppress(FileNotFoundError):
             (self.settings.home_dir / RUNTIME_FILE).unlink()
         if self.server is not None:

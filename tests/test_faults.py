@@ -36,8 +36,6 @@ pytestmark = pytest.mark.slow
 MLFLOW = Path(sys.executable).parent / "mlflow"
 
 
-
-
 class MlflowServer:
     """`mlflow server` on SQLite, started and stopped as a process group (uvicorn + job runner)."""
 
@@ -180,8 +178,11 @@ async def consumer(system: System, durable: str):
         await nc.close()
 
 
-async def deployed(log: StreamLog, run: str, timeout: float = 240.0):
-    terminal = await log.wait(lambda lg: lg.terminal(run), timeout, f"a terminal event of run {run}")
+async def deployed(system: System, log: StreamLog, run: str, timeout: float = 240.0):
+    try:
+        terminal = await log.wait(lambda lg: lg.terminal(run), timeout, f"a terminal event of run {run}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; {system.post_mortem()}") from None
     assert terminal.type == "cairn.model.deployed.v1", (terminal.type, terminal.data)
     return terminal
 
@@ -225,7 +226,7 @@ async def test_dask_worker_lost_mid_trial_is_recovered(faulty):
     before = {p.pid for p in worker_processes(system)}
     victim.send_signal(signal.SIGKILL)
 
-    await deployed(log, run)
+    await deployed(system, log, run)
     study = study_of(log, run)
     exactly_once_per_trial(log, study, 2)
     after = {p.pid for p in worker_processes(system)}
@@ -249,7 +250,7 @@ async def test_training_killed_mid_trial_is_redelivered_and_each_trial_completes
     system.respawn("training")
     assert not system.not_ready(120)
 
-    await deployed(log, run)
+    await deployed(system, log, run)
     study = study_of(log, run)
     exactly_once_per_trial(log, study, 2)
     info = await consumer(system, "training-trial-requested-v1")
@@ -284,7 +285,7 @@ async def test_nats_server_restart_mid_pipeline_is_survived_by_every_service(fau
     system.server.start()
     assert system.server.port == port
 
-    await deployed(log, run)
+    await deployed(system, log, run)
     exactly_once_per_trial(log, study_of(log, run), 2)
     nc = await connect(system.settings, "test")
     try:
@@ -319,7 +320,7 @@ async def test_nats_server_restart_mid_pipeline_is_survived_by_every_service(fau
             tuning=TuningSpec(trials=2, families=[ModelFamily.linear], strategy=SearchStrategy.random),
         ),
     )
-    done = await deployed(log, second, 120)
+    done = await deployed(system, log, second, 120)
     async with httpx.AsyncClient(timeout=5) as client:
         deadline = time.monotonic() + 30
         while (await client.get(system.runtime["serve_url"] + "/v1/models")).json().get("after", {}).get(
@@ -368,7 +369,7 @@ async def test_mlflow_outage_is_retried_without_losing_a_result(faulty):
     assert not [r for r in log.run(run) if r.type == "cairn.trial.completed.v1"], "no result without MLflow"
     mlflow.start()  # back, same store, same port
 
-    await deployed(log, run, 180)
+    await deployed(system, log, run, 180)
     study = study_of(log, run)
     exactly_once_per_trial(log, study, 3)
     assert not [r for r in log.records if r.subject == "cairn.dlq.training"], "nothing dead-lettered"

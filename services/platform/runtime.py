@@ -282,8 +282,16 @@ class ServiceRunner:
     async def run_forever(self) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def stopped_by(sig: signal.Signals) -> None:
+            # Said in the log, so a service that ended without being asked to is told apart from
+            # one that was (by whom is not known here: a pid signalled twice is the usual suspect).
+            if not stop.is_set():  # uvicorn raises a signal it caught again once it has stopped
+                log.info("%s: %s received; stopping", self.service.name, sig.name)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stopped_by, sig)
         # A start can wait a long time (for NATS, for `cairn provision`): a signal must end it too.
         starting = asyncio.create_task(self.start())
         stopping = asyncio.create_task(stop.wait())
