@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import time
@@ -72,7 +71,7 @@ class System:
             self.settings.home_dir / "logs" / f"{name}.log",
         )
         supervisor.record(self.runtime, name, proc)  # `supervisor.down` signals only what it recorded
-        (self.settings.home_dir / RUNTIME_FILE).write_text(json.dumps(self.runtime, indent=2))
+        supervisor.write_runtime(self.settings.home_dir / RUNTIME_FILE, self.runtime)
         return proc.pid
 
     def _signal(self, pid: int, sig: int) -> None:

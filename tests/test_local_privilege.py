@@ -153,19 +153,37 @@ async def test_a_stolen_service_password_publishes_and_reads_only_that_services_
 
 
 def test_each_child_holds_only_its_own_password(local: dict) -> None:
+    """Read as an attacker who can read one service's memory would (the same user, or a disclosure
+    bug): its writable memory and its environment hold its own password and nobody else's. The
+    services are forked from one launcher (CAIRN_PRELOAD), which must never have held a password:
+    every later fork would have inherited it."""
     passwords = secrets_of(local["home"])
     for name, pid in local["runtime"]["pids"].items():
         if name == "nats-server":
             continue
-        env = dict(
-            line.split("=", 1)
-            for line in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
-            if "=" in line
-        )
         user = "serve" if name == "serve" else name
-        assert env["CAIRN_NATS_USER"] == user and env["CAIRN_NATS_PASSWORD"] == passwords[user], name
-        held = {u for u, p in passwords.items() if p in "\0".join(env.values())}
-        assert held == {user}, f"{name} holds the passwords of {held}"
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        in_environ = {u for u, p in passwords.items() if p.encode() in environ}
+        assert in_environ <= {user}, f"{name}'s environment holds the passwords of {in_environ}"
+        held = {u for u, p in passwords.items() if in_memory(pid, p.encode())}
+        assert held == {user}, f"{name}'s memory holds the passwords of {held}"
+
+
+def in_memory(pid: int, needle: bytes) -> bool:
+    """Whether `needle` is anywhere in the process's writable memory (heap, stacks, anonymous maps)."""
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            fields = line.split()
+            if not fields[1].startswith("rw") or fields[-1] in ("[vvar]", "[vsyscall]"):
+                continue
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def test_credentials_are_readable_by_their_owner_only(local: dict) -> None:

@@ -47,6 +47,11 @@ class CairnSettings(BaseSettings):
 
     # Consumer policy, shared by every service
     ack_wait_s: float = Field(30.0, gt=0, description="Lease on a message; long steps renew it.")
+    preload: bool = Field(
+        True,
+        description="`cairn up` forks every process from one that imported their libraries once "
+        "(Linux); false: each process its own interpreter.",
+    )
     stop_timeout_s: float = Field(
         2.0,
         gt=0,
@@ -103,7 +108,8 @@ class CairnSettings(BaseSettings):
     dask_gpu_workers: int = Field(0, ge=0, description="GPU worker group size (kubernetes).")
     trial_concurrency: int | None = Field(None, ge=1, description="Trials in flight per training replica.")
     dask_tls_ca: Path | None = Field(
-        None, description="CA signing the Dask scheduler's and workers' certificates; with it CAIRN_DASK is tls://."
+        None,
+        description="CA signing the Dask scheduler's and workers' certificates; with it CAIRN_DASK is tls://.",
     )
     dask_tls_cert: Path | None = Field(None, description="Certificate shown to the Dask scheduler (mTLS).")
     dask_tls_key: Path | None = Field(None, description="Key of CAIRN_DASK_TLS_CERT.")
@@ -146,7 +152,9 @@ class CairnSettings(BaseSettings):
     serve_host: str = Field("127.0.0.1", description="Inference endpoint bind address.")
     serve_port: int = Field(8080, ge=0, description="Inference endpoint port.")
     serve_grpc_port: int = Field(
-        0, ge=0, le=65535,
+        0,
+        ge=0,
+        le=65535,
         description="Port of the endpoint's gRPC services (Open Inference Protocol, grpc.health.v1) on "
         "CAIRN_SERVE_HOST beside the HTTP port; 0: no gRPC.",
     )

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from pydantic import SecretStr
 
 from services.platform.bus.embedded import EmbeddedNats, die_with_parent
 from services.platform.settings import NATS_AUTH_DIR, RUNTIME_FILE, CairnSettings
+from services.platform.tls import write_file
+from services.tools import forks
 from services.tools.catalog import SERVICES
 from services.tools.nats_auth import ADMIN, SERVE, credentials_env
 from services.tools.provisioning import provision_everything
@@ -106,6 +109,9 @@ def spawn(
         log.close()
 
 
+PASSWORDS_DIR = "passwords"
+
+
 def write_local_auth(settings: CairnSettings) -> Path:
     """The embedded server's users, permissions and passwords (`services.tools.nats_auth`, as `cairn
     nats-config` writes them for operators) in a folder only the home's owner can enter."""
@@ -115,6 +121,10 @@ def write_local_auth(settings: CairnSettings) -> Path:
     auth.mkdir(mode=0o700, exist_ok=True)
     auth.chmod(0o700)  # also when an older start made it
     write_nats_config(auth, settings=settings)
+    passwords = auth / PASSWORDS_DIR  # one file per user: a forked child reads its own only
+    passwords.mkdir(mode=0o700, exist_ok=True)
+    for user, password in json.loads((auth / "secrets.json").read_text()).items():
+        write_file(passwords / user, password, 0o600)
     return auth
 
 
@@ -145,47 +155,90 @@ def up(
         runtime["supervisor"] = os.getpid()
         remember(runtime, os.getpid())
     path = home / RUNTIME_FILE
-    auth: Path | None = None
-    if settings.nats_url:
-        runtime["nats_url"] = settings.nats_url
-    else:
-        auth = write_local_auth(settings)
-        server = EmbeddedNats(home / "nats", include=auth / "auth.conf", tied_to_parent=tied)
-        runtime["nats_url"] = server.start()
-        runtime["nats_auth"] = str(auth)
-        record(runtime, "nats-server", server.process)  # type: ignore[arg-type]
-    path.write_text(json.dumps(runtime, indent=2))  # `down` can stop a half-finished start
-    settings = settings.model_copy(update={"nats_url": runtime["nats_url"]})
-    asyncio.run(provision_everything(_as_user(settings, auth, ADMIN) if auth else settings))
-    env = {
-        **os.environ,
-        **settings.to_env(),
-        "CAIRN_HOME": str(home),
-        "CAIRN_NATS_URL": runtime["nats_url"],
-        "CAIRN_ALLOWED_ROOTS": json.dumps([str(r) for r in settings.read_roots]),
-        "CAIRN_HEALTH_HOST": LOOPBACK,
-    }
+    with children_of(settings, runtime, home / "logs", tied) as start:
+        auth: Path | None = None
+        if settings.nats_url:
+            runtime["nats_url"] = settings.nats_url
+        else:
+            auth = write_local_auth(settings)
+            server = EmbeddedNats(home / "nats", include=auth / "auth.conf", tied_to_parent=tied)
+            runtime["nats_url"] = server.start()
+            runtime["nats_auth"] = str(auth)
+            record(runtime, "nats-server", server.process)  # type: ignore[arg-type]
+        write_runtime(path, runtime)  # `down` can stop a half-finished start
+        settings = settings.model_copy(update={"nats_url": runtime["nats_url"]})
+        asyncio.run(provision_everything(_as_user(settings, auth, ADMIN) if auth else settings))
+        env = {
+            **os.environ,
+            **settings.to_env(),
+            "CAIRN_HOME": str(home),
+            "CAIRN_NATS_URL": runtime["nats_url"],
+            "CAIRN_ALLOWED_ROOTS": json.dumps([str(r) for r in settings.read_roots]),
+            "CAIRN_HEALTH_HOST": LOOPBACK,
+        }
 
-    def credentials(user: str) -> dict[str, str] | None:
-        return credentials_env(auth, user) if auth else None
+        def credentials(user: str) -> dict[str, str] | None:
+            return credentials_env(auth, user) if auth else None
 
-    for name in services or list(SERVICES):
-        port = free_port()
-        child = {**child_env(env, credentials(name)), "CAIRN_HTTP_PORT": str(port)}
-        proc = spawn(["run", name], child, home / "logs" / f"{name}.log", tied)
-        record(runtime, name, proc)
-        runtime["health"][name] = f"http://{LOOPBACK}:{port}"
-        path.write_text(json.dumps(runtime, indent=2))
-    if serve:
-        # `serving start`: the endpoint with its CAIRN_SERVE_WORKERS worker processes
-        child = child_env(env, credentials(SERVE))
-        proc = spawn(
-            ["serving", "start", "--port", str(serve_port)], child, home / "logs" / "serve.log", tied
-        )
-        record(runtime, "serve", proc)
-        runtime["serve_url"] = f"http://{settings.serve_host}:{serve_port}"
-    path.write_text(json.dumps(runtime, indent=2))
+        def password_file(user: str) -> Path | None:
+            return auth / PASSWORDS_DIR / user if auth else None
+
+        for name in services or list(SERVICES):
+            port = free_port()
+            child = {**child_env(env, credentials(name)), "CAIRN_HTTP_PORT": str(port)}
+            start(name, ["run", name], child, f"{name}.log", password_file(name))
+            runtime["health"][name] = f"http://{LOOPBACK}:{port}"
+            write_runtime(path, runtime)
+        if serve:
+            # `serving start`: the endpoint with its CAIRN_SERVE_WORKERS worker processes
+            child = child_env(env, credentials(SERVE))
+            args = ["serving", "start", "--port", str(serve_port)]
+            start("serve", args, child, "serve.log", password_file(SERVE))
+            runtime["serve_url"] = f"http://{settings.serve_host}:{serve_port}"
+    write_runtime(path, runtime)
     return runtime
+
+
+def write_runtime(path: Path, runtime: dict) -> None:
+    """Replace the file whole: a service starting reads it for the NATS URL while `up` still adds
+    to it, and a file being rewritten in place reads empty for a moment."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(runtime, indent=2))
+    partial.replace(path)
+
+
+@contextlib.contextmanager
+def children_of(
+    settings: CairnSettings, runtime: dict, logs: Path, tied: bool
+) -> Iterator[Callable[[str, list[str], dict[str, str], str, Path | None], None]]:
+    """`start(name, args, env, log, password file)`: a child recorded in the runtime, forked from one
+    launcher that has imported the services' libraries once (`services.tools.cli.launcher`;
+    CAIRN_PRELOAD=false or not Linux: its own interpreter each). The launcher starts importing on
+    entry, so its imports overlap the NATS start and provisioning."""
+    if not (settings.preload and forks.available()):
+
+        def spawn_each(name: str, args: list[str], child: dict[str, str], log: str, _: Path | None) -> None:
+            record(runtime, name, spawn(args, child, logs / log, tied))
+
+        yield spawn_each
+        return
+    launcher = forks.Launcher.start(child_env(dict(os.environ), {}), logs / "launcher.log", tied)
+    try:
+
+        def fork_each(
+            name: str, args: list[str], child: dict[str, str], log: str, password: Path | None
+        ) -> None:
+            # The password goes by file, never through the launcher: what the launcher's memory
+            # held, every later fork would inherit.
+            if password is not None:
+                child = {k: v for k, v in child.items() if k != forks.PASSWORD_VARIABLE}
+            pid = launcher.spawn(args, child, logs / log, tied, password)
+            runtime["pids"][name] = pid
+            remember(runtime, pid)
+
+        yield fork_each
+    finally:
+        launcher.close()
 
 
 def _as_user(settings: CairnSettings, auth: Path, user: str) -> CairnSettings:
