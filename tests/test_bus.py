@@ -164,6 +164,7 @@ async def test_two_replicas_share_one_durable_consumer_exactly_once(settings, js
             ids.append(event.id)
             await js.publish("cairn.data.arrived.v1", event.encode(), headers={"Nats-Msg-Id": event.id})
         msgs = await collect(js, "cairn.dataset.ingested.v1", lambda m: len(m) >= 500, timeout=240)
+
         async def settled() -> bool:
             info = await js.consumer_info("CAIRN", "ingestion-data-arrived-v1")
             return info.num_ack_pending == 0 and info.num_pending == 0

@@ -59,8 +59,14 @@ def body(i: int) -> bytes:
     """Mostly CloudEvents; now and then bytes that are not JSON at all, which lineage keeps too."""
     if i % 17 == 5:
         return b"\xff\x00 not json"
-    doc = {"specversion": "1.0", "id": str(uuid.uuid4()), "type": "cairn.test.v1", "source": "/test",
-           "correlationid": "lag", "data": {"i": i}}
+    doc = {
+        "specversion": "1.0",
+        "id": str(uuid.uuid4()),
+        "type": "cairn.test.v1",
+        "source": "/test",
+        "correlationid": "lag",
+        "data": {"i": i},
+    }
     return json.dumps(doc).encode()
 
 

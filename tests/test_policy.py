@@ -200,9 +200,17 @@ async def test_submit_wait_ends_with_the_give_up_instead_of_its_timeout(nats_ser
         probes = Probes(settings)
         async with supervised(probes):
             submit = await asyncio.create_subprocess_exec(
-                str(Path(sys.executable).with_name("cairn")), "submit", str(data), "--target", "y",
-                "--wait", "--timeout", "600",
-                env=probes.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                str(Path(sys.executable).with_name("cairn")),
+                "submit",
+                str(data),
+                "--target",
+                "y",
+                "--wait",
+                "--timeout",
+                "600",
+                env=probes.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
             )
             out, err = await asyncio.wait_for(submit.communicate(), 300)
     assert submit.returncode == 1, (out + err).decode()
@@ -217,7 +225,11 @@ def dataset_event(uri: str) -> Envelope[DatasetIngested]:
     )
     dataset = ArtifactRef(uri=uri, sha256="a" * 64, size=1, media_type="application/vnd.apache.parquet")
     payload = DatasetIngested(
-        context=context, source_uri="file:///x.csv", source_sha256="b" * 64, dataset=dataset, rows=1,
+        context=context,
+        source_uri="file:///x.csv",
+        source_sha256="b" * 64,
+        dataset=dataset,
+        rows=1,
         columns=[],
     )
     return new_event(payload, source="/test")

@@ -89,11 +89,20 @@ class MlflowServer:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [
-                    str(MLFLOW), "server",
-                    "--backend-store-uri", self.backend,
-                    "--artifacts-destination", str(self.artifacts),
-                    "--default-artifact-root", "mlflow-artifacts:/",
-                    "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                    str(MLFLOW),
+                    "server",
+                    "--backend-store-uri",
+                    self.backend,
+                    "--artifacts-destination",
+                    str(self.artifacts),
+                    "--default-artifact-root",
+                    "mlflow-artifacts:/",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    "1",
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -165,12 +174,20 @@ class Lab:
         fitted = fit_final(TrialSpec(fs_uri, fs_sha, "xgboost", params, rounds, "regression", "rmse", 0))
         spec = json.loads(read_verified(fs.transform.uri, fs.transform.sha256))
         bundle = save_bundle(
-            self.store, estimator=fitted["estimator"], estimator_format=fitted["format"], spec=spec,
-            family=ModelFamily.xgboost, params=params, budget=rounds,
+            self.store,
+            estimator=fitted["estimator"],
+            estimator_format=fitted["format"],
+            spec=spec,
+            family=ModelFamily.xgboost,
+            params=params,
+            budget=rounds,
         )
         run_id = self.tracker.log_run(
-            experiment=name, run_name=f"final-{rounds}", event_id=f"test-{uuid.uuid4().hex}",
-            params=params, metrics={"validation_rmse": fitted["validation_score"]},
+            experiment=name,
+            run_name=f"final-{rounds}",
+            event_id=f"test-{uuid.uuid4().hex}",
+            params=params,
+            metrics={"validation_rmse": fitted["validation_score"]},
             tags={"cairn.kind": "model", "cairn.model_sha256": bundle.sha256},
         )
         return ModelTrained(
@@ -225,8 +242,10 @@ async def publish(settings: CairnSettings, payload: Any) -> str:
 def of(log: StreamLog, event_type: str, model: str | None = None) -> list[Record]:
     def name(r: Record) -> str | None:
         d = r.data
-        return d.get("model_name") or (d.get("context") or {}).get("model_name") or (
-            ((d.get("evaluated") or {}).get("context") or {}).get("model_name")
+        return (
+            d.get("model_name")
+            or (d.get("context") or {}).get("model_name")
+            or (((d.get("evaluated") or {}).get("context") or {}).get("model_name"))
         )
 
     return [r for r in log.of_type(event_type) if model is None or name(r) == model]
@@ -240,7 +259,8 @@ def deployed_sha(log: StreamLog, model: str, sha: str) -> Record | None:
 def judged_model(log: StreamLog, model: str, sha: str) -> list[Record]:
     """Decisions evaluation made about one bundle (not passes a test published itself)."""
     return [
-        r for r in of(log, "cairn.model.evaluated.v1", model)
+        r
+        for r in of(log, "cairn.model.evaluated.v1", model)
         if r.data["model"]["sha256"] == sha and r.doc.get("source") == "/cairn/evaluation"
     ]
 
@@ -310,8 +330,10 @@ async def test_registry_outage_is_waited_out_not_taken_for_no_champion(
             await publish(s, worse)
             better_id = await publish(s, better_pass)
             await log.wait(
-                lambda lg: retried(deployment, "cairn.model.evaluated.v1") >= 2
-                and (retried(evaluation, TRAINED) >= 2 or judged_model(lg, "outage", worse_sha)),
+                lambda lg: (
+                    retried(deployment, "cairn.model.evaluated.v1") >= 2
+                    and (retried(evaluation, TRAINED) >= 2 or judged_model(lg, "outage", worse_sha))
+                ),
                 WAIT,
                 "evaluation and deployment retrying while MLflow is down",
             )
@@ -430,7 +452,9 @@ def outside_copy(lab: Lab, trained: ModelTrained, folder: Path, *, move_manifest
         return lab.store.put_bytes(data, trained.model.media_type, ".json")
     (folder / "bundle.json").write_bytes(data)
     return ArtifactRef(
-        uri=(folder / "bundle.json").as_uri(), sha256=sha256_bytes(data), size=len(data),
+        uri=(folder / "bundle.json").as_uri(),
+        sha256=sha256_bytes(data),
+        size=len(data),
         media_type=trained.model.media_type,
     )
 
@@ -443,8 +467,12 @@ async def test_every_artifact_outside_the_store_is_refused(settings, js, tmp_pat
     forged = lab.train("forged-champion", GOOD)
     ref = outside_copy(lab, forged, tmp_path / "outside" / "champion", move_manifest=True)
     version = lab.tracker.register(
-        "forged-champion", source=ref.uri, run_id=forged.mlflow_run_id, sha256=ref.sha256,
-        evidence_event_id="forged", size=ref.size,
+        "forged-champion",
+        source=ref.uri,
+        run_id=forged.mlflow_run_id,
+        sha256=ref.sha256,
+        evidence_event_id="forged",
+        size=ref.size,
     )
     lab.tracker.set_champion("forged-champion", version)
     challenger = lab.train("forged-champion", BEST)

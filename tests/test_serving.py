@@ -162,7 +162,6 @@ async def test_champion_served_by_mlflow_and_cairn_v2_protocol_and_hot_swap_unde
     url = f"http://127.0.0.1:{port}"
     with endpoint(settings, port, workers=2) as proc:
         async with httpx.AsyncClient(timeout=30) as client:
-
             await endpoint_ready(client, url, proc, settings)
             v1 = (await client.post(url + "/v1/models/srv/predict", json={"rows": rows})).json()
             assert v1["version"] == 1 and v1["sha256"] == first.model.sha256

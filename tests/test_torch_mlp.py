@@ -27,6 +27,8 @@ from services.platform.ml.torch_mlp import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 def mlp(*args, **kwargs):
     """`fit_mlp` of a request built from the positional fields of `FitRequest`."""
     return fit_mlp(FitRequest(*args, **kwargs))
