@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CAIRN := $(VENV)/bin/cairn
 
-.PHONY: install lock system-deps demo up down test test-fast lint bench schemas clean
+.PHONY: install lock system-deps demo up down test test-durations test-fast lint bench schemas clean
 
 install: $(VENV)/.installed system-deps
 
@@ -63,6 +63,13 @@ down: install
 PYTEST_WORKERS ?= 2
 test: install
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=25
+
+# Each module's wall seconds into tests/module_seconds.json, which orders the modules longest first
+# (tests/module_order.py): refresh it after adding or much changing a slow module.
+test-durations: install
+	rm -rf .test-durations
+	CAIRN_TEST_DURATIONS=.test-durations $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+	$(PY) -c "import glob, json; t = {}; [t.update(json.load(open(f))) for f in glob.glob('.test-durations/*.json')]; open('tests/module_seconds.json', 'w').write(json.dumps(dict(sorted(t.items())), indent=1) + '\n')"
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not k8s"

@@ -28,6 +28,8 @@ from services.platform.bus.provision import provision_all
 from services.platform.settings import CairnSettings
 from services.tools.supervisor import free_port
 
+pytest_plugins = ("tests.module_order",)
+
 
 @pytest.fixture
 def nats_server(tmp_path: Path):
