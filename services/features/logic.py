@@ -75,7 +75,9 @@ def _encode_partition(frame: pd.DataFrame, spec: dict[str, Any]) -> pa.Table:
 def build(ingested: DatasetIngested, store: ArtifactStore) -> FeaturesBuilt:
     ctx = ingested.context
     snapshot = read_verified(ingested.dataset.uri, ingested.dataset.sha256)
-    with dask.config.set(scheduler="threads", num_workers=2):
+    # On this process's threads, and so with the tasks shuffle: left to choose, Dask picks p2p in a
+    # process that holds a distributed client, and p2p runs only on a distributed worker.
+    with dask.config.set({"scheduler": "threads", "num_workers": 2, "dataframe.shuffle.method": "tasks"}):
         ddf = dd.from_map(
             lambda i: _with_split(_row_group(snapshot, i), ctx.seed),
             list(range(pq.ParquetFile(io.BytesIO(snapshot)).num_row_groups)),
