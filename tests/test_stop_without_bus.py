@@ -9,6 +9,7 @@ is cut, no FIN or RST reaches the services.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -121,5 +122,9 @@ def test_cairn_up_stopped_together_with_its_server_exits_within_15_s(tmp_path: P
             up.wait(10)
     assert took <= 15, f"cairn up took {took:.1f} s to exit"
     assert code == 0
-    alive = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-    assert not alive, f"children still alive: {[psutil.Process(p).cmdline() for p in alive]}"
+    alive = []
+    for pid in children:
+        with contextlib.suppress(psutil.NoSuchProcess):  # a zombie has exited; its parent reaps it
+            if (child := psutil.Process(pid)).status() != psutil.STATUS_ZOMBIE:
+                alive.append(child.cmdline())
+    assert not alive, f"children still alive after `cairn up` exited: {alive}"

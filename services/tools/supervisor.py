@@ -223,6 +223,8 @@ def children_of(
         yield spawn_each
         return
     launcher = forks.Launcher.start(child_env(dict(os.environ), {}), logs / "launcher.log", tied)
+    runtime["launcher"] = launcher.process.pid  # `down` waits for it too, so nothing outlives `down`
+    remember(runtime, launcher.process.pid, [str(a) for a in launcher.process.args])  # type: ignore[union-attr]
     try:
 
         def fork_each(
@@ -383,6 +385,8 @@ def stop_recorded(settings: CairnSettings, timeout: float = 12.0) -> Stopped:
     result = Stopped(gone=[f"{n} (pid {p})" for n, p in pids.items() if n not in ours])
     services = {n: p for n, p in ours.items() if n != "nats-server"}
     result.stopped = _stop_groups(services, timeout, runtime)
+    if (launcher := runtime.get("launcher")) and is_ours(runtime, launcher):
+        _stop_groups({"launcher": launcher}, timeout, runtime)  # its children gone, it is leaving too
     if "nats-server" in ours:
         result.stopped += _stop_groups({"nats-server": ours["nats-server"]}, timeout, runtime)
     path.unlink(missing_ok=True)
