@@ -29,8 +29,9 @@ class LauncherError(RuntimeError):
 class Launcher:
     """The supervisor's handle on a launcher process: `spawn` children, then `close` (it reaps them)."""
 
-    def __init__(self, process: subprocess.Popen[bytes]):
+    def __init__(self, process: subprocess.Popen[bytes], log_path: Path):
         self.process = process
+        self.log_path = log_path
         self.ready = False
 
     @classmethod
@@ -45,7 +46,7 @@ class Launcher:
                 start_new_session=True,
                 preexec_fn=die_with_parent() if tied else None,  # noqa: PLW1509
             )
-        return cls(process)  # importing, while the supervisor starts NATS and provisions
+        return cls(process, log_path)  # importing, while the supervisor starts NATS and provisions
 
     def spawn(
         self,
@@ -83,5 +84,8 @@ class Launcher:
         line = self.process.stdout.readline()
         if not line:
             code = self.process.wait()
-            raise LauncherError(f"the launcher exited (code {code}) before it answered; see its log")
+            raise LauncherError(
+                f"the launcher exited (code {code}) before it answered; see {self.log_path} "
+                "(CAIRN_PRELOAD=false starts each process in its own interpreter)"
+            )
         return json.loads(line)

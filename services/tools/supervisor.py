@@ -224,7 +224,8 @@ def children_of(
         return
     launcher = forks.Launcher.start(child_env(dict(os.environ), {}), logs / "launcher.log", tied)
     runtime["launcher"] = launcher.process.pid  # `down` waits for it too, so nothing outlives `down`
-    remember(runtime, launcher.process.pid, [str(a) for a in launcher.process.args])  # type: ignore[union-attr]
+    argv = [str(a) for a in launcher.process.args]  # type: ignore[union-attr]
+    remember(runtime, launcher.process.pid, argv)
     try:
 
         def fork_each(

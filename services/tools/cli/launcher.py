@@ -6,7 +6,7 @@ one `cairn up`; importing their union once takes under 3.5 s, and the forks shar
 copy-on-write. Linux only (a fork after macOS frameworks load is unsafe), and CAIRN_PRELOAD=false
 goes back to one interpreter per process.
 
-The launcher is started by the supervisor (`services.tools.forks.Launcher`) and speaks JSON lines: it writes
+The supervisor starts it (`services.tools.forks.Launcher`) and they speak JSON lines: it writes
 `{"ready": PID}` once its imports are done, then answers each `{"args", "env", "log", "tied"}` with
 `{"pid": N}` (or `{"error": "..."}`). A request never carries a password, only the file the child
 reads its own from: whatever the launcher held, every later fork would hold too. When its input

@@ -118,7 +118,7 @@ def up(
     try:
         try:
             runtime = supervisor.up(s, tied=not detach)
-        except supervisor.PortInUse as exc:
+        except (supervisor.PortInUse, supervisor.forks.LauncherError) as exc:
             raise CliError(str(exc)) from None
         not_ready = supervisor.wait_ready(runtime, timeout)
         if not_ready:
