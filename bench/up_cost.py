@@ -16,7 +16,6 @@ import argparse
 import ctypes
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,26 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.suite_cost import PR_SET_CHILD_SUBREAPER, children_cpu, reap_orphans  # noqa: E402
+
 CAIRN = Path(sys.executable).parent / "cairn"
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def reap_all(timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            time.sleep(0.05)
-    raise RuntimeError("processes left running after `cairn down`")
 
 
 def pss_mib(pids: list[int]) -> float:
@@ -74,7 +58,7 @@ def one_up(preload: bool) -> dict[str, float]:
         services = [pid for name, pid in runtime["pids"].items() if name != "nats-server"]
         memory = pss_mib(services)
         subprocess.run([str(CAIRN), "down"], env=env, check=True, capture_output=True)
-        reap_all()
+        reap_orphans()
         return {"cpu_s": children_cpu() - before, "ready_s": ready, "pss_mib": memory}
 
 
