@@ -56,8 +56,9 @@ down: install
 	$(CAIRN) down
 
 # Three workers (pytest-xdist) on two cores: the tests wait (partitions, restarts, ack waits) for a
-# third of the run, and a third worker fills that. From a fresh clone, 2026-12-07: 12:58 against
-# 14:49 for two (both with the modules longest first, tests/module_order.py). A test module runs
+# third of the run, and a third worker fills some of that. From a fresh clone, 2026-12-07, install
+# included: 14:03 and 14:12 in two runs, against 14:49 for two workers (both with the modules
+# longest first, tests/module_order.py); it costs more CPU (1,242 s against 1,084 s). A test module runs
 # whole on one worker, so its module-scoped fixtures are built once. Every test starts its own
 # servers on free ports and namespaces of its own tag, so the workers share nothing.
 # PYTEST_WORKERS=0 runs the suite in this process.
