@@ -56,7 +56,7 @@ down: install
 	$(CAIRN) down
 
 # Two workers (pytest-xdist), one per core, modules longest first (tests/module_order.py). From a
-# fresh clone, 2026-12-07, install included: 14:49. Three workers took 12:58 to 14:12 in four runs
+# fresh clone, 2026-12-07, install included: 14:49 and 14:24. Three workers took 12:58 to 14:12 in four runs
 # and up to 1,242 s of CPU against 1,084 s, but the extra load is where the partition and fault tests
 # are weakest: in one of those runs a 30 s minority partition recorded five trial results twice
 # (docs/RELIABILITY.md, known limits). A test module runs whole on one worker, so its module-scoped
