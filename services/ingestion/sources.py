@@ -106,7 +106,7 @@ def _local_path(uri: str, parts, settings: CairnSettings) -> Path:
 
 def is_own_state(path: Path, settings: CairnSettings) -> bool:
     """cairn's home and a local artifact store are never data, whatever the allowed roots say."""
-    own = [settings.home_dir]
+    own = [settings.root_dir]  # every tenant's state, not only this one's
     store = urlsplit(settings.artifacts)
     if store.scheme in ("", "file"):
         own.append(Path(unquote(store.path)).resolve())
@@ -115,7 +115,7 @@ def is_own_state(path: Path, settings: CairnSettings) -> bool:
 
 def refuse_own_state(path: Path, settings: CairnSettings) -> None:
     if is_own_state(path, settings):
-        raise DataProblem(f"{path} is inside cairn's own state ({settings.home_dir}); refusing to read it")
+        raise DataProblem(f"{path} is inside cairn's own state ({settings.root_dir}); refusing to read it")
 
 
 def _in_landing_area(uri: str, settings: CairnSettings) -> str | None:

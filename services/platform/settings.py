@@ -14,6 +14,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 RUNTIME_FILE = "runtime.json"
 NATS_AUTH_DIR = "nats-auth"  # under home: the users and passwords of the nats-server `cairn up` runs
+DEFAULT_TENANT = "default"
+TENANTS_DIR = "tenants"  # under home: one folder per tenant but the default (services.tools.tenants)
+TENANT_NAME = r"^[a-z][a-z0-9-]{1,29}$"
 
 
 class CairnSettings(BaseSettings):
@@ -23,6 +26,12 @@ class CairnSettings(BaseSettings):
         Path("~/.cairn"),
         description="State directory: artifacts, MLflow DB, runtime file; one per user, so every command "
         "finds what `cairn up` started from any working directory.",
+    )
+    tenant: str = Field(
+        DEFAULT_TENANT,
+        pattern=TENANT_NAME,
+        description="The tenant a command or service acts for: its own NATS account, and its own state "
+        "under home/tenants/<name> (docs/TENANTS.md). `default` is the home itself.",
     )
 
     # The bus
@@ -219,16 +228,39 @@ class CairnSettings(BaseSettings):
 
     # Derived locations -------------------------------------------------------------------
     @property
-    def home_dir(self) -> Path:
+    def root_dir(self) -> Path:
+        """The home every tenant lives under: the NATS server, its users, the tenant registry."""
         return self.home.expanduser().resolve()
 
     @property
+    def home_dir(self) -> Path:
+        """This tenant's state: artifacts, MLflow, lineage, keys, runtime file (the root for `default`)."""
+        if self.tenant == DEFAULT_TENANT:
+            return self.root_dir
+        return self.root_dir / TENANTS_DIR / self.tenant
+
+    def nats_user_name(self, role: str) -> str:
+        """The NATS user of `role` in this tenant's account: user names are unique across a server,
+        so a tenant's are `<role>@<tenant>`; the default tenant keeps the bare names."""
+        return role if self.tenant == DEFAULT_TENANT else f"{role}@{self.tenant}"
+
+    @property
     def artifacts(self) -> str:
-        return self.artifacts_url or (self.home_dir / "artifacts").as_uri()
+        if not self.artifacts_url:
+            return (self.home_dir / "artifacts").as_uri()
+        if self.tenant == DEFAULT_TENANT:
+            return self.artifacts_url
+        return f"{self.artifacts_url.rstrip('/')}/{TENANTS_DIR}/{self.tenant}"  # its own prefix
 
     @property
     def tracking_uri(self) -> str:
         return self.mlflow_uri or f"sqlite:///{self.home_dir / 'mlflow.db'}"
+
+    @property
+    def mlflow_prefix(self) -> str:
+        """A tenant's experiments and models on a tracking server it shares: `<tenant>.`; none on the
+        default SQLite, which is the tenant's own (under its home)."""
+        return f"{self.tenant}." if self.mlflow_uri and self.tenant != DEFAULT_TENANT else ""
 
     @property
     def lineage_url(self) -> str:
@@ -267,6 +299,7 @@ class CairnSettings(BaseSettings):
         if self.nats_user or self.nats_url or not auth:
             return self
         path = Path(auth) / "secrets.json"
+        user = self.nats_user_name(user)
         try:
             password = json.loads(path.read_text())[user]
         except (OSError, ValueError, KeyError):

@@ -68,7 +68,10 @@ def bound_http_client(retries: int, timeout_s: int) -> None:
 
 
 class Tracker:
-    def __init__(self, tracking_uri: str):
+    """MLflow runs and registry. `prefix` goes before every experiment and model name: a tenant's
+    namespace on a tracking server that other tenants share (docs/TENANTS.md)."""
+
+    def __init__(self, tracking_uri: str, prefix: str = ""):
         with schema_lock(tracking_uri):
             # MLflow creates (or migrates) its schema on the first store access; one process at a time.
             self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -80,13 +83,15 @@ class Tracker:
         # artifacts, so there the bundle is logged as a run artifact (MLflow keeps a copy).
         self.remote = urlsplit(tracking_uri).scheme in REMOTE_SCHEMES
         self._experiments: dict[str, str] = {}
+        self.prefix = prefix
 
     @classmethod
     def from_settings(cls, settings: Any) -> Tracker:
         bound_http_client(settings.mlflow_http_retries, settings.mlflow_http_timeout_s)
-        return cls(settings.tracking_uri)
+        return cls(settings.tracking_uri, settings.mlflow_prefix)
 
     def experiment(self, name: str) -> str:
+        name = self.prefix + name
         if name not in self._experiments:
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
@@ -146,6 +151,7 @@ class Tracker:
     # Registry -----------------------------------------------------------------------------
     def champion(self, model_name: str) -> Champion | None:
         """The version under the `champion` alias; None only when there is none (not on outages)."""
+        model_name = self.prefix + model_name
         try:
             mv = self.client.get_model_version_by_alias(model_name, "champion")
         except MlflowException as exc:
@@ -187,6 +193,7 @@ class Tracker:
         `signature` (uri, sha256) is the model signature in the store, kept in tags so an endpoint
         that starts later verifies the champion it loads from the registry.
         """
+        model_name = self.prefix + model_name
         with contextlib.suppress(MlflowException):
             self.client.create_registered_model(
                 model_name, description="cairn champion line; the alias history lives in the event log"
@@ -218,7 +225,7 @@ class Tracker:
         """Tag a version with its model signature (an ArtifactRef): made after registration, since
         the signature binds the version number only the registry assigns."""
         for key, value in ((SIGNATURE_URI_TAG, signature.uri), (SIGNATURE_SHA_TAG, signature.sha256)):
-            self.client.set_model_version_tag(model_name, str(version), key, value)
+            self.client.set_model_version_tag(self.prefix + model_name, str(version), key, value)
 
     def _log_files(self, run_id: str, files: Mapping[str, bytes]) -> None:
         """Same names, same bytes on a redelivery: logging again overwrites with identical content."""
@@ -246,13 +253,17 @@ class Tracker:
             raise RegistryUnavailable(f"MLflow artifacts {source}: {exc}") from exc
 
     def set_champion(self, model_name: str, version: int) -> None:
-        self.client.set_registered_model_alias(model_name, "champion", str(version))
+        self.client.set_registered_model_alias(self.prefix + model_name, "champion", str(version))
 
     def champions(self) -> dict[str, Champion]:
+        """Every champion in this namespace, by name without the prefix."""
         out = {}
         for rm in self.client.search_registered_models():
-            if (c := self.champion(rm.name)) is not None:
-                out[rm.name] = c
+            if not rm.name.startswith(self.prefix):
+                continue
+            name = rm.name.removeprefix(self.prefix)
+            if (c := self.champion(name)) is not None:
+                out[name] = c
         return out
 
 

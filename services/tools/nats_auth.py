@@ -2,8 +2,9 @@
 
 `write_nats_config(out, tls)` (behind `cairn nats-config`) writes:
 
-- `auth.conf`: an `authorization` block with one user per service, `serve`, `admin` and
-  `upstream`, each allowed exactly the subjects its role needs (and a `tls` block with --tls);
+- `auth.conf`: one account per tenant (`services.tools.tenants`; the `default` account when there is
+  none) with, in each, one user per service, `serve`, `reader`, `admin` and `upstream`, each allowed
+  exactly the subjects its role needs within its account (and a `tls` block with --tls);
 - `nats-server.conf`: a complete server config (JetStream, `sync_interval: always`, 8 MB
   payloads) that includes `auth.conf`, for operators who run their own nats-server;
 - `secrets.json` (mode 0600): the random password of every user;
@@ -50,6 +51,8 @@ from services.platform.bus.consumer import durable_name
 from services.platform.bus.provision import cache_bucket, champion_bucket, handled_bucket, study_bucket
 from services.platform.settings import CairnSettings
 from services.platform.tls import write_file, write_tls
+from services.tools import tenants
+from services.tools.tenants import Tenant
 
 ADMIN = "admin"
 SERVE = "serve"
@@ -162,11 +165,11 @@ def _retention_grants(g: Grants, stream: str) -> None:
     g.add_pub(f"$JS.API.CONSUMER.LIST.{stream}", f"$JS.API.STREAM.PURGE.{stream}")
 
 
-def _reader_grants(stream: str) -> Grants:
+def _reader_grants(stream: str, user: str) -> Grants:
     """Reads the log and nothing else: ordered consumers (created through the legacy ephemeral
     subject, which the server refuses for a durable name), their flow control, stream and consumer
     info. No event, no durable, no KV, no administration."""
-    g = Grants(READER, role="the command line's reader (cairn events, status, lineage, submit --wait)")
+    g = Grants(user, role="the command line's reader (cairn events, status, lineage, submit --wait)")
     g.add_pub(
         "$JS.API.STREAM.NAMES",  # nats-py's subscribe looks up the stream of the subject
         f"$JS.API.STREAM.INFO.{stream}",
@@ -174,7 +177,7 @@ def _reader_grants(stream: str) -> Grants:
         f"$JS.API.CONSUMER.INFO.{stream}.*",
         f"$JS.FC.{stream}.>",
     )
-    g.add_sub(f"{inbox_prefix(READER)}.>")
+    g.add_sub(f"{inbox_prefix(user)}.>")
     return g
 
 
@@ -186,15 +189,16 @@ def derive_permissions(settings: CairnSettings | None = None) -> dict[str, Grant
     # A URL is needed to build a broker object; nothing connects to it.
     base = base.model_copy(update={"nats_url": base.nats_url or "nats://127.0.0.1:4222"})
     ns, stream = base.namespace, base.stream
+    user = base.nats_user_name  # `<role>@<tenant>`: a tenant's users, the bare role for the default's
     users: dict[str, Grants] = {}
 
     for name in SERVICES:
-        g = Grants(name, role=f"the {name} service")
-        g.add_sub(f"{inbox_prefix(name)}.>")
+        g = Grants(user(name), role=f"the {name} service")
+        g.add_sub(f"{inbox_prefix(user(name))}.>")
         g.add_pub(f"$JS.API.STREAM.INFO.{stream}")  # a service waits for the stream before it starts
         g.add_pub(*(subject_for(t, ns) for t, producer in sorted(PRODUCERS.items()) if producer == name))
         # Built as it runs under its own user, so the inboxes are the ones it will really use.
-        consumers = service_consumers(name, base.model_copy(update={"nats_user": name}))
+        consumers = service_consumers(name, base.model_copy(update={"nats_user": user(name)}))
         if any(c.routed for c in consumers):  # the consumer policy may reject and dead-letter
             g.add_pub(subject_for(EventRejected, ns), dead_letter_subject(name, ns))
             _ledger_grants(g, handled_bucket(ns), name)
@@ -208,35 +212,36 @@ def derive_permissions(settings: CairnSettings | None = None) -> dict[str, Grant
             _kv_grants(g, champion_bucket(ns))
         if name == "lineage" and (base.retention_max_age_s or base.retention_max_bytes):
             _retention_grants(g, stream)
-        users[name] = g
+        users[user(name)] = g
 
     # The inference endpoint: reads deployments through its own short-lived push consumers, whose
     # names are random but whose filter is pinned to the deployed subject; stream info gives it
     # the sequence to start from.
-    serve = Grants(SERVE, role=f"the inference endpoint (reads {subject_for(ModelDeployed)} only)")
+    serve = Grants(user(SERVE), role=f"the inference endpoint (reads {subject_for(ModelDeployed)} only)")
     deployed = subject_for(ModelDeployed, ns)
-    serve.add_sub(f"{inbox_prefix(SERVE)}.>")
+    serve.add_sub(f"{inbox_prefix(user(SERVE))}.>")
     serve.add_pub(f"$JS.API.CONSUMER.CREATE.{stream}.*.{deployed}", f"$JS.API.STREAM.INFO.{stream}")
     serve.add_pub(record_subject(ns))  # sampled request records, on their own stream
     # What the endpoint publishes to the log (its refusals, `model.refused`), from the contracts.
     serve.add_pub(*(subject_for(t, ns) for t, producer in sorted(PRODUCERS.items()) if producer == SERVE))
-    users[SERVE] = serve
+    users[user(SERVE)] = serve
 
-    upstream = Grants(UPSTREAM, role="an outside system that announces data")
+    upstream = Grants(user(UPSTREAM), role="an outside system that announces data")
     upstream.add_pub(
         *(subject_for(t, ns) for t, producer in sorted(PRODUCERS.items()) if producer == UPSTREAM)
     )
-    upstream.add_sub(f"{inbox_prefix(UPSTREAM)}.>")  # the stream's PubAck comes back here
-    users[UPSTREAM] = upstream
+    upstream.add_sub(f"{inbox_prefix(user(UPSTREAM))}.>")  # the stream's PubAck comes back here
+    users[user(UPSTREAM)] = upstream
 
-    users[READER] = _reader_grants(stream)
+    users[user(READER)] = _reader_grants(stream, user(READER))
     # Only operator tools reach the holds bucket (services.tools.gc, bucket cairn_holds): `cairn hold` writes
     # it, `cairn gc` reads it; no service user is granted it, so a compromised service cannot
     # release a legal hold.
-    admin = Grants(ADMIN, role="provisioning and operator tools (cairn provision, status, events, hold, gc)")
+    # Everything, but only in its own account: a tenant's admin can name nothing of another's.
+    admin = Grants(user(ADMIN), role="provisioning and operator tools (cairn provision, status, events, hold, gc)")
     admin.add_pub(">")
     admin.add_sub(">")
-    users[ADMIN] = admin
+    users[user(ADMIN)] = admin
     return users
 
 
@@ -254,25 +259,53 @@ def _list(values: Iterable[str], indent: str) -> str:
     return f"[\n{indent}  {inner}\n{indent}]"
 
 
-def render_auth(users: dict[str, Grants], passwords: dict[str, str], tls_dir: Path | None) -> str:
+def _render_users(users: dict[str, Grants], passwords: dict[str, str], ind: str) -> str:
     blocks = []
     for name, g in users.items():
-        ind = "      "
         blocks.append(
-            f"""    # {g.role}
-    {{
-      user: {_q(name)}
-      password: {_q(passwords[name])}
-      permissions: {{
-        publish: {{ allow: {_list(g.publish, ind + "  ")} }}
-        subscribe: {{ allow: {_list(g.subscribe, ind + "  ")} }}
-      }}
-    }}"""
+            f"""{ind}# {g.role}
+{ind}{{
+{ind}  user: {_q(name)}
+{ind}  password: {_q(passwords[name])}
+{ind}  permissions: {{
+{ind}    publish: {{ allow: {_list(g.publish, ind + "    ")} }}
+{ind}    subscribe: {{ allow: {_list(g.subscribe, ind + "    ")} }}
+{ind}  }}
+{ind}}}"""
+        )
+    return ",\n".join(blocks)
+
+
+def _jetstream_limits(tenant: Tenant) -> str:
+    """`enabled` (the server's limits) for the default tenant; a tenant's own quota otherwise. Memory
+    storage is not used by cairn (every stream and bucket is on file), so a tenant gets none."""
+    if tenant.max_storage_bytes is None:
+        return "enabled"
+    return f"{{ max_file: {tenant.max_storage_bytes}, max_mem: 0 }}"
+
+
+def render_auth(
+    accounts: dict[str, tuple[Tenant, dict[str, Grants]]], passwords: dict[str, str], tls_dir: Path | None
+) -> str:
+    """One NATS account per tenant, its users inside: the server keeps each account's subjects,
+    streams and buckets apart, so isolation does not rest on cairn's code (docs/TENANTS.md)."""
+    blocks = []
+    for account, (tenant, users) in accounts.items():
+        blocks.append(
+            f"""  # tenant {tenant.name}
+  {_q(account)}: {{
+    jetstream: {_jetstream_limits(tenant)}
+    users: [
+{_render_users(users, passwords, "      ")}
+    ]
+  }}"""
         )
     text = (
-        "# Generated by `cairn nats-config`: one user per role, least privilege, derived from the\n"
-        "# contracts (contracts/schemas.py PRODUCERS) and the consumers each service registers.\n"
-        "authorization {\n  timeout: 5\n  users: [\n" + ",\n".join(blocks) + "\n  ]\n}\n"
+        "# Generated by `cairn nats-config`: one account per tenant and in it one user per role, least\n"
+        "# privilege, derived from the contracts (contracts/schemas.py PRODUCERS) and the consumers each\n"
+        "# service registers.\n"
+        "authorization {\n  timeout: 5\n}\n"
+        "accounts {\n" + "\n".join(blocks) + "\n}\n"
     )
     if tls_dir is not None:
         text += f"""
@@ -312,14 +345,17 @@ def _passwords(path: Path, users: Iterable[str]) -> dict[str, str]:
 def write_nats_config(out: Path, tls: bool = False, settings: CairnSettings | None = None) -> list[Path]:
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    users = derive_permissions(settings)
+    base = settings or CairnSettings()
+    accounts = {
+        t.account: (t, derive_permissions(tenants.settings_for(base, t.name))) for t in tenants.every(base)
+    }
     secrets_path = out / "secrets.json"
-    passwords = _passwords(secrets_path, users)
+    passwords = _passwords(secrets_path, [u for _, users in accounts.values() for u in users])
     written = [write_file(secrets_path, json.dumps(passwords, indent=2) + "\n", 0o600)]
     tls_dir = out / "tls" if tls else None
     if tls_dir is not None:
         written += write_tls(tls_dir)
-    written.append(write_file(out / "auth.conf", render_auth(users, passwords, tls_dir), 0o600))
+    written.append(write_file(out / "auth.conf", render_auth(accounts, passwords, tls_dir), 0o600))
     written.append(write_file(out / "nats-server.conf", render_server(out), 0o600))
     return written
 

@@ -50,7 +50,7 @@ from contracts import (
 )
 from services.platform.bus.connection import connect
 from services.platform.bus.provision import provision_handled_bucket, provision_study_bucket, study_bucket
-from services.platform.settings import CairnSettings
+from services.platform.settings import DEFAULT_TENANT, CairnSettings
 from services.tools import supervisor
 from services.tools.client import Client, RunTimeout
 
@@ -409,6 +409,9 @@ async def replay(
             "nats_url": settings.resolved_nats_url(),
             "mlflow_uri": f"sqlite:///{home / 'mlflow.db'}",
             "artifacts_url": settings.artifacts,
+            # Its paths are the replay's folder and the tenant's store as they are: nothing more
+            # is derived from the tenant (its NATS user is already resolved above).
+            "tenant": DEFAULT_TENANT,
             "allowed_roots": [str(r) for r in settings.read_roots],
             "http_port": None,
             # Its buckets' entries and its record stream expire once the replay is surely over.

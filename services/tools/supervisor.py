@@ -34,9 +34,9 @@ import httpx
 from pydantic import SecretStr
 
 from services.platform.bus.embedded import EmbeddedNats, die_with_parent
-from services.platform.settings import NATS_AUTH_DIR, RUNTIME_FILE, CairnSettings
+from services.platform.settings import DEFAULT_TENANT, NATS_AUTH_DIR, RUNTIME_FILE, CairnSettings
 from services.platform.tls import write_file
-from services.tools import forks
+from services.tools import forks, tenants
 from services.tools.catalog import SERVICES
 from services.tools.nats_auth import ADMIN, SERVE, credentials_env
 from services.tools.provisioning import provision_everything
@@ -123,9 +123,19 @@ def write_local_auth(settings: CairnSettings) -> Path:
     write_nats_config(auth, settings=settings)
     passwords = auth / PASSWORDS_DIR  # one file per user: a forked child reads its own only
     passwords.mkdir(mode=0o700, exist_ok=True)
-    for user, password in json.loads((auth / "secrets.json").read_text()).items():
+    issued = json.loads((auth / "secrets.json").read_text())
+    for user, password in issued.items():
         write_file(passwords / user, password, 0o600)
+    for stale in passwords.iterdir():  # a removed tenant's users
+        if stale.name not in issued:
+            stale.unlink()
     return auth
+
+
+def reload_nats(pid: int) -> None:
+    """nats-server rereads its config on SIGHUP: accounts and users added or removed take effect at
+    once (a removed user's connections are closed)."""
+    os.kill(pid, signal.SIGHUP)
 
 
 def child_env(base: dict[str, str], credentials: dict[str, str] | None) -> dict[str, str]:
@@ -142,9 +152,11 @@ def up(
 ) -> dict:
     """Start everything; `tied`: children die with this process (foreground `cairn up`).
 
-    With the embedded server, each child runs as its own NATS user (the endpoint as `serve`) and
-    provisioning as `admin`; with CAIRN_NATS_URL, children get the caller's credentials, if any."""
-    home = settings.home_dir
+    With the embedded server, every tenant's services start (services.tools.tenants), each child as
+    its own NATS user of its tenant's account (the endpoint as `serve`), provisioning as `admin`.
+    With CAIRN_NATS_URL, that server's business: only CAIRN_TENANT's services start, with the
+    caller's credentials, if any."""
+    home = settings.root_dir
     home.mkdir(parents=True, exist_ok=True)
     (home / "logs").mkdir(exist_ok=True)
     serve_port = settings.serve_port or free_port()
@@ -155,19 +167,19 @@ def up(
         runtime["supervisor"] = os.getpid()
         remember(runtime, os.getpid())
     path = home / RUNTIME_FILE
-    with children_of(settings, runtime, home / "logs", tied) as start:
+    with children_of(settings, runtime, tied) as start:
         auth: Path | None = None
         if settings.nats_url:
             runtime["nats_url"] = settings.nats_url
         else:
             auth = write_local_auth(settings)
+            adopt_global_account(home / "nats")
             server = EmbeddedNats(home / "nats", include=auth / "auth.conf", tied_to_parent=tied)
             runtime["nats_url"] = server.start()
             runtime["nats_auth"] = str(auth)
             record(runtime, "nats-server", server.process)  # type: ignore[arg-type]
         write_runtime(path, runtime)  # `down` can stop a half-finished start
         settings = settings.model_copy(update={"nats_url": runtime["nats_url"]})
-        asyncio.run(provision_everything(_as_user(settings, auth, ADMIN) if auth else settings))
         env = {
             **os.environ,
             **settings.to_env(),
@@ -176,27 +188,77 @@ def up(
             "CAIRN_ALLOWED_ROOTS": json.dumps([str(r) for r in settings.read_roots]),
             "CAIRN_HEALTH_HOST": LOOPBACK,
         }
-
-        def credentials(user: str) -> dict[str, str] | None:
-            return credentials_env(auth, user) if auth else None
-
-        def password_file(user: str) -> Path | None:
-            return auth / PASSWORDS_DIR / user if auth else None
-
-        for name in services or list(SERVICES):
-            port = free_port()
-            child = {**child_env(env, credentials(name)), "CAIRN_HTTP_PORT": str(port)}
-            start(name, ["run", name], child, f"{name}.log", password_file(name))
-            runtime["health"][name] = f"http://{LOOPBACK}:{port}"
+        everyone = tenants.every(settings)
+        for tenant in everyone if auth else [t for t in everyone if t.name == settings.tenant]:
+            own = tenants.settings_for(settings, tenant.name)
+            asyncio.run(provision_everything(_as_user(own, auth, ADMIN) if auth else own))
+            _start_tenant(own, tenant, env, auth, runtime, start, services or list(SERVICES), serve, serve_port)
             write_runtime(path, runtime)
-        if serve:
-            # `serving start`: the endpoint with its CAIRN_SERVE_WORKERS worker processes
-            child = child_env(env, credentials(SERVE))
-            args = ["serving", "start", "--port", str(serve_port)]
-            start("serve", args, child, "serve.log", password_file(SERVE))
-            runtime["serve_url"] = f"http://{settings.serve_host}:{serve_port}"
     write_runtime(path, runtime)
     return runtime
+
+
+def _start_tenant(
+    settings: CairnSettings,
+    tenant: tenants.Tenant,
+    base: dict[str, str],
+    auth: Path | None,
+    runtime: dict,
+    start: Callable[[str, list[str], dict[str, str], Path, Path | None], None],
+    services: list[str],
+    serve: bool,
+    serve_port: int,
+) -> None:
+    """One tenant's services and endpoint, as its own NATS users, with its state under its home. The
+    default tenant's are named as they always were (`training`); another's `<tenant>/training`."""
+    home = settings.home_dir
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    default = tenant.name == DEFAULT_TENANT
+    env = {**base, "CAIRN_TENANT": tenant.name}  # its home, its user names, its MLflow prefix
+    if tenant.max_trials_in_flight is not None:
+        env["CAIRN_TRIAL_CONCURRENCY"] = str(tenant.max_trials_in_flight)
+    own: dict = {"tenant": tenant.name, "nats_url": runtime["nats_url"], "pids": {}, "health": {}}
+    if auth is not None:
+        own["nats_auth"] = str(auth)
+
+    def credentials(role: str) -> dict[str, str] | None:
+        return credentials_env(auth, settings.nats_user_name(role)) if auth else None
+
+    def password_file(role: str) -> Path | None:
+        return auth / PASSWORDS_DIR / settings.nats_user_name(role) if auth else None
+
+    def child(role: str, args: list[str], extra: dict[str, str], log: str) -> None:
+        name = role if default else f"{tenant.name}/{role}"
+        start(name, args, {**child_env(env, credentials(role)), **extra}, home / "logs" / log, password_file(role))
+        own["pids"][role] = runtime["pids"][name]
+
+    for name in services:
+        port = free_port()
+        child(name, ["run", name], {"CAIRN_HTTP_PORT": str(port)}, f"{name}.log")
+        runtime["health"][name if default else f"{tenant.name}/{name}"] = own["health"][name] = (
+            f"http://{LOOPBACK}:{port}"
+        )
+    if serve:
+        # `serving start`: the endpoint with its CAIRN_SERVE_WORKERS worker processes
+        port = serve_port if default else free_port()
+        child(SERVE, ["serving", "start", "--port", str(port)], {}, "serve.log")
+        own["serve_url"] = f"http://{settings.serve_host}:{port}"
+        if default:
+            runtime["serve_url"] = own["serve_url"]
+        else:
+            runtime["health"][f"{tenant.name}/serve"] = own["serve_url"]
+    if not default:
+        own["identities"] = {str(p): runtime["identities"].get(str(p)) for p in own["pids"].values()}
+        write_runtime(home / RUNTIME_FILE, own)
+
+
+def adopt_global_account(workdir: Path) -> None:
+    """Streams made before tenants existed live in the server's global account (`$G`), which has no
+    JetStream once accounts are defined: its store folder becomes the `default` account's, whole."""
+    store = workdir / "jetstream" / "jetstream"
+    legacy, default = store / "$G", store / DEFAULT_TENANT
+    if legacy.is_dir() and not default.exists():
+        legacy.rename(default)
 
 
 def write_runtime(path: Path, runtime: dict) -> None:
@@ -209,19 +271,20 @@ def write_runtime(path: Path, runtime: dict) -> None:
 
 @contextlib.contextmanager
 def children_of(
-    settings: CairnSettings, runtime: dict, logs: Path, tied: bool
-) -> Iterator[Callable[[str, list[str], dict[str, str], str, Path | None], None]]:
+    settings: CairnSettings, runtime: dict, tied: bool
+) -> Iterator[Callable[[str, list[str], dict[str, str], Path, Path | None], None]]:
     """`start(name, args, env, log, password file)`: a child recorded in the runtime, forked from one
     launcher that has imported the services' libraries once (`services.tools.cli.launcher`;
     CAIRN_PRELOAD=false or not Linux: its own interpreter each). The launcher starts importing on
     entry, so its imports overlap the NATS start and provisioning."""
     if not (settings.preload and forks.available()):
 
-        def spawn_each(name: str, args: list[str], child: dict[str, str], log: str, _: Path | None) -> None:
-            record(runtime, name, spawn(args, child, logs / log, tied))
+        def spawn_each(name: str, args: list[str], child: dict[str, str], log: Path, _: Path | None) -> None:
+            record(runtime, name, spawn(args, child, log, tied))
 
         yield spawn_each
         return
+    logs = settings.root_dir / "logs"
     launcher = forks.Launcher.start(child_env(dict(os.environ), {}), logs / "launcher.log", tied)
     runtime["launcher"] = launcher.process.pid  # `down` waits for it too, so nothing outlives `down`
     argv = [str(a) for a in launcher.process.args]  # type: ignore[union-attr]
@@ -229,13 +292,13 @@ def children_of(
     try:
 
         def fork_each(
-            name: str, args: list[str], child: dict[str, str], log: str, password: Path | None
+            name: str, args: list[str], child: dict[str, str], log: Path, password: Path | None
         ) -> None:
             # The password goes by file, never through the launcher: what the launcher's memory
             # held, every later fork would inherit.
             if password is not None:
                 child = {k: v for k, v in child.items() if k != forks.PASSWORD_VARIABLE}
-            pid = launcher.spawn(args, child, logs / log, tied, password)
+            pid = launcher.spawn(args, child, log, tied, password)
             runtime["pids"][name] = pid
             remember(runtime, pid)
 
@@ -244,7 +307,9 @@ def children_of(
         launcher.close()
 
 
-def _as_user(settings: CairnSettings, auth: Path, user: str) -> CairnSettings:
+def _as_user(settings: CairnSettings, auth: Path, role: str) -> CairnSettings:
+    """`role`'s user of the settings' tenant, with its password."""
+    user = settings.nats_user_name(role)
     password = credentials_env(auth, user)["CAIRN_NATS_PASSWORD"]
     return settings.model_copy(update={"nats_user": user, "nats_password": SecretStr(password)})
 
@@ -362,6 +427,22 @@ def running_supervisor(settings: CairnSettings) -> int | None:
     return pid if pid and pid != os.getpid() and is_ours(runtime, pid) else None
 
 
+def stop_tenant(settings: CairnSettings, tenant: str, timeout: float = 12.0) -> list[str]:
+    """Stop one tenant's services and endpoint (`<tenant>/...` in the home's record), leaving the rest."""
+    path = settings.root_dir / RUNTIME_FILE
+    if not path.exists():
+        return []
+    runtime = json.loads(path.read_text())
+    names = [n for n in runtime.get("pids", {}) if n.startswith(f"{tenant}/")]
+    ours = {n: runtime["pids"][n] for n in names if is_ours(runtime, runtime["pids"][n])}
+    stopped = _stop_groups(ours, timeout, runtime)
+    for name in names:
+        runtime["pids"].pop(name, None)
+        runtime["health"].pop(name, None)
+    write_runtime(path, runtime)
+    return stopped
+
+
 @dataclass
 class Stopped:
     stopped: list[str] = field(default_factory=list)  # were running, signalled
@@ -377,7 +458,7 @@ def stop_recorded(settings: CairnSettings, timeout: float = 12.0) -> Stopped:
     """Services and endpoint together, then NATS last (so they can still ack and publish while they
     stop). Each group gets `timeout` s, then SIGKILL. A pid whose process is not the one recorded is
     left alone and reported gone."""
-    path = settings.home_dir / RUNTIME_FILE
+    path = settings.root_dir / RUNTIME_FILE
     if not path.exists():
         return Stopped()
     runtime = json.loads(path.read_text())
@@ -390,6 +471,8 @@ def stop_recorded(settings: CairnSettings, timeout: float = 12.0) -> Stopped:
         _stop_groups({"launcher": launcher}, timeout, runtime)  # its children gone, it is leaving too
     if "nats-server" in ours:
         result.stopped += _stop_groups({"nats-server": ours["nats-server"]}, timeout, runtime)
+    for tenant in tenants.load(settings):
+        (tenants.home_of(settings, tenant.name) / RUNTIME_FILE).unlink(missing_ok=True)
     path.unlink(missing_ok=True)
     return result
 

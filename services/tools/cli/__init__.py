@@ -16,7 +16,7 @@ import typer
 from nats.js.errors import APIError, ServiceUnavailableError
 
 from services.platform.bus.availability import NO_PEERS_FOR_PLACEMENT
-from services.tools.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, app
+from services.tools.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, app, lift_tenant_option
 
 # Each module registers its commands; `cairn --help` lists them in this order.
 # isort: off
@@ -26,6 +26,7 @@ from services.tools.cli import models  # noqa: E402, F401
 from services.tools.cli import audit  # noqa: E402, F401
 from services.tools.cli import store  # noqa: E402, F401
 from services.tools.cli import serving  # noqa: E402, F401
+from services.tools.cli import tenant  # noqa: E402, F401
 # isort: on
 
 __all__ = ["app", "main"]
@@ -35,7 +36,7 @@ def main() -> None:
     """Run a command; a user error ends in one line on stderr and its exit code, never a traceback."""
     usage = _click_exceptions()
     try:
-        code = app(standalone_mode=False)
+        code = app(args=lift_tenant_option(sys.argv[1:], os.environ), standalone_mode=False)
     except CliError as exc:
         _fail(exc.message, exc.code)
     except usage.NoArgsIsHelpError:

@@ -13,6 +13,9 @@ from services.platform.settings import CairnSettings
 
 HELP = """The `cairn` command line: run the system, feed it data, watch it, query it.
 
+`--tenant NAME` (or CAIRN_TENANT), anywhere on the line, runs a command for that tenant
+(docs/TENANTS.md); without it, the default tenant.
+
 Exit codes: 0 success (a run deployed), 1 failure (a run failed, a server unreachable),
 2 usage error (a bad option, an unknown name), 3 a run's model was not promoted by the gate.
 """
@@ -59,10 +62,43 @@ def settings(user: str | None = ADMIN) -> CairnSettings:
             f"invalid setting: {name} is not JSON (lists are written as JSON, e.g. {name}='[\"/data\"]')",
             EXIT_USAGE,
         ) from None
+    check_tenant(s)
     try:
         return s.with_home_credentials(user) if user else s
     except RuntimeError as exc:
         raise CliError(str(exc)) from None
+
+
+def check_tenant(s: CairnSettings) -> None:
+    """A tenant that this home does not know is a usage error, not an empty answer."""
+    from services.platform.settings import DEFAULT_TENANT
+    from services.tools import tenants
+
+    if s.tenant != DEFAULT_TENANT and all(t.name != s.tenant for t in tenants.load(s)):
+        raise CliError(f"no tenant {s.tenant!r} in {s.root_dir} (`cairn tenant list`)", EXIT_USAGE)
+
+
+TENANT_OPTION = "--tenant"
+
+
+def lift_tenant_option(argv: list[str], environ: dict[str, str]) -> list[str]:
+    """`--tenant NAME` anywhere on the command line (before or after the command) becomes
+    CAIRN_TENANT, which every command's settings read; the rest of the line is returned."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == TENANT_OPTION:
+            if i + 1 >= len(argv):
+                raise CliError(f"{TENANT_OPTION} needs a tenant name", EXIT_USAGE)
+            environ["CAIRN_TENANT"] = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith(TENANT_OPTION + "="):
+            environ["CAIRN_TENANT"] = arg.split("=", 1)[1]
+        else:
+            out.append(arg)
+        i += 1
+    return out
 
 
 async def connect_nats(s: CairnSettings, name: str):

@@ -102,7 +102,7 @@ def up(
 
     from services.tools import supervisor
 
-    s = settings(None)  # the supervisor gives each child its own user
+    s = every_tenant(settings(None))  # the supervisor gives each child its own user
     if running := supervisor.still_running(s):
         raise CliError(
             f"cairn is already up from {s.home_dir} ({', '.join(running)}): stop it with `cairn down`"
@@ -140,6 +140,20 @@ def up(
                 typer.echo("stopped: " + ", ".join(stopped), err=True)
 
 
+def every_tenant(s: CairnSettings) -> CairnSettings:
+    """`up` and `down` act for the whole home; with CAIRN_NATS_URL (another server's accounts), `up`
+    starts the one tenant CAIRN_TENANT names."""
+    from services.platform.settings import DEFAULT_TENANT
+
+    if s.tenant != DEFAULT_TENANT and not s.nats_url:
+        raise CliError(
+            "`cairn up` and `cairn down` start and stop every tenant of the home: run them without "
+            "--tenant (or CAIRN_TENANT)",
+            EXIT_USAGE,
+        )
+    return s
+
+
 def _watch_children(runtime: dict) -> None:
     """Block until a signal; say once when a child exits on its own (its log says why)."""
     from services.tools import supervisor
@@ -158,7 +172,7 @@ def down() -> None:
     """Stop what `cairn up` started from this home."""
     from services.tools import supervisor
 
-    s = settings(None)
+    s = every_tenant(settings(None))
     stopped = []
     if (pid := supervisor.running_supervisor(s)) is not None:
         import signal
