@@ -26,7 +26,7 @@ from services.platform.bus.provision import provision_all
 from services.platform.settings import CairnSettings
 from services.tools import gc, tenants
 from services.tools.nats_auth import write_nats_config
-from services.tools.supervisor import adopt_global_account
+from services.tools.supervisor import adopt_global_account, free_port
 from tests.test_journeys import FAST_TABLE, cairn, user_env, write_table
 
 A, B = "team-a", "team-b"
@@ -138,7 +138,9 @@ async def test_a_credentials_do_not_open_b(accounts: dict) -> None:
     for role in ("admin", "upstream", "reader", "serve", "training"):
         with pytest.raises(Exception) as refused:  # noqa: PT011 - nats-py raises by cause
             await accounts["as"](f"{role}@{B}", accounts["passwords"][f"{role}@{A}"])
-        assert "authorization" in str(refused.value).lower() or isinstance(refused.value, nats.errors.NoServersError)
+        assert "authorization" in str(refused.value).lower() or isinstance(
+            refused.value, nats.errors.NoServersError
+        )
 
 
 async def test_a_forged_event_in_bs_name_stays_in_a(accounts: dict) -> None:
@@ -169,7 +171,10 @@ async def test_a_destroying_everything_it_can_leaves_b_whole(accounts: dict) -> 
     a_holds = await gc.holds_bucket(js_a)
     assert await gc.read_holds(a_holds) == []  # B's hold is not visible from A
     # the same id made anew in A's bucket: B's is not there to be found
-    assert await gc.add_hold(a_holds, gc.Hold(id="keep-b", correlation="run-b", sha256=None, at=2.0, by="A")) is None
+    assert (
+        await gc.add_hold(a_holds, gc.Hold(id="keep-b", correlation="run-b", sha256=None, at=2.0, by="A"))
+        is None
+    )
     for info in await js_a.streams_info():
         await js_a.delete_stream(info.config.name)
     assert await js_a.streams_info() == []
@@ -223,18 +228,30 @@ def test_two_teams_on_one_home_through_the_cli(tmp_path: Path) -> None:
     account; the default team sees none of it; removing team-b is refused while it holds a model,
     then archives its history and state, and team-b's users are gone from the server."""
     home = tmp_path / "home"
-    env = user_env(home, CAIRN_SERVE_PORT="0", CAIRN_DASK_WORKERS="1")
+    env = user_env(home, CAIRN_SERVE_PORT="0", CAIRN_DASK_WORKERS="1", CAIRN_SERVE_GRPC_PORT=str(free_port()))
     team_b = {**env, "CAIRN_TENANT": B}
     table = write_table(tmp_path / "data")
 
-    added = cairn("tenant", "add", B, "--max-storage", "200MB", "--max-trials-in-flight", "2", env=env, cwd=tmp_path)
+    added = cairn(
+        "tenant", "add", B, "--max-storage", "200MB", "--max-trials-in-flight", "2", env=env, cwd=tmp_path
+    )
     assert added.returncode == 0, added.stderr
     unknown = cairn("--tenant", "nobody", "events", env=env, cwd=tmp_path)
     assert unknown.returncode == 2 and "no tenant 'nobody'" in unknown.stderr
     up = cairn("up", "--detach", "--timeout", "240", env=env, cwd=tmp_path, timeout=300)
     assert up.returncode == 0, up.stdout + up.stderr
     try:
-        run = cairn("submit", str(table), "--target", "price", *FAST_TABLE, "--wait", env=team_b, cwd=tmp_path, timeout=300)
+        run = cairn(
+            "submit",
+            str(table),
+            "--target",
+            "price",
+            *FAST_TABLE,
+            "--wait",
+            env=team_b,
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert run.returncode == 0, run.stdout + run.stderr
         assert "cairn.model.deployed.v1" in cairn("events", env=team_b, cwd=tmp_path).stdout
         others = cairn("events", env=env, cwd=tmp_path)
@@ -244,6 +261,9 @@ def test_two_teams_on_one_home_through_the_cli(tmp_path: Path) -> None:
         refused = cairn("predict", "--model", "houses-price", row, env=env, cwd=tmp_path)
         assert refused.returncode != 0  # the default team's endpoint has no such model
         assert cairn("audit", "verify", "--tenant", B, env=env, cwd=tmp_path).returncode == 0
+        check_endpoint_token(
+            json.loads((home / "tenants" / B / "runtime.json").read_text()), home / "tenants" / B
+        )
         listed = cairn("tenant", "list", env=env, cwd=tmp_path)
         assert "200.0MB" in listed.stdout and B in listed.stdout, listed.stdout
 
@@ -263,3 +283,26 @@ def test_two_teams_on_one_home_through_the_cli(tmp_path: Path) -> None:
         assert gone.returncode == 2 and "no tenant" in gone.stderr
     finally:
         cairn("down", env=env, cwd=tmp_path, timeout=60)
+
+
+def check_endpoint_token(runtime: dict, home: Path) -> None:
+    """team-b's endpoint answers team-b's token only, over HTTP and gRPC (tritonclient, as its users
+    call it); its probes stay open."""
+    import httpx
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    url, token = runtime["serve_url"], (home / "serve-token").read_text().strip()
+    assert httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+    for headers in ({}, {"authorization": "Bearer " + "x" * len(token)}, {"authorization": token}):
+        refused = httpx.get(f"{url}/v1/models", headers=headers, timeout=5)
+        assert refused.status_code == 401, refused.text
+        refused = httpx.post(f"{url}/v2/models/houses-price/infer", headers=headers, json={}, timeout=5)
+        assert refused.status_code == 401, refused.text
+    mine = {"authorization": f"Bearer {token}"}
+    assert "houses-price" in httpx.get(f"{url}/v1/models", headers=mine, timeout=5).json()
+    with grpcclient.InferenceServerClient(url=runtime["grpc_address"]) as client:
+        with pytest.raises(InferenceServerException) as refused:
+            client.get_model_metadata("houses-price")
+        assert "UNAUTHENTICATED" in str(refused.value.status())
+        assert client.get_model_metadata("houses-price", headers=mine).name == "houses-price"

@@ -167,6 +167,11 @@ class CairnSettings(BaseSettings):
         description="Port of the endpoint's gRPC services (Open Inference Protocol, grpc.health.v1) on "
         "CAIRN_SERVE_HOST beside the HTTP port; 0: no gRPC.",
     )
+    serve_token_file: Path | None = Field(
+        None,
+        description="File with the bearer token the inference endpoint requires (HTTP and gRPC); default "
+        "home/serve-token when it exists (`cairn up` makes one per added tenant), else no token.",
+    )
     max_request_bytes: int = Field(1024 * 1024, gt=0, description="Largest inference request.")
     serve_workers: int = Field(1, ge=0, description="Endpoint worker processes; 0: one per CPU.")
     serve_batch_wait_ms: float = Field(

@@ -21,14 +21,17 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from services.platform import model_signatures
 from services.platform.bus.connection import connect
+from services.platform.endpoint_token import read_token
 from services.platform.ml.families import import_tree_library
 from services.platform.settings import CairnSettings
+from services.serving.auth import RequireToken
 from services.serving.champion import Champions
 from services.serving.generate import Generation
 from services.serving.grpc_server import grpc_endpoint
@@ -54,6 +57,7 @@ class InferenceServer:
         self.watching = asyncio.Event()
         self._grpc = contextlib.AsyncExitStack()  # the gRPC server, when CAIRN_SERVE_GRPC_PORT is set
         self.grpc_port: int | None = None  # the port it bound
+        self.token = read_token(settings)  # a tenant's endpoint answers its token's holders only
 
     async def startup(self) -> None:
         champions = self.champions
@@ -77,7 +81,7 @@ class InferenceServer:
         champions.loaded.set()
         if port := self.settings.serve_grpc_port:  # several workers share the port, as HTTP's
             shared = self.settings.serve_workers != 1
-            endpoint = grpc_endpoint(self.intake, self.settings.serve_host, port, shared)
+            endpoint = grpc_endpoint(self.intake, self.settings.serve_host, port, shared, self.token)
             self.grpc_port = await self._grpc.enter_async_context(endpoint)
             log.info("Open Inference Protocol over gRPC on %s:%d", self.settings.serve_host, self.grpc_port)
 
@@ -123,6 +127,7 @@ class InferenceServer:
                 Route("/readyz", v1.readyz),
                 Route("/metrics", self.metrics_page),
             ],
+            middleware=[Middleware(RequireToken, token=self.token)] if self.token else [],
             lifespan=lifespan,
         )
 

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import grpc
 
 from services.platform.ml.transform import input_schema
+from services.serving.auth import TokenInterceptor
 from services.serving.binary_tensors import BinaryProblem
 from services.serving.champion import Served
 from services.serving.grpc_tensors import request_doc, response
@@ -213,12 +214,15 @@ def handlers(intake: Intake) -> list[grpc.GenericRpcHandler]:
 
 
 @contextlib.asynccontextmanager
-async def grpc_endpoint(intake: Intake, host: str, port: int, shared_port: bool) -> AsyncIterator[int]:
+async def grpc_endpoint(
+    intake: Intake, host: str, port: int, shared_port: bool, token: str | None = None
+) -> AsyncIterator[int]:
     """The gRPC server on `host:port` while the context lasts. `shared_port`: several worker
     processes bind the one port (SO_REUSEPORT; the kernel spreads connections over them), as
     uvicorn's workers share the HTTP port. Requests larger than CAIRN_MAX_REQUEST_BYTES are
-    refused by gRPC itself (RESOURCE_EXHAUSTED)."""
+    refused by gRPC itself (RESOURCE_EXHAUSTED). With `token`, calls without it are UNAUTHENTICATED."""
     server = grpc.aio.server(
+        interceptors=[TokenInterceptor(token)] if token else None,
         options=[
             ("grpc.so_reuseport", int(shared_port)),
             ("grpc.max_receive_message_length", intake.settings.max_request_bytes),

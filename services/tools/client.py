@@ -190,8 +190,15 @@ class Client:
         s = self.settings
         return (url or s.runtime().get("serve_url") or f"http://{s.serve_host}:{s.serve_port}").rstrip("/")
 
+    def endpoint_headers(self) -> dict[str, str]:
+        """The endpoint's bearer token when this tenant's endpoint has one (services.serving.auth)."""
+        from services.platform.endpoint_token import client_headers
+
+        return client_headers(self.settings)
+
     def models(self, url: str | None = None) -> dict[str, Any]:
-        return _http("get", self.endpoint(url) + "/v1/models", timeout=10).json()
+        url = self.endpoint(url) + "/v1/models"
+        return _http("get", url, headers=self.endpoint_headers(), timeout=10).json()
 
     def only_model(self, fits: Callable[[dict[str, Any]], bool], what: str, url: str | None = None) -> str:
         names = [n for n, m in self.models(url).items() if fits(m)]
@@ -205,7 +212,7 @@ class Client:
         """Predictions for raw rows (a JSON object or list of objects) from a model's champion."""
         model = model or self.only_model(lambda _: True, "model", url)
         body = rows.encode() if isinstance(rows, str) else rows
-        headers = {"content-type": "application/json"}
+        headers = {"content-type": "application/json", **self.endpoint_headers()}
         return _http(
             "post",
             f"{self.endpoint(url)}/v1/models/{model}/predict",
@@ -219,11 +226,17 @@ class Client:
         model = model or self.only_model(lambda m: m.get("task") == "text_generation", "text model", url)
         body = {"prompt": prompt, **sampling}
         return _http(
-            "post", f"{self.endpoint(url)}/v1/models/{model}/generate", json=body, timeout=120
+            "post",
+            f"{self.endpoint(url)}/v1/models/{model}/generate",
+            json=body,
+            headers=self.endpoint_headers(),
+            timeout=120,
         ).json()["text"]
 
 
-def wait_until_served(endpoint: str, model: str, version: int, timeout_s: float = 60.0) -> str | None:
+def wait_until_served(
+    endpoint: str, model: str, version: int, timeout_s: float = 60.0, headers: dict[str, str] | None = None
+) -> str | None:
     """Poll the endpoint until it serves `version` of `model`, or a later one; None when it does,
     else what it answered last.
 
@@ -237,7 +250,7 @@ def wait_until_served(endpoint: str, model: str, version: int, timeout_s: float 
     last = "no answer"
     while time.monotonic() < deadline:
         try:
-            reply = httpx.get(f"{endpoint.rstrip('/')}/v1/models", timeout=5)
+            reply = httpx.get(f"{endpoint.rstrip('/')}/v1/models", headers=headers, timeout=5)
             served = reply.json().get(model) if reply.status_code == 200 else None
             if served is not None and int(served.get("version", 0)) >= version:
                 return None

@@ -238,7 +238,9 @@ def derive_permissions(settings: CairnSettings | None = None) -> dict[str, Grant
     # it, `cairn gc` reads it; no service user is granted it, so a compromised service cannot
     # release a legal hold.
     # Everything, but only in its own account: a tenant's admin can name nothing of another's.
-    admin = Grants(user(ADMIN), role="provisioning and operator tools (cairn provision, status, events, hold, gc)")
+    admin = Grants(
+        user(ADMIN), role="provisioning and operator tools (cairn provision, status, events, hold, gc)"
+    )
     admin.add_pub(">")
     admin.add_sub(">")
     users[user(ADMIN)] = admin

@@ -34,6 +34,7 @@ import httpx
 from pydantic import SecretStr
 
 from services.platform.bus.embedded import EmbeddedNats, die_with_parent
+from services.platform.endpoint_token import ensure_token
 from services.platform.settings import DEFAULT_TENANT, NATS_AUTH_DIR, RUNTIME_FILE, CairnSettings
 from services.platform.tls import write_file
 from services.tools import forks, tenants
@@ -188,68 +189,74 @@ def up(
             "CAIRN_ALLOWED_ROOTS": json.dumps([str(r) for r in settings.read_roots]),
             "CAIRN_HEALTH_HOST": LOOPBACK,
         }
+        start_tenant = TenantStarter(env, auth, runtime, start, services or list(SERVICES), serve, serve_port)
         everyone = tenants.every(settings)
         for tenant in everyone if auth else [t for t in everyone if t.name == settings.tenant]:
             own = tenants.settings_for(settings, tenant.name)
             asyncio.run(provision_everything(_as_user(own, auth, ADMIN) if auth else own))
-            _start_tenant(own, tenant, env, auth, runtime, start, services or list(SERVICES), serve, serve_port)
+            start_tenant(own, tenant)
             write_runtime(path, runtime)
     write_runtime(path, runtime)
     return runtime
 
 
-def _start_tenant(
-    settings: CairnSettings,
-    tenant: tenants.Tenant,
-    base: dict[str, str],
-    auth: Path | None,
-    runtime: dict,
-    start: Callable[[str, list[str], dict[str, str], Path, Path | None], None],
-    services: list[str],
-    serve: bool,
-    serve_port: int,
-) -> None:
-    """One tenant's services and endpoint, as its own NATS users, with its state under its home. The
-    default tenant's are named as they always were (`training`); another's `<tenant>/training`."""
-    home = settings.home_dir
-    (home / "logs").mkdir(parents=True, exist_ok=True)
-    default = tenant.name == DEFAULT_TENANT
-    env = {**base, "CAIRN_TENANT": tenant.name}  # its home, its user names, its MLflow prefix
-    if tenant.max_trials_in_flight is not None:
-        env["CAIRN_TRIAL_CONCURRENCY"] = str(tenant.max_trials_in_flight)
-    own: dict = {"tenant": tenant.name, "nats_url": runtime["nats_url"], "pids": {}, "health": {}}
-    if auth is not None:
-        own["nats_auth"] = str(auth)
+@dataclass
+class TenantStarter:
+    """What every tenant's start shares: the base environment, the server's users (None: an outside
+    server's), the runtime record and the function that starts a child."""
 
-    def credentials(role: str) -> dict[str, str] | None:
-        return credentials_env(auth, settings.nats_user_name(role)) if auth else None
+    base: dict[str, str]
+    auth: Path | None
+    runtime: dict
+    start: Callable[[str, list[str], dict[str, str], Path, Path | None], None]
+    services: list[str]
+    serve: bool
+    serve_port: int
 
-    def password_file(role: str) -> Path | None:
-        return auth / PASSWORDS_DIR / settings.nats_user_name(role) if auth else None
+    def __call__(self, settings: CairnSettings, tenant: tenants.Tenant) -> None:
+        """One tenant's services and endpoint, as its own NATS users, with its state under its home.
+        The default tenant's are named as they always were (`training`); another's `<tenant>/training`."""
+        home, auth, runtime = settings.home_dir, self.auth, self.runtime
+        (home / "logs").mkdir(parents=True, exist_ok=True)
+        default = tenant.name == DEFAULT_TENANT
+        env = {**self.base, "CAIRN_TENANT": tenant.name}  # its home, its user names, its MLflow prefix
+        if tenant.max_trials_in_flight is not None:
+            env["CAIRN_TRIAL_CONCURRENCY"] = str(tenant.max_trials_in_flight)
+        own: dict = {"tenant": tenant.name, "nats_url": runtime["nats_url"], "pids": {}, "health": {}}
+        if auth is not None:
+            own["nats_auth"] = str(auth)
 
-    def child(role: str, args: list[str], extra: dict[str, str], log: str) -> None:
-        name = role if default else f"{tenant.name}/{role}"
-        start(name, args, {**child_env(env, credentials(role)), **extra}, home / "logs" / log, password_file(role))
-        own["pids"][role] = runtime["pids"][name]
+        def child(role: str, args: list[str], extra: dict[str, str], log: str) -> None:
+            user = settings.nats_user_name(role)
+            credentials = credentials_env(auth, user) if auth else None
+            name = role if default else f"{tenant.name}/{role}"
+            password = auth / PASSWORDS_DIR / user if auth else None
+            self.start(name, args, {**child_env(env, credentials), **extra}, home / "logs" / log, password)
+            own["pids"][role] = runtime["pids"][name]
 
-    for name in services:
-        port = free_port()
-        child(name, ["run", name], {"CAIRN_HTTP_PORT": str(port)}, f"{name}.log")
-        runtime["health"][name if default else f"{tenant.name}/{name}"] = own["health"][name] = (
-            f"http://{LOOPBACK}:{port}"
-        )
-    if serve:
-        # `serving start`: the endpoint with its CAIRN_SERVE_WORKERS worker processes
-        port = serve_port if default else free_port()
-        child(SERVE, ["serving", "start", "--port", str(port)], {}, "serve.log")
-        own["serve_url"] = f"http://{settings.serve_host}:{port}"
-        if default:
-            runtime["serve_url"] = own["serve_url"]
-        else:
-            runtime["health"][f"{tenant.name}/serve"] = own["serve_url"]
-    if not default:
-        own["identities"] = {str(p): runtime["identities"].get(str(p)) for p in own["pids"].values()}
-        write_runtime(home / RUNTIME_FILE, own)
+        for name in self.services:
+            port = free_port()
+            child(name, ["run", name], {"CAIRN_HTTP_PORT": str(port)}, f"{name}.log")
+            own["health"][name] = f"http://{LOOPBACK}:{port}"
+            runtime["health"][name if default else f"{tenant.name}/{name}"] = own["health"][name]
+        if self.serve:
+            if not default:  # a tenant's endpoint answers its own token's holders only
+                ensure_token(home)
+            # `serving start`: the endpoint with its CAIRN_SERVE_WORKERS worker processes
+            port = self.serve_port if default else free_port()
+            extra = {}
+            if settings.serve_grpc_port and not default:  # the configured port is the default's
+                extra["CAIRN_SERVE_GRPC_PORT"] = str(free_port())
+                own["grpc_address"] = f"{settings.serve_host}:{extra['CAIRN_SERVE_GRPC_PORT']}"
+            child(SERVE, ["serving", "start", "--port", str(port)], extra, "serve.log")
+            own["serve_url"] = f"http://{settings.serve_host}:{port}"
+            if default:
+                runtime["serve_url"] = own["serve_url"]
+            else:
+                runtime["health"][f"{tenant.name}/serve"] = own["serve_url"]
+        if not default:
+            own["identities"] = {str(p): runtime["identities"].get(str(p)) for p in own["pids"].values()}
+            write_runtime(home / RUNTIME_FILE, own)
 
 
 def adopt_global_account(workdir: Path) -> None:

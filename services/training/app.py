@@ -121,7 +121,8 @@ class Training(Service[TrainingContext]):
             self.metrics.dask_workers.labels(self.name).set_function(lambda: known_workers(compute))
             opened.callback(self.metrics.dask_workers.remove, self.name)
             available = await cluster_resources_async(compute.client)
-            tracker = await asyncio.to_thread(Tracker, self.settings.tracking_uri, self.settings.mlflow_prefix)
+            s = self.settings
+            tracker = await asyncio.to_thread(Tracker, s.tracking_uri, s.mlflow_prefix)
             trial_runs = TrialRunWriter.for_tracker(tracker)
             if trial_runs is not None:
                 opened.push_async_callback(trial_runs.close)

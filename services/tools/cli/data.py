@@ -276,6 +276,7 @@ def _until_served(s: CairnSettings, end: Any) -> int:
     """A run deployed through the system `cairn up` runs from this home: return once its endpoint
     serves the new champion, so that `submit --wait && predict` meets it (the endpoint swaps a
     moment after the decision). An endpoint elsewhere (Kubernetes, `cairn serve`) is not waited for."""
+    from services.platform.endpoint_token import client_headers
     from services.tools.client import DEPLOYED, wait_until_served
 
     runtime = s.runtime()
@@ -283,7 +284,9 @@ def _until_served(s: CairnSettings, end: Any) -> int:
     if end.code != DEPLOYED or not local:
         return end.code
     deployed = end.event.data
-    problem = wait_until_served(runtime["serve_url"], deployed.model_name, deployed.version, SERVE_WAIT_S)
+    problem = wait_until_served(
+        runtime["serve_url"], deployed.model_name, deployed.version, SERVE_WAIT_S, client_headers(s)
+    )
     if problem is not None:
         typer.echo(
             f"{deployed.model_name} v{deployed.version} was deployed, but the endpoint at "

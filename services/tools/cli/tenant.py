@@ -14,7 +14,15 @@ import typer
 
 from services.platform.settings import DEFAULT_TENANT, CairnSettings
 from services.tools import tenants
-from services.tools.cli.common import ADMIN, EXIT_USAGE, CliError, app, connect_nats, settings, stream_messages
+from services.tools.cli.common import (
+    ADMIN,
+    EXIT_USAGE,
+    CliError,
+    app,
+    connect_nats,
+    settings,
+    stream_messages,
+)
 
 tenant_app = typer.Typer(no_args_is_help=True, help="Tenants: teams isolated in their own NATS accounts.")
 app.add_typer(tenant_app, name="tenant")
@@ -28,7 +36,9 @@ def _home(s: CairnSettings) -> CairnSettings:
 @tenant_app.command("add")
 def add(
     name: Annotated[str, typer.Argument(help="Lower-case letters, digits and '-'; 2 to 30 characters.")],
-    max_storage: Annotated[str, typer.Option(help="Its JetStream storage (events, buckets): 10GB, 512MiB.")] = "10GB",
+    max_storage: Annotated[
+        str, typer.Option(help="Its JetStream storage (events, buckets): 10GB, 512MiB.")
+    ] = "10GB",
     max_trials_in_flight: Annotated[int, typer.Option(min=1, help="Its trials running at once.")] = 40,
 ) -> None:
     """Add a tenant: its account, users and limits now; its services at the next `cairn up`."""
