@@ -70,11 +70,12 @@ def settings(user: str | None = ADMIN) -> CairnSettings:
 
 
 def check_tenant(s: CairnSettings) -> None:
-    """A tenant that this home does not know is a usage error, not an empty answer."""
+    """A tenant that this home does not know is a usage error, not an empty answer. With
+    CAIRN_NATS_URL (a pod, an outside server), that server's accounts decide instead."""
     from services.platform.settings import DEFAULT_TENANT
     from services.tools import tenants
 
-    if s.tenant != DEFAULT_TENANT and all(t.name != s.tenant for t in tenants.load(s)):
+    if s.tenant != DEFAULT_TENANT and not s.nats_url and all(t.name != s.tenant for t in tenants.load(s)):
         raise CliError(f"no tenant {s.tenant!r} in {s.root_dir} (`cairn tenant list`)", EXIT_USAGE)
 
 
