@@ -825,6 +825,7 @@ def covered_secrets(values: dict[str, Any]) -> dict[str, str]:
     names = {
         v["nats"]["auth"]["existingSecret"] or f"{RELEASE}-nats-auth": "checksum/nats-auth",
         v["lineage"]["database"]["existingSecret"]: "checksum/lineage-db",
+        **{t["secret"]: "checksum/nats-tenants" for t in v.get("tenants", [])},  # the NATS servers read them
     }
     if not v["insecure"]:
         names |= {
@@ -1255,8 +1256,11 @@ def test_nats_permissions_on_a_real_server(default_objects: list[dict[str, Any]]
         proc.wait(10)
 
 
-def statefulset_env(sts: dict[str, Any], passwords: dict[str, str]) -> dict[str, str]:
-    """The NATS container's environment as the kubelet builds it: secrets resolved, $(VAR) expanded."""
+def statefulset_env(
+    sts: dict[str, Any], passwords: dict[str, str], secrets: dict[str, dict[str, str]] | None = None
+) -> dict[str, str]:
+    """The NATS container's environment as the kubelet builds it: secrets resolved, $(VAR) expanded.
+    A secretKeyRef reads `secrets` ({secret: {key: value}}) when given, else `passwords` by user."""
     env: dict[str, str] = {}
     for var in sts["spec"]["template"]["spec"]["containers"][0]["env"]:
         if "value" in var:
@@ -1265,7 +1269,11 @@ def statefulset_env(sts: dict[str, Any], passwords: dict[str, str]) -> dict[str,
                 value = value.replace(f"$({name})", known)
             env[var["name"]] = value
         elif "secretKeyRef" in var["valueFrom"]:
-            env[var["name"]] = passwords[var["valueFrom"]["secretKeyRef"]["key"].removesuffix("-password")]
+            ref = var["valueFrom"]["secretKeyRef"]
+            if secrets is not None:
+                env[var["name"]] = secrets[ref["name"]][ref["key"]]
+            else:
+                env[var["name"]] = passwords[ref["key"].removesuffix("-password")]
         else:  # the pod name, from the downward API
             env[var["name"]] = "nats-0"
     return env

@@ -44,7 +44,7 @@ class Tenant(BaseModel):
 
 
 def parse_size(text: str) -> int:
-    """`10GB`, `512MiB`, `1e9`: bytes (decimal units as nats-server reads them, binary with `i`)."""
+    """`10GB`, `512MiB`, `1e9`: bytes (GB is 10^9, GiB 2^30); the server's config gets the bytes."""
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?(?:e[0-9]+)?)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).upper() if match else None
     if match is None or unit not in UNITS:

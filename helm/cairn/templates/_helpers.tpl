@@ -32,6 +32,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: cairn
+{{- with .Values.tenant }}
+cairn.dev/tenant: {{ . }}
+{{- end }}
 {{- with .Values.commonLabels }}
 {{ toYaml . }}
 {{- end }}
@@ -110,6 +113,87 @@ cannot bind or ack any service's consumer, delete anything or administer the str
 {{/* Environment variable the NATS server reads a user's password from. */}}
 {{- define "cairn.natsPasswordEnv" -}}
 {{- printf "CAIRN_NATS_PASSWORD_%s" (upper .) -}}
+{{- end -}}
+
+{{/*
+One entry of a users list of the server config: (dict "user" "training" "env" "CAIRN_NATS_PASSWORD_TRAINING"
+"perms" {publish: [...], subscribe: [...]}). The password is the variable the server resolves.
+*/}}
+{{- define "cairn.natsUserEntry" -}}
+{user: {{ .user | quote }}, password: ${{ .env }}, permissions: {{ .perms | toJson | replace "\\u003e" ">" }}}
+{{- end -}}
+
+{{/*
+Tenants (docs/TENANTS.md): a tenant is a NATS account of the in-chart server holding every role of
+the default tenant as the user <role>@<tenant> (services.platform.settings nats_user_name); the
+default tenant (""), the bare role. (dict "role" "training" "tenant" "team-a")
+*/}}
+{{- define "cairn.tenantUser" -}}
+{{- if .tenant -}}
+{{- printf "%s@%s" .role .tenant -}}
+{{- else -}}
+{{- .role -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The variable the server reads a tenant user's password from: CAIRN_NATS_PASSWORD_<TENANT>_<ROLE>,
+'-' as '_'. A tenant name has no '_' and a role neither '-' nor '_', so two users never share one
+(and cairn.validateValues fails the render if they ever did). (dict "role" "training" "tenant" "team-a")
+*/}}
+{{- define "cairn.tenantPasswordEnv" -}}
+{{- printf "CAIRN_NATS_PASSWORD_%s_%s" (.tenant | upper | replace "-" "_") (upper .role) -}}
+{{- end -}}
+
+{{/*
+A tenant user's permissions, {publish, subscribe}: the role's, except its reply inbox, which is
+named after the user (_INBOX_<role>@<tenant>: services/platform/bus/connection.py inbox_prefix).
+(dict "perms" $rolePermissions "role" "training" "tenant" "team-a")
+*/}}
+{{- define "cairn.tenantPermissions" -}}
+{{- $prefix := printf "_INBOX_%s." .role -}}
+{{- $out := dict -}}
+{{- range $kind, $subjects := .perms -}}
+{{- $renamed := list -}}
+{{- range $subjects -}}
+{{- $renamed = append $renamed (ternary (printf "_INBOX_%s@%s.%s" $.role $.tenant (trimPrefix $prefix .)) . (hasPrefix $prefix .)) -}}
+{{- end -}}
+{{- $_ := set $out $kind $renamed -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* The names of the tenants this release defines, as a JSON list. */}}
+{{- define "cairn.tenantNames" -}}
+{{- $names := list -}}
+{{- range .Values.tenants -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- toJson $names -}}
+{{- end -}}
+
+{{/* A NATS size of the values (a string such as 10G, or bytes) as the server config takes it. */}}
+{{- define "cairn.natsSize" -}}
+{{- if kindIs "string" . -}}
+{{- . -}}
+{{- else -}}
+{{- int64 . -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The JetStream account of this release's users, which KEDA's nats-jetstream scaler names: the
+tenant's (`tenant`); `default` where this release defines tenants (the server then has accounts,
+and the global account $G no JetStream); nats.auth.account otherwise.
+*/}}
+{{- define "cairn.natsAccount" -}}
+{{- if .Values.tenant -}}
+{{- .Values.tenant -}}
+{{- else if .Values.tenants -}}
+default
+{{- else -}}
+{{- .Values.nats.auth.account -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "cairn.natsSecretName" -}}
@@ -440,12 +524,17 @@ of one user: (dict "ctx" $ "user" "training"). */}}
 {{- end }}
 {{- if .ctx.Values.nats.auth.enabled }}
 - name: CAIRN_NATS_USER
-  value: {{ .user | quote }}
+  value: {{ include "cairn.tenantUser" (dict "role" .user "tenant" .ctx.Values.tenant) | quote }}
 - name: CAIRN_NATS_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ include "cairn.natsSecretName" .ctx }}
       key: {{ printf "%s-password" .user }}
+{{- end }}
+{{- /* A tenant's release: its state, artifacts and MLflow names are the tenant's (docs/TENANTS.md). */}}
+{{- with .ctx.Values.tenant }}
+- name: CAIRN_TENANT
+  value: {{ . | quote }}
 {{- end -}}
 {{- end -}}
 
@@ -582,6 +671,7 @@ checksum/* annotations of a pod, one per Secret it reads, so that a changed Secr
 the next install/upgrade: (dict "ctx" $ "nats" true "natsServer" false "daskTLS" false "lineageDB" false
 "modelSigning" false).
   nats-auth   the NATS users' passwords (the generated Secret's rendered text, or an existingSecret)
+  nats-tenants  every tenant's Secret (its users' passwords), read by the NATS servers only (natsServer)
   nats-tls    the NATS client certificate every client mounts (natsServer: the server's certificate)
   dask-tls    Dask's certificate (a Dask client: services.<name>.dask)
   lineage-db  lineage.database.existingSecret (the lineage store's URL: services.<name>.lineageStore)
@@ -596,6 +686,13 @@ the next install/upgrade: (dict "ctx" $ "nats" true "natsServer" false "daskTLS"
 {{- else -}}
 {{- $_ := set $out "checksum/nats-auth" (include (print $.Template.BasePath "/common/nats-auth-secret.yaml") $ | sha256sum) -}}
 {{- end -}}
+{{- end -}}
+{{- if and .nats .natsServer $.Values.nats.auth.enabled $.Values.tenants -}}
+{{- $sums := list -}}
+{{- range $t := $.Values.tenants -}}
+{{- $sums = append $sums (include "cairn.secretChecksum" (dict "ctx" $ "name" $t.secret)) -}}
+{{- end -}}
+{{- $_ := set $out "checksum/nats-tenants" (join " " $sums | sha256sum) -}}
 {{- end -}}
 {{- if and .nats (include "cairn.tls" $) -}}
 {{- $name := ternary (include "cairn.natsServerSecret" $) (include "cairn.natsClientSecret" $) (eq (toString .natsServer) "true") -}}
@@ -677,6 +774,49 @@ Combinations the schema cannot express; each fails the render with the reason.
 {{- end -}}
 {{- if and (not .Values.artifacts.url) (not .Values.artifacts.sharedVolume.enabled) -}}
 {{- $errors = append $errors "artifacts: set artifacts.url (e.g. s3://bucket/cairn) or enable artifacts.sharedVolume: services and Dask workers must share one store" -}}
+{{- end -}}
+{{- if .Values.tenants -}}
+{{- if not .Values.nats.internal.enabled -}}
+{{- $errors = append $errors "tenants: tenants are accounts of the chart's own NATS server (nats.internal.enabled); define them on an external server with `cairn tenant add` / `cairn nats-config`" -}}
+{{- end -}}
+{{- if not .Values.nats.auth.enabled -}}
+{{- $errors = append $errors "tenants: a tenant is a NATS account with users of its own: tenants need nats.auth.enabled" -}}
+{{- end -}}
+{{- $names := list -}}
+{{- range $t := .Values.tenants -}}
+{{- if has $t.name $names -}}
+{{- $errors = append $errors (printf "tenants: %s is listed twice" $t.name) -}}
+{{- end -}}
+{{- $names = append $names $t.name -}}
+{{- end -}}
+{{- /* Every user's password variable is its own (cairn.tenantPasswordEnv). */ -}}
+{{- $users := include "cairn.natsUsers" . | fromJsonArray -}}
+{{- $envs := dict -}}
+{{- range $user := $users -}}
+{{- $_ := set $envs (include "cairn.natsPasswordEnv" $user) $user -}}
+{{- end -}}
+{{- range $t := .Values.tenants -}}
+{{- range $role := $users -}}
+{{- $at := dict "role" $role "tenant" $t.name -}}
+{{- $env := include "cairn.tenantPasswordEnv" $at -}}
+{{- $user := include "cairn.tenantUser" $at -}}
+{{- if and (hasKey $envs $env) (ne (get $envs $env) $user) -}}
+{{- $errors = append $errors (printf "tenants: users %s and %s would share the password variable %s" (get $envs $env) $user $env) -}}
+{{- end -}}
+{{- $_ := set $envs $env $user -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if .Values.tenant -}}
+{{- if .Values.nats.internal.enabled -}}
+{{- $errors = append $errors (printf "tenant: the services of tenant %s use the NATS of the release that defines it: set nats.internal.enabled=false and nats.external.url to that server" .Values.tenant) -}}
+{{- end -}}
+{{- if not .Values.nats.auth.enabled -}}
+{{- $errors = append $errors (printf "tenant: tenant %s's users need nats.auth.enabled" .Values.tenant) -}}
+{{- end -}}
+{{- if not .Values.nats.auth.existingSecret -}}
+{{- $errors = append $errors (printf "tenant: set nats.auth.existingSecret to tenant %s's Secret (its users' passwords, as the defining release's tenants[].secret)" .Values.tenant) -}}
+{{- end -}}
 {{- end -}}
 {{- $generated := include "cairn.natsGenerated" . | fromJson -}}
 {{- if and .Values.nats.auth.enabled (ne .Values.config.stream $generated.stream) -}}
