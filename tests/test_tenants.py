@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -241,6 +242,7 @@ def test_two_teams_on_one_home_through_the_cli(tmp_path: Path) -> None:
     up = cairn("up", "--detach", "--timeout", "240", env=env, cwd=tmp_path, timeout=300)
     assert up.returncode == 0, up.stdout + up.stderr
     try:
+        check_one_session_per_tenant(json.loads((home / "runtime.json").read_text())["pids"])
         run = cairn(
             "submit",
             str(table),
@@ -306,3 +308,19 @@ def check_endpoint_token(runtime: dict, home: Path) -> None:
             client.get_model_metadata("houses-price")
         assert "UNAUTHENTICATED" in str(refused.value.status())
         assert client.get_model_metadata("houses-price", headers=mine).name == "houses-price"
+
+
+def check_one_session_per_tenant(pids: dict[str, int]) -> None:
+    """Each tenant's processes share one session, so one scheduling autogroup: the kernel shares CPU
+    between tenants, not between processes (bench/tenants.py); each still leads its own process group,
+    so a group signal stops one service with its Dask workers and nothing else."""
+    sessions: dict[str, set[int]] = {}
+    for name, pid in pids.items():
+        if name == "nats-server":
+            continue
+        assert os.getpgid(pid) == pid, f"{name} does not lead its own process group"
+        tenant = name.split("/")[0] if "/" in name else "default"
+        sessions.setdefault(tenant, set()).add(os.getsid(pid))
+    assert set(sessions) == {"default", B}
+    assert all(len(s) == 1 for s in sessions.values()), sessions
+    assert sessions["default"] != sessions[B]

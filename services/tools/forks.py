@@ -55,15 +55,18 @@ class Launcher:
         log_path: Path,
         tied: bool,
         password_file: Path | None = None,
+        group: str | None = None,
     ) -> int:
         """Fork `python -m services.tools.cli ARGS` with exactly `env` (and CAIRN_NATS_PASSWORD read
-        from `password_file` in the child); its pid."""
+        from `password_file` in the child), in `group`'s session when given; its pid."""
         if not self.ready:
             self._reply()  # {"ready": pid}: its imports are done
             self.ready = True
         request = {"args": args, "env": env, "log": str(log_path), "tied": tied}
         if password_file is not None:
             request["password_file"] = str(password_file)
+        if group is not None:
+            request["group"] = group
         assert self.process.stdin is not None
         self.process.stdin.write(json.dumps(request).encode() + b"\n")
         self.process.stdin.flush()

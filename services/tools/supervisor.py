@@ -189,9 +189,12 @@ def up(
             "CAIRN_ALLOWED_ROOTS": json.dumps([str(r) for r in settings.read_roots]),
             "CAIRN_HEALTH_HOST": LOOPBACK,
         }
-        start_tenant = TenantStarter(env, auth, runtime, start, services or list(SERVICES), serve, serve_port)
         everyone = tenants.every(settings)
-        for tenant in everyone if auth else [t for t in everyone if t.name == settings.tenant]:
+        if not auth:
+            everyone = [t for t in everyone if t.name == settings.tenant]
+        names = services or list(SERVICES)
+        start_tenant = TenantStarter(env, auth, runtime, start, names, serve, serve_port, len(everyone) > 1)
+        for tenant in everyone:
             own = tenants.settings_for(settings, tenant.name)
             asyncio.run(provision_everything(_as_user(own, auth, ADMIN) if auth else own))
             start_tenant(own, tenant)
@@ -208,10 +211,11 @@ class TenantStarter:
     base: dict[str, str]
     auth: Path | None
     runtime: dict
-    start: Callable[[str, list[str], dict[str, str], Path, Path | None], None]
+    start: Start
     services: list[str]
     serve: bool
     serve_port: int
+    grouped: bool  # several tenants: each one's processes share a session (fair CPU between tenants)
 
     def __call__(self, settings: CairnSettings, tenant: tenants.Tenant) -> None:
         """One tenant's services and endpoint, as its own NATS users, with its state under its home.
@@ -231,7 +235,10 @@ class TenantStarter:
             credentials = credentials_env(auth, user) if auth else None
             name = role if default else f"{tenant.name}/{role}"
             password = auth / PASSWORDS_DIR / user if auth else None
-            self.start(name, args, {**child_env(env, credentials), **extra}, home / "logs" / log, password)
+            group = tenant.name if self.grouped else None
+            self.start(
+                name, args, {**child_env(env, credentials), **extra}, home / "logs" / log, password, group
+            )
             own["pids"][role] = runtime["pids"][name]
 
         for name in self.services:
@@ -276,17 +283,21 @@ def write_runtime(path: Path, runtime: dict) -> None:
     partial.replace(path)
 
 
+# start(name, args, env, log, password file, group): one child, recorded in the runtime
+Start = Callable[[str, list[str], dict[str, str], Path, Path | None, str | None], None]
+
+
 @contextlib.contextmanager
-def children_of(
-    settings: CairnSettings, runtime: dict, tied: bool
-) -> Iterator[Callable[[str, list[str], dict[str, str], Path, Path | None], None]]:
-    """`start(name, args, env, log, password file)`: a child recorded in the runtime, forked from one
-    launcher that has imported the services' libraries once (`services.tools.cli.launcher`;
-    CAIRN_PRELOAD=false or not Linux: its own interpreter each). The launcher starts importing on
+def children_of(settings: CairnSettings, runtime: dict, tied: bool) -> Iterator[Start]:
+    """`start(...)`: a child recorded in the runtime, forked from one launcher that has imported the
+    services' libraries once (`services.tools.cli.launcher`; CAIRN_PRELOAD=false or not Linux: its own
+    interpreter each, and no group: each its own session). The launcher starts importing on
     entry, so its imports overlap the NATS start and provisioning."""
     if not (settings.preload and forks.available()):
 
-        def spawn_each(name: str, args: list[str], child: dict[str, str], log: Path, _: Path | None) -> None:
+        def spawn_each(
+            name: str, args: list[str], child: dict[str, str], log: Path, _: Path | None, group: str | None
+        ) -> None:
             record(runtime, name, spawn(args, child, log, tied))
 
         yield spawn_each
@@ -299,13 +310,18 @@ def children_of(
     try:
 
         def fork_each(
-            name: str, args: list[str], child: dict[str, str], log: Path, password: Path | None
+            name: str,
+            args: list[str],
+            child: dict[str, str],
+            log: Path,
+            password: Path | None,
+            group: str | None,
         ) -> None:
             # The password goes by file, never through the launcher: what the launcher's memory
             # held, every later fork would inherit.
             if password is not None:
                 child = {k: v for k, v in child.items() if k != forks.PASSWORD_VARIABLE}
-            pid = launcher.spawn(args, child, log, tied, password)
+            pid = launcher.spawn(args, child, log, tied, password, group)
             runtime["pids"][name] = pid
             remember(runtime, pid)
 

@@ -14,9 +14,14 @@ closes it stays to reap its children (so a service that exits is gone, not a zom
 still finds) and exits after the last.
 
 Each child is what `python -m services.tools.cli ARGS` would be: its own session (so a group signal
-stops it with its Dask workers), its output appended to its log, its environment exactly `env`
-(credentials differ per service), and with `tied` the parent-death signal on the launcher, which is
-itself tied to the supervisor: a SIGKILLed `cairn up` still takes every service with it. Nothing in
+stops it with its Dask workers), or, with a request's `group` (a tenant's name, when a home has
+several), its own process group in the session of that group's keeper: a fork of the launcher that
+made a session for the group and forks its children. The kernel's scheduler shares CPU fairly
+between sessions (autogroups), so a tenant with eight busy processes gets as much of the machine as
+one with one busy process, not eight times as much (docs/TENANTS.md). Its output is appended to its
+log, its environment is exactly `env` (credentials differ per service), and with `tied` it has the
+parent-death signal on its parent (the launcher or a keeper, each tied to the one above, up to the
+supervisor): a SIGKILLed `cairn up` still takes every service with it. Nothing in
 the launcher starts a thread or an event loop before it forks, and it never runs a service's code.
 """
 
@@ -60,11 +65,17 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> None:
             importlib.import_module(name)
 
 
-def child(request: dict[str, Any], channels: tuple[int, int], launcher: int) -> None:
-    """In the fork: become `python -m services.tools.cli ARGS` in a session of its own; never returns."""
+def child(
+    request: dict[str, Any], channels: tuple[int, ...], launcher: int, new_session: bool = True
+) -> None:
+    """In the fork: become `python -m services.tools.cli ARGS` in a session of its own (or a process
+    group of its own in its keeper's session); never returns."""
     code = 1
     try:
-        os.setsid()
+        if new_session:
+            os.setsid()
+        else:
+            os.setpgid(0, 0)
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
@@ -112,24 +123,83 @@ def _reread_environment() -> None:
         dask.config.refresh()
 
 
-def serve(requests: IO[bytes], replies: IO[bytes]) -> None:
-    """Fork one child per request line until the input closes, then reap them all."""
+class Keeper:
+    """A group's session: a fork of the launcher that called setsid() and serves the group's requests
+    (`serve` with `new_session=False`), reaping its children; it ends after its last one."""
+
+    def __init__(self, tied: bool, inherited: list[int]):
+        launcher = os.getpid()
+        request_r, request_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.setsid()
+                if tied:
+                    import ctypes
+
+                    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+                    if os.getppid() != launcher:
+                        os._exit(1)
+                for fd in (*inherited, request_w, reply_r):
+                    os.close(fd)
+                serve(os.fdopen(request_r, "rb"), os.fdopen(reply_w, "wb"), new_session=False)
+                code = 0
+            except BaseException:  # noqa: BLE001 - a keeper must never return into the launcher's loop
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(request_r)
+        os.close(reply_w)
+        self.pid = pid
+        self.requests, self.replies = os.fdopen(request_w, "wb"), os.fdopen(reply_r, "rb")
+        self.ask(None)  # {"ready": pid}
+
+    def fds(self) -> list[int]:
+        return [self.requests.fileno(), self.replies.fileno()]
+
+    def ask(self, line: bytes | None) -> dict[str, Any]:
+        if line is not None:
+            self.requests.write(line)
+            self.requests.flush()
+        answer = self.replies.readline()
+        return json.loads(answer) if answer else {"error": f"the group's keeper (pid {self.pid}) exited"}
+
+    def close(self) -> None:
+        for stream in (self.requests, self.replies):
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+def serve(requests: IO[bytes], replies: IO[bytes], new_session: bool = True) -> None:
+    """Fork one child per request line until the input closes (a grouped one through its group's
+    keeper), then reap them all."""
     launcher = os.getpid()
     channels = (requests.fileno(), replies.fileno())
+    keepers: dict[str, Keeper] = {}
     replies.write(json.dumps({"ready": launcher}).encode() + b"\n")
     replies.flush()
     for line in requests:
         try:
             request = json.loads(line)
-            pid = os.fork()
+            if new_session and (group := request.get("group")):
+                if group not in keepers:
+                    inherited = [*channels, *(fd for k in keepers.values() for fd in k.fds())]
+                    keepers[group] = Keeper(bool(request.get("tied")), inherited)
+                reply: dict[str, Any] = keepers[group].ask(line)
+            else:
+                pid = os.fork()
+                if pid == 0:
+                    open_fds = (*channels, *(fd for k in keepers.values() for fd in k.fds()))
+                    child(request, open_fds, launcher, new_session)
+                reply = {"pid": pid}
         except (ValueError, OSError) as exc:
-            reply: dict[str, Any] = {"error": f"{type(exc).__name__}: {exc}"}
-        else:
-            if pid == 0:
-                child(request, channels, launcher)
-            reply = {"pid": pid}
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
         replies.write(json.dumps(reply).encode() + b"\n")
         replies.flush()
+    for keeper in keepers.values():
+        keeper.close()  # each keeper reaps its own children, then exits; it is reaped below
     while True:
         try:
             os.wait()
