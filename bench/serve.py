@@ -52,6 +52,7 @@ sys.path.insert(0, str(HERE.parent))
 from bench.repeat import column, interleave, ratio_spread, rounded, spread  # noqa: E402
 from bench.serve_peers import mlserver_folder, mlserver_venv, mlserver_version  # noqa: E402
 from bench.serve_profile import Profiler  # noqa: E402
+from bench.suite_cost import cpu_of  # noqa: E402
 from contracts import DataArrived, ModelFamily, SearchStrategy, TuningSpec  # noqa: E402
 from services.features import logic as features  # noqa: E402
 from services.ingestion.app import ingest  # noqa: E402
@@ -174,15 +175,8 @@ def wait_up(url: str, proc: subprocess.Popen, what: str, timeout: float = 180) -
 
 
 def cpu_seconds(proc: subprocess.Popen) -> float:
-    total = 0.0
     root = psutil.Process(proc.pid)
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
+    return sum(cpu_of(p) for p in [root, *root.children(recursive=True)])
 
 
 def seconds(value: str) -> float:

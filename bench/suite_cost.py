@@ -21,9 +21,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PR_SET_CHILD_SUBREAPER = 36
+
+
+def cpu_of(proc: Any) -> float:
+    """A psutil.Process's CPU seconds so far (0 once it is gone)."""
+    import psutil
+
+    try:
+        t = proc.cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return t.user + t.system
 
 
 def children_cpu() -> float:

