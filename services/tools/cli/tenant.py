@@ -8,7 +8,7 @@ import datetime as dt
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -65,25 +65,42 @@ def list_tenants() -> None:
         storage = "server's" if tenant.max_storage_bytes is None else _size(tenant.max_storage_bytes)
         trials = "-" if tenant.max_trials_in_flight is None else str(tenant.max_trials_in_flight)
         usage = _usage(own)
-        typer.echo(f"{tenant.name:<16} storage {usage} of {storage:<10} trials in flight {trials}")
+        used, in_flight = (f"{_size(usage[0])} ({usage[1]})", str(usage[2])) if usage else ("(not up)", "-")
+        typer.echo(
+            f"{tenant.name:<16} storage {used} of {storage:<10} trials in flight {in_flight} of {trials}"
+        )
 
 
-def _usage(own: CairnSettings) -> str:
+def _usage(own: CairnSettings) -> tuple[int, str, int] | None:
+    """(JetStream bytes, its streams and consumers, trials being run now), or None when not up."""
+    from nats.js.errors import NotFoundError
+
+    from contracts import TrialRequested
+    from services.platform.bus.consumer import durable_name
+
     try:
         admin = own.with_home_credentials(ADMIN)
         admin.resolved_nats_url()
     except RuntimeError:
-        return "(not up)"
+        return None
 
-    async def go() -> Any:
+    async def go() -> tuple[int, str, int]:
         nc = await connect_nats(admin, "tenant-list")
         try:
-            return await nc.jetstream().account_info()
+            js = nc.jetstream()
+            info = await js.account_info()
+            try:  # delivered to training, not acknowledged yet: the trials running now
+                trials = await js.consumer_info(
+                    own.stream, durable_name("training", TrialRequested, own.namespace)
+                )
+                running = trials.num_ack_pending
+            except NotFoundError:
+                running = 0
+            return info.storage, f"{info.streams} streams, {info.consumers} consumers", running
         finally:
             await nc.close()
 
-    info = asyncio.run(go())
-    return f"{_size(info.storage)} ({info.streams} streams, {info.consumers} consumers)"
+    return asyncio.run(go())
 
 
 def _size(n: int) -> str:
