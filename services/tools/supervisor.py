@@ -193,12 +193,12 @@ def up(
         if not auth:
             everyone = [t for t in everyone if t.name == settings.tenant]
         names = services or list(SERVICES)
-        start_tenant = TenantStarter(env, auth, runtime, start, names, serve, serve_port, len(everyone) > 1)
+        grouped = len(everyone) > 1
+        start_tenant = TenantStarter(env, auth, runtime, path, start, names, serve, serve_port, grouped)
         for tenant in everyone:
             own = tenants.settings_for(settings, tenant.name)
             asyncio.run(provision_everything(_as_user(own, auth, ADMIN) if auth else own))
             start_tenant(own, tenant)
-            write_runtime(path, runtime)
     write_runtime(path, runtime)
     return runtime
 
@@ -206,11 +206,12 @@ def up(
 @dataclass
 class TenantStarter:
     """What every tenant's start shares: the base environment, the server's users (None: an outside
-    server's), the runtime record and the function that starts a child."""
+    server's), the runtime record (and its file) and the function that starts a child."""
 
     base: dict[str, str]
     auth: Path | None
     runtime: dict
+    runtime_path: Path
     start: Start
     services: list[str]
     serve: bool
@@ -240,6 +241,7 @@ class TenantStarter:
                 name, args, {**child_env(env, credentials), **extra}, home / "logs" / log, password, group
             )
             own["pids"][role] = runtime["pids"][name]
+            write_runtime(self.runtime_path, runtime)  # `down` can stop a half-finished start
 
         for name in self.services:
             port = free_port()
