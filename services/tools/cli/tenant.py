@@ -143,10 +143,11 @@ def remove(name: Annotated[str, typer.Argument(help="The tenant to remove.")]) -
             f"tenant {name} has {len(held)} holds ({', '.join(h.id for h in held[:5])}): release them "
             f"first (`cairn --tenant {name} hold --list`)"
         )
+    # Its services stop first, so nothing is written between the archive and the deletion.
+    stopped = supervisor.stop_tenant(s, name)
     folder = s.root_dir / tenants.REMOVED_DIR / f"{name}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}"
     folder.mkdir(parents=True)
     count, digest = _archive_history(asyncio.run(stream_messages(admin)), folder / "history.jsonl")
-    stopped = supervisor.stop_tenant(s, name)
     asyncio.run(_delete_streams(admin))
     home = tenants.home_of(s, name)
     if home.exists():
