@@ -51,13 +51,13 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
     """The same for gRPC: UNAUTHENTICATED without the token; the health service stays open."""
 
     def __init__(self, token: str):
-        self.expected = f"Bearer {token}"
+        self.expected = f"Bearer {token}".encode()
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         if details.method.startswith(OPEN_GRPC_PREFIX):
             return await continuation(details)
         given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if isinstance(given, str) and hmac.compare_digest(given.encode(), self.expected.encode()):
+        if isinstance(given, str) and hmac.compare_digest(given.encode(), self.expected):
             return await continuation(details)
         return grpc.unary_unary_rpc_method_handler(_refuse)
 

@@ -497,7 +497,7 @@ def stop_recorded(settings: CairnSettings, timeout: float = 12.0) -> Stopped:
     if "nats-server" in ours:
         result.stopped += _stop_groups({"nats-server": ours["nats-server"]}, timeout, runtime)
     for tenant in tenants.load(settings):
-        (tenants.home_of(settings, tenant.name) / RUNTIME_FILE).unlink(missing_ok=True)
+        (tenants.settings_for(settings, tenant.name).home_dir / RUNTIME_FILE).unlink(missing_ok=True)
     path.unlink(missing_ok=True)
     return result
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from services.platform.settings import DEFAULT_TENANT, TENANT_NAME, TENANTS_DIR, CairnSettings
+from services.platform.settings import DEFAULT_TENANT, TENANT_NAME, CairnSettings
 from services.platform.tls import write_file
 
 REGISTRY_FILE = "tenants.json"
@@ -105,7 +105,3 @@ def every(settings: CairnSettings) -> list[Tenant]:
 def settings_for(settings: CairnSettings, name: str) -> CairnSettings:
     """The same settings acting for tenant `name` (its home, its users, its MLflow prefix)."""
     return settings.model_copy(update={"tenant": name})
-
-
-def home_of(settings: CairnSettings, name: str) -> Path:
-    return settings.root_dir if name == DEFAULT_TENANT else settings.root_dir / TENANTS_DIR / name

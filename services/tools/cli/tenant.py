@@ -50,7 +50,7 @@ def add(
     reloaded = _reload_accounts(s)
     typer.echo(
         f"tenant {tenant.name}: account {tenant.account}, storage {max_storage}, "
-        f"{tenant.max_trials_in_flight} trials in flight; state in {tenants.home_of(s, name)}"
+        f"{tenant.max_trials_in_flight} trials in flight; state in {tenants.settings_for(s, name).home_dir}"
     )
     if reloaded:
         typer.echo("the NATS server has its account now; its services start with the next `cairn up`")
@@ -149,7 +149,7 @@ def remove(name: Annotated[str, typer.Argument(help="The tenant to remove.")]) -
     folder.mkdir(parents=True)
     count, digest = _archive_history(asyncio.run(stream_messages(admin)), folder / "history.jsonl")
     asyncio.run(_delete_streams(admin))
-    home = tenants.home_of(s, name)
+    home = tenants.settings_for(s, name).home_dir
     if home.exists():
         home.rename(folder / "state")
     tenants.forget(s, name)
