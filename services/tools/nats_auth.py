@@ -349,7 +349,7 @@ def write_nats_config(out: Path, tls: bool = False, settings: CairnSettings | No
     out.mkdir(parents=True, exist_ok=True)
     base = settings or CairnSettings()
     accounts = {
-        t.account: (t, derive_permissions(tenants.settings_for(base, t.name))) for t in tenants.every(base)
+        t.name: (t, derive_permissions(tenants.settings_for(base, t.name))) for t in tenants.every(base)
     }
     secrets_path = out / "secrets.json"
     passwords = _passwords(secrets_path, [u for _, users in accounts.values() for u in users])

@@ -20,8 +20,6 @@ from services.platform.tls import write_file
 
 REGISTRY_FILE = "tenants.json"
 REMOVED_DIR = "removed-tenants"  # under home: a removed tenant's history and state, kept
-DEFAULT_MAX_STORAGE = 10 * 1024**3
-DEFAULT_MAX_TRIALS = 40
 UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}  # fmt: skip
 
@@ -31,16 +29,14 @@ class TenantError(ValueError):
 
 
 class Tenant(BaseModel):
-    name: str = Field(pattern=TENANT_NAME)
-    # None: the server's own limits (the default tenant, as a home without tenants has always run)
-    max_storage_bytes: int | None = Field(DEFAULT_MAX_STORAGE, gt=0, description="JetStream file storage.")
-    max_trials_in_flight: int | None = Field(DEFAULT_MAX_TRIALS, ge=1, description="Its trial slots.")
-    created: float = Field(default_factory=time.time)
+    """A tenant; its NATS account has its name (the default tenant's: `default`). The limits' defaults
+    are `cairn tenant add`'s; None: the server's own (the default tenant, as a home without tenants
+    has always run)."""
 
-    @property
-    def account(self) -> str:
-        """Its NATS account: the tenant's own name (the default tenant's is `default`)."""
-        return self.name
+    name: str = Field(pattern=TENANT_NAME)
+    max_storage_bytes: int | None = Field(gt=0, description="JetStream file storage.")
+    max_trials_in_flight: int | None = Field(ge=1, description="Its trial slots.")
+    created: float = Field(default_factory=time.time)
 
 
 def parse_size(text: str) -> int:

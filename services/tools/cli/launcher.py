@@ -127,7 +127,7 @@ class Keeper:
     """A group's session: a fork of the launcher that called setsid() and serves the group's requests
     (`serve` with `new_session=False`), reaping its children; it ends after its last one."""
 
-    def __init__(self, tied: bool, inherited: list[int]):
+    def __init__(self, tied: bool, inherited: tuple[int, ...]):
         launcher = os.getpid()
         request_r, request_w = os.pipe()
         reply_r, reply_w = os.pipe()
@@ -183,16 +183,17 @@ def serve(requests: IO[bytes], replies: IO[bytes], new_session: bool = True) -> 
     for line in requests:
         try:
             request = json.loads(line)
+            # what a fork must close: the channels, and every keeper's pipes (a child holding one
+            # would keep that keeper from seeing its input end)
+            held = (*channels, *(fd for k in keepers.values() for fd in k.fds()))
             if new_session and (group := request.get("group")):
                 if group not in keepers:
-                    inherited = [*channels, *(fd for k in keepers.values() for fd in k.fds())]
-                    keepers[group] = Keeper(bool(request.get("tied")), inherited)
+                    keepers[group] = Keeper(bool(request.get("tied")), held)
                 reply: dict[str, Any] = keepers[group].ask(line)
             else:
                 pid = os.fork()
                 if pid == 0:
-                    open_fds = (*channels, *(fd for k in keepers.values() for fd in k.fds()))
-                    child(request, open_fds, launcher, new_session)
+                    child(request, held, launcher, new_session)
                 reply = {"pid": pid}
         except (ValueError, OSError) as exc:
             reply = {"error": f"{type(exc).__name__}: {exc}"}

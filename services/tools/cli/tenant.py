@@ -49,7 +49,7 @@ def add(
         raise CliError(str(exc), EXIT_USAGE) from None
     reloaded = _reload_accounts(s)
     typer.echo(
-        f"tenant {tenant.name}: account {tenant.account}, storage {max_storage}, "
+        f"tenant {tenant.name}: account {tenant.name}, storage {max_storage}, "
         f"{tenant.max_trials_in_flight} trials in flight; state in {tenants.settings_for(s, name).home_dir}"
     )
     if reloaded:
