@@ -58,6 +58,7 @@ class InferenceServer:
         self._grpc = contextlib.AsyncExitStack()  # the gRPC server, when CAIRN_SERVE_GRPC_PORT is set
         self.grpc_port: int | None = None  # the port it bound
         self.token = read_token(settings)  # a tenant's endpoint answers its token's holders only
+        self.v1, self.v2, self.text = V1(self.intake), V2(self.intake), Generation(self.intake)
 
     async def startup(self) -> None:
         champions = self.champions
@@ -99,7 +100,14 @@ class InferenceServer:
     async def metrics_page(self, _: Request) -> Response:
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
+    def inference_handlers(self) -> dict[str, Any]:
+        """The routes services.serving.wire answers without the app, by `inference_route`'s kind."""
+        return {"v1": self.v1.answer, "v2": self.v2.answer}
+
     def app(self) -> Starlette:
+        """Every route as an ASGI app, for any ASGI server. services.serving.wire serves it with the
+        inference routes answered before it; the lifespan here is for the other servers (tests)."""
+
         @contextlib.asynccontextmanager
         async def lifespan(_: Starlette):
             try:  # a startup that fails half-way (MLflow unreachable) still closes NATS and the watch
@@ -108,7 +116,7 @@ class InferenceServer:
             finally:
                 await self.shutdown()
 
-        v1, v2, text = V1(self.intake), V2(self.intake), Generation(self.intake)
+        v1, v2, text = self.v1, self.v2, self.text
         return Starlette(
             routes=[
                 Route("/v1/models", v1.list_models),
@@ -132,6 +140,3 @@ class InferenceServer:
         )
 
 
-def create_app() -> Starlette:
-    """The app factory each worker process calls (settings from its CAIRN_ environment)."""
-    return InferenceServer(CairnSettings()).app()

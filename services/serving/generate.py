@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from services.serving.champion import Served
-from services.serving.intake import Intake, json_response
+from services.serving.intake import Answer, Intake, json_response, response
 from services.serving.logic import GenerateRequest
 from services.serving.textstream import TextDecoder
 
@@ -33,14 +33,14 @@ class Generation:
         intake = self.intake
         start = time.perf_counter()
         got = await intake.request(request, "text_generation")
-        if isinstance(got, Response):
-            return got
+        if isinstance(got, Answer):
+            return response(got)
         name, served, body = got
         try:
             ask = GenerateRequest.model_validate_json(body)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            return intake.error(name, 422, problems)
+            return response(intake.error(name, 422, problems))
         text = served.text
         prompt_ids = text.prompt_ids(ask.prompt)
         head = {"model": name, "version": served.version, "sha256": served.model.ref.sha256}
@@ -55,8 +55,7 @@ class Generation:
         ids = await asyncio.to_thread(list, tokens)
         decoder = TextDecoder(text.tokenizer)
         out = "".join(decoder.piece(i) for i in ids) + decoder.end()
-        intake.metrics.latency.labels(name).observe(time.perf_counter() - start)
-        intake.metrics.requests.labels(name, "200").inc()
+        intake.metrics.answered(name, start)
         intake.recorder.record(served, "generate", body, 1, out, start, request_id)
         return json_response({**head, "text": out, "tokens": len(ids), "prompt_tokens": len(prompt_ids)})
 
@@ -76,7 +75,6 @@ class Generation:
         parts.append(tail)
         final = {**head, "done": True, "text": "".join(parts), "tail": tail, "tokens": count,
                  "prompt_tokens": prompt_tokens}
-        intake.metrics.latency.labels(served.name).observe(time.perf_counter() - start)
-        intake.metrics.requests.labels(served.name, "200").inc()
+        intake.metrics.answered(served.name, start)
         intake.recorder.record(served, "generate", body, 1, final["text"], start, request_id)
         yield b"event: done\ndata: " + orjson.dumps(final) + b"\n\n"

@@ -114,11 +114,12 @@ class GrpcV2:
         wanted = {o["name"] for o in doc["outputs"]}
         if wanted:
             outputs = [o for o in outputs if o["name"] in wanted]
-        intake.metrics.latency.labels(name).observe(time.perf_counter() - start)
-        intake.metrics.requests.labels(name, grpc.StatusCode.OK.name).inc()
-        request_id = request.id or uuid.uuid4().hex
-        body = request.SerializeToString() if intake.recorder.rate > 0 else b""
-        intake.recorder.record(served, "infer", body, len(rows), outputs, start, request_id)
+        intake.metrics.answered(name, start, grpc.StatusCode.OK.name)
+        request_id = request.id  # the request's, if any, as over HTTP: a uuid4 only for a record
+        if intake.recorder.rate > 0:
+            request_id = request_id or uuid.uuid4().hex
+            intake.recorder.record(served, "infer", request.SerializeToString(), len(rows), outputs, start,
+                                   request_id)
         context.set_trailing_metadata(self.worker)
         answer = {
             "model_name": name,

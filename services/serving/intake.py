@@ -1,11 +1,17 @@
-"""A request's way in, shared by every route: its body bounded, its JSON parsed (on v2, with any
-binary tensors after it read in), the model it names found, its rows checked; every refusal
-answered as JSON and counted."""
+"""A request's way in, shared by every route and by both HTTP servers: its body bounded, its JSON
+parsed (on v2, with any binary tensors after it read in), the model it names found, its rows
+checked; every refusal answered as JSON and counted.
+
+The inference routes work on a `Call` (the model named, the headers, the body) and give an
+`Answer` (status, bytes, headers), so the endpoint's own HTTP server (services.serving.wire)
+answers them straight from the parsed request, and the Starlette app, under any ASGI server, turns
+the same Answer into a Response."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -20,9 +26,39 @@ from services.serving.logic import RequestProblem, checked_rows, v2_rows, versio
 from services.serving.metrics import EndpointMetrics
 from services.serving.records import RequestRecorder
 
+JSON = "application/json"
+
+
+@dataclass(slots=True)
+class Answer:
+    """What a route answers, before any server writes it."""
+
+    body: bytes
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+    media_type: str = JSON
+
+
+@dataclass(slots=True)
+class Call:
+    """An inference request as the routes read it, whichever server parsed it."""
+
+    name: str
+    version: str | None  # a /v2/.../versions/{v}/ path's
+    headers: Mapping[str, str]  # lower-case names
+    body: bytes
+
+
+def json_answer(doc: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Answer:
+    return Answer(orjson.dumps(doc), status, headers or {})
+
 
 def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(doc), status, headers, media_type="application/json")
+    return Response(orjson.dumps(doc), status, headers, media_type=JSON)
+
+
+def response(answer: Answer) -> Response:
+    return Response(answer.body, answer.status, dict(answer.headers), media_type=answer.media_type)
 
 
 class Intake:
@@ -42,11 +78,11 @@ class Intake:
         self.recorder = recorder
         self.worker = worker  # which worker process answered
 
-    def error(self, name: str, status: int, message: str, **extra: Any) -> Response:
+    def error(self, name: str, status: int, message: str, **extra: Any) -> Answer:
         self.metrics.requests.labels(name, str(status)).inc()
-        return json_response({"error": message, **extra}, status)
+        return json_answer({"error": message, **extra}, status)
 
-    async def read_body(self, request: Request, name: str) -> bytes | Response:
+    async def read_body(self, request: Request, name: str) -> bytes | Answer:
         """The request body, bounded by CAIRN_MAX_REQUEST_BYTES (chunked bodies are counted too)."""
         limit = self.settings.max_request_bytes
         length = request.headers.get("content-length")
@@ -63,7 +99,7 @@ class Intake:
             chunks.append(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def served(self, name: str, task: str | None, version: str | None = None) -> Served | Response:
+    def served(self, name: str, task: str | None, version: str | None = None) -> Served | Answer:
         """The served model a request names; `version` (a v2 path's) must be the one served."""
         models = self.champions.models
         served = models.get(name)
@@ -77,16 +113,24 @@ class Intake:
             return self.error(name, 409, f"model {name!r} is a {served.task} model: use /{verb}")
         return served
 
-    async def request(self, request: Request, task: str | None) -> tuple[str, Served, bytes] | Response:
-        """The model a request names (of `task`, if given) and its body, or the error response."""
+    async def request(self, request: Request, task: str | None) -> tuple[str, Served, bytes] | Answer:
+        """The model a request names (of `task`, if given) and its body, or the error answer."""
         name = request.path_params["name"]
         served = self.served(name, task)
-        if isinstance(served, Response):
+        if isinstance(served, Answer):
             return served
         body = await self.read_body(request, name)
-        if isinstance(body, Response):
+        if isinstance(body, Answer):
             return body
         return name, served, body
+
+    async def route(self, request: Request, answer: Callable[[Call], Awaitable[Answer]]) -> Response:
+        """An inference route under Starlette: the Call read from its request, the Answer as a Response."""
+        name = request.path_params["name"]
+        body = await self.read_body(request, name)
+        if isinstance(body, Answer):
+            return response(body)
+        return response(await answer(Call(name, request.path_params.get("version"), request.headers, body)))
 
     @staticmethod
     def parse_json(body: bytes) -> Any:
@@ -97,26 +141,24 @@ class Intake:
         except orjson.JSONDecodeError:
             return json.loads(body)
 
-    async def admitted(self, request: Request, handle: Callable[..., Any]) -> Response:
+    async def admitted(self, call: Call, handle: Callable[[Call, Served], Awaitable[Answer]]) -> Answer:
         """A table request, counted in flight on its model's batcher until answered (so a batch
         waits for requests still being parsed, and only for them)."""
-        served = self.served(request.path_params["name"], None, request.path_params.get("version"))
-        if isinstance(served, Response):
+        served = self.served(call.name, None, call.version)
+        if isinstance(served, Answer):
             return served
         served.batcher.inflight += 1
         try:
-            return await handle(request, served)
+            return await handle(call, served)
         finally:
             served.batcher.inflight -= 1
 
-    async def rows(self, request: Request, served: Served, v2: bool) -> tuple[str, bytes, Any] | Response:
+    def rows(self, call: Call, served: Served, v2: bool) -> tuple[Any, list[dict[str, Any]]] | Answer:
+        """The request's document and its checked rows, or the refusal."""
         name = served.name
-        body = await self.read_body(request, name)
-        if isinstance(body, Response):
-            return body
-        header_length = request.headers.get(HEADER) if v2 else None
+        header_length = call.headers.get(HEADER.lower()) if v2 else None
         try:
-            head, tensors = split_body(body, header_length)
+            head, tensors = split_body(call.body, header_length)
             doc = self.parse_json(head)
             if v2:  # binary tensors (Triton's extension) become the JSON data they stand for
                 doc = with_binary_inputs(doc, tensors)
@@ -130,4 +172,4 @@ class Intake:
             rows = v2_rows(doc, schema) if v2 else checked_rows(doc, schema)
         except RequestProblem as exc:
             return self.error(name, 422, str(exc))
-        return name, body, (doc, rows)
+        return doc, rows

@@ -1,20 +1,36 @@
 """Starting the endpoint: one process, or several worker processes sharing one port.
 
-Several workers: uvicorn binds the port once and starts each worker with the app factory
-(`services.serving.app:create_app`); each loads the champions and watches deployments by
-itself. Their metrics go to prometheus_client's multiprocess files so /metrics, whichever worker
-answers, counts every worker's requests. With CAIRN_SERVE_GRPC_PORT, every worker serves gRPC
-on that one port too (SO_REUSEPORT), on the bind address given here.
+Each worker runs services.serving.wire's HTTP server on its own event loop (uvloop when
+installed), after loading the champions and starting its deployment watch. One worker serves in
+this process and binds once its champions are loaded. Several: this process binds the port, starts
+each worker (spawned, so none inherits a half-started event loop) with the listening socket, and
+keeps them: a worker that dies is started again; SIGTERM or SIGINT stops them all, each answering
+what it holds first. Their metrics go to prometheus_client's multiprocess files so /metrics,
+whichever worker answers, counts every worker's requests. With CAIRN_SERVE_GRPC_PORT, every worker
+serves gRPC on that one port too (SO_REUSEPORT), on the bind address given here.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import time
+from multiprocessing.connection import wait
 
 from services.platform.settings import CairnSettings
+
+log = logging.getLogger(__name__)
+
+BACKLOG = 2048
+RESTART_PAUSE_S = 1.0  # between starts of a worker that keeps dying
+STOP_WAIT_S = 15.0  # a worker still there after this (past the wire's grace) is killed
 
 
 def worker_count(settings: CairnSettings) -> int:
@@ -24,17 +40,9 @@ def worker_count(settings: CairnSettings) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def uvicorn_options() -> dict:
-    """uvloop and httptools when installed (they are dependencies; a bare install falls back)."""
-    import importlib.util
-
-    fast = all(importlib.util.find_spec(m) is not None for m in ("uvloop", "httptools"))
-    return {"loop": "uvloop", "http": "httptools"} if fast else {}
-
-
 def check_grpc_port(host: str, port: int) -> None:
     """Refuse to start when the gRPC port is taken: a worker that cannot bind it fails its start,
-    and uvicorn would start it again and again."""
+    and would be started again and again."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -46,26 +54,131 @@ def check_grpc_port(host: str, port: int) -> None:
             ) from None
 
 
-def run_endpoint(settings: CairnSettings, host: str, port: int) -> None:
-    import uvicorn
+def listening_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(BACKLOG)
+    sock.setblocking(False)
+    return sock
 
+
+def event_loop_runner():  # noqa: ANN201 - asyncio.run or uvloop.run
+    """uvloop when installed (a dependency; a bare install falls back to asyncio)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
+
+
+async def serve(settings: CairnSettings, sock: socket.socket | None, host: str, port: int) -> None:
+    """One worker: champions loaded, then HTTP (and gRPC) until SIGTERM or SIGINT."""
+    from services.serving.app import InferenceServer
+    from services.serving.wire import WireServer
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = InferenceServer(settings)
+    app = server.app()
+    try:
+        await server.startup()
+        if sock is None:
+            sock = listening_socket(host, port)
+        wire = WireServer(app, server.inference_handlers(), max_body=settings.max_request_bytes,
+                          token=server.token)
+        bound = sock.getsockname()
+        log.info("the endpoint answers on http://%s:%d (worker %d)", bound[0], bound[1], os.getpid())
+        await wire.serve(sock, stop)
+    finally:
+        await server.shutdown()
+
+
+def run_worker(sock: socket.socket) -> None:
+    """A spawned worker's entry point: its settings from the CAIRN_ environment its parent set."""
+    from services.platform.bus.embedded import tie_to_parent
+
+    tie_to_parent()  # a parent killed outright takes its workers along
+    settings = CairnSettings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, port = sock.getsockname()[:2]
+    event_loop_runner()(serve(settings, sock, host, port))
+
+
+def run_endpoint(settings: CairnSettings, host: str, port: int) -> None:
     settings = settings.model_copy(update={"serve_host": host})  # gRPC binds where HTTP does
     if settings.serve_grpc_port:
         check_grpc_port(host, settings.serve_grpc_port)
     workers = worker_count(settings)
-    common = {"host": host, "port": port, "log_level": "warning", "limit_concurrency": 256 * workers,
-              "access_log": False, **uvicorn_options()}
     if workers == 1:
-        from services.platform.http_server import QuietServer
-        from services.serving.app import InferenceServer
-
-        # What uvicorn.run does for one worker, with the services' quieter main loop.
-        QuietServer(uvicorn.Config(InferenceServer(settings).app(), **common)).run()
+        event_loop_runner()(serve(settings, None, host, port))
         return
     metrics_dir = tempfile.mkdtemp(prefix="cairn-serve-metrics-")
     os.environ.update(settings.to_env())
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    sock = listening_socket(host, port)
     try:
-        uvicorn.run("services.serving.app:create_app", factory=True, workers=workers, **common)
+        Workers(sock, workers).run()
     finally:
+        sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+class Workers:
+    """Keeps `count` worker processes on one listening socket until SIGTERM or SIGINT."""
+
+    def __init__(self, sock: socket.socket, count: int):
+        self.sock = sock
+        self.count = count
+        self.context = multiprocessing.get_context("spawn")
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        self.stopping = False
+
+    def start_one(self) -> multiprocessing.process.BaseProcess:
+        proc = self.context.Process(target=run_worker, args=(self.sock,), name="cairn-serve-worker")
+        proc.start()
+        return proc
+
+    def run(self) -> None:
+        # A signal wakes the wait below (signal.set_wakeup_fd): SIGTERM or SIGINT to stop, SIGCHLD
+        # when a worker ends (its sentinel alone can stay open: a worker's own children inherit it).
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        previous = signal.set_wakeup_fd(wake_w)
+        handlers = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda *_: None)
+        try:
+            self.procs = [self.start_one() for _ in range(self.count)]
+            while not self.stopping:
+                wait([p.sentinel for p in self.procs] + [wake_r])
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 512)
+                for i, proc in enumerate(self.procs):
+                    if not self.stopping and not proc.is_alive():
+                        log.warning("worker %d ended (exit %s): starting another", proc.pid, proc.exitcode)
+                        time.sleep(RESTART_PAUSE_S)
+                        self.procs[i] = self.start_one()
+        finally:
+            self._end_all()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            signal.set_wakeup_fd(previous)
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def _end_all(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_WAIT_S
+        for proc in self.procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()

@@ -7,6 +7,8 @@ files: whichever worker answers counts every worker's requests.
 from __future__ import annotations
 
 import os
+import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -30,6 +32,7 @@ class EndpointMetrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        self._answered: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.swaps = Counter("cairn_model_swaps_total", "Champion swaps.", ["model"], registry=self.registry)
         self.refused = Counter(
             "cairn_models_refused_total",
@@ -37,6 +40,16 @@ class EndpointMetrics:
             ["model"],
             registry=self.registry,
         )
+
+    def answered(self, model: str, start: float, status: str = "200") -> None:
+        """One answered request: its latency since `start` (perf_counter) and its count. The
+        labelled children are kept per (model, status), so the hot path does not look them up."""
+        children = self._answered.get((model, status))
+        if children is None:
+            children = self._answered[(model, status)] = (
+                self.latency.labels(model), self.requests.labels(model, status))
+        children[0].observe(time.perf_counter() - start)
+        children[1].inc()
 
     def exposition(self) -> bytes:
         """The text /metrics answers with."""

@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from services.platform.ml.transform import input_schema
 from services.serving.champion import Served
-from services.serving.intake import Intake, json_response
+from services.serving.intake import Answer, Call, Intake, json_answer, json_response
 from services.serving.logic import features, present
 
 
@@ -19,23 +19,26 @@ class V1:
         self.intake = intake
 
     async def predict(self, request: Request) -> Response:
-        return await self.intake.admitted(request, self._predict)
+        return await self.intake.route(request, self.answer)
 
-    async def _predict(self, request: Request, served: Served) -> Response:
+    async def answer(self, call: Call) -> Answer:
+        return await self.intake.admitted(call, self._predict)
+
+    async def _predict(self, call: Call, served: Served) -> Answer:
         intake = self.intake
         start = time.perf_counter()
-        got = await intake.rows(request, served, v2=False)
-        if isinstance(got, Response):
+        got = intake.rows(call, served, v2=False)
+        if isinstance(got, Answer):
             return got
-        name, body, (_, rows) = got
+        _, rows = got
+        name = served.name
         out = await served.batcher(features(served.model.spec, rows))
         predictions = present(served.task, served.model.spec["classes"], out)
-        intake.metrics.latency.labels(name).observe(time.perf_counter() - start)
-        intake.metrics.requests.labels(name, "200").inc()
+        intake.metrics.answered(name, start)
         if intake.recorder.rate > 0:  # the id is the record's only: no uuid4 per request when off
-            request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-            intake.recorder.record(served, "predict", body, len(rows), predictions, start, request_id)
-        return json_response(
+            request_id = call.headers.get("x-request-id") or uuid.uuid4().hex
+            intake.recorder.record(served, "predict", call.body, len(rows), predictions, start, request_id)
+        return json_answer(
             {"model": name, "version": served.version, "sha256": served.model.ref.sha256,
              "predictions": predictions},
             headers=intake.worker,

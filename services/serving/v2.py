@@ -13,7 +13,7 @@ from starlette.responses import Response
 from services.platform.ml.transform import input_schema
 from services.serving import binary_tensors
 from services.serving.champion import Served
-from services.serving.intake import Intake, json_response
+from services.serving.intake import Answer, Call, Intake, json_answer, json_response
 from services.serving.logic import features, model_tensors, v2_outputs, version_problem
 
 
@@ -22,16 +22,20 @@ class V2:
         self.intake = intake
 
     async def infer(self, request: Request) -> Response:
-        """Open Inference Protocol: named tensors in, named tensors out (JSON or binary)."""
-        return await self.intake.admitted(request, self._infer)
+        return await self.intake.route(request, self.answer)
 
-    async def _infer(self, request: Request, served: Served) -> Response:
+    async def answer(self, call: Call) -> Answer:
+        """Open Inference Protocol: named tensors in, named tensors out (JSON or binary)."""
+        return await self.intake.admitted(call, self._infer)
+
+    async def _infer(self, call: Call, served: Served) -> Answer:
         intake = self.intake
         start = time.perf_counter()
-        got = await intake.rows(request, served, v2=True)
-        if isinstance(got, Response):
+        got = intake.rows(call, served, v2=True)
+        if isinstance(got, Answer):
             return got
-        name, body, (doc, rows) = got
+        doc, rows = got
+        name = served.name
         if not rows:
             return intake.error(name, 422, "no rows")
         out = await served.batcher(features(served.model.spec, rows))
@@ -39,18 +43,23 @@ class V2:
         wanted = {o.get("name") for o in binary_tensors.requested_outputs(doc)}
         if wanted:
             outputs = [o for o in outputs if o["name"] in wanted]
-        intake.metrics.latency.labels(name).observe(time.perf_counter() - start)
-        intake.metrics.requests.labels(name, "200").inc()
-        request_id = str(doc.get("id") or request.headers.get("x-request-id") or uuid.uuid4().hex)
-        intake.recorder.record(served, "infer", body, len(rows), outputs, start, request_id)
-        answer = {"model_name": name, "model_version": str(served.version), "id": request_id,
+        intake.metrics.answered(name, start)
+        # The answer's id is the request's, if it gave one (the protocol's is optional): no uuid4
+        # per request unless a request record needs an id.
+        request_id = doc.get("id") or call.headers.get("x-request-id")
+        if intake.recorder.rate > 0:
+            request_id = request_id or uuid.uuid4().hex
+            intake.recorder.record(served, "infer", call.body, len(rows), outputs, start, request_id)
+        answer = {"model_name": name, "model_version": str(served.version),
                   "outputs": outputs, "parameters": {"sha256": served.model.ref.sha256}}
+        if request_id:
+            answer["id"] = str(request_id)
         binary = binary_tensors.binary_outputs(doc, [o["name"] for o in outputs])
         if not binary:
-            return json_response(answer, headers=intake.worker)
+            return json_answer(answer, headers=intake.worker)
         content, header_length = binary_tensors.response_body(answer, binary)
         headers = {**intake.worker, binary_tensors.HEADER: str(header_length)}
-        return Response(content, headers=headers, media_type=binary_tensors.MEDIA_TYPE)
+        return Answer(content, headers=headers, media_type=binary_tensors.MEDIA_TYPE)
 
     async def live(self, _: Request) -> Response:
         return json_response({"live": True})

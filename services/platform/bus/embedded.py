@@ -40,6 +40,19 @@ def die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
+def tie_to_parent() -> None:
+    """In a child already running (a spawned worker): SIGTERM when its parent dies, as
+    `die_with_parent` arranges before exec. Linux only; elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def server_binary() -> str:
     beside = Path(sys.executable).parent / "nats-server"
     if beside.exists():
