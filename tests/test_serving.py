@@ -28,7 +28,7 @@ from services.platform.bus.connection import connect
 from services.platform.bus.provision import record_stream
 from services.platform.ml.transform import apply
 from services.platform.model_loading import bundle_files
-from services.serving.logic import RequestProblem, checked_rows, features, v2_rows
+from services.serving.logic import RequestProblem, checked_rows, features, v2_matrix, v2_rows
 from services.tools.supervisor import free_port
 from tests.test_registry import BEST, GOOD, make_lab
 
@@ -73,6 +73,48 @@ def test_features_match_the_pandas_transform_and_v2_tensors_match_rows():
     ):
         with pytest.raises(RequestProblem):
             v2_rows(bad, schema)
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        [{"name": "x", "shape": [3], "datatype": "FP64", "data": [1.0, 2, 3.5]},
+         {"name": "c", "shape": [3], "datatype": "BYTES", "data": ["red", "green", "blue"]},
+         {"name": "f", "shape": [3, 1], "datatype": "BOOL", "data": [True, False, True]}],
+        [{"name": "c", "shape": [1], "datatype": "BYTES", "data": ["blue"]}],  # missing columns: fills
+        [{"name": "input-0", "shape": [2, 3], "datatype": "FP64", "data": [1.5, "red", 1, 2.5, "blue", 0]}],
+        [{"name": "x", "shape": [2], "datatype": "FP64", "data": [None, 4.0]}],  # None: the detailed path
+        [{"name": "c", "shape": [2, 1], "datatype": "BYTES", "data": [["red"], ["blue"]]}],  # nested
+        [{"name": "x", "shape": [1], "datatype": "FP64", "data": [float("nan")]}],
+        [{"name": "x", "shape": [1], "datatype": "FP64", "data": ["1.5"]}],
+        [{"name": "x", "shape": [2], "datatype": "FP64", "data": [1.0]}],
+        [{"name": "x", "shape": [1], "datatype": "FP64", "data": [1.0]},
+         {"name": "c", "shape": [2], "datatype": "BYTES", "data": ["red", "blue"]}],
+        [{"name": "zz", "shape": [1], "datatype": "FP64", "data": [1.0]}],
+        [{"name": "c", "shape": [1], "datatype": "BYTES", "data": [7]}],
+        [{"name": "x", "shape": [0], "datatype": "FP64", "data": []}],
+    ],
+)
+def test_the_column_reading_gives_the_row_paths_matrix_or_its_refusal(inputs):
+    """v2_matrix reads plainly valid tensors column by column; it must give exactly what the row
+    path (v2_rows, then features) gives, and refuse what that refuses, with its words."""
+    spec = {"columns": [{"name": "x", "kind": "numeric", "fill": 2.5},
+                        {"name": "c", "kind": "categorical", "categories": ["red", "blue"]},
+                        {"name": "f", "kind": "boolean", "fill": 0.5}]}
+    schema = {"x": "numeric", "c": "categorical", "f": "boolean"}
+    body = {"inputs": inputs}
+    try:
+        rows = v2_rows(body, schema)
+    except RequestProblem as exc:
+        with pytest.raises(RequestProblem) as refused:
+            v2_matrix(body, spec, schema)
+        assert str(refused.value) == str(exc)
+        return
+    x, n = v2_matrix(body, spec, schema)
+    assert n == len(rows)
+    if rows:
+        assert x.dtype == np.float32
+        np.testing.assert_array_equal(x, features(spec, rows))
 
 
 async def _publish_deployed(settings, trained, version: int, previous: int | None) -> None:

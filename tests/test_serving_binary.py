@@ -2,7 +2,7 @@
 
 - services.serving.binary_tensors reads what tritonclient's own encoder writes, and tritonclient's
   own decoder reads what it writes; every malformed body is a BinaryProblem that names the fault.
-- One real endpoint (the app on uvicorn, a real socket, two hand-built linear champions): the
+- One real endpoint (the endpoint's own HTTP server, a real socket, two hand-built linear champions): the
   client in its default binary mode gets the predictions JSON mode gets, for a regression with
   numeric, categorical (BYTES) and boolean columns and for a classifier with probabilities;
   malformed binary bodies get a 400 naming the problem, never a 500.
@@ -33,7 +33,6 @@ from services.serving.binary_tensors import (
     with_binary_inputs,
 )
 from services.serving.logic import V2_DATATYPES
-from services.tools.supervisor import free_port
 from tests.conftest import make_settings, wait_for
 
 Client = httpclient.InferenceServerClient
@@ -223,24 +222,21 @@ MODELS = {
 
 @pytest.fixture(scope="module")
 async def endpoint_url(tmp_path_factory):
-    """The inference app on uvicorn on a real port, its champions set by hand (no NATS, no MLflow:
-    the v2 routes under test read only the champions)."""
-    import uvicorn
-
-    from services.platform.http_server import QuietServer
+    """The inference app on the endpoint's own HTTP server (services.serving.wire) on a real port,
+    its champions set by hand (no NATS, no MLflow: the v2 routes under test read only the champions)."""
     from services.serving.app import InferenceServer
+    from services.serving.launch import listening_socket
+    from services.serving.wire import WireServer
 
     settings = make_settings("nats://127.0.0.1:4222", tmp_path_factory.mktemp("binary"))
     server = InferenceServer(settings)
     server.champions.models = {name: server.champions.prepare(name, 1, m) for name, m in MODELS.items()}
-    port = free_port()
-    config = uvicorn.Config(server.app(), host="127.0.0.1", port=port, lifespan="off", log_level="warning")
-    web = QuietServer(config)
-    serving = asyncio.create_task(web.serve())
-    await wait_for(lambda: web.started or serving.done(), 30, "the endpoint listening")
-    assert web.started, serving
-    yield f"127.0.0.1:{port}"
-    web.exit()
+    sock = listening_socket("127.0.0.1", 0)
+    wire = WireServer(server.app(), server.inference_handlers(), max_body=settings.max_request_bytes)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(wire.serve(sock, stop))
+    yield f"127.0.0.1:{sock.getsockname()[1]}"
+    stop.set()
     await serving
     await server.champions.close()
 

@@ -30,14 +30,7 @@ from services.serving.grpc_tensors import request_doc, response
 from services.serving.grpc_v2 import health_v1_pb2 as health_pb
 from services.serving.grpc_v2 import predict_v2_pb2 as pb
 from services.serving.intake import Intake
-from services.serving.logic import (
-    RequestProblem,
-    features,
-    model_tensors,
-    v2_outputs,
-    v2_rows,
-    version_problem,
-)
+from services.serving.logic import RequestProblem, model_tensors, v2_matrix, v2_outputs, version_problem
 
 SERVICE = "inference.GRPCInferenceService"  # the protocol's name for it, whatever our proto package
 HEALTH = "grpc.health.v1.Health"
@@ -104,12 +97,12 @@ class GrpcV2:
         intake, name = self.intake, served.name
         try:
             doc = request_doc(request)
-            rows = v2_rows(doc, input_schema(served.model.spec))
-            if not rows:
+            x, n = v2_matrix(doc, served.model.spec, input_schema(served.model.spec))
+            if not n:
                 raise RequestProblem("no rows")
         except (RequestProblem, BinaryProblem) as exc:
             await self._refuse(context, name, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        out = await served.batcher(features(served.model.spec, rows))
+        out = await served.batcher(x)
         outputs = v2_outputs(served.task, served.model.spec["classes"], out)
         wanted = {o["name"] for o in doc["outputs"]}
         if wanted:
@@ -118,7 +111,7 @@ class GrpcV2:
         request_id = request.id  # the request's, if any, as over HTTP: a uuid4 only for a record
         if intake.recorder.rate > 0:
             request_id = request_id or uuid.uuid4().hex
-            intake.recorder.record(served, "infer", request.SerializeToString(), len(rows), outputs, start,
+            intake.recorder.record(served, "infer", request.SerializeToString(), n, outputs, start,
                                    request_id)
         context.set_trailing_metadata(self.worker)
         answer = {

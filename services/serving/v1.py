@@ -11,7 +11,7 @@ from starlette.responses import Response
 from services.platform.ml.transform import input_schema
 from services.serving.champion import Served
 from services.serving.intake import Answer, Call, Intake, json_answer, json_response
-from services.serving.logic import features, present
+from services.serving.logic import present
 
 
 class V1:
@@ -30,14 +30,14 @@ class V1:
         got = intake.rows(call, served, v2=False)
         if isinstance(got, Answer):
             return got
-        _, rows = got
+        _, x, n = got
         name = served.name
-        out = await served.batcher(features(served.model.spec, rows))
+        out = await served.batcher(x)
         predictions = present(served.task, served.model.spec["classes"], out)
         intake.metrics.answered(name, start)
         if intake.recorder.rate > 0:  # the id is the record's only: no uuid4 per request when off
             request_id = call.headers.get("x-request-id") or uuid.uuid4().hex
-            intake.recorder.record(served, "predict", call.body, len(rows), predictions, start, request_id)
+            intake.recorder.record(served, "predict", call.body, n, predictions, start, request_id)
         return json_answer(
             {"model": name, "version": served.version, "sha256": served.model.ref.sha256,
              "predictions": predictions},

@@ -14,7 +14,7 @@ from services.platform.ml.transform import input_schema
 from services.serving import binary_tensors
 from services.serving.champion import Served
 from services.serving.intake import Answer, Call, Intake, json_answer, json_response
-from services.serving.logic import features, model_tensors, v2_outputs, version_problem
+from services.serving.logic import model_tensors, v2_outputs, version_problem
 
 
 class V2:
@@ -34,11 +34,11 @@ class V2:
         got = intake.rows(call, served, v2=True)
         if isinstance(got, Answer):
             return got
-        doc, rows = got
+        doc, x, n = got
         name = served.name
-        if not rows:
+        if not n:
             return intake.error(name, 422, "no rows")
-        out = await served.batcher(features(served.model.spec, rows))
+        out = await served.batcher(x)
         outputs = v2_outputs(served.task, served.model.spec["classes"], out)
         wanted = {o.get("name") for o in binary_tensors.requested_outputs(doc)}
         if wanted:
@@ -49,7 +49,7 @@ class V2:
         request_id = doc.get("id") or call.headers.get("x-request-id")
         if intake.recorder.rate > 0:
             request_id = request_id or uuid.uuid4().hex
-            intake.recorder.record(served, "infer", call.body, len(rows), outputs, start, request_id)
+            intake.recorder.record(served, "infer", call.body, n, outputs, start, request_id)
         answer = {"model_name": name, "model_version": str(served.version),
                   "outputs": outputs, "parameters": {"sha256": served.model.ref.sha256}}
         if request_id:

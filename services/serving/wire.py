@@ -422,6 +422,8 @@ class WireServer:
         except OSError:
             return False  # the client left mid-answer
         except Exception:
+            if conn.closed:
+                return False  # the client left (Starlette says so with its own ClientDisconnect)
             if not state.get("written"):
                 raise  # answered as a 500
             log.exception("%s %s failed mid-answer", scope["method"], path)
