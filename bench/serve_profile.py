@@ -70,15 +70,16 @@ WAITING = {
     "idle: the loop waiting for sockets (epoll)": ("epoll_wait", "epoll_pwait"),
     "idle: the predict thread waiting for a batch": ("PyThread_acquire_lock_timed", "SimpleQueue_get"),
     "waiting for the GIL": ("pthread_cond_timedwait", "pthread_cond_wait"),
-    "idle: uvicorn's supervisor of the workers": ("multiprocessing/connection.py",),
+    "idle: the keeper of the workers": ("multiprocessing/connection.py",),
 }
 # What a busy sample's time was for: the first rule (in this order) that a frame matches, Python
 # frames read from the leaf up, then native ones, so that json inside xgboost counts as predict, a
-# socket write under uvicorn's send as HTTP; only the frames above the event loop count (uvicorn
-# started it), and a sample in none of these is the loop's own.
+# socket write under the wire server's answer as HTTP; only the frames above the event loop count
+# (what started it does not), and a sample in none of these is the loop's own.
 BUCKETS = [
     ("predict (xgboost inplace_predict)", ("xgboost/", "libxgboost")),
-    ("feature matrix (logic.features)", ("serving/logic.py:features",)),
+    ("feature matrix (logic.features, v2_matrix)",
+     ("serving/logic.py:features", "serving/logic.py:v2_matrix", "serving/logic.py:_plain_columns")),
     ("read the request (body, JSON, check rows)",
      ("serving/logic.py:v2_rows", "serving/logic.py:checked_rows", "serving/binary_tensors.py",
       "serving/intake.py:Intake.rows", "serving/intake.py:Intake.read_body",
@@ -92,7 +93,7 @@ BUCKETS = [
     ("predict thread handoff (executor, futures)", ("concurrent/futures/", "threading.py")),
     ("gRPC server (grpc.aio)", ("grpc/", "cygrpc", "serving/grpc_server.py")),
     ("routing, middleware (starlette)", ("starlette/",)),
-    ("HTTP protocol (uvicorn, httptools)", ("uvicorn/", "httptools", "llhttp")),
+    ("HTTP protocol (serving.wire, httptools)", ("serving/wire.py", "uvicorn/", "httptools", "llhttp")),
     ("route handler (v1/v2, own lines)", ("serving/v1.py", "serving/v2.py", "serving/intake.py")),
     ("event loop (uvloop, asyncio)", ("asyncio/", "loop.c", "uvloop", "libuv")),
 ]  # fmt: skip

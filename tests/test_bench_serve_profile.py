@@ -36,7 +36,7 @@ def test_waiting_is_apart_and_busy_time_goes_to_what_it_serves():
     assert waiting["idle: the predict thread waiting for a batch"] == 16.7
     busy = dict(report["buckets_pct_of_busy"])
     assert busy == {
-        "HTTP protocol (uvicorn, httptools)": 50.0,
+        "HTTP protocol (serving.wire, httptools)": 50.0,
         "garbage collection (gc)": 25.0,
         "event loop (uvloop, asyncio)": 16.7,
         "predict (xgboost inplace_predict)": 8.3,

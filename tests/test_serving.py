@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -309,6 +310,30 @@ async def test_champion_served_by_mlflow_and_cairn_v2_protocol_and_hot_swap_unde
                 if line.startswith('cairn_inference_requests_total{model="srv",status="200"}')
             )
             assert counted >= len(answers), (counted, len(answers))
+
+            # A worker killed outright is replaced by the keeper; the other answers meanwhile.
+            victim = int(sorted(pids)[0])
+            os.kill(victim, signal.SIGKILL)
+            fresh: set[str] = set()
+
+            async def replaced() -> bool:
+                async with httpx.AsyncClient(
+                    timeout=30, limits=httpx.Limits(max_keepalive_connections=0)
+                ) as c:
+                    r = await c.post(url + "/v1/models/srv/predict", json=ROW)
+                assert r.status_code == 200 and r.json()["version"] == 2, r.text
+                fresh.add(r.headers["x-cairn-worker"])
+                return bool(fresh - pids)
+
+            await _wait(replaced, "a new worker in the killed one's place")
+
+        # SIGTERM to the keeper alone (not its group): it stops every worker, then ends.
+        workers_now = {int(w) for w in pids | fresh} - {victim}
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        for pid in workers_now:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
 
         # Request records: which version answered, readable with the CLI.
         env = {**os.environ, **settings.to_env()}

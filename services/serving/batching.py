@@ -80,7 +80,8 @@ class MicroBatcher:
                 if left <= 0 or self.inflight <= len(batch):  # nobody else is on the way: go now
                     break
                 try:
-                    item = await asyncio.wait_for(self.queue.get(), left)
+                    async with asyncio.timeout(left):  # no task per wait, as wait_for makes on 3.11
+                        item = await self.queue.get()
                 except TimeoutError:
                     break
             else:
