@@ -78,8 +78,8 @@ WAITING = {
 # (what started it does not), and a sample in none of these is the loop's own.
 BUCKETS = [
     ("predict (xgboost inplace_predict)", ("xgboost/", "libxgboost")),
-    ("feature matrix (logic.features, v2_matrix)",
-     ("serving/logic.py:features", "serving/logic.py:v2_matrix", "serving/logic.py:_plain_columns")),
+    ("feature matrix (logic.features, TableReader)",
+     ("serving/logic.py:features", "serving/logic.py:TableReader", "serving/logic.py:_plain_columns")),
     ("read the request (body, JSON, check rows)",
      ("serving/logic.py:v2_rows", "serving/logic.py:checked_rows", "serving/binary_tensors.py",
       "serving/intake.py:Intake.rows", "serving/intake.py:Intake.read_body",
@@ -115,7 +115,7 @@ def bucket(frames: list[str]) -> str:
     return "event loop (uvloop, asyncio)" if loop else "other"
 
 
-def summary(collapsed: str, top: int = 20) -> dict[str, object]:
+def summary(collapsed: str, top: int = 30) -> dict[str, object]:
     """Where the samples went: waiting (idle, GIL) as shares of all samples; the busy ones per
     bucket and per Python function's own lines (the deepest .py frame), as shares of busy samples."""
     waiting, busy, own = Counter(), Counter(), Counter()

@@ -29,7 +29,7 @@ from services.platform.bus.connection import connect
 from services.platform.bus.provision import record_stream
 from services.platform.ml.transform import apply
 from services.platform.model_loading import bundle_files
-from services.serving.logic import RequestProblem, checked_rows, features, v2_matrix, v2_rows
+from services.serving.logic import RequestProblem, TableReader, checked_rows, features, v2_rows
 from services.tools.supervisor import free_port
 from tests.test_registry import BEST, GOOD, make_lab
 
@@ -97,7 +97,7 @@ def test_features_match_the_pandas_transform_and_v2_tensors_match_rows():
     ],
 )
 def test_the_column_reading_gives_the_row_paths_matrix_or_its_refusal(inputs):
-    """v2_matrix reads plainly valid tensors column by column; it must give exactly what the row
+    """TableReader.v2 reads plainly valid tensors column by column; it must give exactly what the row
     path (v2_rows, then features) gives, and refuse what that refuses, with its words."""
     spec = {"columns": [{"name": "x", "kind": "numeric", "fill": 2.5},
                         {"name": "c", "kind": "categorical", "categories": ["red", "blue"]},
@@ -108,10 +108,10 @@ def test_the_column_reading_gives_the_row_paths_matrix_or_its_refusal(inputs):
         rows = v2_rows(body, schema)
     except RequestProblem as exc:
         with pytest.raises(RequestProblem) as refused:
-            v2_matrix(body, spec, schema)
+            TableReader(spec).v2(body)
         assert str(refused.value) == str(exc)
         return
-    x, n = v2_matrix(body, spec, schema)
+    x, n = TableReader(spec).v2(body)
     assert n == len(rows)
     if rows:
         assert x.dtype == np.float32

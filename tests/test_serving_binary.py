@@ -33,7 +33,7 @@ from services.serving.binary_tensors import (
     with_binary_inputs,
 )
 from services.serving.logic import V2_DATATYPES
-from tests.conftest import make_settings, wait_for
+from tests.conftest import make_settings
 
 Client = httpclient.InferenceServerClient
 

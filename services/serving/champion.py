@@ -32,7 +32,7 @@ from services.platform.model_loading import (
 from services.platform.settings import CairnSettings
 from services.platform.tracking import Champion, Tracker
 from services.serving.batching import MicroBatcher, fast_predict
-from services.serving.logic import newer, refusal
+from services.serving.logic import TableReader, newer, refusal
 from services.serving.metrics import EndpointMetrics
 from services.serving.textstream import TextModel
 
@@ -54,6 +54,11 @@ class Served:
     @property
     def task(self) -> str:
         return self.model.spec["task"]
+
+    @functools.cached_property
+    def reader(self) -> TableReader:
+        """How a table request becomes this model's feature matrix."""
+        return TableReader(self.model.spec)
 
 
 class Champions:

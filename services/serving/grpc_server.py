@@ -30,7 +30,7 @@ from services.serving.grpc_tensors import request_doc, response
 from services.serving.grpc_v2 import health_v1_pb2 as health_pb
 from services.serving.grpc_v2 import predict_v2_pb2 as pb
 from services.serving.intake import Intake
-from services.serving.logic import RequestProblem, model_tensors, v2_matrix, v2_outputs, version_problem
+from services.serving.logic import RequestProblem, model_tensors, v2_outputs, version_problem
 
 SERVICE = "inference.GRPCInferenceService"  # the protocol's name for it, whatever our proto package
 HEALTH = "grpc.health.v1.Health"
@@ -97,7 +97,7 @@ class GrpcV2:
         intake, name = self.intake, served.name
         try:
             doc = request_doc(request)
-            x, n = v2_matrix(doc, served.model.spec, input_schema(served.model.spec))
+            x, n = served.reader.v2(doc)
             if not n:
                 raise RequestProblem("no rows")
         except (RequestProblem, BinaryProblem) as exc:

@@ -23,7 +23,7 @@ from services.platform.ml.transform import input_schema
 from services.platform.settings import CairnSettings
 from services.serving.binary_tensors import HEADER, BinaryProblem, split_body, with_binary_inputs
 from services.serving.champion import Champions, Served
-from services.serving.logic import RequestProblem, checked_rows, features, v2_matrix, version_problem
+from services.serving.logic import RequestProblem, checked_rows, features, version_problem
 from services.serving.metrics import EndpointMetrics
 from services.serving.records import RequestRecorder
 
@@ -171,7 +171,7 @@ class Intake:
         spec = served.model.spec
         try:
             if v2:
-                return doc, *v2_matrix(doc, spec, input_schema(spec))
+                return doc, *served.reader.v2(doc)
             rows = checked_rows(doc, input_schema(spec))
         except RequestProblem as exc:
             return self.error(name, 422, str(exc))
