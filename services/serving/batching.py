@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from queue import SimpleQueue
 
 import numpy as np
 
@@ -43,49 +45,70 @@ class MicroBatcher:
         self.predict = predict
         self.wait_s = wait_s
         self.max_rows = max_rows
-        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]] | None] = asyncio.Queue()
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="predict")
+        self.queue: deque[tuple[np.ndarray, asyncio.Future[np.ndarray]] | None] = deque()
         self.task: asyncio.Task[None] | None = None
         self.batches = 0
         self.inflight = 0  # requests admitted for this model and not yet answered (set by the server)
         self.closed = False
-
+        self._arrival: asyncio.Future[None] | None = None  # what the gathering task waits on
+        # One thread predicts; batches reach it on a SimpleQueue and their results come back with
+        # call_soon_threadsafe (an executor's futures and their chaining cost more per batch).
+        self._jobs: SimpleQueue[tuple[np.ndarray, asyncio.Future[np.ndarray]] | None] = SimpleQueue()
+        self._thread: threading.Thread | None = None
 
     async def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.closed:
             # Admitted with this model just before a swap closed its batcher: still this model's
-            # answer, alone (the queue is no longer read; a put now would wait forever).
+            # answer, alone (the queue is no longer read).
             return await asyncio.to_thread(self.predict, x)
+        loop = asyncio.get_running_loop()
         if self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self._run())
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((x, future))
+            self._thread = threading.Thread(target=self._predicting, args=(loop,), name="predict")
+            self._thread.daemon = True
+            self._thread.start()
+            self.task = loop.create_task(self._run())
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        self._put((x, future))
         return await future
+
+    def _put(self, item: tuple[np.ndarray, asyncio.Future[np.ndarray]] | None) -> None:
+        self.queue.append(item)
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)
+
+    async def _next_arrival(self) -> None:
+        self._arrival = asyncio.get_running_loop().create_future()
+        try:
+            await self._arrival
+        finally:
+            self._arrival = None
 
     async def close(self) -> None:
         """Answer everything queued, then stop (a swapped-out model's batcher)."""
         self.closed = True
         if self.task is not None:
-            self.queue.put_nowait(None)
+            self._put(None)
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
-        self.pool.shutdown(wait=False)
+        self._jobs.put(None)  # the thread ends after the batch it may hold
 
-    async def _gather(self, first: tuple) -> tuple[list[tuple], bool]:
-        batch, rows, stop = [first], len(first[0]), False
+    async def _gather(self) -> tuple[list[tuple], bool]:
+        """What is queued, and more while others are on the way (at most wait_s, max_rows)."""
+        batch: list[tuple] = []
+        rows, stop = 0, False
         deadline = time.monotonic() + self.wait_s
         while rows < self.max_rows:
-            if self.queue.empty():
+            if not self.queue:
                 left = deadline - time.monotonic()
-                if left <= 0 or self.inflight <= len(batch):  # nobody else is on the way: go now
+                if batch and (left <= 0 or self.inflight <= len(batch)):  # nobody else is on the way: go
                     break
                 try:
-                    async with asyncio.timeout(left):  # no task per wait, as wait_for makes on 3.11
-                        item = await self.queue.get()
+                    async with asyncio.timeout(left if batch else None):
+                        await self._next_arrival()
                 except TimeoutError:
                     break
-            else:
-                item = self.queue.get_nowait()
+                continue
+            item = self.queue.popleft()
             if item is None:
                 stop = True
                 break
@@ -97,13 +120,14 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         stop = False
         while not stop:
-            first = await self.queue.get()
-            if first is None:
-                return
-            batch, stop = await self._gather(first)
+            batch, stop = await self._gather()
+            if not batch:
+                continue
             x = batch[0][0] if len(batch) == 1 else np.concatenate([b[0] for b in batch])
+            done: asyncio.Future[np.ndarray] = loop.create_future()
+            self._jobs.put((x, done))
             try:
-                out = await loop.run_in_executor(self.pool, self.predict, x)
+                out = await done
             except Exception as exc:  # noqa: BLE001 - each waiting request gets the error
                 for _, future in batch:
                     if not future.done():
@@ -115,3 +139,25 @@ class MicroBatcher:
                 if not future.done():  # a client gone meanwhile cancelled its future
                     future.set_result(out[start : start + len(part)])
                 start += len(part)
+
+    def _predicting(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The predict thread: XGBoost releases the GIL, so the loop parses the next requests meanwhile."""
+        while (job := self._jobs.get()) is not None:
+            x, done = job
+            try:
+                result, failed = self.predict(x), None
+            except Exception as exc:  # noqa: BLE001 - handed to the batch's requests
+                result, failed = None, exc
+            try:
+                loop.call_soon_threadsafe(_settle, done, result, failed)
+            except RuntimeError:  # the loop closed meanwhile: nobody waits
+                return
+
+
+def _settle(future: asyncio.Future, result: object, failed: BaseException | None) -> None:
+    if future.done():
+        return
+    if failed is not None:
+        future.set_exception(failed)
+    else:
+        future.set_result(result)
