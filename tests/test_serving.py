@@ -453,9 +453,35 @@ async def test_generation_counts_real_tokens_and_streams_them_as_server_sent_eve
         assert refused.status_code == 422
 
 
-async def test_bad_requests_get_their_status_on_v1_and_v2(settings):
+@contextlib.asynccontextmanager
+async def served_over(server, how: str):
+    """A client of `server`: through its Starlette app in process ("asgi"), or over a real socket
+    through the endpoint's own HTTP server ("wire"), which answers the inference routes itself."""
+    if how == "asgi":
+        transport = httpx.ASGITransport(app=server.app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://cairn") as client:
+            yield client
+        return
+    from services.serving.launch import listening_socket
+    from services.serving.wire import WireServer
+
+    sock = listening_socket("127.0.0.1", 0)
+    wire = WireServer(server.app(), server.inference_handlers(), max_body=server.settings.max_request_bytes)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(wire.serve(sock, stop))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}") as client:
+            yield client
+    finally:
+        stop.set()
+        await serving
+
+
+@pytest.mark.parametrize("how", ["asgi", "wire"])
+async def test_bad_requests_get_their_status_on_v1_and_v2(settings, how):
     """orjson on the hot path keeps the answers: 400 for broken JSON, 422 for NaN/Infinity and bad
-    values, 413 over the size limit, 404 for an unknown model; a good request still answers."""
+    values, 413 over the size limit, 404 for an unknown model; a good request still answers. Under
+    any ASGI server and under the endpoint's own."""
     from contracts import ArtifactRef, Task
     from services.platform.ml.bundle import LoadedModel
     from services.platform.ml.families import LinearPredictor
@@ -478,8 +504,7 @@ async def test_bad_requests_get_their_status_on_v1_and_v2(settings):
     small = settings.model_copy(update={"max_request_bytes": 4096})
     server = InferenceServer(small)
     server.champions.models = {"m": server.champions.prepare("m", 3, model)}
-    transport = httpx.ASGITransport(app=server.app())
-    async with httpx.AsyncClient(transport=transport, base_url="http://cairn") as client:
+    async with served_over(server, how) as client:
         cases = {
             b"not json": 400,
             b"[" * 5000 + b"]" * 5000: 413,
@@ -491,6 +516,7 @@ async def test_bad_requests_get_their_status_on_v1_and_v2(settings):
             b'{"a": [1, 2], "b": 1}': 422,
             b"[]": 422,
             b'"just a string"': 422,
+            b'{"a": 1' + b"0" * 400 + b', "b": 1}': 422,  # an integer beyond any float
         }
         for body, status in cases.items():
             response = await client.post("/v1/models/m/predict", content=body)
@@ -498,6 +524,9 @@ async def test_bad_requests_get_their_status_on_v1_and_v2(settings):
             assert "error" in response.json()
         v2_bad = {"inputs": [{"name": "a", "shape": [1], "datatype": "FP64", "data": ["x"]}]}
         assert (await client.post("/v2/models/m/infer", json=v2_bad)).status_code == 422
+        huge = b'{"inputs": [{"name": "a", "shape": [1], "datatype": "FP64", "data": [1%s]}]}' % (b"0" * 400)
+        refused = await client.post("/v2/models/m/infer", content=huge)
+        assert refused.status_code == 422 and "too large" in refused.json()["error"], refused.text
         assert (await client.post("/v2/models/zz/infer", json=v2_bad)).status_code == 404
         ok = await client.post("/v1/models/m/predict", json=[{"a": 1.0, "b": 2.0}, {"a": None}])
         assert ok.json()["predictions"] == pytest.approx([5.5, 2.5]) and ok.json()["version"] == 3

@@ -173,6 +173,6 @@ class Intake:
             if v2:
                 return doc, *served.reader.v2(doc)
             rows = checked_rows(doc, input_schema(spec))
+            return doc, features(spec, rows), len(rows)
         except RequestProblem as exc:
             return self.error(name, 422, str(exc))
-        return doc, features(spec, rows), len(rows)
