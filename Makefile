@@ -63,7 +63,9 @@ down: install
 # fixtures are built once. Every test starts its own servers on free ports and namespaces of its
 # own tag, so the workers share nothing. PYTEST_WORKERS=0 runs the suite in this process.
 PYTEST_WORKERS ?= 2
+# KServe's Python client has its own venv (its pins conflict with the lock): made before the suite.
 test: install
+	$(PY) -m tests.peers.kserve_venv
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 
 # Each module's wall seconds into tests/module_seconds.json, which orders the modules longest first

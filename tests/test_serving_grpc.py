@@ -9,6 +9,7 @@ records them, answers gRPC health checks, and swaps its champion for gRPC caller
 from __future__ import annotations
 
 import types
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -428,3 +429,35 @@ async def test_a_deployment_is_seen_by_grpc_callers(served):
     http = await _wait(http_on_v2, "version 2 over HTTP", timeout=120)
     assert after.as_numpy("predict").tolist() == pytest.approx(http["predictions"], rel=1e-12)
     assert after.as_numpy("predict").tolist() != before.as_numpy("predict").tolist()
+
+
+@pytest.mark.slow
+async def test_kserve_python_clients_in_their_default_modes_get_the_http_predictions(served):
+    """KServe's own InferenceRESTClient (v2, binary tensors: its default) and InferenceGRPCClient
+    (raw contents), from a venv of their own (their pins conflict with cairn's lock), against the
+    same endpoint: the predictions the JSON route gives."""
+    import asyncio
+    import json
+    import subprocess
+
+    from tests.peers.kserve_venv import kserve_python
+
+    columns = {c: [r[c] for r in ROWS] for c in "ab"}
+    per_column = {"inputs": [{"name": c, "shape": [len(v)], "datatype": "FP64", "data": v}
+                             for c, v in columns.items()]}
+    by_http = (await served.client.post(served.url + "/v2/models/srv/infer", json=per_column)).json()
+    expected = by_http["outputs"][0]["data"]
+    python = await asyncio.to_thread(kserve_python)
+    script = Path(__file__).parent / "peers" / "kserve_infer.py"
+    done = await asyncio.to_thread(
+        subprocess.run, [str(python), str(script), served.url, served.grpc, "srv", json.dumps(columns)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "error" not in got["rest"] and "error" not in got["grpc"], got
+    assert got["rest"]["predict"] == pytest.approx(expected, rel=1e-9)
+    assert got["grpc"]["predict"] == pytest.approx(expected, rel=1e-9)
+    assert got["rest"]["sent_binary"] is True  # Triton's binary tensor extension, the client's default
+    assert got["rest"]["id"] == got["grpc"]["id"] == "kserve-1"  # the request's id comes back
+    assert got["grpc"]["model_ready"] is True
