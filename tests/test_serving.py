@@ -94,6 +94,16 @@ def test_features_match_the_pandas_transform_and_v2_tensors_match_rows():
         [{"name": "zz", "shape": [1], "datatype": "FP64", "data": [1.0]}],
         [{"name": "c", "shape": [1], "datatype": "BYTES", "data": [7]}],
         [{"name": "x", "shape": [0], "datatype": "FP64", "data": []}],
+        *[  # many rows (numpy's path): each with one value that is not plain, at the end
+            [{"name": "x", "shape": [20], "datatype": "FP64", "data": [float(i) for i in range(19)] + [odd]},
+             {"name": "c", "shape": [20], "datatype": "BYTES", "data": ["red", "blue"] * 10}]
+            for odd in (2, True, None, "3", float("inf"), 10**30, [1.0], {"v": 1})
+        ],
+        *[
+            [{"name": "c", "shape": [20], "datatype": "BYTES", "data": ["red"] * 19 + [odd]},
+             {"name": "f", "shape": [20], "datatype": "BOOL", "data": [True, False] * 10}]
+            for odd in ("green", "", None, 7, "z" * 10_001, ["red"])
+        ],
     ],
 )
 def test_the_column_reading_gives_the_row_paths_matrix_or_its_refusal(inputs):
