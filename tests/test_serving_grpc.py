@@ -157,7 +157,7 @@ def test_tensors_read_alike_from_contents_and_raw_bytes_and_answer_back_as_they_
 
 
 def test_a_taken_grpc_port_stops_the_start_naming_the_setting():
-    """Before any worker starts: a worker that cannot bind would be restarted by uvicorn forever."""
+    """Before any worker starts: a worker that cannot bind would be restarted by the keeper forever."""
     import socket
 
     from services.serving.launch import check_grpc_port

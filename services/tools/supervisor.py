@@ -81,7 +81,7 @@ def _ephemeral_range_start() -> int:
 
 
 def check_port(host: str, port: int) -> None:
-    """Fail before starting anything when the endpoint could not bind (uvicorn binds with SO_REUSEADDR)."""
+    """Fail before starting anything when the endpoint could not bind (it binds with SO_REUSEADDR)."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
