@@ -277,3 +277,21 @@ async def test_past_the_bound_on_requests_in_flight_the_answer_is_503():
         answers = await asyncio.gather(*held)
     assert refused.startswith(b"HTTP/1.1 503 "), refused
     assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers)
+
+
+async def test_idle_and_stalled_connections_are_closed_after_the_keep_alive_time():
+    recorder = Recorder()
+    async with serving(recorder, keep_alive_s=1.0) as (port, _, _):
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+        idle_writer.write(post("/v2/models/a/infer", b"ok"))
+        answer = await asyncio.wait_for(idle_reader.readuntil(b"\r\n\r\n"), 10)
+        stalled_reader, stalled_writer = await asyncio.open_connection("127.0.0.1", port)
+        stalled_writer.write(b"POST /v2/models/a/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc")
+        # Both are closed by the server within a few sweeps (once a second), not left open.
+        rest_idle = await asyncio.wait_for(idle_reader.read(), 10)
+        rest_stalled = await asyncio.wait_for(stalled_reader.read(), 10)
+        idle_writer.close()
+        stalled_writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ") and rest_idle.endswith(b"}")  # the body, then the close
+    assert rest_stalled == b""  # never answered: the request never arrived whole
+    assert [c.body for c in recorder.calls] == [b"ok"]

@@ -132,7 +132,8 @@ class Connection(asyncio.Protocol):
             self.drained.set()
 
     def data_received(self, data: bytes) -> None:
-        self.idle_since = None
+        if not self.busy:  # bytes of a request not yet whole: silence for keep_alive_s closes it too
+            self.idle_since = self.server.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -163,7 +164,8 @@ class Connection(asyncio.Protocol):
                     self.refused = self.server.refusal(400, "bad Content-Length")
                 elif int(value) > limit:
                     self.refused = self.server.refusal(413, f"body over {limit} bytes")
-            elif name == b"expect" and value.lower() == b"100-continue" and self.refused is None:
+            elif (name == b"expect" and value.lower() == b"100-continue" and self.refused is None
+                  and not self.busy and not self.pending):  # never between a pipelined answer's bytes
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
 
     def on_body(self, body: bytes) -> None:
@@ -200,6 +202,7 @@ class Connection(asyncio.Protocol):
                 self.transport.resume_reading()  # type: ignore[union-attr]
             return
         self.busy = True
+        self.idle_since = None
         self.server.dispatch(self, self.pending.popleft())
 
     def write(self, data: bytes) -> None:
@@ -297,8 +300,8 @@ class WireServer:
                 await asyncio.wait_for(stop.wait(), 1.0)
             self._refresh_date()
             expired = self.loop.time() - self.keep_alive_s
-            for conn in list(self.connections):
-                if conn.idle_since is not None and conn.idle_since < expired:
+            for conn in list(self.connections):  # idle, or silent half-way through a request
+                if not conn.busy and conn.idle_since is not None and conn.idle_since < expired:
                     conn.close()
 
     def dispatch(self, conn: Connection, request: Parsed) -> None:
