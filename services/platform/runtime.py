@@ -373,12 +373,3 @@ class ServiceRunner:
             await asyncio.sleep(0.01)
         with contextlib.suppress(Exception):
             self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
-
-
-def event_loop_factory():
-    """uvloop where it is installed (a dependency; a bare install falls back to asyncio's loop)."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop

@@ -24,6 +24,7 @@ import tempfile
 import time
 from multiprocessing.connection import wait
 
+from services.platform import event_loop
 from services.platform.settings import CairnSettings
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,6 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def event_loop_runner():  # noqa: ANN201 - asyncio.run or uvloop.run
-    """uvloop when installed (a dependency; a bare install falls back to asyncio)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run
-    return uvloop.run
-
-
 async def serve(settings: CairnSettings, sock: socket.socket | None, host: str, port: int) -> None:
     """One worker: champions loaded, then HTTP (and gRPC) until SIGTERM or SIGINT."""
     from services.serving.app import InferenceServer
@@ -104,7 +96,7 @@ def run_worker(sock: socket.socket) -> None:
     settings = CairnSettings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = sock.getsockname()[:2]
-    event_loop_runner()(serve(settings, sock, host, port))
+    event_loop.run(serve(settings, sock, host, port))
 
 
 def run_endpoint(settings: CairnSettings, host: str, port: int) -> None:
@@ -113,7 +105,7 @@ def run_endpoint(settings: CairnSettings, host: str, port: int) -> None:
         check_grpc_port(host, settings.serve_grpc_port)
     workers = worker_count(settings)
     if workers == 1:
-        event_loop_runner()(serve(settings, None, host, port))
+        event_loop.run(serve(settings, None, host, port))
         return
     metrics_dir = tempfile.mkdtemp(prefix="cairn-serve-metrics-")
     os.environ.update(settings.to_env())

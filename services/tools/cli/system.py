@@ -31,7 +31,8 @@ def run(
     ],
 ) -> None:
     """Run one service (an operator runs one process per replica); waits for NATS and the stream."""
-    from services.platform.runtime import ServiceRunner, event_loop_factory
+    from services.platform.event_loop import event_loop_factory
+    from services.platform.runtime import ServiceRunner
     from services.tools.catalog import SERVICES, build_service
 
     if service not in SERVICES:
