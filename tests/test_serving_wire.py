@@ -190,11 +190,19 @@ async def test_malformed_requests_get_400_and_a_failing_handler_500_without_endi
     recorder = Recorder()
     async with serving(recorder) as (port, _, _):
         garbage = await exchange(port, b"NOT HTTP AT ALL\r\n\r\n", until_closed=True)
+        recorder.gate.clear()  # a request still being answered when garbage follows it
+        pipelined = asyncio.create_task(
+            exchange(port, post("/v2/models/a/infer", b"first") + b"\x00garbage\r\n\r\n", until_closed=True))
+        await asyncio.wait_for(recorder.until_entered(1), 10)
+        recorder.gate.set()
+        after_answer = await pipelined
         bad = b"POST /echo HTTP/1.1\r\ncontent-length: x1\r\n\r\n"
         bad_length = await exchange(port, bad, until_closed=True)
         failed = await exchange(port, post("/v2/models/a/infer", b"boom"), until_closed=True)
         after = await exchange(port, post("/v2/models/a/infer", b"ok"))
     assert garbage.startswith(b"HTTP/1.1 400 "), garbage
+    assert after_answer.startswith(b"HTTP/1.1 200 ") and after_answer.count(b"HTTP/1.1 ") == 2
+    assert after_answer.split(b"HTTP/1.1 ")[2].startswith(b"400 "), after_answer  # in turn, then closed
     assert bad_length.startswith(b"HTTP/1.1 400 "), bad_length
     assert failed.startswith(b"HTTP/1.1 500 ") and b"connection: close" in failed
     assert after.startswith(b"HTTP/1.1 200 ")
@@ -295,3 +303,15 @@ async def test_idle_and_stalled_connections_are_closed_after_the_keep_alive_time
     assert answer.startswith(b"HTTP/1.1 200 ") and rest_idle.endswith(b"}")  # the body, then the close
     assert rest_stalled == b""  # never answered: the request never arrived whole
     assert [c.body for c in recorder.calls] == [b"ok"]
+
+
+async def test_a_client_that_half_closes_gets_its_answers_then_the_close():
+    recorder = Recorder()
+    async with serving(recorder) as (port, _, _):  # keep-alive of 5 s: the close must not wait for it
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/v2/models/a/infer", b"one") + post("/v2/models/a/infer", b"two"))
+        writer.write_eof()
+        received = await asyncio.wait_for(reader.read(), 3)
+        writer.close()
+    assert received.count(b"HTTP/1.1 200 ") == 2, received
+    assert [c.body for c in recorder.calls] == [b"one", b"two"]

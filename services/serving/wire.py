@@ -98,6 +98,7 @@ class Connection(asyncio.Protocol):
         self.idle_since: float | None = server.loop.time()
         self.gone: asyncio.Future[None] | None = None  # resolved when the client leaves (ASGI disconnect)
         self.drained: asyncio.Event | None = None  # set while the transport takes writes
+        self.eof = False  # the client has sent all it will send
         self._reset()
 
     def _reset(self) -> None:
@@ -137,11 +138,12 @@ class Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(400, "protocol upgrades are not served here")
+            self._refuse_the_rest("protocol upgrades are not served here")
         except httptools.HttpParserError as exc:
-            self._fail(400, f"not HTTP/1.1: {exc}")
+            self._refuse_the_rest(f"not HTTP/1.1: {exc}")
 
     def eof_received(self) -> bool | None:
+        self.eof = True
         if not self.busy and not self.pending:
             return None  # close
         return True  # half-closed: answer what was asked, then close
@@ -195,6 +197,9 @@ class Connection(asyncio.Protocol):
         if self.closed:
             return
         if not self.pending:
+            if self.eof:
+                self.close()
+                return
             self.busy = False
             self.idle_since = self.server.loop.time()
             if not self.reading:
@@ -217,11 +222,14 @@ class Connection(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self.transport.close()
 
-    def _fail(self, status: int, message: str) -> None:
-        answer = self.server.refusal(status, message)
-        self.write(self.server.head(answer.status, answer.media_type, len(answer.body), answer.headers, False)
-                   + answer.body)
-        self.close()
+    def _refuse_the_rest(self, message: str) -> None:
+        """Bytes that are not HTTP: a 400, in turn after the answers owed, and nothing more read."""
+        if self.reading:
+            self.reading = False
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        self.pending.append(Parsed(b"", b"", [], b"", False, self.server.refusal(400, message)))
+        if not self.busy:
+            self.next()
 
 
 class WireServer:
