@@ -79,7 +79,8 @@ WAITING = {
 BUCKETS = [
     ("predict (xgboost inplace_predict)", ("xgboost/", "libxgboost")),
     ("feature matrix (logic.features, TableReader)",
-     ("serving/logic.py:features", "serving/logic.py:TableReader", "serving/logic.py:_shaped_columns")),
+     ("serving/logic.py:features", "serving/logic.py:TableReader", "serving/logic.py:_shaped_columns",
+      "serving/json_columns.py")),
     ("read the request (body, JSON, check rows)",
      ("serving/logic.py:v2_rows", "serving/logic.py:checked_rows", "serving/binary_tensors.py",
       "serving/intake.py:Intake.rows", "serving/intake.py:Intake.read_body",

@@ -545,3 +545,89 @@ async def test_bad_requests_get_their_status_on_v1_and_v2(settings, how):
             json={"inputs": [{"name": "a", "shape": [1], "datatype": "FP64", "data": [1.0]}]},
         )
         assert v2.json()["outputs"][0]["data"] == pytest.approx([3.5])
+
+
+def _large_body(n: int = 300, **changes) -> bytes:
+    """A v2 body over json_columns.FAST_BYTES: x numeric, c categorical, f boolean; `changes`
+    replace whole tensors' data (by column) or add top-level fields."""
+    data = {"x": [round(i * 0.37, 3) for i in range(n)], "c": ["red", "blue", "green"] * (n // 3),
+            "f": [i % 2 for i in range(n)]}
+    tensors = {name: {"name": name, "shape": [n], "datatype": "FP64", "data": values}
+               for name, values in data.items()}
+    top: dict = {}
+    for key, value in changes.items():
+        if key in tensors:
+            tensors[key]["data"] = value
+        else:
+            top[key] = value
+    return json.dumps({**top, "inputs": list(tensors.values())}).encode()
+
+
+LARGE_BODIES = {
+    "plain": (_large_body(), True),
+    "integers": (_large_body(x=list(range(300))), True),
+    "id and outputs": (_large_body(id="r-1", outputs=[{"name": "predict"}]), True),
+    "unknown categories": (_large_body(c=["mauve"] * 300), True),
+    "2-D, a number for a category": (
+        json.dumps({"inputs": [{"name": "m", "shape": [300, 3], "datatype": "FP64",
+                                "data": [float(i) for i in range(900)]}]}).encode(), False),
+    "2-D, with text": (json.dumps({"inputs": [{"name": "m", "shape": [300, 3], "datatype": "BYTES",
+                                               "data": [1.5, "red", 1] * 300}]}).encode(), True),
+    "NaN": (_large_body().replace(b"0.37", b"NaN", 1), False),
+    "a null": (_large_body(x=[None] + [1.0] * 299), False),
+    "booleans": (_large_body(f=[True, False] * 150), False),
+    "a number as text": (_large_body(x=["1.5"] + [1.0] * 299), False),
+    "nested, [n, 1]": (_large_body(x=[[1.0]] * 300).replace(b'[300], "datatype": "FP64", "data": [[',
+                                                         b'[300, 1], "datatype": "FP64", "data": [[', 1),
+                       False),
+    "nested, mixed": (_large_body(x=[[1.0]] + [1.0] * 299), False),
+    "a key twice": (_large_body().replace(b'"name": "x"', b'"name": "c", "name": "x"', 1), False),
+    "inputs twice": (b'{"inputs": [], ' + _large_body()[1:], False),
+    "tensor parameters": (_large_body().replace(b'"name": "x"', b'"parameters": {}, "name": "x"', 1), False),
+    "a bracket in a category": (_large_body(c=["re[d"] * 300), False),
+    "a huge integer": (_large_body().replace(b"0.37", b"1" + b"0" * 400, 1), False),
+    "beyond a double": (_large_body().replace(b"0.37", b"1e400", 1), False),
+    "an unknown column": (_large_body().replace(b'"name": "x"', b'"name": "zz"', 1), False),
+    "lengths that differ": (_large_body(x=[1.0] * 299), False),
+    "not JSON": (_large_body()[:-1], False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LARGE_BODIES))
+def test_large_bodies_read_by_simdjson_give_what_orjson_gives(name):
+    """services.serving.json_columns is a shortcut for large plain bodies: where it answers, the
+    matrix, the row count and the other fields are the orjson path's to the bit; where it does not
+    (None), the orjson path is taken and says what is wrong."""
+    from services.serving.intake import Intake
+    from services.serving.json_columns import FAST_BYTES, read_columns
+
+    body, fast_expected = LARGE_BODIES[name]
+    assert len(body) > FAST_BYTES
+    spec = {"columns": [{"name": "x", "kind": "numeric", "fill": 2.5},
+                        {"name": "c", "kind": "categorical", "categories": ["red", "blue"]},
+                        {"name": "f", "kind": "boolean", "fill": 0.5}]}
+    reader = TableReader(spec)
+    fast = read_columns(body, reader.schema)
+    matrix = reader.matrix(*fast[1:]) if fast is not None else None
+    assert (matrix is not None) == fast_expected, (name, fast)
+    if matrix is None:
+        return
+    doc = Intake.parse_json(body)
+    x, n = reader.v2(doc)
+    assert fast[1] == n and matrix.dtype == np.float32
+    np.testing.assert_array_equal(matrix, x)
+    assert fast[0] == {k: v for k, v in doc.items() if k != "inputs"}
+
+
+def test_a_large_2d_tensor_of_numbers_is_one_array_split_by_column():
+    from services.serving.intake import Intake
+    from services.serving.json_columns import read_columns
+
+    spec = {"columns": [{"name": "a", "kind": "numeric", "fill": 0.0},
+                        {"name": "b", "kind": "numeric", "fill": 1.0}]}
+    body = json.dumps({"inputs": [{"name": "m", "shape": [500, 2], "datatype": "FP64",
+                                   "data": [i * 0.5 for i in range(1000)]}]}).encode()
+    reader = TableReader(spec)
+    fast = read_columns(body, reader.schema)
+    assert fast is not None and isinstance(fast[2]["a"], np.ndarray)
+    np.testing.assert_array_equal(reader.matrix(*fast[1:]), reader.v2(Intake.parse_json(body))[0])

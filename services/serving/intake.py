@@ -23,6 +23,7 @@ from services.platform.ml.transform import input_schema
 from services.platform.settings import CairnSettings
 from services.serving.binary_tensors import HEADER, BinaryProblem, split_body, with_binary_inputs
 from services.serving.champion import Champions, Served
+from services.serving.json_columns import FAST_BYTES, read_columns
 from services.serving.logic import RequestProblem, checked_rows, features, version_problem
 from services.serving.metrics import EndpointMetrics
 from services.serving.records import RequestRecorder
@@ -158,6 +159,10 @@ class Intake:
         """The request's document, its feature matrix and its row count, or the refusal."""
         name = served.name
         header_length = call.headers.get(HEADER.lower()) if v2 else None
+        if v2 and header_length is None and len(call.body) > FAST_BYTES:
+            fast = read_columns(call.body, served.reader.schema)  # a large plain body, no object per value
+            if fast is not None and (x := served.reader.matrix(*fast[1:])) is not None:
+                return fast[0], x, fast[1]
         try:
             head, tensors = split_body(call.body, header_length)
             doc = self.parse_json(head)
