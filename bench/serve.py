@@ -523,8 +523,8 @@ def main() -> None:
                 path.write_bytes(content)
                 target = http[peer] if protocol == "http" else grpc_at[peer]
                 cases.append(Case(peer, label, target, path, int(n), servers[peer]))
-        for case in cases:  # warm each path once
-            case.run(1, 2)
+        for case in cases:  # warm each path once, with every connection: each worker gets some
+            case.run(2, args.connections)
 
         async def timed(case: Case) -> dict[str, Any]:
             return case.run(args.seconds, args.connections)
