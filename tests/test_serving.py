@@ -590,6 +590,10 @@ LARGE_BODIES = {
     "an unknown column": (_large_body().replace(b'"name": "x"', b'"name": "zz"', 1), False),
     "lengths that differ": (_large_body(x=[1.0] * 299), False),
     "not JSON": (_large_body()[:-1], False),
+    "more rows than a request may hold": (_large_body(n=10_002), False),
+    "2-D, more rows than a request may hold": (
+        json.dumps({"inputs": [{"name": "m", "shape": [10_001, 3], "datatype": "BYTES",
+                                "data": [1.5, "red", 1] * 10_001}]}).encode(), False),
 }
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import simdjson
 
-from services.serving.logic import V2_DATATYPES
+from services.serving.logic import MAX_ROWS, V2_DATATYPES, column_rows
 
 FAST_BYTES = 4096  # below this, orjson's parse costs less than simdjson's per-field crossings
 TENSOR_KEYS = frozenset({"name", "datatype", "shape", "data"})
@@ -71,15 +71,11 @@ def _columns(body: bytes, doc: Any, schema: dict[str, str]) -> Columns | None:
                 values = data.as_list()
                 columns = {c: values[j::k] for j, c in enumerate(names)}
             break
-        if name not in schema or not (shape == [len(data)] or shape == [len(data), 1]):
-            return None
-        if n is None:
-            n = len(data)
-        elif n != len(data):
+        if (n := column_rows(name, shape, len(data), schema, n)) is None:
             return None
         columns[name] = data.as_list() if schema[name] == "categorical" else _numbers(data)
     # An array nested in the data (as_buffer flattens them) shows as a '[' more than the shape has.
-    if not n or body.count(b"[") != arrays:
+    if not n or n > MAX_ROWS or body.count(b"[") != arrays:
         return None
     return meta, n, columns
 

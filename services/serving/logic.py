@@ -332,16 +332,21 @@ def _shaped_columns(body: Any, schema: dict[str, str]) -> tuple[int, dict[str, l
                 return None
             n, columns = shape[0], {c: data[j::k] for j, c in enumerate(names)}
             break
-        if name not in schema or not (shape == [len(data)] or shape == [len(data), 1]):
-            return None
-        if n is None:
-            n = len(data)
-        elif n != len(data):
+        if (n := column_rows(name, shape, len(data), schema, n)) is None:
             return None
         columns[name] = data
     if not n or n > MAX_ROWS:
         return None
     return n, columns
+
+
+def column_rows(name: Any, shape: list[Any], length: int, schema: dict[str, str], n: int | None
+                ) -> int | None:
+    """The rows a per-column tensor of `length` values gives: its name a column, its shape [n] or
+    [n, 1], and as many rows as the tensors before it (`n`, None for the first); else None."""
+    if name not in schema or not (shape == [length] or shape == [length, 1]):
+        return None
+    return length if n is None or n == length else None
 
 
 def _flat(data: Any) -> list[Any]:
