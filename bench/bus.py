@@ -46,7 +46,8 @@ from services.platform.bus.connection import connect  # noqa: E402
 from services.platform.bus.consumer import Delivery  # noqa: E402
 from services.platform.bus.embedded import EmbeddedNats  # noqa: E402
 from services.platform.bus.provision import provision_all  # noqa: E402
-from services.platform.runtime import Route, Service, ServiceRunner, event_loop_factory  # noqa: E402
+from services.platform.event_loop import event_loop_factory  # noqa: E402
+from services.platform.runtime import Route, Service, ServiceRunner  # noqa: E402
 from services.platform.settings import CairnSettings  # noqa: E402
 
 IN, OUT = DataArrived.EVENT_TYPE, DataRejected.EVENT_TYPE

@@ -58,7 +58,7 @@ from services.platform.bus.acks import PubAcks  # noqa: E402
 from services.platform.bus.embedded import EmbeddedNats  # noqa: E402
 from services.platform.bus.provision import handled_bucket, provision_all  # noqa: E402
 from services.platform.bus.pull import FETCH_WAIT_S, ready  # noqa: E402
-from services.platform.runtime import event_loop_factory  # noqa: E402
+from services.platform.event_loop import event_loop_factory  # noqa: E402
 from services.platform.settings import CairnSettings  # noqa: E402
 from services.platform.tracking import EVENT_TAG, Tracker  # noqa: E402
 from services.platform.trial_runs import TrialRun, TrialRunWriter  # noqa: E402

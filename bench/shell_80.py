@@ -50,8 +50,8 @@ from services.platform.compute import (  # noqa: E402
     LOCAL_HEARTBEAT_S,
     pace_heartbeats,
 )
+from services.platform.event_loop import event_loop_factory  # noqa: E402
 from services.platform.ml.trial import TrialSpec, run_trial  # noqa: E402
-from services.platform.runtime import event_loop_factory  # noqa: E402
 from services.platform.settings import CairnSettings  # noqa: E402
 from services.tools import supervisor  # noqa: E402
 from services.tools.client import Client as CairnClient  # noqa: E402

@@ -106,7 +106,7 @@ def test_services_run_on_uvloop() -> None:
     loop itself was about a fifth of training's and a third of tuning's CPU per trial."""
     import uvloop
 
-    from services.platform.runtime import event_loop_factory
+    from services.platform.event_loop import event_loop_factory
 
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         assert isinstance(runner.get_loop(), uvloop.Loop)
