@@ -19,12 +19,11 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.platform.ml.transform import input_schema
 from services.platform.settings import CairnSettings
 from services.serving.binary_tensors import HEADER, BinaryProblem, split_body, with_binary_inputs
 from services.serving.champion import Champions, Served
 from services.serving.json_columns import FAST_BYTES, read_columns
-from services.serving.logic import RequestProblem, checked_rows, features, version_problem
+from services.serving.logic import RequestProblem, checked_rows, version_problem
 from services.serving.metrics import EndpointMetrics
 from services.serving.records import RequestRecorder
 
@@ -56,7 +55,7 @@ def json_answer(doc: Any, status: int = 200, headers: Mapping[str, str] | None =
 
 
 def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(doc), status, headers, media_type=JSON)
+    return response(json_answer(doc, status, headers))
 
 
 def response(answer: Answer) -> Response:
@@ -158,10 +157,11 @@ class Intake:
     def rows(self, call: Call, served: Served, v2: bool) -> tuple[Any, np.ndarray, int] | Answer:
         """The request's document, its feature matrix and its row count, or the refusal."""
         name = served.name
+        reader = served.reader
         header_length = call.headers.get(HEADER.lower()) if v2 else None
         if v2 and header_length is None and len(call.body) > FAST_BYTES:
-            fast = read_columns(call.body, served.reader.schema)  # a large plain body, no object per value
-            if fast is not None and (x := served.reader.matrix(*fast[1:])) is not None:
+            fast = read_columns(call.body, reader.schema)  # a large plain body, no object per value
+            if fast is not None and (x := reader.matrix(*fast[1:])) is not None:
                 return fast[0], x, fast[1]
         try:
             head, tensors = split_body(call.body, header_length)
@@ -173,11 +173,10 @@ class Intake:
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             what = "body" if header_length is None else f"JSON header ({HEADER} bytes)"
             return self.error(name, 400, f"{what} is not JSON")
-        spec = served.model.spec
         try:
             if v2:
-                return doc, *served.reader.v2(doc)
-            rows = checked_rows(doc, input_schema(spec))
-            return doc, features(spec, rows), len(rows)
+                return doc, *reader.v2(doc)
+            rows = checked_rows(doc, reader.schema)
+            return doc, reader.from_rows(rows), len(rows)
         except RequestProblem as exc:
             return self.error(name, 422, str(exc))

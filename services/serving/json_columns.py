@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import simdjson
 
-from services.serving.logic import MAX_ROWS, V2_DATATYPES, column_rows
+from services.serving.logic import MAX_ROWS, V2_DATATYPES, column_rows, matrix_shape
 
 FAST_BYTES = 4096  # below this, orjson's parse costs less than simdjson's per-field crossings
 TENSOR_KEYS = frozenset({"name", "datatype", "shape", "data"})
@@ -60,8 +60,8 @@ def _columns(body: bytes, doc: Any, schema: dict[str, str]) -> Columns | None:
         if not all(type(d) is int for d in shape):
             return None
         arrays += 2
-        if len(inputs) == 1 and name not in schema and len(shape) == 2 and shape[1] == len(names):
-            n, k = shape  # one 2-D tensor, columns in the metadata's order
+        if (matrix := matrix_shape(len(inputs), name, shape, schema)) is not None:
+            n, k = matrix
             if n * k != len(data):
                 return None
             if all(schema[c] != "categorical" for c in names):

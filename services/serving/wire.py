@@ -29,7 +29,7 @@ from urllib.parse import unquote
 import httptools
 
 from services.serving.auth import OPEN_PATHS, REFUSAL
-from services.serving.intake import Answer, Call
+from services.serving.intake import Answer, Call, json_answer
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,6 @@ class WireServer:
         max_in_flight: int = 256,
         keep_alive_s: float = 5.0,
         token: str | None = None,
-        extra_headers: Mapping[str, str] | None = None,
     ):
         self.app = app
         self.handlers = handlers
@@ -275,9 +274,7 @@ class WireServer:
 
     @staticmethod
     def refusal(status: int, message: str) -> Answer:
-        import orjson
-
-        return Answer(orjson.dumps({"error": message}), status)
+        return json_answer({"error": message}, status)
 
     # serving
     async def serve(self, sock: Any, stop: asyncio.Event) -> None:
