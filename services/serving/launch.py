@@ -88,11 +88,11 @@ async def serve(settings: CairnSettings, sock: socket.socket | None, host: str, 
         await server.shutdown()
 
 
-def run_worker(sock: socket.socket) -> None:
-    """A spawned worker's entry point: its settings from the CAIRN_ environment its parent set."""
+def run_worker(sock: socket.socket, keeper: int) -> None:
+    """A spawned worker's entry point: its settings from the CAIRN_ environment its keeper set."""
     from services.platform.bus.embedded import tie_to_parent
 
-    tie_to_parent()  # a parent killed outright takes its workers along
+    tie_to_parent(keeper)  # a keeper killed outright takes its workers along
     settings = CairnSettings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = sock.getsockname()[:2]
@@ -129,7 +129,7 @@ class Workers:
         self.stopping = False
 
     def start_one(self) -> multiprocessing.process.BaseProcess:
-        proc = self.context.Process(target=run_worker, args=(self.sock,), name="cairn-serve-worker")
+        proc = self.context.Process(target=run_worker, args=(self.sock, os.getpid()), name="cairn-serve")
         proc.start()
         return proc
 

@@ -27,28 +27,24 @@ def die_with_parent() -> Callable[[], None] | None:
     """
     if not sys.platform.startswith("linux"):
         return None
+    libc, parent = _libc(), os.getpid()  # before the fork: a preexec_fn should load nothing
+    return lambda: _die_with(libc, parent)
+
+
+def tie_to_parent(parent: int) -> None:
+    """The same, from a child already running (a spawned worker) whose parent is `parent`."""
+    if sys.platform.startswith("linux"):
+        _die_with(_libc(), parent)
+
+
+def _libc():  # noqa: ANN202 - a ctypes.CDLL
     import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getpid()
-
-    def preexec() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
+    return ctypes.CDLL(None, use_errno=True)
 
 
-def tie_to_parent() -> None:
-    """In a child already running (a spawned worker): SIGTERM when its parent dies, as
-    `die_with_parent` arranges before exec. Linux only; elsewhere nothing."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _die_with(libc, parent: int) -> None:  # noqa: ANN001
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
