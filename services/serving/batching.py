@@ -54,7 +54,6 @@ class MicroBatcher:
         # One thread predicts; batches reach it on a SimpleQueue and their results come back with
         # call_soon_threadsafe (an executor's futures and their chaining cost more per batch).
         self._jobs: SimpleQueue[tuple[np.ndarray, asyncio.Future[np.ndarray]] | None] = SimpleQueue()
-        self._thread: threading.Thread | None = None
 
     async def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.closed:
@@ -63,9 +62,8 @@ class MicroBatcher:
             return await asyncio.to_thread(self.predict, x)
         loop = asyncio.get_running_loop()
         if self.task is None:
-            self._thread = threading.Thread(target=self._predicting, args=(loop,), name="predict")
-            self._thread.daemon = True
-            self._thread.start()
+            thread = threading.Thread(target=self._predicting, args=(loop,), name="predict", daemon=True)
+            thread.start()
             self.task = loop.create_task(self._run())
         future: asyncio.Future[np.ndarray] = loop.create_future()
         self._put((x, future))
