@@ -50,26 +50,35 @@ class PortInUse(RuntimeError):
     """The inference port is taken (often by another `cairn up`)."""
 
 
-def free_port() -> int:
+def free_port(handed_out: set[int] | None = None) -> int:
     """A port free now for a child to bind right after (a health or endpoint port).
 
     Chosen below the kernel's ephemeral range: outgoing connections (NATS clients, Dask, MLflow)
     take their local ports from that range, and one of them took a port picked from it before the
-    child bound it (a service then died with "address already in use").
+    child bound it (a service then died with "address already in use"). `handed_out`: the ports
+    already given to children not yet bound, never given twice (it gains the one returned): two
+    services once drew the same one, the second died, and the first answered the second's
+    readiness probe.
     """
     low = _ephemeral_range_start()
     pick = random.SystemRandom()
+    taken = handed_out if handed_out is not None else set()
     for _ in range(200):
         port = pick.randrange(10_000, low)
+        if port in taken:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("", port))
             except OSError:
                 continue
-            return port
+        taken.add(port)
+        return port
     with socket.socket() as s:  # a crowded machine: any free port
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    taken.add(port)
+    return port
 
 
 def _ephemeral_range_start() -> int:
@@ -160,7 +169,8 @@ def up(
     home = settings.root_dir
     home.mkdir(parents=True, exist_ok=True)
     (home / "logs").mkdir(exist_ok=True)
-    serve_port = settings.serve_port or free_port()
+    handed_out: set[int] = set()
+    serve_port = settings.serve_port or free_port(handed_out)
     if serve:
         check_port(settings.serve_host, serve_port)
     runtime: dict = {"pids": {}, "started": time.time(), "health": {}, "identities": {}}
@@ -194,7 +204,9 @@ def up(
             everyone = [t for t in everyone if t.name == settings.tenant]
         names = services or list(SERVICES)
         grouped = len(everyone) > 1
-        start_tenant = TenantStarter(env, auth, runtime, path, start, names, serve, serve_port, grouped)
+        start_tenant = TenantStarter(
+            env, auth, runtime, path, start, names, serve, serve_port, grouped, handed_out
+        )
         for tenant in everyone:
             own = tenants.settings_for(settings, tenant.name)
             asyncio.run(provision_everything(_as_user(own, auth, ADMIN) if auth else own))
@@ -217,6 +229,7 @@ class TenantStarter:
     serve: bool
     serve_port: int
     grouped: bool  # several tenants: each one's processes share a session (fair CPU between tenants)
+    handed_out: set[int]  # ports given to children (free_port)
 
     def __call__(self, settings: CairnSettings, tenant: tenants.Tenant) -> None:
         """One tenant's services and endpoint, as its own NATS users, with its state under its home.
@@ -244,7 +257,7 @@ class TenantStarter:
             write_runtime(self.runtime_path, runtime)  # `down` can stop a half-finished start
 
         for name in self.services:
-            port = free_port()
+            port = free_port(self.handed_out)
             child(name, ["run", name], {"CAIRN_HTTP_PORT": str(port)}, f"{name}.log")
             own["health"][name] = f"http://{LOOPBACK}:{port}"
             runtime["health"][name if default else f"{tenant.name}/{name}"] = own["health"][name]
@@ -252,10 +265,10 @@ class TenantStarter:
             if not default:  # a tenant's endpoint answers its own token's holders only
                 ensure_token(home)
             # `serving start`: the endpoint with its CAIRN_SERVE_WORKERS worker processes
-            port = self.serve_port if default else free_port()
+            port = self.serve_port if default else free_port(self.handed_out)
             extra = {}
             if settings.serve_grpc_port and not default:  # the configured port is the default's
-                extra["CAIRN_SERVE_GRPC_PORT"] = str(free_port())
+                extra["CAIRN_SERVE_GRPC_PORT"] = str(free_port(self.handed_out))
                 own["grpc_address"] = f"{settings.serve_host}:{extra['CAIRN_SERVE_GRPC_PORT']}"
             child(SERVE, ["serving", "start", "--port", str(port)], extra, "serve.log")
             own["serve_url"] = f"http://{settings.serve_host}:{port}"
@@ -340,7 +353,8 @@ def _as_user(settings: CairnSettings, auth: Path, role: str) -> CairnSettings:
 
 
 def wait_ready(runtime: dict, timeout: float = 120.0) -> dict[str, str]:
-    """Poll every /readyz until all answer 200; returns what is still not ready on timeout."""
+    """Poll every /readyz until all answer 200, each service as itself (a port another service
+    holds answers too); returns what is still not ready on timeout."""
     urls = {n: u + "/readyz" for n, u in runtime.get("health", {}).items()}
     if "serve_url" in runtime:
         urls["serve"] = runtime["serve_url"] + "/readyz"
@@ -352,13 +366,22 @@ def wait_ready(runtime: dict, timeout: float = 120.0) -> dict[str, str]:
                 if (gone := exited(runtime, name)) is not None:
                     return {name: gone}
                 try:
-                    if client.get(url).status_code == 200:
+                    answer = client.get(url)
+                    if answer.status_code == 200 and answers_as(answer, name, runtime):
                         del pending[name]
-                except httpx.HTTPError:
+                except (httpx.HTTPError, ValueError):
                     pass
             if pending:
                 time.sleep(0.25)
     return {n: "not ready" for n in pending}
+
+
+def answers_as(answer: httpx.Response, name: str, runtime: dict) -> bool:
+    """Whether a service's readiness answer comes from that service (`tenant/role` or `role`); the
+    endpoint's is not checked."""
+    if name not in runtime.get("health", {}):
+        return True
+    return answer.json().get("service") == name.rsplit("/", 1)[-1]
 
 
 def exited(runtime: dict, name: str) -> str | None:
