@@ -31,7 +31,7 @@ from starlette.routing import Route as HttpRoute
 
 from contracts import Envelope
 from contracts.types import Contract
-from services.platform.artifact_policy import foreign_artifacts
+from services.platform.artifact_policy import foreign_artifacts, store_root
 from services.platform.artifacts import IntegrityError
 from services.platform.bus.availability import wait_for_stream
 from services.platform.bus.connection import make_broker
@@ -169,6 +169,7 @@ class ServiceRunner:
         self._opened = contextlib.AsyncExitStack()
         self._stop_deadline: float | None = None
         self.service.cache = StepCache(lambda: self.broker.config.connection_state.stream, self.settings)
+        artifact_root = store_root(self.settings)
         for route in service.routes():
             consumer = EventConsumer(
                 service=service.name,
@@ -189,7 +190,7 @@ class ServiceRunner:
                 ledger=self.ledger,
                 ack_wait_s=route.ack_wait_s,
                 handler_timeout_s=route.handler_timeout_s,
-                input_check=functools.partial(foreign_artifacts, settings=self.settings),
+                input_check=functools.partial(foreign_artifacts, root=artifact_root),
                 permanent=(IntegrityError,),
             )
             self.loops.append(subscribe(self.broker, consumer, max_workers=route.max_workers))
