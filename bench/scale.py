@@ -7,7 +7,9 @@ pipeline adds per trial (events, ledger, key-value state, tracking, Dask schedul
 thread reads every service process, the Dask workers and nats-server with psutil (RSS, CPU) a few
 times a second; the report gives each process's peak RSS, its RSS at the start and the end of the
 trial phase, and its CPU ms per trial over the trial phase, so the process that saturates (the
-limit) and any growth per trial are named by the numbers.
+limit) and any growth per trial are named by the numbers; and each process's RSS at the end over its
+RSS at trial 2,000 (`--rss-from`), the issue's bound of 10 % for cairn's services (nats-server, which
+holds the stream and its index, is reported beside them).
 
     .venv/bin/python bench/scale.py [--trials 10000] [--rows 2000] [--trial-concurrency N]
 """
@@ -103,14 +105,23 @@ class Sampler:
         return {n: max(row[n][0] for row in self.samples if n in row) / MB for n in sorted(names)}
 
 
-async def study(settings: CairnSettings, arrived: DataArrived, timeout: float) -> dict[str, Any]:
-    """Submit, follow the run to its end; perf_counter marks of the first and last of each type."""
+async def study(
+    settings: CairnSettings, arrived: DataArrived, timeout: float, rss_from: int
+) -> dict[str, Any]:
+    """Submit, follow the run to its end; perf_counter marks of the first and last of each type, and
+    of the `rss_from`-th trial result."""
     marks: dict[str, float] = {}
+    completed = 0
 
     def mark(ev: Any) -> None:
+        nonlocal completed
         now = time.perf_counter()
         marks.setdefault(f"first:{ev.type}", now)
         marks[f"last:{ev.type}"] = now
+        if ev.type == "cairn.trial.completed.v1":
+            completed += 1
+            if completed == rss_from:
+                marks["rss_from"] = now
 
     started = time.perf_counter()
     async with CairnClient(settings, "bench") as client:
@@ -144,6 +155,9 @@ def report(
     warm = sampler.at(phase_start + 0.1 * (phase_end - phase_start))
     names = [n for n in names if n in warm]
     growth = {n: (last[n][0] - warm[n][0]) / MB / max(0.9 * trials, 1) * 1000 for n in names}
+    # The issue's own figure: each process's RSS at the end over its RSS at trial `--rss-from`.
+    settled = sampler.at(marks["rss_from"]) if "rss_from" in marks else None
+    rss_end_over_from = {n: last[n][0] / settled[n][0] for n in names if settled and n in settled}
     busiest = max(cpu_ms, key=lambda n: cpu_ms[n]) if cpu_ms else None
     tuned = run["tuned"]
     return rounded(
@@ -171,6 +185,11 @@ def report(
             "rss_mb_10pct_into_trial_phase": {n: warm[n][0] / MB for n in names},
             "rss_mb_trial_phase_end": {n: last[n][0] / MB for n in names},
             "rss_mb_growth_per_1000_trials": growth,
+            f"rss_end_over_rss_at_trial_{args.rss_from}": rss_end_over_from,
+            "services_rss_end_over_from_max": max(
+                (v for n, v in rss_end_over_from.items() if n != "nats-server" and not n.startswith("dask")),
+                default=None,
+            ),
             "peak_rss_mb": sampler.peak_rss_mb(),
             "bench_client_cpu_ms_per_trial": 1000 * bench_cpu_s / max(trials, 1),
             "event_counts": run["counts"],
@@ -190,6 +209,9 @@ def main() -> None:
         "--trial-concurrency", type=int, default=None, help="trials in flight per training replica"
     )
     parser.add_argument("--timeout", type=float, default=7200.0, help="seconds to wait for the run's end")
+    parser.add_argument(
+        "--rss-from", type=int, default=2000, help="the trial whose RSS the end's is compared with"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale.json"))
     args = parser.parse_args()
     settings, server, csv = scratch_system(
@@ -209,7 +231,7 @@ def main() -> None:
         me = psutil.Process()
         cpu0 = sum(me.cpu_times()[:2])
         with Sampler(pids, args.interval) as sampler:
-            run = asyncio.run(study(settings, arrived, args.timeout))
+            run = asyncio.run(study(settings, arrived, args.timeout, args.rss_from))
         result = report(args, sampler, run, sum(me.cpu_times()[:2]) - cpu0)
     finally:
         supervisor.down(settings)
