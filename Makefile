@@ -82,15 +82,19 @@ lint: install
 	$(VENV)/bin/ruff check contracts services tests bench harness
 	$(VENV)/bin/lint-imports
 
+# The throughput figures last (bench/summary.py): each with its spread, its target and the
+# machine's speed, from what bus, shell_80, study_peers and scale wrote to bench/results/.
 bench: install
-	$(PY) bench/bus.py
+	$(PY) bench/bus.py --repeats 5
 	$(PY) bench/shell_80.py
+	$(PY) bench/study_peers.py
 	$(PY) bench/serve.py
 	$(PY) bench/cache.py
-	$(PY) bench/scale.py --trials 2000
+	$(PY) bench/scale.py --trials 10000
 	$(PY) bench/startup.py
 	$(PY) bench/cluster.py
 	$(PY) bench/public_api.py
+	$(PY) bench/summary.py
 
 schemas: install
 	$(CAIRN) schemas
