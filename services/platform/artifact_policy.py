@@ -45,11 +45,12 @@ def store_root(settings: CairnSettings) -> str:
 
 @lru_cache(maxsize=4096)
 def _verdict(uri: str, root: str) -> str | None:
-    """Why `uri` is refused, or None, remembered: every trial request names the same feature set, and
-    resolving its path cost about 1 ms per message in training and tuning (bench/scale.py profiled).
-    A verdict can outlive a change on disk (a directory inside the store later replaced by a link
-    out of it), but whoever can write into the store can already replace what it holds; bytes read
-    are still checked against their sha256. Bounded, since events name the URIs."""
+    """Why `uri` is refused, or None, remembered: every trial request names the same feature set,
+    whose path was resolved again for each (a dozen system calls; within bench/scale.py's noise,
+    docs/DESIGN-NOTES.md). A verdict can outlive a change on disk (a directory inside the store
+    later replaced by a link out of it), but whoever can write into the store can already replace
+    what it holds; bytes read are still checked against their sha256. Bounded, since events name
+    the URIs."""
     try:
         _check_artifact_uri(uri, root)
     except ArtifactLocationError as exc:
