@@ -58,6 +58,8 @@ def test_readiness_is_answered_by_the_service_itself(readiness_of):
     alive = os.getpid()  # a process that runs: the check must not end on "exited"
     impostor = {"pids": {"tuning": alive}, "health": {"tuning": readiness_of("training")}}
     assert supervisor.wait_ready(impostor, timeout=1.0) == {"tuning": "not ready"}
-    honest = {"pids": {"tuning": alive, "acme/tuning": alive},
-              "health": {"tuning": readiness_of("tuning"), "acme/tuning": readiness_of("tuning")}}
+    # a tenant's endpoint is listed among the health URLs as `<tenant>/serve`
+    honest = {"pids": {"tuning": alive, "acme/tuning": alive, "acme/serve": alive},
+              "health": {"tuning": readiness_of("tuning"), "acme/tuning": readiness_of("tuning"),
+                         "acme/serve": readiness_of("serve")}}
     assert supervisor.wait_ready(honest, timeout=10.0) == {}

@@ -64,4 +64,6 @@ class V1:
     async def readyz(self, _: Request) -> Response:
         champions = self.intake.champions
         ok = champions.is_ready()
-        return json_response({"ready": ok, "models": sorted(champions.models)}, 200 if ok else 503)
+        # "service" as every service's /readyz says it: `cairn up` counts an answer only from its own
+        body = {"service": "serve", "ready": ok, "models": sorted(champions.models)}
+        return json_response(body, 200 if ok else 503)
