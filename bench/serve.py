@@ -290,7 +290,8 @@ def payloads(
             ]
         }
     return {
-        "cairn": {"http": orjson.dumps(cairn_http), "grpc": cairn_grpc(rows, spec)},
+        "cairn": (cairn := {"http": orjson.dumps(cairn_http), "grpc": cairn_grpc(rows, spec)}),
+        "cairn-xgboost": cairn,  # the same endpoint with XGBoost's own predict (no compiled forest)
         "mlserver": {
             "http": orjson.dumps(
                 {
@@ -366,7 +367,7 @@ def fmt(s: dict[str, float], digits: int = 0) -> str:
 
 def table(report: dict[str, Any]) -> str:
     lines = [
-        f"{'case':10s} {'peer':9s} {'req/s':>24s} {'rows/s':>30s} {'p50 ms':>20s} {'p99 ms':>22s} "
+        f"{'case':10s} {'peer':13s} {'req/s':>24s} {'rows/s':>30s} {'p50 ms':>20s} {'p99 ms':>22s} "
         f"{'CPU ms/req':>20s}"
     ]
     for label, entry in report["cases"].items():
@@ -374,7 +375,7 @@ def table(report: dict[str, Any]) -> str:
             if "/" in peer:
                 continue
             lines.append(
-                f"{label:10s} {peer:9s} {fmt(s['req_s']):>24s} {fmt(s['rows_s']):>30s} "
+                f"{label:10s} {peer:13s} {fmt(s['req_s']):>24s} {fmt(s['rows_s']):>30s} "
                 f"{fmt(s['p50_ms'], 2):>20s} {fmt(s['p99_ms'], 2):>22s} "
                 f"{fmt(s['cpu_ms_per_request'], 3):>20s}"
             )
@@ -397,7 +398,11 @@ def main() -> None:
     parser.add_argument(
         "--connections", type=int, default=8, help="connections (HTTP) / calls in flight (gRPC)"
     )
-    parser.add_argument("--peers", default="cairn,mlserver,mlflow", help="which servers, comma-separated")
+    parser.add_argument(
+        "--peers",
+        default="cairn,mlserver,mlflow",
+        help="which servers, comma-separated (cairn-xgboost: cairn with XGBoost's own predict)",
+    )
     parser.add_argument("--cases", default="http_1,http_1000,grpc_1,grpc_1000", help="which loads")
     parser.add_argument("--cairn-route", choices=["v2", "v1"], default="v2", help="cairn's HTTP route")
     parser.add_argument("--rows", type=int, default=20_000, help="training rows")
@@ -460,15 +465,17 @@ def main() -> None:
         grpc_at: dict[str, str] = {}  # peer -> HOST:PORT
         servers: dict[str, subprocess.Popen] = {}
         versions = {}
-        if "cairn" in peers:
+        for peer, compiled in (("cairn", "true"), ("cairn-xgboost", "false")):
+            if peer not in peers:
+                continue
             port, gport = free_port(), free_port()
-            servers["cairn"] = start(
+            servers[peer] = start(
                 [str(BIN / "cairn"), "serving", "start", "--port", str(port)],
-                {"CAIRN_SERVE_GRPC_PORT": str(gport)},
+                {"CAIRN_SERVE_GRPC_PORT": str(gport), "CAIRN_SERVE_COMPILED_TREES": compiled},
             )
             route = "v1/models/diamonds/predict" if args.cairn_route == "v1" else "v2/models/diamonds/infer"
-            http["cairn"], grpc_at["cairn"] = f"http://127.0.0.1:{port}/{route}", f"127.0.0.1:{gport}"
-            wait_up(f"http://127.0.0.1:{port}/v2/models/diamonds/ready", servers["cairn"], "cairn")
+            http[peer], grpc_at[peer] = f"http://127.0.0.1:{port}/{route}", f"127.0.0.1:{gport}"
+            wait_up(f"http://127.0.0.1:{port}/v2/models/diamonds/ready", servers[peer], peer)
         if "mlserver" in peers:
             port, gport = free_port(), free_port()
             folder = mlserver_folder(

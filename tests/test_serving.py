@@ -223,6 +223,7 @@ async def test_champion_served_by_mlflow_and_cairn_v2_protocol_and_hot_swap_unde
             # Open Inference Protocol v2, plain HTTP: metadata, readiness, both tensor layouts.
             meta = (await client.get(url + "/v2/models/srv")).json()
             assert meta["name"] == "srv" and meta["versions"] == ["1"]
+            assert meta["parameters"]["predictor"] == "compiled-forest"  # an XGBoost regressor (forest.py)
             assert [i["name"] for i in meta["inputs"]] == ["a", "b"]
             assert (await client.get(url + "/v2/models/srv/ready")).json()["ready"] is True
             assert (await client.get(url + "/v2/models/nope/ready")).status_code == 404

@@ -178,6 +178,11 @@ class CairnSettings(BaseSettings):
         1.0, ge=0, le=50, description="Longest a request waits to share a predict call with others."
     )
     serve_batch_rows: int = Field(4096, ge=1, description="Most rows gathered into one predict call.")
+    serve_compiled_trees: bool = Field(
+        True,
+        description="Serve XGBoost regressors through cairn's compiled forest (XGBoost's answers to the bit, "
+        "checked at load; services/serving/forest.py); false: XGBoost's own predict.",
+    )
     request_record_rate: float = Field(
         0.0, ge=0, le=1, description="Share of requests recorded to the request-record stream; 0: off."
     )

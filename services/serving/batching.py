@@ -20,15 +20,21 @@ from queue import SimpleQueue
 
 import numpy as np
 
+from services.serving.forest import compile_forest
+
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
-def fast_predict(model) -> Predict:  # noqa: ANN001 - a services.platform.ml.bundle.LoadedModel
-    """The model's predict on a ready feature matrix; XGBoost through `inplace_predict` (no DMatrix)."""
+def fast_predict(model, compiled_trees: bool = True) -> tuple[Predict, str]:  # noqa: ANN001 - a LoadedModel
+    """The model's predict on a ready feature matrix, and what it is (the v2 metadata says): an
+    XGBoost regressor through the compiled forest where it reproduces XGBoost
+    (services/serving/forest.py), else XGBoost through `inplace_predict` (no DMatrix)."""
     predictor = model.predictor
     booster = getattr(predictor, "booster", None)
     if booster is None:
-        return predictor.predict
+        return predictor.predict, model.manifest["family"]
+    if compiled_trees and (forest := compile_forest(booster)) is not None:
+        return forest.predict, "compiled-forest"
     classification = model.spec["task"] == "classification"
 
     def predict(x: np.ndarray) -> np.ndarray:
@@ -37,7 +43,7 @@ def fast_predict(model) -> Predict:  # noqa: ANN001 - a services.platform.ml.bun
             out = np.column_stack([1 - out, out])
         return out
 
-    return predict
+    return predict, "xgboost"
 
 
 class MicroBatcher:

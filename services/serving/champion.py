@@ -50,6 +50,7 @@ class Served:
     model: LoadedModel
     batcher: MicroBatcher | None = None
     text: TextModel | None = None
+    predictor: str = ""  # what predicts: compiled-forest, xgboost, or the model's family
 
     @property
     def task(self) -> str:
@@ -112,10 +113,10 @@ class Champions:
             config = model.manifest["estimator"]["config"]
             text = TextModel.load(model.checkpoint, config, model.spec["tokenizer"])
             return Served(name, version, model, text=text)
-        batcher = MicroBatcher(
-            fast_predict(model), self.settings.serve_batch_wait_ms / 1000, self.settings.serve_batch_rows
-        )
-        return Served(name, version, model, batcher=batcher)
+        predict, predictor = fast_predict(model, self.settings.serve_compiled_trees)
+        wait_s, rows = self.settings.serve_batch_wait_ms / 1000, self.settings.serve_batch_rows
+        batcher = MicroBatcher(predict, wait_s, rows)
+        return Served(name, version, model, batcher=batcher, predictor=predictor)
 
     async def swap(self, name: str, version: int, load: Callable[[], LoadedModel]) -> None:
         """Load (and verify) off the event loop, then replace the reference in one step."""

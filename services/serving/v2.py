@@ -88,7 +88,8 @@ class V2:
             {"name": name, "versions": [str(served.version)],
              "platform": f"cairn-{served.model.manifest['family']}",
              "inputs": inputs, "outputs": outputs,
-             "parameters": {"sha256": served.model.ref.sha256, "task": served.task}}
+             "parameters": {"sha256": served.model.ref.sha256, "task": served.task,
+                            "predictor": served.predictor or served.model.manifest["family"]}}
         )
 
     async def model_ready(self, request: Request) -> Response:
