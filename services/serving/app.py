@@ -31,7 +31,6 @@ from services.platform.bus.connection import connect
 from services.platform.endpoint_token import read_token
 from services.platform.ml.families import import_tree_library
 from services.platform.settings import CairnSettings
-from services.serving import forest
 from services.serving.auth import RequireToken
 from services.serving.champion import Champions
 from services.serving.generate import Generation
@@ -44,6 +43,14 @@ from services.serving.v2 import V2
 from services.serving.watch import watch_deployments
 
 log = logging.getLogger(__name__)
+
+
+def warm_compiled_forest() -> None:
+    """numba imported and the walk compiled off the event loop, and only where the compiled forest
+    is on (numba's import alone is 100 MiB of a worker's memory)."""
+    from services.serving.forest import warm
+
+    warm()
 
 
 class InferenceServer:
@@ -76,7 +83,7 @@ class InferenceServer:
         self.recorder.start(champions.nc)
         await asyncio.to_thread(import_tree_library)
         if self.settings.serve_compiled_trees:
-            await asyncio.to_thread(forest.warm)
+            await asyncio.to_thread(warm_compiled_forest)
         await champions.load_champions()
         # What start-up made (libraries, the champions) lives as long as the worker: frozen, the
         # collector stops walking it on every pass (one-row throughput +35-45 %, p99 45 ms -> 10-20

@@ -20,8 +20,6 @@ from queue import SimpleQueue
 
 import numpy as np
 
-from services.serving.forest import compile_forest
-
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
@@ -33,8 +31,11 @@ def fast_predict(model, compiled_trees: bool = True) -> tuple[Predict, str]:  # 
     booster = getattr(predictor, "booster", None)
     if booster is None:
         return predictor.predict, model.manifest["family"]
-    if compiled_trees and (forest := compile_forest(booster)) is not None:
-        return forest.predict, "compiled-forest"
+    if compiled_trees:
+        from services.serving.forest import compile_forest  # numba: 100 MiB a worker that keeps XGBoost's
+
+        if (forest := compile_forest(booster)) is not None:
+            return forest.predict, "compiled-forest"
     classification = model.spec["task"] == "classification"
 
     def predict(x: np.ndarray) -> np.ndarray:
