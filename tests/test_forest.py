@@ -38,10 +38,12 @@ def _train(params: dict, rounds: int, x: np.ndarray, y: np.ndarray, **kwargs) ->
 def _same_as_xgboost(booster: xgb.Booster, x: np.ndarray) -> None:
     forest = compile_forest(booster)
     assert forest is not None
-    for rows in (x[:1], x[:7], x[:64], x[:65], x):  # one row, a partial block, a block and one more, all
-        ours, theirs = forest.predict(rows), booster.inplace_predict(rows)
-        assert ours.dtype == theirs.dtype == np.float32
-        assert np.array_equal(ours, theirs)
+    finite = np.where(np.isnan(x), np.float32(-1), x)  # serving's matrices: no missing value
+    for data in (x, finite):
+        for rows in (data[:1], data[:7], data[:8], data[:13], data[:600], data):  # eights, tails, blocks
+            ours, theirs = forest.predict(rows), booster.inplace_predict(rows)
+            assert ours.dtype == theirs.dtype == np.float32
+            assert np.array_equal(ours, theirs)
 
 
 @pytest.mark.parametrize(
@@ -83,16 +85,17 @@ def test_the_probe_rows_catch_a_threshold_one_float_off() -> None:
     booster = _train({"max_depth": 6}, 40, x, y)
     learner = json.loads(booster.save_raw("json"))["learner"]
     trees = learner["gradient_booster"]["model"]["trees"]
-    probe = probe_rows(trees, x.shape[1])
+    probes = [probe_rows(trees, x.shape[1], missing) for missing in (False, True)]
     exact = compile_forest(booster)
-    assert np.array_equal(exact.predict(probe), booster.inplace_predict(probe))
+    assert all(np.array_equal(exact.predict(p), booster.inplace_predict(p)) for p in probes)
     for tree in trees:
         tree["split_conditions"] = [
             float(np.nextafter(np.float32(v), np.float32(np.inf))) if left >= 0 else v
             for v, left in zip(tree["split_conditions"], tree["left_children"], strict=True)
         ]
     nudged = CompiledForest(trees, exact.base, exact.depth)
-    assert not np.array_equal(nudged.predict(probe), booster.inplace_predict(probe))
+    for p in probes:  # each probe alone catches it, the walk with missing values and the one without
+        assert not np.array_equal(nudged.predict(p), booster.inplace_predict(p))
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@ Why: XGBoost's `inplace_predict` costs about 0.3 ms per call before any tree is 
 wrapper and its C++ set-up), so a one-row batch costs some 50 times its walk (docs/SERVING.md, "The
 compiled forest"). Here every tree is laid out as a complete binary tree of the forest's depth, one
 array per field, and a row steps down with `node = 2*node + 1 + (x[feature] >= threshold)`: no child
-pointers, a block of rows a level at a time, compiled once per process by numba. Per row on large
-batches it walks about as fast as XGBoost; the call itself costs microseconds.
+pointers, eight rows down each tree together, compiled by numba. Per row on large batches it takes
+about three quarters of XGBoost's time; the call itself costs microseconds.
 
 The same answer, by construction: the float32 comparisons XGBoost makes (`x < threshold` goes
 left, a missing value goes its node's default way), the leaf values added in tree order onto the
@@ -13,8 +13,9 @@ base score in float32. A leaf above the bottom passes its value down the left-mo
 threshold is NaN, which no value reaches or exceeds). Only what that covers is compiled: gbtree
 regressors whose prediction is the margin itself, one target, numerical splits, a bounded size;
 anything else keeps XGBoost's predict. And each compiled model is checked at load against XGBoost on
-rows made from its own thresholds (each one, the floats either side, missing values, infinities):
-one differing bit and the model keeps XGBoost's predict (tests/test_forest.py).
+rows made from its own thresholds (each one, the floats either side, infinities; once without
+missing values and once with, so both ways of the walk are tried): one differing bit and the model
+keeps XGBoost's predict (tests/test_forest.py).
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ MAX_SLOTS = 1 << 21  # trees x bottom slots: 2 M slots, about 26 MB; beyond it, 
 IDENTITY_OBJECTIVES = frozenset({"reg:squarederror"})  # the margin is the prediction (what cairn trains)
 PROBE_ROWS = 512
 
-Predict = Callable[[np.ndarray], np.ndarray]
-
 
 @numba.njit(inline="always")
 def _down(row, node, feature, threshold, nan_right, missing):  # noqa: ANN001, ANN202 - numba types
@@ -50,7 +49,7 @@ def _down(row, node, feature, threshold, nan_right, missing):  # noqa: ANN001, A
 def _walk(x, missing, feature, threshold, nan_right, leaf, depth, base, out):  # noqa: ANN001, ANN202, PLR0913
     """out[row] = base + each tree's leaf for the row, added in tree order in float32. Eight rows
     walk each tree together, their nodes in registers: eight independent chains of loads for the
-    CPU to overlap (about 0.7 of XGBoost's time per row; docs/SERVING.md). `missing`: the batch
+    CPU to overlap (0.75 to 0.87 of XGBoost's time per row; docs/SERVING.md). `missing`: the batch
     holds NaN (serving's matrices never do, so the common step is one load and one test fewer)."""
     rows = x.shape[0]
     trees, inner = feature.shape
@@ -184,8 +183,9 @@ def compile_forest(booster: Any) -> CompiledForest | None:  # noqa: ANN401 - an 
         return None
     base = np.float32(_base_scores(learner["learner_model_param"]["base_score"])[0])
     forest = CompiledForest(trees, base, depth)
-    probe = probe_rows(trees, int(learner["learner_model_param"]["num_feature"]))
-    if not np.array_equal(forest.predict(probe), booster.inplace_predict(probe)):
+    features = int(learner["learner_model_param"]["num_feature"])
+    probes = [probe_rows(trees, features, missing) for missing in (False, True)]  # both ways of the walk
+    if not all(np.array_equal(forest.predict(p), booster.inplace_predict(p)) for p in probes):
         log.warning(
             "the compiled forest differs from XGBoost on its probe rows: XGBoost's own predict serves"
         )
@@ -224,10 +224,13 @@ def _depth(tree: dict[str, Any]) -> int:
     return max(level)
 
 
-def probe_rows(trees: list[dict[str, Any]], features: int, rows: int = PROBE_ROWS) -> np.ndarray:
+def probe_rows(
+    trees: list[dict[str, Any]], features: int, missing: bool, rows: int = PROBE_ROWS
+) -> np.ndarray:
     """Rows whose every value sits on a split's edge: each threshold the forest uses, the float32s
-    either side, NaN and the infinities, drawn per feature with a fixed seed."""
-    edges: list[list[float]] = [[np.nan, np.inf, -np.inf, 0.0] for _ in range(features)]
+    either side, the infinities and, if `missing`, NaN, drawn per feature with a fixed seed."""
+    special = [np.inf, -np.inf, 0.0] + ([np.nan] if missing else [])
+    edges: list[list[float]] = [list(special) for _ in range(features)]
     for tree in trees:
         for node, feature in enumerate(tree["split_indices"]):
             if tree["left_children"][node] >= 0:
