@@ -93,7 +93,7 @@ def test_the_probe_rows_catch_a_threshold_one_float_off() -> None:
             float(np.nextafter(np.float32(v), np.float32(np.inf))) if left >= 0 else v
             for v, left in zip(tree["split_conditions"], tree["left_children"], strict=True)
         ]
-    nudged = CompiledForest(trees, exact.base, exact.depth)
+    nudged = CompiledForest(trees, exact.base, exact.depth, exact.features)
     for p in probes:  # each probe alone catches it, the walk with missing values and the one without
         assert not np.array_equal(nudged.predict(p), booster.inplace_predict(p))
 
@@ -144,3 +144,33 @@ def test_where_no_cache_can_be_written_the_walk_still_compiles() -> None:
     env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "_IPythonCacheLocator"}
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda tree: tree["split_indices"].__setitem__(0, 50), "splits on feature 50 of 7"),
+        (lambda tree: tree["left_children"].__setitem__(1, 0), "children are not after it"),  # a loop
+        (lambda tree: tree["right_children"].__setitem__(0, 10**6), "children are not after it"),
+    ],
+)
+def test_a_hand_edited_model_that_xgboost_loads_is_not_compiled(edit, why: str, caplog) -> None:
+    """The attacker's model file (or a corrupt one): XGBoost loads a tree that splits on a feature
+    past the row's end, or whose child points back up, but the walk reads by these indices
+    unchecked and the layout would follow the loop forever. It keeps XGBoost's predict."""
+    x, y = _table()
+    doc = json.loads(_train({"max_depth": 4}, 5, x, y).save_raw("json"))
+    edit(doc["learner"]["gradient_booster"]["model"]["trees"][2])
+    edited = xgb.Booster()
+    edited.load_model(bytearray(json.dumps(doc).encode()))  # XGBoost takes it
+    with caplog.at_level("INFO", logger="services.serving.forest"):
+        assert compile_forest(edited) is None
+    assert "tree 2: node" in caplog.text and why in caplog.text
+
+
+def test_rows_of_another_width_are_refused() -> None:
+    x, y = _table()
+    forest = compile_forest(_train({"max_depth": 3}, 5, x, y))
+    with pytest.raises(ValueError, match="expected rows of 7 features"):
+        forest.predict(x[:, :3])

@@ -112,9 +112,9 @@ _walk = _jit(_walk)
 class CompiledForest:
     """The arrays `_walk` reads, built from XGBoost's JSON model."""
 
-    def __init__(self, trees: list[dict[str, Any]], base: np.float32, depth: int):
+    def __init__(self, trees: list[dict[str, Any]], base: np.float32, depth: int, features: int):
         inner, count = (1 << depth) - 1, len(trees)
-        self.depth, self.base = depth, base
+        self.depth, self.base, self.features = depth, base, features
         self.feature = np.zeros((count, inner), np.int32)
         self.threshold = np.full((count, inner), np.nan, np.float32)  # NaN: a pass-through, always left
         self.nan_right = np.zeros((count, inner), np.bool_)
@@ -141,6 +141,8 @@ class CompiledForest:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.features:  # the walk reads x[row, feature] unchecked
+            raise ValueError(f"expected rows of {self.features} features, got shape {x.shape}")
         out = np.empty(len(x), np.float32)
         return _walk(
             x,
@@ -165,7 +167,7 @@ def warm() -> None:
         "split_conditions": [0.5, -1.0, 1.0],
         "default_left": [1, 0, 0],
     }
-    CompiledForest([stump], np.float32(0), 1).predict(np.zeros((1, 1), np.float32))
+    CompiledForest([stump], np.float32(0), 1, 1).predict(np.zeros((1, 1), np.float32))
 
 
 def compile_forest(booster: Any) -> CompiledForest | None:  # noqa: ANN401 - an xgboost.Booster
@@ -182,8 +184,8 @@ def compile_forest(booster: Any) -> CompiledForest | None:  # noqa: ANN401 - an 
         log.info("XGBoost's own predict serves this model: %s", why)
         return None
     base = np.float32(_base_scores(learner["learner_model_param"]["base_score"])[0])
-    forest = CompiledForest(trees, base, depth)
     features = int(learner["learner_model_param"]["num_feature"])
+    forest = CompiledForest(trees, base, depth, features)
     probes = [probe_rows(trees, features, missing) for missing in (False, True)]  # both ways of the walk
     if not all(np.array_equal(forest.predict(p), booster.inplace_predict(p)) for p in probes):
         log.warning(
@@ -207,6 +209,30 @@ def _unsupported(learner: dict[str, Any]) -> str | None:
     trees = learner["gradient_booster"]["model"]["trees"]
     if any(tree.get("categories_nodes") or any(tree.get("split_type", [])) for tree in trees):
         return "categorical splits"
+    features = int(params["num_feature"])
+    return next(
+        (f"tree {t}: {why}" for t, tree in enumerate(trees) if (why := _malformed(tree, features))), None
+    )
+
+
+def _malformed(tree: dict[str, Any], features: int) -> str | None:
+    """What makes a tree unsafe to lay out and walk. XGBoost loads such a model (a hand-edited
+    file: a feature past the row's end, a child pointing back up), but the walk reads memory by
+    these indices unchecked, and a loop of children would never end the layout. XGBoost always
+    numbers a node's children after it; requiring that rules out loops."""
+    left, right, split = tree["left_children"], tree["right_children"], tree["split_indices"]
+    n = len(left)
+    if not n or any(
+        len(tree[k]) != n for k in ("right_children", "split_indices", "split_conditions", "default_left")
+    ):
+        return "fields of different lengths"
+    for node in range(n):
+        if left[node] < 0 and right[node] < 0:
+            continue
+        if not (node < left[node] < n and node < right[node] < n):
+            return f"node {node}'s children are not after it"
+        if not 0 <= split[node] < features:
+            return f"node {node} splits on feature {split[node]} of {features}"
     return None
 
 
