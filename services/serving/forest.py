@@ -5,7 +5,7 @@ wrapper and its C++ set-up), so a one-row batch costs some 50 times its walk (do
 compiled forest"). Here every tree is laid out as a complete binary tree of the forest's depth, one
 array per field, and a row steps down with `node = 2*node + 1 + (x[feature] >= threshold)`: no child
 pointers, eight rows down each tree together, compiled by numba. Per row on large batches it takes
-about three quarters of XGBoost's time; the call itself costs microseconds.
+about a third of XGBoost's time; the call itself costs microseconds.
 
 The same answer, by construction: the float32 comparisons XGBoost makes (`x < threshold` goes
 left, a missing value goes its node's default way), the leaf values added in tree order onto the
@@ -120,7 +120,7 @@ _walk_finite, _walk_missing = _walk_for(missing=False), _walk_for(missing=True)
 
 
 class CompiledForest:
-    """The arrays `_walk` reads, built from XGBoost's JSON model."""
+    """The arrays the walk reads, built from XGBoost's JSON model."""
 
     def __init__(self, trees: list[dict[str, Any]], base: np.float32, depth: int, features: int):
         inner, count = (1 << depth) - 1, len(trees)
