@@ -169,8 +169,9 @@ class CompiledForest:
 
 
 def warm() -> None:
-    """Compile the walk ahead of need (about half a second): a model server calls this while it
-    starts, so that its first swap to a tree model is not also a compilation."""
+    """Compile both walks ahead of need (2 to 3 s; about half a second from numba's cache): a model
+    server calls this while it starts, so that its first swap to a tree model is not also a
+    compilation."""
     stump = {
         "left_children": [1, -1, -1],
         "right_children": [2, -1, -1],
@@ -178,7 +179,9 @@ def warm() -> None:
         "split_conditions": [0.5, -1.0, 1.0],
         "default_left": [1, 0, 0],
     }
-    CompiledForest([stump], np.float32(0), 1, 1).predict(np.zeros((1, 1), np.float32))
+    forest = CompiledForest([stump], np.float32(0), 1, 1)
+    for x in (np.zeros((1, 1), np.float32), np.full((1, 1), np.nan, np.float32)):  # both walks
+        forest.predict(x)
 
 
 def compile_forest(booster: Any) -> CompiledForest | None:  # noqa: ANN401 - an xgboost.Booster
