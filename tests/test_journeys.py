@@ -26,6 +26,16 @@ from services.tools.supervisor import free_port
 pytestmark = pytest.mark.slow
 
 CAIRN = str(Path(sys.executable).with_name("cairn"))
+# As a terminal starts it: SIGINT at its default. A suite started in the background by a shell
+# without job control (`make test &`) hands its children SIGINT ignored, and a process that starts
+# with SIGINT ignored keeps ignoring it (Python installs no KeyboardInterrupt handler then), as the
+# convention for background jobs wants: this execs `cairn` with SIGINT reset, whatever the suite got.
+AS_IN_A_TERMINAL = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
 SERVICES = ("ingestion", "features", "tuning", "training", "evaluation", "deployment", "lineage")
 FAST_TABLE = ["--trials", "6", "--max-budget", "20", "--strategy", "random", "--families", "xgboost,linear"]
 
@@ -118,7 +128,7 @@ class Up:
     def __init__(self, home: Path, cwd: Path, **env: str):
         self.home = home
         self.proc = subprocess.Popen(
-            [CAIRN, "up", "--timeout", "240"],
+            [*AS_IN_A_TERMINAL, CAIRN, "up", "--timeout", "240"],
             env=user_env(home, CAIRN_SERVE_PORT="0", **env),
             cwd=cwd,
             stdout=subprocess.PIPE,
