@@ -32,7 +32,7 @@ def fast_predict(model, compiled_trees: bool = True) -> tuple[Predict, str]:  # 
     if booster is None:
         return predictor.predict, model.manifest["family"]
     if compiled_trees:
-        from services.serving.forest import compile_forest  # numba: 100 MiB a worker that keeps XGBoost's
+        from services.serving.forest import compile_forest  # numba (100 MiB) only where the forest is on
 
         if (forest := compile_forest(booster)) is not None:
             return forest.predict, "compiled-forest"
