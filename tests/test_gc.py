@@ -6,6 +6,7 @@ runs through `cairn up` and collects the store with the `cairn` executable.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -13,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import nats
 import pytest
 
 from services.platform.artifacts import read_verified
+from services.platform.bus.provision import provision_holds_bucket
 from services.tools import gc
+from tests.conftest import make_settings
 from tests.test_cache import of_type, submit
 from tests.test_journeys import CAIRN, cairn, user_env, write_table
 
@@ -196,6 +200,34 @@ def test_a_stored_hold_is_read_back_and_a_forged_one_stops_gc() -> None:
     for k, value in forged:
         with pytest.raises(ValueError):
             gc.decode_hold(k, value)
+
+
+def test_every_read_of_the_holds_sees_every_hold(nats_server, tmp_path: Path) -> None:
+    """A thousand reads of a bucket with two holds (one released), five at a time: each sees the
+    one hold. Listing with nats-py's `kv.keys()` failed both ways: twenty at a time, about two
+    listings in a thousand came back empty (gc deletes what a read does not see), and each listing
+    leaves a consumer on the server for five minutes, so the thousandth is refused."""
+    held = gc.Hold("houses@4", correlation="3f2a9b1c-0000", at=1.0, by="ops@host")
+
+    async def reads() -> list[list[gc.Hold]]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            await provision_holds_bucket(js, make_settings(nats_server.url, tmp_path))
+            assert await gc.read_holds(js) == []
+            assert await gc.add_hold(js, held) is None
+            assert await gc.add_hold(js, gc.Hold("gone", sha256=SHA, at=2.0)) is None
+            assert await gc.release_hold(js, "gone")
+            got: list[list[gc.Hold]] = []
+            for _ in range(200):
+                got += await asyncio.gather(*(gc.read_holds(js) for _ in range(5)))
+            return got
+        finally:
+            await nc.close()
+
+    got = asyncio.run(reads())
+    assert len(got) == 1000
+    assert [g for g in got if g != [held]] == []
 
 
 def stored(store: Path, sha: str) -> Path:

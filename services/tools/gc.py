@@ -265,29 +265,49 @@ async def holds_bucket(js: Any) -> Any:
         raise LookupError(f"no {HOLDS_BUCKET} bucket on this NATS: run `cairn provision`") from None
 
 
-async def read_holds(kv: Any) -> list[Hold]:
-    """Every hold in the bucket, oldest first; ValueError on an entry that is not a hold."""
-    from nats.js.errors import KeyNotFoundError, NoKeysError
+# The server sends at most this many subjects in one stream-info reply (nats-server's
+# JSMaxSubjectDetails); a bucket with more keys would be listed in part.
+SUBJECTS_PER_REPLY = 100_000
 
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
+
+async def hold_keys(js: Any) -> list[str]:
+    """Every key the holds bucket has had, from the stream's own subject counts (one request).
+
+    Not nats-py's `kv.keys()`: it decides that the listing is over from the consumer's pending count
+    while the first key may still be on its way (about two listings in a thousand came back empty,
+    and a hold missed there is an artifact gc deletes), and each listing leaves a consumer on the
+    server for five minutes (the thousandth was refused)."""
+    from services.platform.bus.provision import HOLDS_BUCKET
+
+    prefix = f"$KV.{HOLDS_BUCKET}."
+    info = await js.stream_info(f"KV_{HOLDS_BUCKET}", subjects_filter=f"{prefix}>")
+    subjects = info.state.subjects or {}
+    if len(subjects) >= SUBJECTS_PER_REPLY:
+        raise ValueError(f"the holds bucket has {len(subjects)} keys or more: more than one reply lists")
+    return sorted(subject[len(prefix) :] for subject in subjects)
+
+
+async def read_holds(js: Any) -> list[Hold]:
+    """Every hold in the bucket, oldest first; ValueError on an entry that is not a hold."""
+    from nats.js.errors import KeyNotFoundError
+
+    kv = await holds_bucket(js)
     holds = []
-    for key in keys:
+    for key in await hold_keys(js):
         try:
             entry = await kv.get(key)
-        except KeyNotFoundError:  # released since the listing
+        except KeyNotFoundError:  # released (its subject keeps the delete marker)
             continue
         holds.append(decode_hold(key, entry.value or b""))
     return sorted(holds, key=lambda h: (h.at, h.id))
 
 
-async def add_hold(kv: Any, hold: Hold) -> Hold | None:
+async def add_hold(js: Any, hold: Hold) -> Hold | None:
     """Create the hold's key (compare-and-set on "no such key"): concurrent holds of different ids
     never overwrite each other. Returns the hold already there when `hold.id` was held before."""
     from nats.js.errors import KeyWrongLastSequenceError
 
+    kv = await holds_bucket(js)
     key = hold_key(hold.id)
     try:
         await kv.create(key, encode_hold(hold))
@@ -296,11 +316,12 @@ async def add_hold(kv: Any, hold: Hold) -> Hold | None:
     return None
 
 
-async def release_hold(kv: Any, ident: str) -> bool:
+async def release_hold(js: Any, ident: str) -> bool:
     """Delete the hold on `ident` at the revision read (a hold made again meanwhile stays); False
     when there is none."""
     from nats.js.errors import KeyNotFoundError
 
+    kv = await holds_bucket(js)
     key = hold_key(ident)
     try:
         entry = await kv.get(key)
@@ -318,7 +339,7 @@ def file_holds(home: Path) -> list[Hold]:
     return [Hold(**doc) for doc in json.loads(path.read_text())]
 
 
-async def import_file_holds(kv: Any, home: Path) -> tuple[int, Path] | None:
+async def import_file_holds(js: Any, home: Path) -> tuple[int, Path] | None:
     """Move a `holds.json` into the bucket once: each hold created (one already there is kept),
     then the file renamed to `holds.json.imported`. Returns (holds imported, new name), or None
     when there is no file."""
@@ -328,7 +349,7 @@ async def import_file_holds(kv: Any, home: Path) -> tuple[int, Path] | None:
         return None
     imported = 0
     for hold in holds:
-        if await add_hold(kv, hold) is None:
+        if await add_hold(js, hold) is None:
             imported += 1
     done = path.with_name(HOLDS_FILE + ".imported")
     with contextlib.suppress(FileNotFoundError):  # another command of this home imported it meanwhile

@@ -149,7 +149,7 @@ def hold(
     if not ident:
         raise CliError("give an ID to hold (or --release ID, or --list)", EXIT_USAGE)
     if release:
-        if not asyncio.run(_with_holds(s, lambda kv: gc.release_hold(kv, ident))):
+        if not asyncio.run(_with_holds(s, lambda js: gc.release_hold(js, ident))):
             raise CliError(f"no hold on {ident!r} (see `cairn hold --list`)", EXIT_USAGE)
         typer.echo(f"released {ident}")
         return
@@ -158,7 +158,7 @@ def hold(
     except LookupError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     held = dataclasses.replace(held, by=f"{getpass.getuser()}@{socket.gethostname()}")
-    before = asyncio.run(_with_holds(s, lambda kv: gc.add_hold(kv, held)))
+    before = asyncio.run(_with_holds(s, lambda js: gc.add_hold(js, held)))
     what = f"run {held.correlation}" if held.correlation else f"artifact {held.sha256}"
     if before is not None:
         typer.echo(f"{ident} was already held ({what}, since {gc.gc_tag_value(before.at).split(' ', 1)[1]})")
@@ -167,22 +167,23 @@ def hold(
 
 
 async def _with_holds(s: Any, work: Callable[[Any], Awaitable[T]]) -> T:
-    """`work` on the deployment's holds bucket, after importing this home's old holds.json (once)."""
+    """`work` on the JetStream of the deployment's holds bucket, after importing this home's old
+    holds.json (once)."""
     from services.tools import gc
 
     nc = await connect_nats(s, "hold")
     try:
         try:
-            kv = await gc.holds_bucket(nc.jetstream())
+            await gc.holds_bucket(js := nc.jetstream())
         except LookupError as exc:
             raise CliError(str(exc)) from None
-        if moved := await gc.import_file_holds(kv, s.home_dir):
+        if moved := await gc.import_file_holds(js, s.home_dir):
             count, path = moved
             typer.echo(
                 f"imported {count} holds from {s.home_dir / gc.HOLDS_FILE} into the shared bucket "
                 f"cairn_holds, which every home of this deployment reads; the file is now {path}",
                 err=True,
             )
-        return await work(kv)
+        return await work(js)
     finally:
         await nc.close()

@@ -134,7 +134,7 @@ def remove(name: Annotated[str, typer.Argument(help="The tenant to remove.")]) -
     async def holds() -> list[gc.Hold]:
         nc = await connect_nats(admin, "tenant-remove")
         try:
-            return await gc.read_holds(await gc.holds_bucket(nc.jetstream()))
+            return await gc.read_holds(nc.jetstream())
         finally:
             await nc.close()
 
