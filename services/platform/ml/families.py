@@ -25,6 +25,7 @@ import numpy as np
 
 from contracts.types import Metric, ModelFamily, Task
 from services.platform.ml.fitted import FitRequest, Fitted
+from services.platform.ml.matrices import training_matrices
 
 EARLY_STOPPING_ROUNDS = 20
 
@@ -53,11 +54,11 @@ def fit_xgboost(r: FitRequest) -> Fitted:
     x_train, y_train, x_valid, y_valid = r.x_train, r.y_train, r.x_valid, r.y_valid
     import xgboost as xgb
 
-    dtrain = xgb.DMatrix(x_train, label=y_train, nthread=1)
+    dtrain, dvalid = training_matrices(r.data_key, x_train, y_train, x_valid, y_valid)
     evals = []
     kwargs: dict[str, Any] = {}
-    if x_valid is not None and y_valid is not None:
-        evals = [(xgb.DMatrix(x_valid, label=y_valid, nthread=1), "valid")]
+    if dvalid is not None:
+        evals = [(dvalid, "valid")]
         kwargs["early_stopping_rounds"] = EARLY_STOPPING_ROUNDS
     booster = xgb.train(
         {**_xgb_base(task, n_classes, seed), **params},
@@ -88,7 +89,8 @@ def fit_random_forest(r: FitRequest) -> Fitted:
     }
     import xgboost as xgb
 
-    booster = xgb.train(booster_params, xgb.DMatrix(x_train, label=y_train, nthread=1), num_boost_round=1)
+    dtrain, _ = training_matrices(r.data_key, x_train, y_train, r.x_valid, r.y_valid)
+    booster = xgb.train(booster_params, dtrain, num_boost_round=1)
     return Fitted(ModelFamily.random_forest, bytes(booster.save_raw("ubj")), "xgboost-ubj", 1)
 
 

@@ -25,6 +25,9 @@ class FitRequest:
     x_valid: np.ndarray | None = None
     y_valid: np.ndarray | None = None
     device: str | None = "cpu"
+    # The feature set's sha256 when the splits are its cached arrays: its XGBoost matrices are
+    # built once per worker thread (services.platform.ml.matrices); None builds them per fit.
+    data_key: str | None = None
 
 
 @dataclass(frozen=True)

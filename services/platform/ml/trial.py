@@ -82,7 +82,17 @@ def fit_final(spec: TrialSpec) -> dict[str, Any]:
     x_train, y_train = data.split(TRAIN)
     x_valid, y_valid = data.split(VALIDATION)
     request = FitRequest(
-        spec.params, budget, task, data.n_classes, seed, x_train, y_train, x_valid, y_valid, device
+        spec.params,
+        budget,
+        task,
+        data.n_classes,
+        seed,
+        x_train,
+        y_train,
+        x_valid,
+        y_valid,
+        device,
+        data_key=spec.featureset_sha256,
     )
     fitted = registry.fit(family, request)
     model = registry.predictor(fitted.estimator_format, fitted.estimator_bytes, task, data.n_classes)
