@@ -248,6 +248,8 @@ def wait_until_served(
 
     deadline = time.monotonic() + timeout_s
     last = "no answer"
+    # The swap takes tens of milliseconds: ask again soon, then less often (at most five times a second).
+    pause = 0.01
     while time.monotonic() < deadline:
         try:
             reply = httpx.get(f"{endpoint.rstrip('/')}/v1/models", headers=headers, timeout=5)
@@ -257,7 +259,8 @@ def wait_until_served(
             last = f"serving v{served['version']}" if served else f"{reply.status_code}: {reply.text[:200]}"
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
             last = f"{type(exc).__name__}: {exc}"
-        time.sleep(0.2)
+        time.sleep(pause)
+        pause = min(2 * pause, 0.2)
     return last
 
 
