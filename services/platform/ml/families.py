@@ -89,6 +89,8 @@ def fit_random_forest(r: FitRequest) -> Fitted:
     }
     import xgboost as xgb
 
+    # With the validation split though the forest does not use it: a study's boosted fits of the same
+    # feature set then find their pair kept.
     dtrain, _ = training_matrices(r.data_key, x_train, y_train, r.x_valid, r.y_valid)
     booster = xgb.train(booster_params, dtrain, num_boost_round=1)
     return Fitted(ModelFamily.random_forest, bytes(booster.save_raw("ubj")), "xgboost-ubj", 1)
