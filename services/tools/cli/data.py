@@ -40,6 +40,7 @@ from services.tools.cli.common import (
 from services.tools.cli.render import Progress, print_event
 
 SERVE_WAIT_S = 60.0  # after model.deployed, for the local endpoint to load and verify the champion
+LOG_STALL_S = 60.0  # `cairn events`: how long the log may stop coming before the last event
 
 
 @app.command()
@@ -62,7 +63,7 @@ def events(
                 state = (await client.js.stream_info(s.stream)).state
             except NotFoundError:
                 raise stream_missing(s) from None
-            last = state.last_seq
+            last, reached, quiet = state.last_seq, 0, 0.0
             for seq, subject, body in await archived_before(s, state.first_seq):
                 kept = SimpleNamespace(subject=subject, data=body, headers=None)
                 print_event(kept, seq, correlation, as_json)
@@ -70,12 +71,20 @@ def events(
                 try:
                     msg = await sub.next_msg(timeout=1.0 if not follow else 3600)
                 except TimeoutError:
-                    if not follow:
+                    if follow:
+                        continue
+                    # A quiet second before the last event is a slow server or link, not the end
+                    # (an auditor's listing cut there would look whole), unless retention took the
+                    # rest meanwhile.
+                    if reached >= last or (await client.js.stream_info(s.stream)).state.first_seq > last:
                         return
+                    quiet += 1.0
+                    if quiet >= LOG_STALL_S:
+                        raise CliError(f"the event log stopped coming at seq {reached} of {last}") from None
                     continue
-                seq = msg.metadata.sequence.stream
-                print_event(msg, seq, correlation, as_json)
-                if not follow and seq >= last:
+                quiet, reached = 0.0, msg.metadata.sequence.stream
+                print_event(msg, reached, correlation, as_json)
+                if not follow and reached >= last:
                     return
 
     asyncio.run(go())
