@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from contracts import DataArrived, new_event
 from harness.hosts import Hosts
 from harness.natscluster import NatsCluster
 from services.platform.bus.connection import connect
 from services.platform.settings import CairnSettings
+from services.tools.client import Client
 
 pytestmark = pytest.mark.slow
 CAIRN = str(Path(sys.executable).with_name("cairn"))
@@ -161,3 +163,45 @@ def test_a_command_right_after_a_heal_waits_for_jetstream_instead_of_failing(
     )
     assert "internal error" not in verify.stderr, verify.stderr
     assert verify.returncode == 0 and verify.stdout.startswith("OK"), verify.stdout + verify.stderr
+
+
+def test_a_publish_between_stream_leaders_is_sent_again_and_stored_once(
+    cluster: NatsCluster, tmp_path: Path
+) -> None:
+    """Seen in CI: an arrival published right after a healed partition was refused with no
+    responders. Only a clustered stream's leader listens on its subjects, so between two leaders
+    (an election: a restart, a heal, a step-down) nobody answers a publish. The client that
+    `cairn submit` and upstream Python systems use sends it again under the same id; the stream
+    stores each event once."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")},
+        "CAIRN_HOME": str(tmp_path / "home"),
+        "CAIRN_NATS_URL": cluster.urls,
+        "CAIRN_STREAM_REPLICAS": "3",
+    }
+    done = subprocess.run([CAIRN, "provision"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    settings = CairnSettings(home=tmp_path / "home", nats_url=cluster.urls)
+    arrivals = 10
+
+    async def scenario() -> tuple[list[str], int, set[str]]:
+        waited: list[str] = []
+        leaders = set()
+        async with Client(settings, "upstream") as client:
+            for i in range(arrivals):
+                leaders.add(await _leader(client.js, settings.stream))
+                stepped = await client.nc.request(
+                    f"$JS.API.STREAM.LEADER.STEPDOWN.{settings.stream}", b"", timeout=10
+                )
+                assert b'"success":true' in stepped.data, stepped.data
+                arrived = DataArrived(uri=f"file:///data/{i}.csv", target="y")
+                event = new_event(arrived, source="/test/cluster")
+                await client.publish(event, on_wait=waited.append)
+                await client.publish(event)  # the same event again: stored once
+            info = await client.js.stream_info(settings.stream)
+        return waited, info.state.messages, leaders
+
+    waited, stored, leaders = asyncio.run(scenario())
+    assert stored == arrivals
+    assert len(leaders) > 1, leaders  # the leader did move
+    assert waited, "no publish met a stream between leaders: the test did not test anything"

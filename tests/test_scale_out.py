@@ -25,6 +25,7 @@ from harness.workloads import study_table
 from services.platform.bus.connection import connect
 from services.platform.cache import CACHED_FROM, NO_CACHE
 from services.tools import supervisor
+from services.tools.client import Client
 
 pytestmark = pytest.mark.slow
 CAIRN = str(Path(sys.executable).with_name("cairn"))
@@ -59,13 +60,8 @@ async def submit(system: System, model: str) -> str:
     # Every test studies the same table: without `nocache` the second would be served from the
     # step cache and no trial would be in flight when the fault lands.
     event = new_event(arrived, source="/test/scale-out").model_copy(update={NO_CACHE: "true"})
-    nc = await connect(system.settings, "test")
-    try:
-        await nc.jetstream().publish(
-            "cairn.data.arrived.v1", event.encode(), headers={"Nats-Msg-Id": event.id}
-        )
-    finally:
-        await nc.close()
+    async with Client(system.settings, "test") as client:  # sent again between stream leaders
+        await client.publish(event)
     return event.id
 
 

@@ -27,12 +27,14 @@ from contracts import (
     stream_filter,
     subject_for,
 )
+from services.platform.bus.availability import jetstream_when_available
 from services.platform.bus.connection import connect
 from services.platform.bus.publisher import event_headers
 from services.platform.settings import CairnSettings
 
 DEPLOYED, FAILED, NOT_PROMOTED = 0, 1, 3  # also the CLI's exit codes
 READ_TIMEOUT_S = 10.0  # for the next message of a log being read to its end
+PUBLISH_PATIENCE_S = 30.0  # for a stream between leaders (an election takes seconds)
 
 
 def outcome(event: Envelope[Any]) -> int | None:
@@ -86,14 +88,23 @@ class Client:
         await self.nc.close()
 
     # Publishing and following ---------------------------------------------------------------
-    async def publish(self, event: Envelope[Any]) -> int:
-        """Publish one event (deduplicated by its id); returns its stream sequence."""
-        ack = await self.js.publish(
-            subject_for(event.type, self.settings.namespace),
-            event.encode(),
-            headers=event_headers(event),
-            stream=self.settings.stream,
-        )
+    async def publish(
+        self,
+        event: Envelope[Any],
+        patience_s: float = PUBLISH_PATIENCE_S,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> int:
+        """Publish one event; returns its stream sequence. Refused while the stream elects a leader
+        (no responders: seen on every leader change of a clustered stream, a rolling restart's
+        included) or its PubAck late, it is sent again for up to `patience_s`; under its id the
+        stream stores it once. `on_wait` hears each new reason for sending again."""
+        subject, body = subject_for(event.type, self.settings.namespace), event.encode()
+        headers = event_headers(event)
+
+        async def once() -> Any:
+            return await self.js.publish(subject, body, headers=headers, stream=self.settings.stream)
+
+        ack = await jetstream_when_available(once, patience_s, on_wait, idempotent=True)
         return ack.seq
 
     async def watch(self, from_start: bool = False) -> Any:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from services.platform.bus.connection import connect_once
 from services.platform.settings import CairnSettings
@@ -26,10 +26,15 @@ T = TypeVar("T")
 NO_PEERS_FOR_PLACEMENT = 10005
 
 
-def busy_for_now(exc: BaseException) -> str | None:
+def busy_for_now(exc: BaseException, idempotent: bool = False) -> str | None:
     """Why JetStream refused, when the refusal is one a forming or healing cluster gives for
-    seconds (a 503 while it elects a leader or catches up; no peers to place replicas on yet);
-    None for any other error."""
+    seconds (a 503 while it elects a leader or catches up; no peers to place replicas on yet; no
+    responders to a publish: only a stream's leader listens on its subjects, so between leaders
+    nobody does; a reply not in time, when the call may run twice); None for any other error."""
+    if idempotent and isinstance(exc, TimeoutError):
+        return "no reply in time"
+    if isinstance(exc, NoStreamResponseError):
+        return "no stream answered (its leader being elected, or none provisioned for the subject)"
     if isinstance(exc, ServiceUnavailableError):
         return "JetStream temporarily unavailable"
     if isinstance(exc, APIError) and exc.err_code == NO_PEERS_FOR_PLACEMENT:
@@ -41,17 +46,19 @@ async def jetstream_when_available(
     call: Callable[[], Awaitable[T]],
     patience_s: float = 30.0,
     on_wait: Callable[[str], None] | None = None,
+    idempotent: bool = False,
 ) -> T:
     """`call()`, again while JetStream is busy for now (`busy_for_now`): a cluster electing a
     leader, a server catching up after a partition healed, peers not yet counted online are
     seconds, not a failure. `on_wait` hears each new reason once; after `patience_s` the last
-    refusal is raised."""
+    refusal is raised. `idempotent`: `call()` may run twice (a publish under its Nats-Msg-Id), so a
+    reply that did not come in time is one more reason to call again."""
     deadline, delay, said = time.monotonic() + patience_s, 0.25, None
     while True:
         try:
             return await call()
-        except APIError as exc:
-            why = busy_for_now(exc)
+        except (APIError, NoStreamResponseError, TimeoutError) as exc:
+            why = busy_for_now(exc, idempotent)
             if why is None or time.monotonic() > deadline:
                 raise
             if on_wait is not None and why != said:

@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 import typer
-from nats.js.errors import APIError, ServiceUnavailableError
+from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
 from services.platform.bus.availability import NO_PEERS_FOR_PLACEMENT
 from services.tools.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, app, lift_tenant_option
@@ -54,6 +54,12 @@ def main() -> None:
         _fail(
             "NATS JetStream is temporarily unavailable (a cluster electing a leader, or a server "
             "catching up after a restart or a partition): try again in a few seconds",
+            EXIT_FAILED,
+        )
+    except NoStreamResponseError:
+        _fail(
+            "no stream stored the event: none is provisioned for its subject (`cairn provision`), "
+            "or the stream had no leader all along (`cairn status` shows the cluster)",
             EXIT_FAILED,
         )
     except APIError as exc:

@@ -265,13 +265,13 @@ async def _submit(
 
     async with await client_for(s, "submit") as client:
         if not wait:
-            await client.publish(event)
+            await client.publish(event, on_wait=_waiting_for_jetstream)
             typer.echo(f"submitted {event.id} (correlation {event.correlationid})")
             return EXIT_DEPLOYED
         progress = Progress(interactive=sys.stdout.isatty())
         async with await client_for(reader, "submit-watch") as watcher:
             sub = await watcher.watch()
-            await client.publish(event)
+            await client.publish(event, on_wait=_waiting_for_jetstream)
             typer.echo(f"submitted {event.id} (correlation {event.correlationid})")
             try:
                 end = await watcher.follow_on(sub, event.correlationid, timeout, progress.show)
@@ -279,6 +279,10 @@ async def _submit(
                 typer.echo(f"timed out after {timeout}s", err=True)
                 return EXIT_FAILED
     return _until_served(s, end)
+
+
+def _waiting_for_jetstream(why: str) -> None:
+    typer.echo(f"waiting for NATS JetStream: {why}", err=True)
 
 
 def _until_served(s: CairnSettings, end: Any) -> int:
