@@ -51,6 +51,7 @@ from harness.workloads import study_table  # noqa: E402
 from services.platform.bus.connection import connect  # noqa: E402
 from services.platform.cache import NO_CACHE  # noqa: E402
 from services.platform.settings import CairnSettings  # noqa: E402
+from services.tools.client import Client  # noqa: E402
 
 PAYLOAD = b"x" * 1024
 
@@ -79,9 +80,8 @@ async def study(system: System, csv: Path, trials: int, during: Any = None) -> d
     ).model_copy(update={NO_CACHE: "true"})  # every round computes: the same table, no cache hits
     log = StreamLog(system.settings)
     await log.poll()
-    nc = await connect(system.settings, "bench")
-    await nc.jetstream().publish("cairn.data.arrived.v1", event.encode(), headers={"Nats-Msg-Id": event.id})
-    await nc.close()
+    async with Client(system.settings, "bench") as client:  # sent again between stream leaders
+        await client.publish(event)
     side = asyncio.create_task(during(log, event.id)) if during else None
     terminal = await log.wait(lambda lg: lg.terminal(event.id), 600, "the study's end")
     if side:
