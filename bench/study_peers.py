@@ -125,6 +125,10 @@ async def cairn_round(system: System, csv: Path, spec: TuningSpec, model: str) -
             sorted(Counter(str(t.budget) for t in trials).items(), key=lambda kv: int(kv[0]))
         ),
         "trial_compute_s": sum(t.duration_s for t in trials),
+        "rung_compute_s": {
+            str(r): round(sum(t.duration_s for t in trials if t.rung == r), 3)
+            for r in sorted({t.rung for t in trials})
+        },
         "holdout": evaluated.metrics,
         "best_family": evaluated.family.value,
         "splits": features.splits.model_dump(),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contracts import Metric, Rung, TuningRequested
-from services.tuning.logic import RungState, RungTally, TrialResult, decide_rung
+from services.tuning.logic import RungState, RungTally, TrialResult, decide_rung, longest_first
 
 
 def plan(metric: Metric = Metric.rmse) -> TuningRequested:
@@ -59,7 +59,8 @@ def test_the_last_rung_ends_the_study():
 def test_rung_state_round_trips_through_the_bucket_json():
     rung = RungState(expected=[0, 1]).with_result(1, TrialResult(0.25, "ev-1", 10))
     doc = rung.to_json()
-    assert doc == {"expected": [0, 1], "results": {"1": {"score": 0.25, "event_id": "ev-1", "budget": 10}}}
+    result = {"score": 0.25, "event_id": "ev-1", "budget": 10, "duration_s": 0.0}
+    assert doc == {"expected": [0, 1], "results": {"1": result}}
     assert RungState.from_json(doc) == rung
     assert not rung.complete
     assert rung.with_result(0, TrialResult(None, "ev-0", 10)).complete
@@ -77,5 +78,24 @@ def test_a_rung_tally_counts_each_awaited_trial_once_and_stays_small():
 
 
 def test_a_trial_result_round_trips_through_its_key():
-    for result in (TrialResult(0.25, "ev-1", 10), TrialResult(None, "ev-2", 1)):
+    for result in (TrialResult(0.25, "ev-1", 10, 0.125), TrialResult(None, "ev-2", 1)):
         assert TrialResult.decode(result.encode()) == result
+
+
+def test_a_result_recorded_before_durations_were_kept_still_decodes():
+    old = b'{"score": 0.5, "event_id": "ev-7", "budget": 33}'
+    assert TrialResult.decode(old) == TrialResult(0.5, "ev-7", 33, 0.0)
+
+
+def test_the_next_rung_is_requested_longest_first_and_the_decision_does_not_change():
+    durations = {0: 0.2, 1: 0.9, 2: 0.05, 3: 0.9, 4: 0.0}
+    rung = RungState(
+        expected=list(durations),
+        results={t: TrialResult(0.1 * t, f"ev-{t}", 10, d) for t, d in durations.items()},
+    )
+    decision = decide_rung(plan(), 0, rung)
+    assert decision is not None and decision.promoted == [0, 1]  # the best two, best first: as before
+    assert longest_first(decision.promoted, rung) == [1, 0]  # requested longest fit first
+    assert longest_first([0, 1, 2, 3, 4], rung) == [1, 3, 0, 2, 4]  # ties by trial id
+    timeless = RungState(expected=[5, 2, 9], results={t: TrialResult(0.1, f"ev-{t}", 10) for t in (5, 2, 9)})
+    assert longest_first([9, 5, 2], timeless) == [2, 5, 9]  # no durations: by trial id

@@ -145,7 +145,9 @@ class Tuning(Service):
                 key=f"{r.study_id}:{r.rung}:{r.trial_id}",
                 subject=r.study_id,
             )
-            for r in logic.trial_requests(plan, decision.to_rung, decision.promoted)
+            for r in logic.trial_requests(
+                plan, decision.to_rung, logic.longest_first(decision.promoted, rung_state)
+            )
         ]
 
     async def _complete(

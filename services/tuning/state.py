@@ -71,7 +71,7 @@ async def record(kv: Any, done: TrialCompleted, event_id: str, tallies: TallyCac
     before the decision was published cannot stall the study. `tallies`: this replica's last
     written tallies, so that a result is usually one write with no read before it.
     """
-    result = logic.TrialResult(done.score, event_id, done.budget)
+    result = logic.TrialResult(done.score, event_id, done.budget, done.duration_s)
     with contextlib.suppress(KeyWrongLastSequenceError):  # already stored: the first report wins
         await kv.create(result_key(done.study_id, done.rung, done.trial_id), result.encode())
     key = tally_key(done.study_id, done.rung)
