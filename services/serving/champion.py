@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from contracts import ArtifactRef, ContractError, Envelope, ModelDeployed, ModelRefused, decode, subject_for
 from services.platform import model_signatures
+from services.platform.bus.availability import publish_when_available
 from services.platform.ml.bundle import BUNDLE_MEDIA_TYPE, LoadedModel
 from services.platform.model_loading import (
     ESTIMATOR_FILE,
@@ -39,6 +40,7 @@ from services.serving.textstream import TextModel
 log = logging.getLogger(__name__)
 SOURCE = "/cairn/serve"
 PUBLISH_TIMEOUT_S = 5.0
+REFUSAL_PATIENCE_S = 10.0  # a refusal is an audit record: worth waiting out an election for
 
 
 @dataclass(frozen=True)
@@ -187,12 +189,14 @@ class Champions:
             name, version, model=model, signature=signature, reason=reason, served_version=kept,
             cause=cause, source=SOURCE,
         )  # fmt: skip
-        try:
-            await self.nc.jetstream().publish(
+        try:  # sent again through a stream leader's election, which would otherwise lose it
+            await publish_when_available(
+                self.nc.jetstream(),
                 subject_for(ModelRefused, self.settings.namespace),
                 event.encode(),
+                {"Nats-Msg-Id": event.id},
+                REFUSAL_PATIENCE_S,
                 timeout=PUBLISH_TIMEOUT_S,
-                headers={"Nats-Msg-Id": event.id},
             )
         except Exception as exc:  # noqa: BLE001 - NATS down or no permission: the log line above stays
             log.warning("could not publish the refusal of %s v%d: %s", name, version, exc)

@@ -27,7 +27,7 @@ from contracts import (
     stream_filter,
     subject_for,
 )
-from services.platform.bus.availability import jetstream_when_available
+from services.platform.bus.availability import publish_when_available
 from services.platform.bus.connection import connect
 from services.platform.bus.publisher import event_headers
 from services.platform.settings import CairnSettings
@@ -99,12 +99,9 @@ class Client:
         included) or its PubAck late, it is sent again for up to `patience_s`; under its id the
         stream stores it once. `on_wait` hears each new reason for sending again."""
         subject, body = subject_for(event.type, self.settings.namespace), event.encode()
-        headers = event_headers(event)
-
-        async def once() -> Any:
-            return await self.js.publish(subject, body, headers=headers, stream=self.settings.stream)
-
-        ack = await jetstream_when_available(once, patience_s, on_wait, idempotent=True)
+        ack = await publish_when_available(
+            self.js, subject, body, event_headers(event), patience_s, on_wait, stream=self.settings.stream
+        )
         return ack.seq
 
     async def watch(self, from_start: bool = False) -> Any:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
@@ -66,6 +66,23 @@ async def jetstream_when_available(
             said = why
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+async def publish_when_available(
+    js: Any,
+    subject: str,
+    body: bytes,
+    headers: dict[str, str],
+    patience_s: float,
+    on_wait: Callable[[str], None] | None = None,
+    **options: Any,
+) -> Any:
+    """A JetStream publish (`headers` must carry its Nats-Msg-Id), sent again while the stream is
+    between leaders (no responders: only a clustered stream's leader listens on its subjects) or
+    its PubAck is late; the stream stores it once under its id. Returns the PubAck."""
+    return await jetstream_when_available(
+        lambda: js.publish(subject, body, headers=headers, **options), patience_s, on_wait, idempotent=True
+    )
 
 
 async def stream_state(settings: CairnSettings, who: str) -> str | None:
