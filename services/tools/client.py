@@ -95,9 +95,10 @@ class Client:
         on_wait: Callable[[str], None] | None = None,
     ) -> int:
         """Publish one event; returns its stream sequence. Refused while the stream elects a leader
-        (no responders: seen on every leader change of a clustered stream, a rolling restart's
-        included) or its PubAck late, it is sent again for up to `patience_s`; under its id the
-        stream stores it once. `on_wait` hears each new reason for sending again."""
+        (no responders: only a clustered stream's leader listens on its subjects, so a restart, a
+        healed partition or a step-down leaves a moment with none) or its PubAck late, it is sent
+        again for up to `patience_s`; under its id the stream stores it once. `on_wait` hears each
+        new reason for sending again."""
         subject, body = subject_for(event.type, self.settings.namespace), event.encode()
         ack = await publish_when_available(
             self.js, subject, body, event_headers(event), patience_s, on_wait, stream=self.settings.stream
