@@ -305,9 +305,13 @@ async def read_holds(js: Any) -> list[Hold]:
 async def add_hold(js: Any, hold: Hold) -> Hold | None:
     """Create the hold's key (compare-and-set on "no such key"): concurrent holds of different ids
     never overwrite each other. Returns the hold already there when `hold.id` was held before."""
+    return await _create_hold(await holds_bucket(js), hold)
+
+
+async def _create_hold(kv: Any, hold: Hold) -> Hold | None:
+    """`add_hold` on the bucket already opened (an import makes many holds with one look-up)."""
     from nats.js.errors import KeyWrongLastSequenceError
 
-    kv = await holds_bucket(js)
     key = hold_key(hold.id)
     try:
         await kv.create(key, encode_hold(hold))
@@ -347,9 +351,10 @@ async def import_file_holds(js: Any, home: Path) -> tuple[int, Path] | None:
     holds = file_holds(home)
     if not path.exists():
         return None
+    kv = await holds_bucket(js)
     imported = 0
     for hold in holds:
-        if await add_hold(js, hold) is None:
+        if await _create_hold(kv, hold) is None:
             imported += 1
     done = path.with_name(HOLDS_FILE + ".imported")
     with contextlib.suppress(FileNotFoundError):  # another command of this home imported it meanwhile

@@ -172,11 +172,8 @@ async def _with_holds(s: Any, work: Callable[[Any], Awaitable[T]]) -> T:
     from services.tools import gc
 
     nc = await connect_nats(s, "hold")
-    try:
-        try:
-            await gc.holds_bucket(js := nc.jetstream())
-        except LookupError as exc:
-            raise CliError(str(exc)) from None
+    js = nc.jetstream()
+    try:  # each opens the bucket: LookupError when it was never provisioned
         if moved := await gc.import_file_holds(js, s.home_dir):
             count, path = moved
             typer.echo(
@@ -185,5 +182,7 @@ async def _with_holds(s: Any, work: Callable[[Any], Awaitable[T]]) -> T:
                 err=True,
             )
         return await work(js)
+    except LookupError as exc:
+        raise CliError(str(exc)) from None
     finally:
         await nc.close()
