@@ -355,3 +355,22 @@ async def test_a_cluster_busy_for_now_is_waited_for_and_anything_else_is_not():
     with pytest.raises(APIError) as raised:
         await jetstream_when_available(always_busy, 0)
     assert raised.value.err_code == 10005
+
+    # A reply that did not come in time (seen in CI: `cairn provision` against a cluster a moment
+    # old) is asked again only for a call that may run twice, such as provisioning or a publish
+    # under its id; any other call gets the timeout at once.
+    from nats.errors import TimeoutError as NatsTimeout
+
+    late = [NatsTimeout()]
+
+    async def slow_once() -> str:
+        if late:
+            raise late.pop(0)
+        return "provisioned"
+
+    heard: list[str] = []
+    assert await jetstream_when_available(slow_once, 30, heard.append, idempotent=True) == "provisioned"
+    assert heard == ["no reply in time"]
+    late.append(NatsTimeout())
+    with pytest.raises(NatsTimeout):
+        await jetstream_when_available(slow_once, 30)

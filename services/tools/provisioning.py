@@ -23,13 +23,17 @@ async def provision_everything(
     settings: CairnSettings, on_wait: Callable[[str], None] | None = None
 ) -> dict[str, str]:
     """Returns what was done, per part, for the admin to read. A cluster still forming (no leader
-    yet, too few peers counted online to place replicas) is waited for, up to a minute: a
+    yet, too few peers counted online to place replicas, a reply late) is waited for, up to a minute: a
     provisioning Job started beside a fresh NATS StatefulSet meets one; `on_wait` hears why."""
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     nc = await connect(settings, "admin")
     try:
         js = nc.jetstream()
-        stream = await jetstream_when_available(lambda: provision_all(js, settings), 60.0, on_wait)
+        # Idempotent, so a reply that did not come in time is asked again too (seen in CI against a
+        # cluster a moment old).
+        stream = await jetstream_when_available(
+            lambda: provision_all(js, settings), 60.0, on_wait, idempotent=True
+        )
     finally:
         await nc.close()
     await asyncio.to_thread(_schemas, settings)
