@@ -25,6 +25,8 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import ServerVersion
+from nats.aio.msg import Msg
+from nats.js.errors import APIError
 
 from contracts import (
     ArtifactRef,
@@ -36,8 +38,10 @@ from contracts import (
     TuningSpec,
     new_event,
 )
-from services.platform.bus.connection import connect
+from services.platform.bus.connection import connect, make_broker
+from services.platform.bus.ledger import OK, HandledLedger, kept_value
 from services.platform.bus.provision import async_persist, handled_bucket, provision_all
+from services.platform.bus.publisher import EventPublisher
 from services.platform.settings import CairnSettings
 from tests.conftest import collect, env_for, events_of, make_settings, wait_for
 
@@ -427,6 +431,47 @@ async def test_the_ledger_acknowledges_before_disk_and_keeps_it_through_a_ttl_ch
         await provision_all(js, shorter)
         config = await _ledger_stream_config(js, settings)
         assert config["max_age"] == 3600 * 10**9 and config["persist_mode"] == "async"
+
+
+async def test_the_ledger_reads_none_only_where_nothing_is_kept(nats_server, tmp_path):
+    """Its direct get on the publisher's reply subscription: a record, none for a key never kept or
+    deleted, an error (never "none", which would run the input again) for any other answer."""
+    async with bus(nats_server, tmp_path) as (settings, js):
+        broker = make_broker(settings, "ledger-test")
+        await broker.connect()
+        try:
+            ledger = HandledLedger(broker, settings, "probe", EventPublisher(broker, settings))
+            assert await ledger.get("probe.never") is None
+            await ledger.done("probe.kept", OK, ["out-1"])
+            record = await ledger.get("probe.kept")
+            assert record is not None and (record.outcome, record.output_ids) == (OK, ["out-1"])
+            await (await js.key_value(handled_bucket(settings.namespace))).delete("probe.kept")
+            assert await ledger.get("probe.kept") is None
+            subject = f"$KV.{ledger.bucket}.probe.x"
+            failed = Msg(None, subject="_", headers={"Status": "503", "Description": "No Responders"})
+            with pytest.raises(APIError, match="503"):
+                kept_value(failed, subject)
+            elsewhere = Msg(None, subject="_", data=b"{}", headers={"Nats-Subject": f"$KV.{ledger.bucket}.y"})
+            with pytest.raises(APIError, match="answered for"):
+                kept_value(elsewhere, subject)
+        finally:
+            await broker.stop()
+
+
+async def test_a_ledger_without_direct_gets_is_refused_by_name(nats_server, tmp_path):
+    async with bus(nats_server, tmp_path) as (settings, js):
+        name = "KV_" + handled_bucket(settings.namespace)
+        config = (await js.stream_info(name)).config
+        config.allow_direct = False
+        await js.update_stream(config)
+        broker = make_broker(settings, "ledger-test")
+        await broker.connect()
+        try:
+            ledger = HandledLedger(broker, settings, "probe", EventPublisher(broker, settings))
+            with pytest.raises(LookupError, match="direct gets: run `cairn provision`"):
+                await ledger.get("probe.any")
+        finally:
+            await broker.stop()
 
 
 async def test_the_ledger_is_fsynced_when_asked_to(nats_server, tmp_path):

@@ -1,4 +1,4 @@
-"""JetStream publishes whose PubAcks come back as futures, on one reply subscription.
+"""JetStream publishes whose PubAcks come back as futures, on one reply subscription; requests too.
 
 What nats-py's `publish_async` offers, and within twice the cost (issue 28's rule would take it):
 `.venv/bin/python bench/public_api.py`, bursts of 256 events with every PubAck awaited, gives 2.3 ms
@@ -10,6 +10,11 @@ raised inside the client's reply callback instead (nats-io/nats.py#985, fix prop
 a refusal fails its future with nats-py's own exception, and a reply that never comes fails it
 after `timeout_s` (one sweeper per connection, instead of a timer per message). A reply is only
 looked at for an error; the caller asked for the message to be stored, not for its sequence.
+
+`request` sends any request on the same subscription and hands back the reply as it came. The
+handled-inputs ledger reads a record with it on every message: nats-py's `request` draws a random
+reply token and starts an `asyncio.wait_for` per call, a quarter of the consumer's own CPU there
+(docs/DESIGN-NOTES.md, "The ledger read").
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import asyncio
 import json
 from typing import Any
 
+from nats.aio.msg import Msg
 from nats.js.errors import APIError, NoStreamResponseError
 
 NO_RESPONDERS = "503"
@@ -32,7 +38,8 @@ class PubAcks:
         self.timeout_s = timeout_s
         self._prefix = ""
         self._next = 0
-        self._waiting: dict[str, tuple[asyncio.Future[bytes], float]] = {}  # token -> (future, deadline)
+        # token -> (future, deadline, whether the reply is handed back as it came)
+        self._waiting: dict[str, tuple[asyncio.Future[Any], float, bool]] = {}
         self._started: asyncio.Future[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -50,7 +57,7 @@ class PubAcks:
         while not self._nc.is_closed:
             await asyncio.sleep(min(1.0, self.timeout_s / 4))
             now = loop.time()
-            for token, (future, deadline) in list(self._waiting.items()):
+            for token, (future, deadline, _raw) in list(self._waiting.items()):
                 if deadline > now:
                     break
                 del self._waiting[token]
@@ -61,6 +68,16 @@ class PubAcks:
         self, subject: str, body: bytes, headers: dict[str, str] | None = None
     ) -> asyncio.Future[bytes]:
         """Publish for the stream; the future holds the PubAck's bytes, or its error."""
+        return await self._publish(subject, body, headers, raw=False)
+
+    async def request(self, subject: str, body: bytes = b"") -> asyncio.Future[Msg]:
+        """A request whose future holds the reply message as it came, status headers and all
+        (only a reply that never comes fails it); the caller reads it."""
+        return await self._publish(subject, body, None, raw=True)
+
+    async def _publish(
+        self, subject: str, body: bytes, headers: dict[str, str] | None, *, raw: bool
+    ) -> asyncio.Future[Any]:
         if not self._prefix:
             if self._started is None:
                 self._started = asyncio.ensure_future(self._start())
@@ -68,8 +85,8 @@ class PubAcks:
         self._next += 1
         token = str(self._next)
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[bytes] = loop.create_future()
-        self._waiting[token] = (future, loop.time() + self.timeout_s)
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting[token] = (future, loop.time() + self.timeout_s, raw)
         try:
             await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
         except BaseException:
@@ -85,7 +102,9 @@ class PubAcks:
         if waiting is None or waiting[0].done():
             return
         future = waiting[0]
-        if msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
+        if waiting[2]:
+            future.set_result(msg)
+        elif msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
             future.set_exception(NoStreamResponseError())
         elif b'"error"' in msg.data and "error" in (doc := json.loads(msg.data)):
             future.set_exception(_api_error(doc["error"]))

@@ -36,8 +36,8 @@ from typing import Any
 
 import orjson
 from faststream.nats import NatsBroker
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
-from nats.js.kv import KeyValue
+from nats.aio.msg import Msg
+from nats.js.errors import APIError, NotFoundError
 
 from contracts import Envelope, decode
 from services.platform.bus.provision import handled_bucket
@@ -71,8 +71,9 @@ class HandledLedger:
         self.service = service
         self.publisher = publisher  # its PubAck futures carry the records' writes
         self.bucket = handled_bucket(settings.namespace)
-        self._kv: KeyValue | None = None
-        self._opening: asyncio.Future[KeyValue] | None = None
+        self.stream = f"KV_{self.bucket}"
+        self._opened = False
+        self._opening: asyncio.Future[None] | None = None
 
     def key(self, event: Envelope[Any] | None, stream_sequence: int | None) -> str:
         """`<service>.<digest of type and id>`; a message that is no event is known by its sequence.
@@ -84,28 +85,33 @@ class HandledLedger:
         digest = hashlib.sha256(f"{event.type}\n{event.id}".encode()).hexdigest()[:40]
         return f"{self.service}.{digest}"
 
-    async def _bucket(self) -> KeyValue:
-        if self._kv is None:
+    async def _bucket(self) -> None:
+        if not self._opened:
             # Many messages may ask at once on a cold start: one lookup serves them all.
             if self._opening is None or (self._opening.done() and self._opening.exception()):
                 self._opening = asyncio.ensure_future(self._open())
-            self._kv = await asyncio.shield(self._opening)
-        return self._kv
+            await asyncio.shield(self._opening)
+            self._opened = True
 
-    async def _open(self) -> KeyValue:
-        """The bucket's handle, looked up once (each look-up is a stream-info call)."""
+    async def _open(self) -> None:
+        """The bucket is there and answers direct gets: looked up once (a stream-info call)."""
         js = self.broker.config.connection_state.stream
         try:
-            return await js.key_value(self.bucket)
-        except BucketNotFoundError:
+            info = await js.stream_info(self.stream)
+        except NotFoundError:
             raise LookupError(f"KV bucket {self.bucket} not found: run `cairn provision`") from None
+        if not info.config.allow_direct:
+            raise LookupError(f"KV bucket {self.bucket} does not allow direct gets: run `cairn provision`")
 
     async def get(self, key: str) -> Record | None:
-        kv = await self._bucket()
-        try:
-            value = (await kv.get(key)).value
-        except KeyNotFoundError:
-            return None
+        """The record kept for `key`, or None: never kept, expired, or deleted.
+
+        A direct get of the key's last value, the request nats-py's `KeyValue.get` sends, on the
+        publisher's reply subscription (bus.acks: no random token nor timer per call)."""
+        await self._bucket()
+        subject = f"$KV.{self.bucket}.{key}"
+        reply = await (await self.publisher.acks.request(f"$JS.API.DIRECT.GET.{self.stream}.{subject}"))
+        value = kept_value(reply, subject)
         if not value:
             return None
         doc = orjson.loads(value)
@@ -143,6 +149,22 @@ class HandledLedger:
         await self._bucket()  # the bucket exists (LookupError otherwise)
         # Where nats-py's KeyValue.put publishes a key (cairn uses no JetStream domain).
         return await self.publisher.acks.send(f"$KV.{self.bucket}.{key}", value)
+
+
+def kept_value(reply: Msg, subject: str) -> bytes | None:
+    """A direct get's reply read as a KV value (None: no value). Only "not found" reads as none:
+    any other status raises, since a record read as missing would run its input again."""
+    headers = reply.headers or {}
+    status = headers.get("Status")
+    if status == "404":
+        return None
+    if status:
+        raise APIError(code=int(status), description=headers.get("Description", "direct get failed"))
+    if headers.get("Nats-Subject") != subject:
+        raise APIError(description=f"direct get of {subject} answered for {headers.get('Nats-Subject')}")
+    if headers.get("KV-Operation") in ("DEL", "PURGE"):
+        return None
+    return reply.data
 
 
 def _record_bytes(service: str, outcome: str, output_ids: list[str], encoded: list[str]) -> bytes:
