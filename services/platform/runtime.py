@@ -217,10 +217,10 @@ class ServiceRunner:
             await self.broker.start()
             opened.push_async_callback(self._on_the_bus, self.service.detach, "detach")
             await self.service.attach(self.broker)
-            js = self.broker.config.connection_state.stream
+            state = self.broker.config.connection_state
             for loop in self.loops:
                 opened.push_async_callback(self._on_the_bus, loop.stop, "a pull loop's stop")
-                await loop.start(js)
+                await loop.start(state.stream, state.connection)
             if self.settings.http_port is not None:
                 opened.push_async_callback(self._stop_http)
                 await self._start_http(self.settings.http_port)
