@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import nats
@@ -17,7 +18,7 @@ import pytest
 
 from contracts import DataArrived, new_event
 from services.ingestion.app import Ingestion
-from services.platform.runtime import ServiceRunner
+from services.platform.runtime import Route, Service, ServiceRunner
 from services.tools.supervisor import free_port
 from tests.conftest import collect, env_for, events_of, wait_for
 
@@ -374,3 +375,53 @@ async def test_a_cluster_busy_for_now_is_waited_for_and_anything_else_is_not():
     late.append(NatsTimeout())
     with pytest.raises(NatsTimeout):
         await jetstream_when_available(slow_once, 30)
+
+
+class Gate(Service):
+    """A route of two slots whose steps run until the test lets them end."""
+
+    name = "gate"
+
+    def __init__(self, settings: Any):
+        super().__init__(settings)
+        self.busy = self.most = self.handled = 0
+        self.release = asyncio.Event()
+
+    def routes(self) -> list[Route]:
+        return [Route(DataArrived, self.handle, max_workers=2)]
+
+    async def handle(self, event: Any, delivery: Any) -> list[Any]:
+        self.busy += 1
+        self.most = max(self.most, self.busy)
+        await self.release.wait()
+        self.busy -= 1
+        self.handled += 1
+        return []
+
+
+async def test_a_route_holds_no_more_than_its_slots_and_asks_again_as_they_free(settings, js, tmp_path):
+    """The open pull requests never ask for more than the free slots: with both slots busy the
+    server holds two messages for the route and no request, the other four wait in the stream
+    for whichever replica frees first; freed, the route asks again and handles them all."""
+    csv = small_csv(tmp_path)
+    durable = "gate-data-arrived-v1"
+    for _ in range(6):
+        event = new_event(DataArrived(uri=csv.as_uri(), target="y"), source="/test")
+        await js.publish("cairn.data.arrived.v1", event.encode(), headers={"Nats-Msg-Id": event.id})
+    gate = Gate(settings)
+    runner = ServiceRunner(gate)
+    await runner.start()
+    try:
+        await wait_for(lambda: gate.busy == 2, 30, "both slots to be busy")
+
+        async def holding_two_asking_none() -> bool:
+            info = await js.consumer_info("CAIRN", durable)
+            return info.num_ack_pending == 2 and info.num_waiting == 0 and info.num_pending == 4
+
+        await wait_for(holding_two_asking_none, 10, "the server to hold two messages and no request")
+        gate.release.set()
+        await wait_for(lambda: gate.handled == 6, 30, "all six handled")
+        assert gate.most == 2
+    finally:
+        await runner.stop()
+        await js.delete_consumer("CAIRN", durable)
