@@ -14,7 +14,7 @@ looked at for an error; the caller asked for the message to be stored, not for i
 `request` sends any request on the same subscription and hands back the reply as it came. The
 handled-inputs ledger reads a record with it on every message: nats-py's `request` draws a random
 reply token and starts an `asyncio.wait_for` per call, a quarter of the consumer's own CPU there
-(docs/DESIGN-NOTES.md, "The ledger read").
+(docs/DESIGN-NOTES.md, "Both bus levers").
 """
 
 from __future__ import annotations
